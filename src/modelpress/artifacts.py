@@ -1,0 +1,265 @@
+"""Artifacts: a model's files plus a ``modelpress.json`` manifest.
+
+An artifact is a folder (or, for a module built in Python, an object in memory) together with
+what modelpress knows about it: the task, the format, the input/output signature, the task's
+settings (pooling, labels, ...), the artifact it was made from, the step that made it, metrics,
+content hashes and tool versions. Folders are written to a temporary path beside the target,
+fsynced and renamed, so a crash never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ArtifactError
+
+MANIFEST_NAME = "modelpress.json"
+SCHEMA_VERSION = 1
+
+Format = Literal["hf", "onnx", "openvino", "torch"]
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, ...
+    shape: list[Dim]
+
+
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    task: str
+    format: Format
+    model_file: str | None = None  # the main file inside the folder (model.onnx, model.xml)
+    signature: Signature | None = None
+    task_config: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = None  # content hash of the artifact this one was made from
+    step: dict[str, Any] | None = None  # the recipe step (technique config) that made it
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)  # relative path -> sha256
+    content_hash: str | None = None
+    created_at: str | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_folder(folder: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> tuple[dict[str, str], str]:
+    """sha256 of every file under ``folder`` and one hash over all of them (order-independent)."""
+    files: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(folder).as_posix()
+            if rel in exclude or rel.startswith(".") or "/." in rel:
+                continue
+            files[rel] = sha256_file(path)
+    total = hashlib.sha256()
+    for rel, digest in sorted(files.items()):
+        total.update(f"{rel}\0{digest}\n".encode())
+    return files, total.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("modelpress", "torch", "transformers", "onnx", "onnxruntime", "openvino", "nncf", "torchao"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Artifact:
+    """A model plus its manifest. ``path`` is None for a module that lives only in memory."""
+
+    def __init__(self, manifest: Manifest, path: Path | None = None, module: Any = None) -> None:
+        self.manifest = manifest
+        self.path = Path(path) if path is not None else None
+        self.module = module  # a torch.nn.Module for format "torch"
+
+    # -- convenient views ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def format(self) -> str:
+        return self.manifest.format
+
+    @property
+    def model_file(self) -> Path | None:
+        if self.path is None or self.manifest.model_file is None:
+            return None
+        return self.path / self.manifest.model_file
+
+    def content_hash(self) -> str:
+        """A stable id: the hash of the files, or of the module's weights when in memory."""
+        if self.manifest.content_hash:
+            return self.manifest.content_hash
+        if self.path is not None:
+            _, digest = hash_folder(self.path)
+        else:
+            digest = _module_hash(self.module)
+        self.manifest.content_hash = digest
+        return digest
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the model files (tokenizer and manifest included)."""
+        if self.path is None:
+            return sum(p.numel() * p.element_size() for p in self.module.state_dict().values())
+        if self.path.is_file():
+            return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path else "<in memory>"
+        return f"Artifact(name={self.name!r}, task={self.task!r}, format={self.format!r}, path={where!r})"
+
+    # -- reading and writing ---------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Artifact:
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ArtifactError(
+                f"'{path}' has no {MANIFEST_NAME}, so it is not a modelpress artifact.",
+                hint="Load a plain model with modelpress.load(path) instead.",
+            )
+        try:
+            manifest = Manifest.model_validate_json(manifest_path.read_text())
+        except ValueError as exc:
+            raise ArtifactError(f"The manifest {manifest_path} is invalid: {exc}") from exc
+        return cls(manifest, path)
+
+    @classmethod
+    def write(
+        cls,
+        target: str | os.PathLike,
+        manifest: Manifest,
+        fill: Callable[[Path], dict[str, Any] | None],
+        *,
+        overwrite: bool = False,
+    ) -> Artifact:
+        """Create an artifact folder atomically.
+
+        ``fill(tmp)`` writes the model files into a temporary folder beside ``target`` and may
+        return updates for the manifest (metrics found while writing); the manifest (with file
+        hashes) is added, everything is fsynced, and the folder is renamed
+        into place. If ``target`` exists it is replaced only when ``overwrite`` is true, and even
+        then the old folder stays intact until the new one is complete.
+        """
+        target = Path(target).resolve()
+        if target.exists() and not overwrite:
+            raise ArtifactError(
+                f"'{target}' already exists.", hint="Choose another output folder or pass overwrite=True (--force)."
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            updates = fill(tmp) or {}
+            files, digest = hash_folder(tmp)
+            manifest = manifest.model_copy(
+                update={
+                    **updates,
+                    "files": files,
+                    "content_hash": digest,
+                    "created_at": manifest.created_at or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    "tool_versions": manifest.tool_versions or tool_versions(),
+                }
+            )
+            (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+            _fsync_tree(tmp)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(manifest, target)
+
+    def verify(self) -> list[str]:
+        """Files whose hash no longer matches the manifest (empty when intact)."""
+        if self.path is None:
+            return []
+        bad = []
+        for rel, digest in self.manifest.files.items():
+            f = self.path / rel
+            if not f.is_file() or sha256_file(f) != digest:
+                bad.append(rel)
+        return bad
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.manifest.model_dump(mode="json")
+        data["path"] = str(self.path) if self.path else None
+        return data
+
+
+def _module_hash(module: Any) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    if module is None:
+        return h.hexdigest()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def manifest_dict(manifest: Manifest) -> dict[str, Any]:
+    return json.loads(manifest.model_dump_json())

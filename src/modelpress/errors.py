@@ -1,0 +1,103 @@
+"""One exception hierarchy for modelpress.
+
+Every error a user can cause is a :class:`ModelpressError`. Errors about what the user
+passed in (a path, a name, a config) also subclass :class:`ValueError`; errors about what
+happened while working (an export that does not match, a backend that is missing) subclass
+:class:`RuntimeError`. Messages say what is wrong, show a valid example and say how to fix it.
+The CLI prints the message and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ModelpressError(Exception):
+    """Base class of every modelpress error."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n{hint}")
+
+
+# --- what the user asked for ----------------------------------------------------------
+class UserInputError(ModelpressError, ValueError):
+    """Something the user passed is wrong."""
+
+
+class ModelNotFoundError(UserInputError):
+    """A model path or short name does not resolve to a model."""
+
+
+class UnsupportedModelError(UserInputError):
+    """A model was found but modelpress cannot load it (unknown format or architecture)."""
+
+
+class UnknownTaskError(UserInputError):
+    """A task name is not one modelpress knows."""
+
+
+class TaskMismatchError(UserInputError):
+    """The model does not fit the task (wrong outputs, no tokenizer, ...)."""
+
+
+class DatasetError(UserInputError):
+    """A dataset is missing, unknown, or has the wrong columns."""
+
+
+class DataNotFoundError(DatasetError):
+    """The shared data folder or one of its files is absent."""
+
+
+class ConfigError(UserInputError):
+    """A configuration value is invalid."""
+
+
+class UnknownRuntimeError(UserInputError):
+    """A runtime name is not one modelpress knows."""
+
+
+class InvalidInputError(UserInputError):
+    """An input batch does not match the model's signature."""
+
+
+# --- what went wrong while working --------------------------------------------------
+class ModelpressRuntimeError(ModelpressError, RuntimeError):
+    """Something failed while working on a valid request."""
+
+
+class BackendUnavailableError(ModelpressRuntimeError):
+    """An optional backend (onnxruntime, openvino, ...) is not installed."""
+
+    exit_code = 3
+
+
+class ExportError(ModelpressRuntimeError):
+    """An export failed."""
+
+
+class ParityError(ExportError):
+    """An exported model's outputs differ from its source beyond the stated tolerance."""
+
+    def __init__(self, message: str, *, max_abs_diff: float, tolerance: float, hint: str | None = None):
+        self.max_abs_diff = max_abs_diff
+        self.tolerance = tolerance
+        super().__init__(message, hint=hint)
+
+
+class ArtifactError(ModelpressRuntimeError):
+    """An artifact folder is incomplete or its manifest is invalid."""
+
+
+def require(module: str, extra: str):
+    """Import an optional backend or raise a clear :class:`BackendUnavailableError`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BackendUnavailableError(
+            f"The '{module}' package is needed for this and is not installed ({exc}).",
+            hint=f"Install it with: pip install 'modelpress[{extra}]'",
+        ) from exc

@@ -1,0 +1,168 @@
+"""Sentence embeddings: encoder hidden states, pooled and normalised as the model says.
+
+Quality: Spearman correlation between the cosine similarity of the two sentences' embeddings
+and the gold scores (STS-B), the figure sentence-transformers reports; and agreement with a
+reference model on any texts (mean and min cosine, top-10 nearest-neighbour overlap).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import Signature, TensorSpec
+from ..datasets.base import PairDataset
+from ..errors import TaskMismatchError
+from .base import Progress, Task, _noop, batched_by_length, register_task
+from .text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
+
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+TOP_K = 10
+
+
+def read_sentence_transformers_config(folder: Path) -> dict[str, Any]:
+    """Pooling, normalisation and max length from a sentence-transformers folder (if it is one)."""
+    out: dict[str, Any] = {}
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return out
+    modules = json.loads(modules_file.read_text())
+    out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pool = json.loads((folder / m["path"] / "config.json").read_text())
+            for mode in POOLING_MODES:
+                key = "pooling_mode_cls_token" if mode == "cls" else f"pooling_mode_{mode}_tokens" if mode != "lasttoken" else "pooling_mode_lasttoken"
+                if pool.get(key):
+                    out["pooling"] = mode
+                    break
+    bert_cfg = folder / "sentence_bert_config.json"
+    if bert_cfg.is_file():
+        msl = json.loads(bert_cfg.read_text()).get("max_seq_length")
+        if msl:
+            out["max_length"] = int(msl)
+    return out
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    hidden = hidden.astype(np.float32, copy=False)
+    m = mask.astype(np.float32)[:, :, None]
+    if mode == "mean":
+        return (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return np.where(m > 0, hidden, -1e9).max(1)
+    if mode == "lasttoken":
+        last = mask.sum(1).astype(np.int64) - 1
+        return hidden[np.arange(hidden.shape[0]), last]
+    raise TaskMismatchError(f"Unknown pooling '{mode}'.", hint=f"Use one of {', '.join(POOLING_MODES)}.")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def agreement_metrics(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> dict[str, float]:
+    """How closely embeddings ``a`` follow reference embeddings ``b`` of the same texts."""
+    an, bn = normalize(a.astype(np.float64)), normalize(b.astype(np.float64))
+    cos = (an * bn).sum(1)
+    out = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+    n = an.shape[0]
+    if n > k:
+        sims_a, sims_b = an @ an.T, bn @ bn.T
+        np.fill_diagonal(sims_a, -np.inf)
+        np.fill_diagonal(sims_b, -np.inf)
+        top_a = np.argpartition(-sims_a, k, axis=1)[:, :k]
+        top_b = np.argpartition(-sims_b, k, axis=1)[:, :k]
+        overlap = [len(set(top_a[i]) & set(top_b[i])) / k for i in range(n)]
+        out[f"top{k}_agreement"] = float(np.mean(overlap))
+    return out
+
+
+@register_task
+class EmbeddingTask(Task):
+    name = "embedding"
+    dataset_kind = PairDataset
+    default_dataset = "stsb-dev"
+    primary_metric = "spearman"
+
+    @classmethod
+    def auto_model_class(cls):
+        from transformers import AutoModel
+
+        return AutoModel
+
+    @classmethod
+    def config_from_hf(cls, folder: Path, hf_config: Any) -> dict[str, Any]:
+        cfg = {"pooling": "mean", "normalize": False}
+        cfg.update(read_sentence_transformers_config(folder))
+        cfg["hidden_size"] = getattr(hf_config, "hidden_size", None)
+        return cfg
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.get("max_length") or tokenizer_max_length(self.tokenizer, None))
+
+    def signature(self, hf_config: Any = None) -> Signature:
+        hidden = getattr(hf_config, "hidden_size", None) or self.config.get("hidden_size") or "hidden"
+        return Signature(
+            inputs=text_input_specs(self.tokenizer),
+            outputs=[TensorSpec(name="last_hidden_state", dtype="float32", shape=["batch", "sequence", hidden])],
+        )
+
+    def wrap_module(self, hf_model: Any):
+        from ._wrappers import EncoderOutput
+
+        return EncoderOutput(hf_model, "last_hidden_state")
+
+    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
+        names = [s.name for s in text_input_specs(self.tokenizer)]
+        return tokenize(self.tokenizer, check_texts(inputs), self.max_length, names, seq_len)
+
+    def postprocess(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> np.ndarray:
+        emb = pool(outputs["last_hidden_state"], batch["attention_mask"], self.config.get("pooling", "mean"))
+        return normalize(emb) if self.config.get("normalize") else emb
+
+    def sample_raw(self, n: int, data_dir: Path | None = None) -> list[str]:
+        return real_sentences(n, data_dir)
+
+    def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
+        return self.preprocess(self.sample_raw(batch_size, data_dir), seq_len=seq_len)
+
+    def embed(self, runner: Any, texts: Sequence[str], *, batch_size: int = 32, progress: Progress = _noop) -> np.ndarray:
+        """Embeddings of ``texts`` in their order, batched by length to keep padding small."""
+        texts = check_texts(texts)
+        lengths = token_lengths(self.tokenizer, texts, self.max_length)
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for idx in batched_by_length(texts, lengths, batch_size):
+            batch = self.preprocess([texts[i] for i in idx])
+            emb = self.postprocess(runner.run(batch), batch)
+            for j, i in enumerate(idx):
+                out[i] = emb[j]
+            progress(len(idx))
+        return np.stack(out)  # type: ignore[arg-type]
+
+    def eval_size(self, dataset: PairDataset) -> int:
+        return len(dataset.texts())
+
+    def evaluate(self, runner: Any, dataset: PairDataset, *, batch_size: int = 32, progress: Progress = _noop) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr
+
+        self.check_dataset(dataset)
+        texts = dataset.texts()
+        emb = normalize(self.embed(runner, texts, batch_size=batch_size, progress=progress).astype(np.float64))
+        where = {t: i for i, t in enumerate(texts)}
+        a = emb[[where[s] for s in dataset.sentences1]]
+        b = emb[[where[s] for s in dataset.sentences2]]
+        cos = (a * b).sum(1)
+        gold = np.asarray(dataset.scores, dtype=np.float64)
+        return {
+            "spearman": float(spearmanr(cos, gold).statistic),
+            "pearson": float(pearsonr(cos, gold).statistic),
+            "pairs": float(len(gold)),
+        }
