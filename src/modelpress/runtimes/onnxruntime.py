@@ -38,7 +38,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _load(self) -> None:
         ort = require("onnxruntime", "onnx")
-        art = exported(self.artifact, "onnx")
+        art = self.loaded_artifact = exported(self.artifact, "onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1

@@ -29,7 +29,7 @@ class OpenVINORunner(Runner):
         precision = self.options.get("precision") or "f32"
         if precision not in PRECISIONS:
             raise ConfigError(f"Unknown OpenVINO precision '{precision}'.", hint=f"Use one of {', '.join(PRECISIONS)}, e.g. precision='bf16'.")
-        art = exported(self.artifact, "openvino")
+        art = self.loaded_artifact = exported(self.artifact, "openvino")
         core = ov.Core()
         model = core.read_model(str(art.model_file))
         config = {

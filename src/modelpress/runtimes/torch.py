@@ -13,8 +13,11 @@ from .base import Runner, register_runtime
 
 def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = None) -> tuple[Any, Signature]:
     """The artifact as a torch module with the task's positional signature, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
     from ..tasks import task_for
 
+    hf_logging.disable_progress_bar()
     task = task_for(artifact)
     if artifact.format == "torch":
         if artifact.module is None:

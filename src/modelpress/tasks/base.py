@@ -93,6 +93,10 @@ class Task(ABC):
     def evaluate(self, runner: Runner, dataset: Any, *, batch_size: int = 32, progress: Progress = _noop) -> dict[str, float]:
         """Score the model behind ``runner`` on ``dataset``."""
 
+    def agreement(self, runner: Runner, reference: Runner, dataset: Any, *, batch_size: int = 32) -> dict[str, float]:
+        """How closely ``runner`` follows ``reference`` (the original model) on ``dataset``."""
+        raise TaskMismatchError(f"Task '{self.name}' has no agreement measure.")
+
     def eval_size(self, dataset: Any) -> int:
         """How many items evaluate() will process (for progress bars)."""
         return len(dataset)

@@ -191,3 +191,18 @@ class CausalLMTask(Task):
             "context": float(context),
             "stride": float(stride),
         }
+
+    def agreement(self, runner: Any, reference: Any, dataset: TextCorpus, *, batch_size: int = 8, max_tokens: int = 4096) -> dict[str, float]:
+        """Top-1 next-token agreement over the first ``max_tokens`` scored positions."""
+        same = total = 0
+        for ids in self.token_streams(dataset):
+            for b, e, _ in windows(len(ids), self.context, self.context):
+                x = np.asarray([ids[b:e]], dtype=np.int64)
+                batch = {"input_ids": x, "attention_mask": np.ones_like(x)}
+                a = runner.run(batch)["logits"][0].argmax(-1)
+                r = reference.run(batch)["logits"][0].argmax(-1)
+                same += int((a == r).sum())
+                total += len(a)
+                if total >= max_tokens:
+                    return {"top1_agreement": same / total}
+        return {"top1_agreement": same / max(total, 1)}

@@ -166,3 +166,9 @@ class EmbeddingTask(Task):
             "pearson": float(pearsonr(cos, gold).statistic),
             "pairs": float(len(gold)),
         }
+
+    def agreement(self, runner: Any, reference: Any, dataset: Any, *, batch_size: int = 32) -> dict[str, float]:
+        texts = dataset.texts()
+        a = self.embed(runner, texts, batch_size=batch_size)
+        b = self.embed(reference, texts, batch_size=batch_size)
+        return agreement_metrics(a, b)

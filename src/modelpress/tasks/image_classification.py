@@ -112,12 +112,21 @@ class ImageClassificationTask(Task):
     def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
         return self.preprocess(self.sample_raw(batch_size, data_dir))
 
+    def predict_ids(self, runner: Any, images: np.ndarray, *, batch_size: int = 256, progress: Progress = _noop) -> np.ndarray:
+        pred = np.zeros(len(images), dtype=np.int64)
+        for start in range(0, len(images), batch_size):
+            batch = self.preprocess(images[start : start + batch_size])
+            pred[start : start + batch_size] = runner.run(batch)["logits"].argmax(-1)
+            progress(min(batch_size, len(images) - start))
+        return pred
+
+    def agreement(self, runner: Any, reference: Any, dataset: ImageDataset, *, batch_size: int = 256) -> dict[str, float]:
+        a = self.predict_ids(runner, dataset.images, batch_size=batch_size)
+        b = self.predict_ids(reference, dataset.images, batch_size=batch_size)
+        return {"label_agreement": float((a == b).mean())}
+
     def evaluate(self, runner: Any, dataset: ImageDataset, *, batch_size: int = 256, progress: Progress = _noop) -> dict[str, float]:
         self.check_dataset(dataset)
-        pred = np.zeros(len(dataset), dtype=np.int64)
-        for start in range(0, len(dataset), batch_size):
-            batch = self.preprocess(dataset.images[start : start + batch_size])
-            pred[start : start + batch_size] = runner.run(batch)["logits"].argmax(-1)
-            progress(min(batch_size, len(dataset) - start))
+        pred = self.predict_ids(runner, dataset.images, batch_size=batch_size, progress=progress)
         n_classes = max(len(self.config.get("labels") or []), len(dataset.label_names))
         return classification_metrics(pred, np.asarray(dataset.labels), n_classes)

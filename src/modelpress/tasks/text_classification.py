@@ -117,3 +117,8 @@ class TextClassificationTask(Task):
         gold = map_labels(labels, dataset)
         pred = self.predict_ids(runner, dataset.texts, batch_size=batch_size, progress=progress)
         return classification_metrics(pred, gold, max(len(labels), len(dataset.label_names)))
+
+    def agreement(self, runner: Any, reference: Any, dataset: LabeledTextDataset, *, batch_size: int = 32) -> dict[str, float]:
+        a = self.predict_ids(runner, dataset.texts, batch_size=batch_size)
+        b = self.predict_ids(reference, dataset.texts, batch_size=batch_size)
+        return {"label_agreement": float((a == b).mean())}

@@ -1,0 +1,25 @@
+"""modelpress: take a trained model to a fast, validated, versioned production service."""
+
+from .api import bench, evaluate, export, info, load
+from .artifacts import Artifact, Manifest, Signature, TensorSpec
+from .bench.measure import BenchConfig
+from .errors import ModelpressError
+from .runtimes import create_runner
+from .tasks import task_for
+
+__version__ = "0.1.0"
+__all__ = [
+    "Artifact",
+    "BenchConfig",
+    "Manifest",
+    "ModelpressError",
+    "Signature",
+    "TensorSpec",
+    "bench",
+    "create_runner",
+    "evaluate",
+    "export",
+    "info",
+    "load",
+    "task_for",
+]

@@ -1,0 +1,193 @@
+"""The Python verbs. The CLI calls exactly these functions.
+
+>>> import modelpress as mp
+>>> mp.evaluate("minilm", data="stsb-dev")["metrics"]["spearman"]       # doctest: +SKIP
+>>> mp.bench("minilm", runtimes=["torch", "onnxruntime"], baseline="torch")  # doctest: +SKIP
+>>> mp.export("minilm", "onnx", "out/minilm-onnx")                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .artifacts import Artifact
+from .bench.measure import BenchConfig, bench_runner, machine_info, ratios
+from .datasets import load_dataset
+from .errors import ConfigError
+from .locations import find_data_dir
+from .runtimes import RUNTIMES, create_runner
+from .sources import describe, load
+from .tasks import get_task_class, task_for
+
+ModelLike = Any  # a path, a short name, a torch.nn.Module, or an Artifact
+
+# Progress hooks: ``start(description, total)`` returns ``advance(n)``.
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+
+
+def _quiet(_desc: str, _total: int | None) -> Callable[[int], None]:
+    return lambda _n: None
+
+
+def as_artifact(model: ModelLike, task: str | None = None, **load_options: Any) -> Artifact:
+    if isinstance(model, Artifact):
+        return model
+    return load(model, task, **load_options)
+
+
+def info(model: ModelLike, *, task: str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
+    """What modelpress knows about a model: task, format, signature, task settings, size."""
+    art = as_artifact(model, task, tokenizer=tokenizer)
+    if art.manifest.signature is None:
+        from .runtimes.torch import load_torch_module
+
+        if art.format in ("hf", "torch"):
+            _, art.manifest.signature = load_torch_module(art)
+    return describe(art)
+
+
+def evaluate(
+    model: ModelLike,
+    *,
+    task: str | None = None,
+    data: str | os.PathLike | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    columns: dict[str, str] | None = None,
+    reference: ModelLike | None = None,
+    reference_runtime: str = "torch",
+    tokenizer: str | None = None,
+    task_options: dict[str, Any] | None = None,
+    runtime_options: dict[str, Any] | None = None,
+    progress: ProgressFactory = _quiet,
+) -> dict[str, Any]:
+    """Score ``model`` on ``data`` (the task's default dataset if None).
+
+    ``reference``: another model (usually the original) whose outputs ``model`` is compared
+    with on the same data (embedding cosine and top-10 overlap, label agreement, top-1 token
+    agreement). ``task_options`` override task settings, e.g. ``{"context": 256, "stride": 128}``
+    or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity.
+    """
+    art = as_artifact(model, task, tokenizer=tokenizer)
+    if task_options:
+        art.manifest.task_config.update(task_options)
+    tsk = task_for(art)
+    ds = load_dataset(data or tsk.default_dataset, tsk.dataset_kind, data_dir_=data_dir, columns=columns, limit=limit)
+    runner = create_runner(art, runtime, threads=threads, **(runtime_options or {}))
+    t0 = time.perf_counter()
+    runner.load()
+    kwargs = {"batch_size": batch_size} if batch_size else {}
+    advance = progress(f"evaluating {art.name} on {ds.name}", tsk.eval_size(ds))
+    metrics = tsk.evaluate(runner, ds, progress=advance, **kwargs)
+    result: dict[str, Any] = {
+        "model": art.name,
+        "task": tsk.name,
+        "dataset": ds.name,
+        "runtime": runner.name,
+        "runtime_options": runner.describe(),
+        "metrics": metrics,
+        "primary_metric": tsk.primary_metric,
+    }
+    if reference is not None:
+        ref_art = as_artifact(reference, art.task, tokenizer=tokenizer)
+        if task_options:
+            ref_art.manifest.task_config.update(task_options)
+        ref_runner = create_runner(ref_art, reference_runtime, threads=threads)
+        progress(f"comparing with {ref_art.name} on {reference_runtime}", None)
+        result["agreement"] = tsk.agreement(runner, ref_runner, ds, **kwargs)
+        result["reference"] = {"model": ref_art.name, "runtime": reference_runtime}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _parse_baseline(baseline: str | None, model: ModelLike) -> tuple[ModelLike, str] | None:
+    """``torch`` -> the same model on torch; ``MODEL@RUNTIME`` or ``MODEL`` -> that model."""
+    if baseline is None:
+        return None
+    if baseline in RUNTIMES:
+        return model, baseline
+    if "@" in baseline:
+        spec, rt = baseline.rsplit("@", 1)
+        if rt not in RUNTIMES:
+            raise ConfigError(f"Unknown runtime '{rt}' in baseline '{baseline}'.", hint="Example: --baseline minilm@torch")
+        return spec, rt
+    return baseline, "torch"
+
+
+def bench(
+    model: ModelLike,
+    *,
+    runtimes: Sequence[str] = ("torch",),
+    baseline: str | None = None,
+    task: str | None = None,
+    threads: int | None = None,
+    config: BenchConfig | None = None,
+    data_dir: str | os.PathLike | None = None,
+    tokenizer: str | None = None,
+    runtime_options: dict[str, dict[str, Any]] | None = None,
+    progress: ProgressFactory = _quiet,
+) -> dict[str, Any]:
+    """Benchmark ``model`` on each runtime, and the baseline in the same run.
+
+    ``baseline``: a runtime name (the same model on it), ``MODEL@RUNTIME``, or ``MODEL``.
+    The report holds every result, the machine, and ratios of each result to the baseline.
+    """
+    cfg = config or BenchConfig()
+    art = as_artifact(model, task, tokenizer=tokenizer)
+    ddir = find_data_dir(data_dir)
+    plan: list[tuple[Artifact, str]] = []
+    base = _parse_baseline(baseline, art)
+    if base is not None:
+        plan.append((as_artifact(base[0], art.task, tokenizer=tokenizer), base[1]))
+    for rt in runtimes:
+        if base is not None and base[0] is art and base[1] == rt:
+            continue  # the baseline row already measures this
+        plan.append((art, rt))
+    results = []
+    advance = progress("benchmarking", len(plan))
+    for a, rt in plan:
+        runner = create_runner(a, rt, threads=threads, **(runtime_options or {}).get(rt, {}))
+        results.append(bench_runner(runner, task_for(a), cfg, data_dir=ddir))
+        runner.close()
+        advance(1)
+    report: dict[str, Any] = {"machine": machine_info(), "results": results, "baseline_index": 0 if base is not None else None}
+    if base is not None:
+        report["ratios"] = {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i != 0}
+    return report
+
+
+def export(
+    model: ModelLike,
+    fmt: str,
+    output: str | os.PathLike,
+    *,
+    task: str | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> Artifact:
+    """Export ``model`` to ``fmt`` (onnx, openvino) at ``output``, checked for parity."""
+    from .export import export as _export
+
+    return _export(as_artifact(model, task, tokenizer=tokenizer), fmt, output, overwrite=overwrite, **options)
+
+
+def list_datasets() -> dict[str, str]:
+    from .datasets import NAMED
+
+    return {name: desc for name, (_, desc) in NAMED.items()}
+
+
+def list_tasks() -> dict[str, str]:
+    from .tasks import TASKS
+
+    return {name: f"{cls.primary_metric} on {cls.default_dataset}" for name, cls in TASKS.items()}
+
+
+__all__ = ["as_artifact", "bench", "evaluate", "export", "get_task_class", "info", "list_datasets", "list_tasks", "load"]

@@ -1,0 +1,267 @@
+"""The `modelpress` command. Every verb calls the Python function of the same name in api.py."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .errors import ConfigError, ModelpressError
+
+app = typer.Typer(
+    name="modelpress",
+    help="Optimize, export, validate, benchmark, version and serve a trained model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="embedding, text-classification, image-classification, causal-lm (inferred when omitted).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Threads for the runtime (default: all cores).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Data folder (default: $MODELPRESS_DATA, then ../shared/data).")]
+TokOpt = Annotated[str | None, typer.Option("--tokenizer", help="Hugging Face folder with the tokenizer, for ONNX files and modules.")]
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a modelpress error as a message (no traceback) and exit with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelpressError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+            if exc.hint:
+                console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+    """A progress factory for the API verbs: a Rich bar per stage, on stderr."""
+    if not enabled:
+        yield lambda _d, _t: (lambda _n: None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as prog:
+
+        def factory(desc: str, total: int | None) -> Callable[[int], None]:
+            tid = prog.add_task(desc, total=total)
+            return lambda n: prog.advance(tid, n)
+
+        yield factory
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _parse_kv(items: list[str] | None, what: str, example: str) -> dict[str, Any]:
+    outd: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} '{item}' is not KEY=VALUE.", hint=f"Example: {example}")
+        k, v = item.split("=", 1)
+        try:
+            outd[k] = json.loads(v)
+        except json.JSONDecodeError:
+            outd[k] = v
+    return outd
+
+
+@app.command()
+@handle_errors
+def info(
+    model: Annotated[str, typer.Argument(help="Model folder, .onnx file, or short name (minilm).")],
+    task: TaskOpt = None,
+    tokenizer: TokOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model's task, format, signature, settings and size."""
+    from . import api
+
+    data = api.info(model, task=task, tokenizer=tokenizer)
+    if as_json:
+        emit_json(data)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"modelpress info: {data['name']}", title_justify="left", show_header=False)
+    for key in ("task", "format", "path", "architecture", "parameters", "size_bytes"):
+        if data.get(key) is not None:
+            table.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) else str(data[key]))
+    sig = data.get("signature") or {}
+    for io in ("inputs", "outputs"):
+        for spec in sig.get(io, []):
+            table.add_row(io[:-1], f"{spec['name']}: {spec['dtype']}{spec['shape']}")
+    for k, v in (data.get("task_config") or {}).items():
+        table.add_row(f"task.{k}", str(v))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model folder, .onnx file, or short name (minilm).")],
+    task: TaskOpt = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset name (stsb-dev, sst2-dev, trec-test, mnist-test, wikitext2-test, tinystories), file, or hf:NAME:SPLIT.")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino.")] = "torch",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size for evaluation.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N examples.")] = None,
+    columns: Annotated[list[str] | None, typer.Option("--columns", help="Map columns of a user file: NAME=COLUMN (repeatable).")] = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="Compare outputs with this model (e.g. the original).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Task setting KEY=VALUE, e.g. context=256, stride=128, max_eval_tokens=20000.")] = None,
+    tokenizer: TokOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model on a dataset with its task's metric."""
+    from . import api
+    from .bench.report import eval_table
+
+    cols = {k: str(v) for k, v in _parse_kv(columns, "Column mapping", "--columns text=review").items()}
+    opts = _parse_kv(option, "Option", "--option context=256")
+    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
+        result = api.evaluate(
+            model, task=task, data=data, runtime=runtime, threads=threads, data_dir=data_dir, batch_size=batch_size, limit=limit,
+            columns=cols or None, reference=reference, tokenizer=tokenizer, task_options=opts or None, progress=prog,
+        )  # fmt: skip
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(eval_table(result))
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="Model folder, .onnx file, or short name (minilm).")],
+    runtime: Annotated[list[str] | None, typer.Option("--runtime", "-r", help="Runtime to measure (repeatable): torch, onnxruntime, openvino.")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", "-b", help="Measured in the same run; figures are also shown as ratios to it: a runtime (torch), MODEL@RUNTIME, or MODEL.")] = None,
+    task: TaskOpt = None,
+    threads: ThreadsOpt = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes for throughput.")] = "1,8,32",
+    seq_lens: Annotated[str, typer.Option("--seq-lens", help="Comma-separated sequence lengths (text tasks).")] = "16,128",
+    seconds: Annotated[float, typer.Option("--seconds", help="Time per measured figure.")] = 2.0,
+    data_dir: DataDirOpt = None,
+    tokenizer: TokOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Also write the JSON report to this file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency percentiles, throughput by batch size, memory and size, on one or more runtimes."""
+    from . import api
+    from .bench.measure import BenchConfig
+    from .bench.report import bench_table
+
+    def ints(text: str, what: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{what} '{text}' is not a comma-separated list of integers.", hint=f"Example: --{what} 1,8,32") from None
+
+    cfg = BenchConfig(batch_sizes=ints(batch_sizes, "batch-sizes"), seq_lens=ints(seq_lens, "seq-lens"), seconds=seconds)
+    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
+        report = api.bench(model, runtimes=runtime or ["torch"], baseline=baseline, task=task, threads=threads, config=cfg, data_dir=data_dir, tokenizer=tokenizer, progress=prog)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, default=str))
+    if as_json:
+        emit_json(report)
+    else:
+        out.print(bench_table(report))
+
+
+@app.command()
+@handle_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Model folder, or short name (minilm).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the exported artifact to.")] = Path("exported"),
+    task: TaskOpt = None,
+    tokenizer: TokOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    legacy: Annotated[bool, typer.Option("--legacy", help="ONNX: use the TorchScript exporter instead of dynamo.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export to ONNX or OpenVINO IR; the export is checked against its source before it is written."""
+    from . import api
+
+    options = {"dynamo": False} if legacy and fmt == "onnx" else {}
+    with progress_bars(not as_json) as prog:
+        prog(f"exporting to {fmt} and checking parity", None)
+        art = api.export(model, fmt, output, task=task, tokenizer=tokenizer, overwrite=force, **options)
+    if as_json:
+        emit_json(art.to_json())
+        return
+    parity = art.manifest.metrics.get("parity_max_abs_diff", {})
+    diffs = ", ".join(f"{k} {v:.2g} (tol {parity.get(k + '_tolerance', 0):.2g})" for k, v in parity.items() if not k.endswith("_tolerance"))
+    out.print(f"[green]wrote[/green] {art.path} ({fmt}; {art.manifest.step.get('exporter', '') if art.manifest.step else ''})")
+    out.print(f"parity max-abs-diff: {diffs}")
+
+
+@app.command("datasets")
+@handle_errors
+def datasets_cmd(as_json: JsonOpt = False) -> None:
+    """List the named datasets (read from the data folder)."""
+    from . import api
+    from .locations import find_data_dir
+
+    data = api.list_datasets()
+    if as_json:
+        emit_json(data)
+        return
+    where = find_data_dir()
+    out.print(f"data folder: {where or 'none found (set MODELPRESS_DATA or --data-dir)'}")
+    for k, v in data.items():
+        out.print(f"  [bold]{k}[/bold]  {v}")
+
+
+@app.command("tasks")
+@handle_errors
+def tasks_cmd(as_json: JsonOpt = False) -> None:
+    """List the tasks and how each is scored."""
+    from . import api
+
+    data = api.list_tasks()
+    if as_json:
+        emit_json(data)
+        return
+    for k, v in data.items():
+        out.print(f"  [bold]{k}[/bold]  {v}")
+
+
+def _mount_subcommands() -> None:
+    with contextlib.suppress(ImportError):
+        from .registry.cli import app as registry_app
+
+        app.add_typer(registry_app, name="registry", help="Versions, lineage and stages of every model variant.")
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
