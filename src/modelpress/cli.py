@@ -218,6 +218,39 @@ def export(
     out.print(f"parity max-abs-diff: {diffs}")
 
 
+@app.command()
+@handle_errors
+def run(
+    model: Annotated[str, typer.Argument(help="Model folder or short name.")] = "minilm",
+    runtime: Annotated[list[str] | None, typer.Option("--runtime", "-r", help="Runtimes to compare (repeatable).")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Time per measured figure.")] = 1.5,
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job: evaluate the model on its task's dataset, then benchmark it on every runtime
+    against PyTorch eager, and print both tables."""
+    from . import api
+    from .bench.measure import BenchConfig
+    from .bench.report import bench_table, eval_table
+    from .locations import find_data_dir
+
+    runtimes = runtime or ["torch", "onnxruntime", "openvino"]
+    result: dict[str, Any] = {}
+    with progress_bars(not as_json) as prog:
+        if find_data_dir(data_dir) is not None:
+            result["evaluation"] = [api.evaluate(model, runtime=rt, threads=threads, data_dir=data_dir, progress=prog) for rt in runtimes]
+        else:
+            console.print("[yellow]No data folder found: skipping the quality evaluation (set MODELPRESS_DATA or --data-dir).[/yellow]")
+        result["bench"] = api.bench(model, runtimes=runtimes, baseline="torch", threads=threads, config=BenchConfig(seconds=seconds), data_dir=data_dir, progress=prog)
+    if as_json:
+        emit_json(result)
+        return
+    for ev in result.get("evaluation", []):
+        out.print(eval_table(ev))
+    out.print(bench_table(result["bench"]))
+
+
 @app.command("datasets")
 @handle_errors
 def datasets_cmd(as_json: JsonOpt = False) -> None:

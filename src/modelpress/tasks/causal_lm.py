@@ -19,6 +19,7 @@ import numpy as np
 
 from ..artifacts import Signature, TensorSpec
 from ..datasets.base import TextCorpus
+from ..errors import ConfigError
 from .base import Progress, Task, _noop, register_task
 from .text import check_texts, real_sentences
 
@@ -39,14 +40,16 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     Position ``p`` means token ``p`` is predicted from tokens before it; position 0 (BOS) is
     never scored, every other position exactly once.
     """
+    if context < 2 or stride < 1:
+        raise ConfigError(f"context must be >= 2 and stride >= 1 (got {context}, {stride}).", hint="Example: context=512, stride=256")
     out = []
     prev_end = 1
     begin = 0
     while prev_end < n_tokens:
+        begin = min(begin, prev_end - 1)  # the first scored token needs one token of context
         end = min(begin + context, n_tokens)
-        if end > prev_end:
-            out.append((begin, end, prev_end))
-            prev_end = end
+        out.append((begin, end, prev_end))
+        prev_end = end
         begin += stride
     return out
 
