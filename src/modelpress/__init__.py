@@ -1,5 +1,8 @@
 """modelpress: take a trained model to a fast, validated, versioned production service."""
 
+# The subpackage modelpress.export is imported first so that the function below, not the
+# package, is what `modelpress.export` names (importing a submodule later does not rebind it).
+from . import export as _export_package  # noqa: F401
 from .api import bench, evaluate, export, info, load
 from .artifacts import Artifact, Manifest, Signature, TensorSpec
 from .bench.measure import BenchConfig

@@ -37,10 +37,8 @@ def torch_to_onnx(module: Any, args: tuple, path: Path, sig, *, opset: int = DEF
     reason = "dynamo=False was asked for"
     if dynamo:
         try:
-            dims: dict[str, Any] = {}
-            shapes = []
-            for spec in sig.inputs:
-                shapes.append({i: dims.setdefault(d, torch.export.Dim.DYNAMIC) for i, d in enumerate(spec.shape) if isinstance(d, str)})
+            # Axis names as strings: the exporter makes them dynamic and keeps the names.
+            shapes = [{i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in sig.inputs]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
@@ -53,7 +51,6 @@ def torch_to_onnx(module: Any, args: tuple, path: Path, sig, *, opset: int = DEF
                     opset_version=max(opset, DEFAULT_OPSET),
                     verbose=False,
                 )
-            _rename_dynamic_dims(program.model_proto, axes)
             program.save(str(path), external_data=_needs_external(module))
             return "dynamo"
         except Exception as exc:  # the dynamo exporter raises many types; fall back and say why
@@ -83,15 +80,6 @@ def torch_to_onnx(module: Any, args: tuple, path: Path, sig, *, opset: int = DEF
 def _needs_external(module: Any) -> bool:
     n = sum(p.numel() * p.element_size() for p in module.parameters())
     return n > 1_900_000_000  # protobuf's 2 GB limit
-
-
-def _rename_dynamic_dims(proto, axes: dict[str, dict[int, str]]) -> None:
-    """Give the graph's dynamic axes the signature's names (batch, sequence) instead of s0, s1."""
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        for i, name in axes.get(value.name, {}).items():
-            dims = value.type.tensor_type.shape.dim
-            if i < len(dims) and not dims[i].dim_value:
-                dims[i].dim_param = name
 
 
 def _onnx_callable(path: Path, threads: int = 1):
