@@ -40,9 +40,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ModelpressError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+            console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
             if exc.hint:
-                console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+                console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")

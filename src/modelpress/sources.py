@@ -230,7 +230,7 @@ def describe(artifact: Artifact) -> dict[str, Any]:
             for f in artifact.path.glob("*.safetensors"):
                 with safe_open(str(f), "np") as st:
                     for k in st.keys():
-                        n += int(st.get_slice(k).get_shape().__len__() and _prod(st.get_slice(k).get_shape()))
+                        n += _prod(st.get_slice(k).get_shape())
             out["parameters"] = n
         except Exception:  # a count is a nicety; never fail info on it
             pass

@@ -34,12 +34,21 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
         if any(artifact.path.glob("*.safetensors")):
             kwargs["use_safetensors"] = True  # no pickled code
         try:
-            hf_model = auto.from_pretrained(str(artifact.path), **kwargs)
+            hf_model, loading = auto.from_pretrained(str(artifact.path), output_loading_info=True, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise TaskMismatchError(
                 f"'{artifact.path}' could not be loaded as a {task.name} model: {exc}",
                 hint="Check --task (e.g. text-classification needs a *ForSequenceClassification model).",
             ) from exc
+        missing = sorted(loading.get("missing_keys") or [])
+        if missing:
+            # transformers would fill these with random values: the model does not fit the task.
+            raise TaskMismatchError(
+                f"'{artifact.path}' could not be loaded as a {task.name} model: {len(missing)} weights are not in the "
+                f"checkpoint and would be random ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}).",
+                hint=f"Pass the task the model was trained for (its config says {getattr(hf_model.config, 'architectures', None)}), "
+                "or fine-tune it for this task first.",
+            )
         module = task.wrap_module(hf_model)
         signature = artifact.manifest.signature or task.signature(hf_model.config)
     else:
