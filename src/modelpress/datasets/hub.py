@@ -7,9 +7,8 @@ Spec: ``hf:NAME[/CONFIG]:SPLIT`` with the columns named as for user files, e.g.
 from __future__ import annotations
 
 from ..errors import DatasetError, require
-from .base import Dataset
+from .base import Dataset, LabeledTextDataset, PairDataset, TextCorpus
 from .files import ALIASES, _labels
-from .base import LabeledTextDataset, PairDataset, TextCorpus
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
