@@ -101,3 +101,43 @@ def require(module: str, extra: str):
             f"The '{module}' package is needed for this and is not installed ({exc}).",
             hint=f"Install it with: pip install 'modelpress[{extra}]'",
         ) from exc
+
+
+# --- the model registry ---------------------------------------------------------------
+class InvalidNameError(UserInputError):
+    """A model name is empty, too long, or has characters that could reach outside the store."""
+
+
+class InvalidReferenceError(UserInputError):
+    """A model reference (NAME, NAME:VERSION, NAME:latest, NAME@stage) cannot be parsed."""
+
+
+class InvalidStageError(UserInputError):
+    """A stage is not one of candidate, staging, production, archived."""
+
+
+class RegistryNotFoundError(UserInputError):
+    """A model, version or stage asked for is not in the registry."""
+
+
+class RegistryConflictError(UserInputError):
+    """The registry refuses a change (deleting a production version, rolling back with no history, ...)."""
+
+
+class RegistryError(ModelpressRuntimeError):
+    """The registry database or its artifact store cannot be used (unreachable, corrupt, foreign)."""
+
+
+# --- optimize (appended) --------------------------------------------------------------
+class UnknownTechniqueError(ConfigError):
+    """A technique name, preset or config type has no registered handler."""
+
+
+class OptimizationError(ModelpressRuntimeError):
+    """A technique could not be applied to this model on this runtime."""
+
+
+class GateFailedError(ModelpressRuntimeError):
+    """A recipe step (or every tuner candidate) broke the quality gate."""
+
+    exit_code = 4
