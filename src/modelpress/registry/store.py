@@ -1,0 +1,323 @@
+"""The artifact store: files on disk, content-addressed by the sha256 over an artifact's files.
+
+Layout under the store root::
+
+    artifacts/<sha256>/     one folder per distinct artifact (model files + modelpress.json)
+    tmp-<host>-<pid>-<rand>/ a copy in progress (renamed into artifacts/ when complete)
+    registry-id             the id of the registry database this store belongs to
+    lock                    an advisory file lock held while the store and the database change
+
+Every path the store touches is built from a sha256 it computed itself, never from a name a
+user typed, and is checked to stay inside the root. A copy is written to a temporary folder,
+hashed, fsynced and renamed, so ``artifacts/<sha256>/`` is either absent or complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
+from ..errors import ArtifactError, RegistryError
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = "tmp-"
+CRASH_ENV = "MODELPRESS_TEST_CRASH_AT"
+CRASH_PAUSE_ENV = "MODELPRESS_TEST_CRASH_PAUSE"
+CRASH_POINTS = ("during_copy", "after_copy", "after_rename", "before_commit", "after_commit")
+STALE_TMP_SECONDS = 24 * 3600  # a temp folder of another machine is left alone for this long
+
+
+def crash_point(name: str) -> None:
+    """A test hook on the register path: die (SIGKILL) or pause at a named point.
+
+    Only when ``MODELPRESS_TEST_CRASH_AT`` names this point. With ``MODELPRESS_TEST_CRASH_PAUSE``
+    set to a file path, the point's name is written there and the process sleeps until a test
+    kills it from outside; otherwise it kills itself.
+    """
+    if os.environ.get(CRASH_ENV) != name:
+        return
+    marker = os.environ.get(CRASH_PAUSE_ENV)
+    if marker:
+        Path(marker).write_text(name)
+        while True:  # pragma: no cover - ended by the test's SIGKILL
+            time.sleep(60)
+    os.kill(os.getpid(), signal.SIGKILL)  # pragma: no cover
+
+
+@dataclass
+class Staged:
+    """A complete, fsynced copy of an artifact in a temporary folder of the store."""
+
+    tmp: Path
+    sha256: str
+    files: dict[str, str]
+    manifest: Manifest
+    size_bytes: int
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.artifacts = self.root / "artifacts"
+
+    def ensure(self) -> None:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    # -- identity ------------------------------------------------------------------------
+    def bind(self, registry_id: str) -> None:
+        """Tie the store to one registry, so that two databases never share (and repair) one store."""
+        self.ensure()
+        id_file = self.root / "registry-id"
+        if id_file.is_file():
+            found = id_file.read_text().strip()
+            if found != registry_id:
+                raise RegistryError(
+                    f"The artifact store {self.root} belongs to another registry (id {found}, this one is {registry_id}).",
+                    hint="Give this registry its own store: Registry(url, store=DIR) or MODELPRESS_REGISTRY_STORE=DIR.",
+                )
+            return
+        if any(self.artifacts.iterdir()):
+            raise RegistryError(
+                f"The artifact store {self.root} already holds artifacts but has no registry-id file.",
+                hint="Point the registry at the store it was created with, or at an empty folder.",
+            )
+        tmp = self.root / f".registry-id.{os.getpid()}"
+        tmp.write_text(registry_id + "\n")
+        os.replace(tmp, id_file)
+
+    # -- paths -----------------------------------------------------------------------------
+    def path_for(self, sha256: str) -> Path:
+        if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
+            raise RegistryError(f"'{sha256}' is not a sha256 content hash.", hint="A content hash is 64 lowercase hex digits.")
+        path = self.artifacts / sha256
+        if path.parent != self.artifacts:  # pragma: no cover - impossible for a hex digest
+            raise RegistryError(f"Refusing a path outside the store: {path}")
+        return path
+
+    def list_artifacts(self) -> list[str]:
+        if not self.artifacts.is_dir():
+            return []
+        return sorted(p.name for p in self.artifacts.iterdir() if p.is_dir() and _SHA_RE.fullmatch(p.name))
+
+    def list_strays(self) -> list[Path]:
+        """Entries of artifacts/ that are not sha256 folders (a file, a half-removed folder, ...)."""
+        if not self.artifacts.is_dir():
+            return []
+        return sorted(p for p in self.artifacts.iterdir() if not (p.is_dir() and _SHA_RE.fullmatch(p.name)))
+
+    def list_temps(self, *, include_live: bool = False) -> list[Path]:
+        """Temporary folders left by copies; those of a live process on this machine are skipped."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(_TMP_PREFIX):
+                if include_live or not _owner_alive(p):
+                    found.append(p)
+        return found
+
+    # -- locking ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive advisory lock over the store (and the database change that goes with it)."""
+        self.ensure()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows: no cross-process lock
+                yield
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # -- writing ---------------------------------------------------------------------------
+    def stage(self, artifact: Artifact) -> Staged:
+        """Copy an artifact folder into a temporary folder of the store, hash it and fsync it."""
+        src = artifact.path
+        if src is None:
+            raise ArtifactError(
+                f"The artifact '{artifact.name}' lives only in memory, so there are no files to register.",
+                hint="Save it first (modelpress.export(...) or Artifact.write(folder, manifest, fill)) and register the folder.",
+            )
+        src = Path(src)
+        if not src.is_dir():
+            raise ArtifactError(
+                f"'{src}' is not an artifact folder.",
+                hint="Register a folder with a modelpress.json manifest, e.g. the output of `modelpress export`.",
+            )
+        files, digest = hash_folder(src)
+        if not files:
+            raise ArtifactError(f"The artifact folder '{src}' has no files.", hint="Register a folder that holds the model files.")
+        expected = artifact.manifest.content_hash
+        if expected and expected != digest:
+            raise ArtifactError(
+                f"The files in '{src}' changed after its manifest was written (content hash {digest[:12]} != {expected[:12]}).",
+                hint="Write the artifact again (Artifact.write) so that its manifest matches its files.",
+            )
+        self.ensure()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", dir=self.root))
+        try:
+            for i, rel in enumerate(sorted(files)):
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, dest)
+                if i == 0:
+                    crash_point("during_copy")
+            copied, copied_digest = hash_folder(tmp)
+            if copied != files:
+                raise ArtifactError(f"The files of '{src}' changed while they were copied.", hint="Register it again once nothing writes to it.")
+            manifest = artifact.manifest.model_copy(update={"files": files, "content_hash": digest})
+            (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+            _fsync_tree(tmp)
+            size = sum((tmp / rel).stat().st_size for rel in files)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        crash_point("after_copy")
+        return Staged(tmp=tmp, sha256=copied_digest, files=files, manifest=manifest, size_bytes=size)
+
+    def place(self, staged: Staged) -> Path:
+        """Rename a staged copy to ``artifacts/<sha256>/`` (call with :meth:`lock` held).
+
+        When the folder is already there (another version shares the files, or an earlier
+        attempt died before its database commit) it is kept if intact and replaced if not.
+        """
+        final = self.path_for(staged.sha256)
+        if final.is_dir():
+            if not self.verify(staged.sha256, staged.files):
+                shutil.rmtree(staged.tmp, ignore_errors=True)
+                return final
+            self._discard(final)
+        os.rename(staged.tmp, final)
+        _fsync_dir(self.artifacts)
+        return final
+
+    def verify(self, sha256: str, files: dict[str, str]) -> list[str]:
+        """Files that are missing or whose hash differs (empty when the folder is intact)."""
+        folder = self.path_for(sha256)
+        bad = []
+        for rel, digest in sorted(files.items()):
+            f = folder / rel
+            if not f.is_file() or sha256_file(f) != digest:
+                bad.append(rel)
+        if not (folder / MANIFEST_NAME).is_file():
+            bad.append(MANIFEST_NAME)
+        return bad
+
+    def remove(self, sha256: str) -> None:
+        path = self.path_for(sha256)
+        if path.exists():
+            self._discard(path)
+
+    def remove_path(self, path: Path) -> None:
+        """Remove a temporary or stray entry; only paths directly under the store are accepted."""
+        path = Path(path)
+        if path.parent not in (self.root, self.artifacts):
+            raise RegistryError(f"Refusing to remove {path}: it is not inside the store {self.root}.")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def _discard(self, folder: Path) -> None:
+        """Move a folder out of artifacts/ in one rename, then delete it (never half a folder in place)."""
+        trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-trash-", dir=self.root))
+        os.rename(folder, trash / folder.name)
+        _fsync_dir(self.artifacts)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def export(self, sha256: str, files: dict[str, str], dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Copy a stored artifact to ``dest`` through a temporary folder beside it, checking every hash."""
+        src = self.path_for(sha256)
+        dest = Path(dest).expanduser().resolve()
+        if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not overwrite:
+            raise ArtifactError(f"'{dest}' already exists and is not empty.", hint="Choose a new folder or pass overwrite=True (--force).")
+        if not src.is_dir():
+            raise RegistryError(f"The stored files of artifact {sha256[:12]} are missing from {self.artifacts}.", hint="Run `modelpress registry check`.")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            for rel in sorted([*files, MANIFEST_NAME]):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, tmp / rel)
+            copied, _ = hash_folder(tmp)
+            if copied != files:
+                bad = sorted(k for k in set(files) | set(copied) if files.get(k) != copied.get(k))
+                raise RegistryError(
+                    f"The stored artifact {sha256[:12]} is corrupt ({', '.join(bad[:5])} do not match their hashes).",
+                    hint="Run `modelpress registry check` and register the model again.",
+                )
+            _fsync_tree(tmp)
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.rename(dest, old)
+                os.rename(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _owner_alive(tmp: Path) -> bool:
+    """Whether the process that made a temp folder may still be writing it."""
+    parts = tmp.name.split("-")
+    if len(parts) >= 3 and parts[0] == "tmp" and parts[1] == _host() and parts[2].isdigit():
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    if len(parts) >= 3 and parts[0] == "tmp":  # another machine's copy: give it time
+        try:
+            return time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS
+        except FileNotFoundError:
+            return False
+    return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_dir(path)
