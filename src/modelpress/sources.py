@@ -174,7 +174,8 @@ def load(
                 hint=f"Pass a model folder or file, or one of: {', '.join(sorted(SHORT_NAMES))}. Example: modelpress info minilm",
             )
     path = path.resolve()
-    display = display or path.stem if path.is_file() else display or path.name
+    if display is None:
+        display = path.stem if path.is_file() else path.name
 
     if path.is_file():
         suffix = path.suffix.lower()
