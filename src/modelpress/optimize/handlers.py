@@ -10,7 +10,8 @@ A handler takes an artifact and a config and writes a NEW artifact folder (with
 
 Runtime options travel in ``manifest.task_config["runtime_options"]``, keyed by runtime, e.g.
 ``{"openvino": {"precision": "bf16"}}``: the same shape as ``api.bench(runtime_options=...)``.
-:func:`modelpress.optimize.variants.runner_for` applies them; a plain ``create_runner`` does not.
+:func:`modelpress.runtimes.create_runner` applies them as defaults, so every user of a runner
+(evaluate, bench, serve) runs the variant as it was made.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ class StepContext:
 
 
 Handler = Callable[[Artifact, Any, StepContext], Artifact]
-HANDLERS: dict[type[TechniqueConfig], Handler] = {}
+# One handler per (config type, runtime): ``DynamicInt8`` on onnxruntime and on torch are two
+# implementations of one technique, registered separately by their backend modules.
+HANDLERS: dict[tuple[type[TechniqueConfig], str], Handler] = {}
 C = TypeVar("C", bound=type[TechniqueConfig])
 
 
-def register_handler(config_type: type[TechniqueConfig]) -> Callable[[Handler], Handler]:
-    """Decorator: ``@register_handler(DynamicInt8) def dynamic_int8(source, config, ctx): ...``."""
+def register_handler(config_type: type[TechniqueConfig], runtime: str) -> Callable[[Handler], Handler]:
+    """Decorator: ``@register_handler(DynamicInt8, "onnxruntime") def ort_dynamic(source, config, ctx): ...``."""
 
     def deco(fn: Handler) -> Handler:
-        HANDLERS[config_type] = fn
+        HANDLERS[(config_type, runtime)] = fn
         return fn
 
     return deco
@@ -56,12 +59,12 @@ def register_handler(config_type: type[TechniqueConfig]) -> Callable[[Handler], 
 
 def handler_for(config: TechniqueConfig) -> Handler:
     for cls in type(config).__mro__:
-        if cls in HANDLERS:
-            return HANDLERS[cls]
-    known = ", ".join(sorted(f"{c.__name__} ({c.technique_name})" for c in HANDLERS))
+        if (cls, config.runtime) in HANDLERS:
+            return HANDLERS[(cls, config.runtime)]
+    known = ", ".join(sorted(f"{c.__name__}@{rt}" for c, rt in HANDLERS))
     raise UnknownTechniqueError(
-        f"No handler is registered for {type(config).__name__}.",
-        hint=f"Known configs: {known}. Register one with @register_handler({type(config).__name__}).",
+        f"No handler is registered for {type(config).__name__} on runtime '{config.runtime}'.",
+        hint=f"Known configs: {known}. Register one with @register_handler({type(config).__name__}, '{config.runtime}').",
     )
 
 

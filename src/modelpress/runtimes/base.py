@@ -100,9 +100,17 @@ def register_runtime(cls: type[Runner]) -> type[Runner]:
 
 
 def create_runner(artifact: Artifact, runtime: str = "torch", *, threads: int | None = None, **options: Any) -> Runner:
-    """A runner for ``artifact`` on ``runtime`` (torch, onnxruntime, openvino)."""
+    """A runner for ``artifact`` on ``runtime`` (torch, onnxruntime, openvino).
+
+    An artifact made by an optimization step may carry runtime options (e.g. OpenVINO's bf16
+    precision hint) in ``manifest.task_config["runtime_options"][runtime]``; they are the
+    defaults here, and ``options`` passed explicitly override them. So evaluation, benchmarks and
+    the server all run a variant exactly as it was made.
+    """
     if runtime not in RUNTIMES:
         raise UnknownRuntimeError(
             f"Unknown runtime '{runtime}'.", hint=f"Known runtimes: {', '.join(sorted(RUNTIMES))}. Example: --runtime onnxruntime"
         )
-    return RUNTIMES[runtime](artifact, threads=threads, **options)
+    stored = (artifact.manifest.task_config.get("runtime_options") or {}).get(runtime) or {}
+    merged = {**stored, **{k: v for k, v in options.items() if v is not None}}
+    return RUNTIMES[runtime](artifact, threads=threads, **merged)

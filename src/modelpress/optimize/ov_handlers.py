@@ -1,0 +1,1 @@
+"""Technique handlers for one backend (being written)."""
