@@ -7,6 +7,7 @@ from .api import bench, evaluate, export, info, load
 from .artifacts import Artifact, Manifest, Signature, TensorSpec
 from .bench.measure import BenchConfig
 from .errors import ModelpressError
+from .optimize.api import Recipe, apply_technique, optimize, tune
 from .runtimes import create_runner
 from .tasks import task_for
 
@@ -16,6 +17,8 @@ __all__ = [
     "BenchConfig",
     "Manifest",
     "ModelpressError",
+    "Recipe",
+    "apply_technique",
     "Signature",
     "TensorSpec",
     "bench",
@@ -24,5 +27,7 @@ __all__ = [
     "export",
     "info",
     "load",
+    "optimize",
     "task_for",
+    "tune",
 ]

@@ -283,6 +283,9 @@ def tasks_cmd(as_json: JsonOpt = False) -> None:
 
 
 def _mount_subcommands() -> None:
+    from .optimize.cli import register_commands
+
+    register_commands(app)
     with contextlib.suppress(ImportError):
         from .registry.cli import app as registry_app
 
