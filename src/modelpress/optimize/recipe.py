@@ -55,6 +55,12 @@ class Recipe(StrictModel):
     gate: GateConfig | None = None
     steps: list[Any] = Field(min_length=1)
 
+    def __init__(self, **data: Any) -> None:
+        # Steps are parsed first, so a typo inside a step is reported with that step's valid keys.
+        if isinstance(data.get("steps"), list):
+            data["steps"] = [parse_step(s, where=f"step {i + 1}") for i, s in enumerate(data["steps"])]
+        super().__init__(**data)
+
     @field_validator("gate", mode="before")
     @classmethod
     def _gate(cls, value: Any) -> GateConfig | None:
@@ -75,7 +81,7 @@ class Recipe(StrictModel):
         try:
             return cls(**data)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+            raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
 
     @classmethod
     def from_yaml(cls, text: str, *, where: str = "recipe") -> Recipe:
