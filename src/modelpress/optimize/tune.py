@@ -303,7 +303,7 @@ def tune(
                         shutil.rmtree(art_dir)  # left by an interrupted run
                     art = handler_for(cand.config)(original, cand.config, StepContext(art_dir, ddir, True, threads))
                     point.artifact = str(art.path)
-                evaluation = base if is_baseline else evaluator.evaluate(art, cand.runtime)
+                evaluation = evaluator.evaluate(art, cand.runtime)  # the baseline too: its agreement is measured, not assumed
                 flat = flat_metrics(evaluation)
                 verdict = check(base_flat, flat, gate)
                 runner = create_runner(art, cand.runtime, threads=threads)

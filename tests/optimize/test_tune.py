@@ -1,0 +1,82 @@
+"""The tuner: measures every candidate, keeps the Pareto front, picks the fastest that passes,
+caches results so nothing is measured twice, respects its budget, and writes its report.
+
+Candidates here are the unoptimized runtimes and the test-only weight-noise technique (see
+test_recipe.py), on the real MiniLM and STS-B pairs: their verdicts are known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from modelpress.errors import ConfigError, GateFailedError
+from modelpress.optimize.tune import Point, pareto_front, tune
+
+from .test_recipe import EVAL_PAIRS, WeightNoise  # noqa: F401  (registers the test technique)
+
+FAST = {"limit": EVAL_PAIRS, "threads": 2, "batch_size": 8, "seq_len": 32, "bench_seconds": 0.2}
+
+
+def _pt(label, rec, thr):
+    return Point(label=label, runtime="torch", step=None, peer=None, status="measured", recovery=rec, throughput=thr)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [_pt("a", 1.0, 10), _pt("b", 0.99, 30), _pt("c", 0.98, 20), _pt("d", 0.95, 40), _pt("e", 1.0, 5)]
+    assert [p.label for p in pareto_front(pts)] == ["a", "b", "d"]
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ConfigError, match="max_drop"):
+        tune("minilm", max_drop=1.5)
+    with pytest.raises(ConfigError, match="budget"):
+        tune("minilm", budget_s=0)
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+def test_tune_picks_the_passing_candidate_caches_and_reports(tmp_path, data_dir):
+    cands = ["torch", {"technique": "test-weight-noise", "sigma": 0.0}, {"technique": "test-weight-noise", "sigma": 2.0}]
+    res = tune("minilm", data="stsb-dev", candidates=cands, max_drop=0.01, budget_s=600, output=tmp_path / "t1", **FAST)
+    by = {p.label: p for p in res.points}
+    noisy = by["test-weight-noise@torch(sigma=2.0)"]
+    clean = by["test-weight-noise@torch"]
+    assert noisy.status == "measured" and not noisy.passed and noisy.recovery < 0.9
+    assert clean.passed and clean.recovery == pytest.approx(1.0, abs=1e-6)
+    assert res.chosen is not None and res.chosen.passed
+    assert res.chosen.throughput == max(p.throughput for p in res.points if p.passed)
+    assert all(p.throughput > 0 and p.latency_p99_ms >= p.latency_p50_ms for p in res.points)
+    assert by["fp32@torch"].speedup == pytest.approx(1.0)
+    # outputs: the chosen artifact, the JSON, a self-contained HTML report with its plots
+    out = tmp_path / "t1"
+    data = json.loads((out / "tune.json").read_text())
+    assert data["chosen"]["label"] == res.chosen.label and len(data["points"]) == 3
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and res.chosen.label in page
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "latency.png").stat().st_size > 1000
+    if res.chosen.artifact:
+        assert (out / "chosen/modelpress.json").is_file()
+
+    # the same tune again: every point comes from the cache, nothing is rebuilt or re-measured
+    t0 = time.perf_counter()
+    again = tune("minilm", data="stsb-dev", candidates=cands, max_drop=0.01, budget_s=600, **FAST)
+    assert all(p.cached for p in again.points)
+    assert [(p.label, p.recovery, p.throughput) for p in again.points] == [(p.label, p.recovery, p.throughput) for p in res.points]
+    assert time.perf_counter() - t0 < sum(p.seconds for p in res.points)
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+def test_budget_spent_leaves_candidates_untried_and_no_pass_raises(tmp_path, data_dir):
+    cands = ["torch", {"technique": "test-weight-noise", "sigma": 3.0}, {"technique": "test-weight-noise", "sigma": 0.5}]
+    # a tiny budget: the baseline is always measured, the rest is not tried
+    res = tune("minilm", data="stsb-dev", candidates=cands, budget_s=1e-3, use_cache=False, output=tmp_path / "t", **FAST)
+    assert [p.status for p in res.points] == ["measured", "skipped", "skipped"]
+    assert "budget" in res.points[1].error
+    # the baseline itself passes trivially (it is the original); with only failing variants and
+    # the baseline excluded, nothing passes and tune says so
+    with pytest.raises(GateFailedError, match="No candidate kept the quality gate"):
+        tune("minilm", data="stsb-dev", candidates=["torch", {"technique": "test-weight-noise", "sigma": 3.0}], max_drop=0.0, min_agreement=1.01, budget_s=600, **FAST)
