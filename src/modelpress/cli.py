@@ -222,33 +222,54 @@ def export(
 @handle_errors
 def run(
     model: Annotated[str, typer.Argument(help="Model folder or short name.")] = "minilm",
-    runtime: Annotated[list[str] | None, typer.Option("--runtime", "-r", help="Runtimes to compare (repeatable).")] = None,
-    seconds: Annotated[float, typer.Option("--seconds", help="Time per measured figure.")] = 1.5,
+    budget: Annotated[str, typer.Option("--budget", help="Time for the tuner's search: 90s, 4m, 1h.")] = "4m",
+    max_drop: Annotated[str, typer.Option("--max-drop", help="The primary metric may drop at most this much.")] = "1%",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the chosen variant and the report.")] = Path("out/run"),
+    no_register: Annotated[bool, typer.Option("--no-register", help="Do not record the model and its variants in the registry.")] = False,
+    seconds: Annotated[float, typer.Option("--seconds", help="Time per measured figure.")] = 1.0,
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job: evaluate the model on its task's dataset, then benchmark it on every runtime
-    against PyTorch eager, and print both tables."""
+    """The main job: tune the model (evaluate, optimize, gate and benchmark every candidate against
+    PyTorch eager), register the original and its variants, and print the table, the lineage and
+    the report's path. Without a data folder, only the benchmark runs."""
     from . import api
     from .bench.measure import BenchConfig
-    from .bench.report import bench_table, eval_table
+    from .bench.report import bench_table
     from .locations import find_data_dir
+    from .optimize.cli import gate_table, parse_duration, parse_fraction, tune_table
 
-    runtimes = runtime or ["torch", "onnxruntime", "openvino"]
-    result: dict[str, Any] = {}
-    with progress_bars(not as_json) as prog:
-        if find_data_dir(data_dir) is not None:
-            result["evaluation"] = [api.evaluate(model, runtime=rt, threads=threads, data_dir=data_dir, progress=prog) for rt in runtimes]
-        else:
-            console.print("[yellow]No data folder found: skipping the quality evaluation (set MODELPRESS_DATA or --data-dir).[/yellow]")
-        result["bench"] = api.bench(model, runtimes=runtimes, baseline="torch", threads=threads, config=BenchConfig(seconds=seconds), data_dir=data_dir, progress=prog)
-    if as_json:
-        emit_json(result)
+    if find_data_dir(data_dir) is None:
+        console.print("[yellow]No data folder found: quality cannot be measured, so only the benchmark runs (set MODELPRESS_DATA or --data-dir).[/yellow]")
+        with progress_bars(not as_json) as prog:
+            report = api.bench(model, runtimes=["torch", "onnxruntime", "openvino"], baseline="torch", threads=threads, config=BenchConfig(seconds=seconds), progress=prog)
+        emit_json(report) if as_json else out.print(bench_table(report))
         return
-    for ev in result.get("evaluation", []):
-        out.print(eval_table(ev))
-    out.print(bench_table(result["bench"]))
+    from .optimize.api import tune as _tune
+
+    def show(p: Any) -> None:
+        if not as_json:
+            console.print(f"  measured {p.label}: {p.status}" + (f", recovery {p.recovery:.4f}, {p.throughput:.1f} items/s" if p.status == "measured" else f" ({p.error})"), highlight=False)
+
+    with progress_bars(not as_json) as prog:
+        res = _tune(
+            model, max_drop=parse_fraction(max_drop), budget_s=parse_duration(budget), output=output, threads=threads, data_dir=data_dir,
+            bench_seconds=seconds, register=not no_register, progress=prog, on_point=show,
+        )  # fmt: skip
+    if as_json:
+        emit_json(res.to_json())
+        return
+    out.print(tune_table(res))
+    if res.chosen is not None and res.chosen.gate:
+        out.print(gate_table(res.chosen.gate["rows"], f"chosen: {res.chosen.label} ({res.chosen.speedup:.2f}x PyTorch fp32 eager)"))
+    if res.registered_original:
+        from .registry.api import Registry
+        from .registry.lineage import render_tree
+
+        with Registry() as reg:
+            out.print(render_tree(reg.lineage(res.registered_original)))
+    out.print(f"report: {res.report}")
 
 
 @app.command("datasets")
