@@ -311,6 +311,9 @@ def _mount_subcommands() -> None:
         from .registry.cli import app as registry_app
 
         app.add_typer(registry_app, name="registry", help="Versions, lineage and stages of every model variant.")
+    from .serving.cli import register_commands as register_serving
+
+    register_serving(app)
 
 
 _mount_subcommands()

@@ -1,0 +1,47 @@
+"""The ``modelpress serve`` command (it calls modelpress.serving.app.serve)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register_commands(app: typer.Typer) -> None:
+    from ..cli import handle_errors
+
+    @app.command()
+    @handle_errors
+    def serve(
+        models: Annotated[list[str] | None, typer.Argument(help="Model folders, short names (minilm) or registry references (NAME@production, NAME:3).")] = None,
+        config: Annotated[str | None, typer.Option("--config", "-c", help="A YAML or JSON file listing the models and their batch settings.")] = None,
+        host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+        runtime: Annotated[str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (for every model named on the command line).")] = "torch",
+        threads: Annotated[int | None, typer.Option("--threads", help="Threads per model instance (default: all cores / instances).")] = None,
+        instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
+        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
+        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="How long a batch may wait for more requests when others are queued.")] = 5.0,
+        max_queue_size: Annotated[int, typer.Option("--max-queue-size", help="Requests queued per model before answering 429.")] = 1024,
+        timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds a request may take before answering 504.")] = 30.0,
+        api_key: Annotated[str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="Key the management endpoints require (header X-API-Key or Bearer).")] = None,
+        protect_inference: Annotated[bool, typer.Option("--protect-inference", help="Require the API key on inference endpoints too.")] = False,
+        registry: Annotated[str | None, typer.Option("--registry", help="Registry URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, then ~/.modelpress).")] = None,
+        log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+    ) -> None:
+        """Serve models over HTTP: KServe v2, OpenAI embeddings, SageMaker; /metrics for Prometheus."""
+        from .config import ServerConfig, load_config
+
+        if config is not None:
+            cfg = load_config(config)
+        else:
+            cfg = ServerConfig.from_models(
+                models or [], runtime=runtime, threads=threads, instances=instances, max_batch_size=max_batch_size,
+                max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size, timeout_s=timeout_s,
+            )  # fmt: skip
+        cfg = cfg.model_copy(update={"host": host, "port": port, "log_level": log_level, "registry": registry or cfg.registry})
+        if api_key:
+            cfg = cfg.model_copy(update={"api_key": api_key, "protect_inference": protect_inference or cfg.protect_inference})
+        from .app import serve as run_server
+
+        run_server(cfg)
