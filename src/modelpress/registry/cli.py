@@ -2,7 +2,8 @@
 
 The main CLI mounts this as ``app.add_typer(registry_app, name="registry")``. Each command takes
 ``--registry URL`` (default ``$MODELPRESS_REGISTRY_URL``, else ``~/.modelpress/registry.db``) and
-``--json``. A modelpress error is printed in red with its hint and exits with code 2, no traceback.
+``--json``. A modelpress error is printed in red with its hint and exits with its code (2 for
+what the user asked, 3 for a missing backend), no traceback; ``check`` exits 1 when it finds damage.
 """
 
 from __future__ import annotations
@@ -42,17 +43,24 @@ RefArg = Annotated[str, typer.Argument(help="NAME (latest), NAME:VERSION, NAME:l
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a modelpress error as a red message plus its hint (no traceback) and exit with its code."""
+    """Print a modelpress error as a red message plus its hint (no traceback) and exit with its code.
+
+    The same contract as ``modelpress.cli.handle_errors``; kept here (with markup escaped, since
+    names and paths may hold '[') so that this module does not import the main CLI that mounts it.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ModelpressError as exc:
-            console.print(f"[bold red]error:[/bold red] [red]{_escape(exc.message)}[/red]", highlight=False)
+            console.print(f"[bold red]error:[/bold red] [red]{_escape(exc.message)}[/red]", highlight=False, soft_wrap=True)
             if exc.hint:
-                console.print(f"[yellow]hint:[/yellow] {_escape(exc.hint)}", highlight=False)
+                console.print(f"[yellow]hint:[/yellow] {_escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -119,9 +127,8 @@ def list_cmd(
         for col in ("version", "stage", "format", "parent", "step", "metrics", "tags", "created"):
             table.add_column(col)
         for v in versions:
-            table.add_row(
-                str(v.version), v.stage, v.format, v.parent or "-", v.step or "-", _metrics_text(v), ", ".join(v.tags) or "-", v.created_at or "-"
-            )
+            cells = (str(v.version), v.stage, v.format, v.parent or "-", v.step or "-", _metrics_text(v), ", ".join(v.tags) or "-", v.created_at or "-")
+            table.add_row(*(_escape(c) for c in cells))
         out.print(table)
 
 
@@ -152,7 +159,7 @@ def show(ref: RefArg, registry: RegistryOpt = None, as_json: JsonOpt = False) ->
         table.add_row(k, _escape(str(v)))
     for m in mv.metrics:
         where = ", ".join(str(m[k]) for k in ("dataset", "runtime", "machine") if m.get(k))
-        table.add_row(f"{m['kind']}: {m['name']}", f"{m['value']:.6g}" + (f"  ({_escape(where)})" if where else ""))
+        table.add_row(_escape(f"{m['kind']}: {m['name']}"), f"{m['value']:.6g}" + (f"  ({_escape(where)})" if where else ""))
     for e in mv.stage_history:
         table.add_row("stage", _escape(f"{e['at']}  {e['from'] or '-'} -> {e['to']} ({e['action']}, {e['who'] or '?'}){': ' + e['why'] if e['why'] else ''}"))
     for n in mv.notes:
@@ -185,6 +192,7 @@ def register(
     metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="NAME=VALUE, repeatable (e.g. -m spearman=0.84).")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag, repeatable.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="A free-form note.")] = None,
+    reuse: Annotated[bool, typer.Option("--reuse", help="If a version with the same files and settings exists, return it instead of adding one.")] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -210,11 +218,12 @@ def register(
             raise ConfigError(f"--metric '{item}' is not NAME=NUMBER.", hint="Example: --metric spearman=0.84")
     artifact = Artifact.open(path)
     with _open(registry) as reg:
-        mv = reg.register(artifact, name, parent=parent, step=step_value, metrics=metrics or None, stage=stage, tags=tag or (), note=note)
+        mv = reg.register(artifact, name, parent=parent, step=step_value, metrics=metrics or None, stage=stage, tags=tag or (), note=note, reuse=reuse)
     if as_json:
         _emit(mv.to_json())
         return
-    console.print(f"[green]registered[/green] [bold]{mv.ref}[/bold] ({mv.stage}, {mv.content_hash[:12]})", highlight=False)
+    verb = "already registered as" if mv.reused else "registered"
+    console.print(f"[green]{verb}[/green] [bold]{mv.ref}[/bold] ({mv.stage}, {mv.content_hash[:12]})", highlight=False)
 
 
 @app.command()
@@ -269,7 +278,7 @@ def tag(
     if as_json:
         _emit(mv.to_json())
         return
-    console.print(f"{mv.ref} tags: {', '.join(mv.tags) or '-'}", highlight=False)
+    console.print(f"{mv.ref} tags: {_escape(', '.join(mv.tags) or '-')}", highlight=False)
 
 
 @app.command()
@@ -317,11 +326,12 @@ def export(
 ) -> None:
     """Copy a version's files out of the store into DIR (atomically, every hash checked)."""
     with _open(registry) as reg:
-        artifact = reg.export(ref, dest, overwrite=force)
+        resolved = reg.get(ref).ref
+        artifact = reg.export(resolved, dest, overwrite=force)
     if as_json:
-        _emit({"ref": ref, "path": str(artifact.path), "content_hash": artifact.manifest.content_hash})
+        _emit({"ref": resolved, "path": str(artifact.path), "content_hash": artifact.manifest.content_hash})
         return
-    console.print(f"[green]exported[/green] {ref} to {artifact.path}", highlight=False)
+    console.print(f"[green]exported[/green] {resolved} to {_escape(str(artifact.path))}", highlight=False)
 
 
 @app.command()

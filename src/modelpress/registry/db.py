@@ -5,8 +5,9 @@ these classes must match the head revision (``tests/registry/test_migrations.py`
 
 - ``models``: one row per name; ``next_version`` hands out version numbers (a row lock makes
   concurrent registrations get distinct numbers).
-- ``versions``: (model, integer version) -> one artifact; never rewritten once written, except
-  for its current ``stage`` (whose history is in ``stage_events``).
+- ``versions``: (model, integer version) -> one artifact plus the version's own manifest (two
+  versions may share files yet differ in settings, e.g. runtime options); never rewritten once
+  written, except for its current ``stage`` (whose history is in ``stage_events``).
 - ``artifacts``: content-addressed by the sha256 over their files; stored once on disk however
   many versions share them.
 - ``lineage``: parent version -> child version, with the recipe step and config that made it.
@@ -105,6 +106,9 @@ class VersionRow(Base):
     stage: Mapped[str] = mapped_column(String(16), default="candidate")
     created_at: Mapped[_dt.datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(128))
+    # This version's manifest (task, task_config, signature, step, ...); NULL only in rows
+    # written before revision 0003 whose artifact row held no manifest.
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model: Mapped[ModelRow] = relationship(back_populates="versions")
     artifact: Mapped[ArtifactRow] = relationship()
 

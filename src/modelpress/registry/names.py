@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import InvalidNameError, InvalidReferenceError, InvalidStageError
+from ..errors import ConfigError, InvalidNameError, InvalidReferenceError, InvalidStageError
 
 MAX_NAME = 128
+MAX_TAG = 128
+MAX_VERSION = 2**31 - 1  # versions are 32-bit INTEGER columns on every database
 STAGES = ("candidate", "staging", "production", "archived")
 NAME_EXAMPLE = "minilm-sts.int8"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_VERSION_RE = re.compile(r"[vV]?([0-9]+)")  # ASCII digits only: str.isdigit() also accepts '²' and '١'
 _REF_HELP = "Use NAME (the latest version), NAME:VERSION (e.g. minilm:3), NAME:latest or NAME@production."
 
 
@@ -39,6 +42,14 @@ def validate_name(name: object) -> str:
         bad = sorted({c for c in name if not _NAME_RE.fullmatch(c)})
         raise InvalidNameError(f"The model name '{shown}' contains {', '.join(repr(c) for c in bad)}.", hint=hint)
     return name
+
+
+def validate_tag(tag: object) -> str:
+    """Return ``tag`` without surrounding spaces when it is 1 to 128 printable characters."""
+    ok = isinstance(tag, str) and 0 < len(tag.strip()) <= MAX_TAG and tag.isprintable()
+    if not ok:
+        raise ConfigError(f"{tag!r} is not a valid tag.", hint=f"A tag is 1 to {MAX_TAG} printable characters, e.g. 'fp16' or 'best-sts'.")
+    return tag.strip()
 
 
 def validate_stage(stage: object) -> str:
@@ -82,10 +93,11 @@ def parse_ref(text: object) -> Ref:
         name = _ref_name(name, text)
         if version.lower() == "latest":
             return Ref(name)
-        digits = version[1:] if version[:1] in ("v", "V") else version
-        if not digits.isdigit() or int(digits) < 1:
-            raise InvalidReferenceError(f"'{text}' has the version '{version}'; a version is a whole number from 1.", hint=_REF_HELP)
-        return Ref(name, version=int(digits))
+        match = _VERSION_RE.fullmatch(version)
+        number = int(match.group(1)) if match and len(match.group(1)) <= 10 else 0
+        if not 1 <= number <= MAX_VERSION:
+            raise InvalidReferenceError(f"'{text}' has the version '{version}'; a version is a whole number from 1 to {MAX_VERSION}.", hint=_REF_HELP)
+        return Ref(name, version=number)
     return Ref(_ref_name(text, text))
 
 

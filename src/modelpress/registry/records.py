@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Artifact
+from ..artifacts import Artifact, Manifest
 from ..errors import ConfigError
 
 # Names that measure speed or cost rather than quality (anything else is a quality metric).
@@ -137,7 +137,8 @@ class ModelVersion:
     notes: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     stage_history: list[dict[str, Any]] = field(default_factory=list)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)  # this version's manifest
+    reused: bool = False  # True when register(..., reuse=True) returned this existing version
 
     @property
     def ref(self) -> str:
@@ -152,8 +153,15 @@ class ModelVersion:
         return latest_metrics(self.metrics).get(name)
 
     def artifact(self) -> Artifact:
-        """The stored artifact (open it to run or evaluate; do not write into its folder)."""
-        return Artifact.open(self.path)
+        """The stored artifact with this version's manifest (run or evaluate it; never write into its folder).
+
+        Versions that share files share one folder, whose ``modelpress.json`` is the first
+        registrant's; this returns the manifest of this version (its own task config, runtime
+        options and step), so prefer it to ``Artifact.open(version.path)``.
+        """
+        if not self.manifest:
+            return Artifact.open(self.path)
+        return Artifact(Manifest.model_validate(self.manifest), self.path)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
 from ..errors import ArtifactError, RegistryError
@@ -55,14 +55,24 @@ def crash_point(name: str) -> None:
 
 
 @dataclass
-class Staged:
-    """A complete, fsynced copy of an artifact in a temporary folder of the store."""
+class Prepared:
+    """An artifact about to be stored: its file hashes, the manifest to keep, and (once copied)
+    the temporary folder in the store that holds a complete, fsynced copy."""
 
-    tmp: Path
+    source: Path
     sha256: str
     files: dict[str, str]
     manifest: Manifest
     size_bytes: int
+    tmp: Path | None = None
+
+
+def safe_relpath(rel: str) -> PurePosixPath:
+    """``rel`` as a relative path that stays inside its folder (no absolute path, no '..')."""
+    path = PurePosixPath(rel)
+    if not rel or "\\" in rel or "\0" in rel or path.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise RegistryError(f"Refusing the file path '{rel}': it could point outside its artifact folder.", hint="File paths are relative, e.g. 'onnx/model.onnx'.")
+    return path
 
 
 class ArtifactStore:
@@ -147,8 +157,8 @@ class ArtifactStore:
             os.close(fd)
 
     # -- writing ---------------------------------------------------------------------------
-    def stage(self, artifact: Artifact) -> Staged:
-        """Copy an artifact folder into a temporary folder of the store, hash it and fsync it."""
+    def prepare(self, artifact: Artifact) -> Prepared:
+        """Check an artifact folder and hash its files (nothing is written yet)."""
         src = artifact.path
         if src is None:
             raise ArtifactError(
@@ -170,7 +180,30 @@ class ArtifactStore:
                 f"The files in '{src}' changed after its manifest was written (content hash {digest[:12]} != {expected[:12]}).",
                 hint="Write the artifact again (Artifact.write) so that its manifest matches its files.",
             )
+        model_file = artifact.manifest.model_file
+        if model_file is not None:
+            inside = model_file in files or any(f.startswith(model_file.rstrip("/") + "/") for f in files)
+            try:
+                safe_relpath(model_file.rstrip("/"))
+            except RegistryError:
+                inside = False
+            if not inside:
+                raise ArtifactError(
+                    f"The manifest's model_file '{model_file}' is not one of the files in '{src}'.",
+                    hint="model_file is a path inside the artifact folder, e.g. 'model.onnx'.",
+                )
+        task_config = dict(artifact.manifest.task_config)
+        tok = task_config.get("tokenizer")
+        if isinstance(tok, str) and Path(tok).expanduser().resolve() == src.resolve():
+            del task_config["tokenizer"]  # the tokenizer travels with the files; the stored copy finds it in its own folder
+        manifest = artifact.manifest.model_copy(update={"files": files, "content_hash": digest, "task_config": task_config})
+        size = sum((src / rel).stat().st_size for rel in files)
+        return Prepared(source=src, sha256=digest, files=files, manifest=manifest, size_bytes=size)
+
+    def copy_in(self, prepared: Prepared) -> None:
+        """Copy a prepared artifact into a temporary folder of the store, check its hashes, fsync it."""
         self.ensure()
+        src, files = prepared.source, prepared.files
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", dir=self.root))
         try:
             for i, rel in enumerate(sorted(files)):
@@ -180,40 +213,55 @@ class ArtifactStore:
                 if i == 0:
                     crash_point("during_copy")
             copied, copied_digest = hash_folder(tmp)
-            if copied != files:
+            if copied != files or copied_digest != prepared.sha256:
                 raise ArtifactError(f"The files of '{src}' changed while they were copied.", hint="Register it again once nothing writes to it.")
-            manifest = artifact.manifest.model_copy(update={"files": files, "content_hash": digest})
-            (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+            (tmp / MANIFEST_NAME).write_text(prepared.manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
-            size = sum((tmp / rel).stat().st_size for rel in files)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        prepared.tmp = tmp
         crash_point("after_copy")
-        return Staged(tmp=tmp, sha256=copied_digest, files=files, manifest=manifest, size_bytes=size)
 
-    def place(self, staged: Staged) -> Path:
-        """Rename a staged copy to ``artifacts/<sha256>/`` (call with :meth:`lock` held).
+    def holds(self, sha256: str) -> bool:
+        """Whether ``artifacts/<sha256>/`` exists (intact or not: :meth:`verify` says)."""
+        return self.path_for(sha256).is_dir()
 
-        When the folder is already there (another version shares the files, or an earlier
-        attempt died before its database commit) it is kept if intact and replaced if not.
+    def place(self, prepared: Prepared) -> bool:
+        """Make ``artifacts/<sha256>/`` hold the prepared files (call with :meth:`lock` held).
+
+        An intact folder already there (another version shares the files, or an earlier attempt
+        died before its database commit) is kept and the copy dropped; a damaged one is
+        replaced. Copies now if :meth:`copy_in` was skipped. True when this call created the folder.
         """
-        final = self.path_for(staged.sha256)
+        final = self.path_for(prepared.sha256)
+        if final.is_dir() and not self.verify(prepared.sha256, prepared.files):
+            self.discard_copy(prepared)
+            return False
+        if prepared.tmp is None:
+            self.copy_in(prepared)
         if final.is_dir():
-            if not self.verify(staged.sha256, staged.files):
-                shutil.rmtree(staged.tmp, ignore_errors=True)
-                return final
             self._discard(final)
-        os.rename(staged.tmp, final)
+        os.rename(prepared.tmp, final)
+        prepared.tmp = None
         _fsync_dir(self.artifacts)
-        return final
+        return True
+
+    def discard_copy(self, prepared: Prepared) -> None:
+        if prepared.tmp is not None:
+            shutil.rmtree(prepared.tmp, ignore_errors=True)
+            prepared.tmp = None
 
     def verify(self, sha256: str, files: dict[str, str]) -> list[str]:
         """Files that are missing or whose hash differs (empty when the folder is intact)."""
         folder = self.path_for(sha256)
         bad = []
         for rel, digest in sorted(files.items()):
-            f = folder / rel
+            try:
+                f = folder / safe_relpath(rel)
+            except RegistryError:  # a tampered row: report it, never follow it
+                bad.append(rel)
+                continue
             if not f.is_file() or sha256_file(f) != digest:
                 bad.append(rel)
         if not (folder / MANIFEST_NAME).is_file():
@@ -242,10 +290,13 @@ class ArtifactStore:
         _fsync_dir(self.artifacts)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def export(self, sha256: str, files: dict[str, str], dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Copy a stored artifact to ``dest`` through a temporary folder beside it, checking every hash."""
+    def export(self, sha256: str, files: dict[str, str], dest: str | os.PathLike, *, manifest: Manifest, overwrite: bool = False) -> Path:
+        """Copy a stored artifact to ``dest`` with ``manifest`` (the version's), through a temporary
+        folder beside it, checking every hash."""
         src = self.path_for(sha256)
         dest = Path(dest).expanduser().resolve()
+        if dest == self.root or self.root in dest.parents or dest in self.root.parents:
+            raise ArtifactError(f"Refusing to export into '{dest}': it overlaps the registry's store {self.root}.", hint="Export to a folder outside the store, e.g. ./out/minilm-3.")
         if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not overwrite:
             raise ArtifactError(f"'{dest}' already exists and is not empty.", hint="Choose a new folder or pass overwrite=True (--force).")
         if not src.is_dir():
@@ -253,9 +304,11 @@ class ArtifactStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
-            for rel in sorted([*files, MANIFEST_NAME]):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / rel, tmp / rel)
+            for rel in sorted(files):
+                safe = safe_relpath(rel)
+                (tmp / safe).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / safe, tmp / safe)
+            (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
             copied, _ = hash_folder(tmp)
             if copied != files:
                 bad = sorted(k for k in set(files) | set(copied) if files.get(k) != copied.get(k))
