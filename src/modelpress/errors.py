@@ -141,3 +141,32 @@ class GateFailedError(ModelpressRuntimeError):
     """A recipe step (or every tuner candidate) broke the quality gate."""
 
     exit_code = 4
+
+
+# --- serving (appended) ---------------------------------------------------------------
+class UnknownServedModelError(ModelNotFoundError):
+    """A request names a model (or version) the server has not loaded. HTTP 404."""
+
+
+class ModelNotReadyError(ModelpressRuntimeError):
+    """The model is loading, unloading or the server is draining. HTTP 503."""
+
+
+class ServerOverloadedError(ModelpressRuntimeError):
+    """A model's request queue is full. HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, hint: str | None = None) -> None:
+        self.retry_after_s = max(1, int(retry_after_s))
+        super().__init__(message, hint=hint)
+
+
+class RequestTimeoutError(ModelpressRuntimeError):
+    """A request did not finish within its timeout. HTTP 504."""
+
+
+class PayloadTooLargeError(UserInputError):
+    """A request body is larger than the server accepts. HTTP 413."""
+
+
+class UnauthorizedError(UserInputError):
+    """A request lacks the API key an endpoint requires, or has a wrong one. HTTP 401."""
