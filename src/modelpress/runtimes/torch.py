@@ -1,4 +1,23 @@
-"""PyTorch runner: eager by default, ``compile=True`` for ``torch.compile``."""
+"""PyTorch runner: eager by default; ``compile=True`` for ``torch.compile`` (with freezing).
+
+Options (``create_runner(art, "torch", **options)``; a variant made by a torch technique stores
+its own in ``task_config["runtime_options"]["torch"]``):
+
+* ``compile`` (bool, default False): ``torch.compile`` the model (inductor);
+* ``freezing`` (bool, default True when compiling): inductor freezing, which folds the weights
+  into the graph as constants and pre-packs them for oneDNN (what makes bf16 and int8 fast on CPU);
+* ``dynamic`` (bool, default True): mark the batch and sequence dimensions dynamic, so one
+  compiled graph serves every length (a batch of 1 gets its own graph); False compiles one graph
+  per input shape (up to torch's recompile limit, then eager);
+* ``dtype`` ("fp32", "bf16", "fp16"): cast weights and activations;
+* ``transform``: a transform spec or a list of them (:mod:`.torch_transforms`), applied when the
+  model is loaded; ``calibration``: the ``.npz`` of calibration batches (in the artifact folder)
+  that static int8 observes;
+* ``attn_implementation`` ("sdpa", "eager"): the Hugging Face attention kernel.
+
+Compiling costs time on the first call (MiniLM: about 30-60 s on 2 cores, see docs/runtimes.md)
+and again for each new shape class (batch of 1, or every shape with ``dynamic=False``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +26,12 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import Artifact, Signature
-from ..errors import TaskMismatchError, UnsupportedModelError
+from ..errors import ConfigError, TaskMismatchError, UnsupportedModelError
 from .base import Runner, register_runtime
+
+# The weights of a torch-module artifact stored as a folder (its code is never stored).
+MODULE_WEIGHTS = "model.safetensors"
+OPTIONS = ("compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation")
 
 
 def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = None) -> tuple[Any, Signature]:
@@ -21,7 +44,12 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
     task = task_for(artifact)
     if artifact.format == "torch":
         if artifact.module is None:
-            raise UnsupportedModelError(f"Artifact '{artifact.name}' has format 'torch' but no module in memory.")
+            raise UnsupportedModelError(
+                f"Artifact '{artifact.name}' has format 'torch' but no module in memory (a torch module's code is never "
+                "stored, so a variant of one reopened from disk has only its weights and transform).",
+                hint="Attach an instance of its class first: art = Artifact.open(path); art.module = MyNet() "
+                "(the runner reads the weights from the folder's model.safetensors), or start from a Hugging Face folder.",
+            )
         module = artifact.module
         signature = artifact.manifest.signature or task.signature()
     elif artifact.format == "hf":
@@ -62,22 +90,99 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
 
 @register_runtime
 class TorchRunner(Runner):
-    """Options: ``compile`` (bool), ``attn_implementation`` ("sdpa", "eager")."""
+    """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``."""
 
     name = "torch"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"Unknown option(s) for the torch runtime: {', '.join(unknown)}.",
+                hint=f"Valid options: {', '.join(OPTIONS)}. Example: create_runner(art, 'torch', compile=True, dtype='bf16')",
+            )
+        super().__init__(artifact, threads=threads, **options)
+        self.specs = self._specs()
+        self.dynamic = bool(options.get("dynamic", True))
+        self.input_dtype: Any = None  # floating inputs are cast to the model's dtype (bf16, fp16)
+        self._compiled = False
+
+    def _specs(self) -> list[dict[str, Any]]:
+        from .torch_transforms import normalize_transforms
+
+        specs = list(normalize_transforms(self.options.get("transform")))
+        dtype = self.options.get("dtype")
+        if dtype is not None:
+            cast = next((s for s in specs if s["kind"] == "cast"), None)
+            if cast is None:
+                specs.insert(0, {"kind": "cast", "dtype": dtype})
+            elif cast["dtype"] != dtype:
+                raise ConfigError(
+                    f"dtype='{dtype}' contradicts the variant's own cast to {cast['dtype']}.",
+                    hint="Drop the dtype option, or start from the float model to cast it to another dtype.",
+                )
+        return normalize_transforms(specs)
 
     def _load(self) -> None:
         import torch
 
+        from .torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
+
         torch.set_num_threads(self.threads)
-        self.module, sig = load_torch_module(self.artifact, attn_implementation=self.options.get("attn_implementation"))
+        module, sig = load_torch_module(self.artifact, attn_implementation=self.options.get("attn_implementation"))
         self.signature = self.signature or sig
-        self._call = torch.compile(self.module) if self.options.get("compile") else self.module
+        weights = self.artifact.path / MODULE_WEIGHTS if self.artifact.format == "torch" and self.artifact.path else None
+        if self.artifact.format == "torch" and (self.specs or (weights is not None and weights.is_file())):
+            module = copy_module(module)  # the caller's module stays as it is
+            if weights is not None and weights.is_file():
+                from safetensors.torch import load_model
+
+                load_model(module, str(weights))
+        if self.specs:
+            calibration = None
+            if any(s["kind"] == "static-int8" for s in self.specs):
+                calibration = load_batches(self._calibration_file())
+            module = apply_transforms(module, self.specs, input_names=self.signature.input_names, calibration=calibration)
+            cast = next((s for s in self.specs if s["kind"] == "cast"), None)
+            if cast is not None:
+                self.input_dtype = DTYPES[cast["dtype"]]
+        self.module = module
+        if self.options.get("compile"):
+            freezing = bool(self.options.get("freezing", True))
+            self._call = torch.compile(module, options={"freezing": freezing}, dynamic=None if self.dynamic else False)
+            self._compiled = True
+        else:
+            self._call = module
+
+    def _calibration_file(self):
+        from pathlib import Path
+
+        name = self.options.get("calibration")
+        if not name:
+            raise ConfigError(
+                "This torch variant is statically quantized but names no calibration file.",
+                hint="Pass calibration='calibration.npz' (the file the static-int8 step stored), or rebuild the variant.",
+            )
+        path = Path(name)
+        if not path.is_absolute():
+            if self.artifact.path is None:
+                raise ConfigError(f"The calibration file '{name}' is relative, and this artifact has no folder.", hint="Pass an absolute path.")
+            path = self.artifact.path / path
+        return path
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(batch[n]) for n in self.signature.input_names]
+        args = []
+        for n in self.signature.input_names:
+            t = torch.from_numpy(batch[n])
+            if self.input_dtype is not None and t.is_floating_point() and t.dtype != self.input_dtype:
+                t = t.to(self.input_dtype)
+            if self._compiled and self.dynamic:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                if t.ndim >= 2 and not t.is_floating_point():
+                    torch._dynamo.maybe_mark_dynamic(t, 1)  # token inputs: the sequence too
+            args.append(t)
         with torch.inference_mode():
             out = self._call(*args)
         if isinstance(out, torch.Tensor):
