@@ -144,8 +144,10 @@ CHILD_REGISTER = textwrap.dedent(
 
     folder, name, go = sys.argv[1], sys.argv[2], sys.argv[3]
     with Registry() as reg:
-        while go != "-" and not Path(go).exists():  # start together with the other children
-            time.sleep(0.005)
+        if go != "-":  # say "ready", then wait for the start signal: every child races from here
+            Path(f"{go}.ready.{os.getpid()}").touch()
+            while not Path(go).exists():
+                time.sleep(0.005)
         mv = reg.register(Artifact.open(folder), name)
     print(mv.version)
     """

@@ -14,6 +14,7 @@ Opening runs the Alembic revisions in ``migrations/`` up to head, with a Config 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,7 +117,9 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return cfg
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision in ``migrations/`` (read once per process: the files do not change)."""
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
