@@ -124,10 +124,10 @@ def list_cmd(
             _emit([v.to_json() for v in versions])
             return
         table = Table(title=f"versions of {name}", title_justify="left")
-        for col in ("version", "stage", "format", "parent", "step", "metrics", "tags", "created"):
-            table.add_column(col)
+        for col in ("version", "stage", "parent", "step", "metrics", "tags", "created"):
+            table.add_column(col, no_wrap=col in ("version", "stage", "created"), overflow="fold")
         for v in versions:
-            cells = (str(v.version), v.stage, v.format, v.parent or "-", v.step or "-", _metrics_text(v), ", ".join(v.tags) or "-", v.created_at or "-")
+            cells = (str(v.version), v.stage, v.parent or "-", v.step or "-", _metrics_text(v), ", ".join(v.tags) or "-", (v.created_at or "-")[:10])
             table.add_row(*(_escape(c) for c in cells))
         out.print(table)
 
@@ -144,9 +144,12 @@ def show(ref: RefArg, registry: RegistryOpt = None, as_json: JsonOpt = False) ->
         _emit(mv.to_json())
         return
     table = Table(title=f"{mv.ref} ({mv.stage})", title_justify="left", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # hashes and paths are copied from here: wrap them, never cut them
     rows = {
         "task": mv.task,
         "format": mv.format,
+        "model file": mv.model_file or "-",
         "content hash": mv.content_hash,
         "path": str(mv.path),
         "size": f"{mv.size_bytes:,} bytes",
