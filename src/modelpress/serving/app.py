@@ -1,0 +1,253 @@
+"""The model server: one :class:`ModelServer` object, its ASGI app, and :func:`serve`.
+
+    from modelpress.serving import ModelServer, ServerConfig, ModelConfig
+    server = ModelServer(ServerConfig(models=[ModelConfig(source="minilm")]))
+    server.run()                        # uvicorn on 127.0.0.1:8000, until Ctrl-C / SIGTERM
+
+    async with server.running():        # in-process (tests): models loaded and warmed up
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(server.app)) as client: ...
+
+Request path: protocol codec (KServe v2, OpenAI, SageMaker) -> handler.decode (tokenize) ->
+Router (policy) -> Batcher -> Runner in a worker thread -> handler.split -> codec. Every model
+is loaded and warmed up before the server reports ready. On SIGTERM the server stops
+accepting connections, reports not ready, lets in-flight requests finish within
+``drain_timeout_s``, drains the batchers, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from starlette.responses import Response
+
+from ..errors import ModelNotReadyError, ModelpressError
+from .auth import check_key, key_from_headers
+from .config import ModelConfig, ServerConfig
+from .http import ServingMiddleware, error_response, info_of, protocol_of
+from .metrics import Metrics
+from .repository import LoadedVersion, ModelRepository
+from .routing import RequestContext
+
+log = logging.getLogger("modelpress.serving")
+
+
+class ModelServer:
+    """Loaded models (a :class:`ModelRepository`), their metrics, and the ASGI app serving them."""
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.metrics = Metrics()
+        self.repository = ModelRepository(self.config, self.metrics)
+        self.started = False
+        self.draining = False
+        self.app = create_app(self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm up every configured model (one after another: they share the cores)."""
+        if self.started:
+            return
+        self.started = True
+        for cfg in self.config.models:
+            await self.repository.load(cfg)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Report not ready, drain every batcher within ``timeout`` (default: drain_timeout_s), close."""
+        self.draining = True
+        await self.repository.close(self.config.drain_timeout_s if timeout is None else timeout)
+        self.started = False
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ModelServer]:
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.repository.ready
+
+    # -- what the protocols call -----------------------------------------------------------
+    def check_management_key(self, request: Any) -> None:
+        check_key(key_from_headers(request.headers), self.config.api_key, what="management endpoints")
+
+    def check_inference_key(self, request: Any) -> None:
+        if self.config.protect_inference:
+            check_key(key_from_headers(request.headers), self.config.api_key, what="inference endpoints")
+
+    async def infer(
+        self, model: str, version: str | None, info: Any, decode: Callable[[Any], Any], headers: Any = None
+    ) -> tuple[LoadedVersion, list[Any], Any]:
+        """Route, decode (with the chosen version's handler), batch and run one request.
+
+        A request routed to a version that was swapped out at that moment is routed again once.
+        """
+        ctx = RequestContext(info.request_id, info.protocol, headers or {})
+        for attempt in (0, 1):
+            lv, _decision = self.repository.route(model, version, ctx)
+            info.model, info.version = lv.name, lv.version
+            decoded = decode(lv.handler)
+            try:
+                results, decoded = await lv.infer(decoded=decoded)
+                return lv, results, decoded
+            except ModelNotReadyError:
+                if attempt or version is not None or lv.batcher.accepting:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.repository.names():
+            router = self.repository.routers[name]
+            for label, lv in sorted(router.versions.items()):
+                state = "READY" if lv.batcher.accepting else "UNAVAILABLE"
+                rows.append({"name": name, "version": label, "state": state, "reason": "" if state == "READY" else "draining"})
+        known = set(self.repository.names())
+        for name, why in self.repository.failed.items():
+            if name not in known:
+                rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": why})
+        for cfg in self.config.models:
+            if cfg.name and cfg.name not in known and cfg.name not in self.repository.failed:
+                rows.append({"name": cfg.name, "version": "", "state": "UNAVAILABLE", "reason": "not loaded"})
+        return rows
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve on ``config.host:config.port`` until SIGINT / SIGTERM (then drain and exit)."""
+        serve(self.config, server=self)
+
+    @contextlib.contextmanager
+    def in_thread(self, port: int = 0) -> Iterator[str]:
+        """Serve on 127.0.0.1 (a free port by default) in a background thread; yields the base URL.
+
+        For tests, notebooks and benchmarks; leaving the block drains and stops the server.
+        """
+        uv = _uvicorn_server(self, self.config.model_copy(update={"host": "127.0.0.1", "port": port}), lifespan="on")
+        thread = threading.Thread(target=uv.run, name="modelpress-server", daemon=True)
+        thread.start()
+        while not uv.started:
+            if not thread.is_alive():
+                raise RuntimeError("The server thread stopped during startup (see the log above).")
+            thread.join(0.02)
+        sock = uv.servers[0].sockets[0]
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            uv.should_exit = True
+            thread.join(self.config.drain_timeout_s + 10)
+
+
+def create_app(server: ModelServer) -> Any:
+    """The FastAPI app of ``server`` (OpenAPI docs at /docs); its lifespan starts and stops the server."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from .. import __version__
+    from .http import error_body
+    from .protocols import kserve_v2, openai, sagemaker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        await server.start()  # a no-op when serve() loaded the models already
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(
+        title="modelpress",
+        version=__version__,
+        summary="KServe v2, OpenAI-compatible and SageMaker endpoints over dynamically batched models.",
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    app.include_router(kserve_v2.router)
+    app.include_router(openai.router)
+    app.include_router(sagemaker.router)
+
+    @app.get("/metrics", tags=["Observability"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        body, ctype = server.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.get("/v2/models", tags=["KServe v2"], summary="Served models and versions (not in the spec; handy)")
+    async def list_models() -> Response:
+        from .http import json_response
+
+        return json_response([v.describe() for v in server.repository.versions()])
+
+    @app.exception_handler(ModelpressError)
+    async def modelpress_error(request: Request, exc: ModelpressError) -> Response:
+        return error_response(exc, info_of(request).protocol)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        headers = getattr(exc, "headers", None)
+        return Response(error_body(protocol_of(request.url.path), exc.status_code, str(exc.detail)), exc.status_code, headers=headers, media_type="application/json")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return Response(error_body(protocol_of(request.url.path), 400, f"Invalid request: {exc.errors()}"), 400, media_type="application/json")
+
+    app.add_middleware(ServingMiddleware, metrics=server.metrics, max_body_bytes=server.config.max_body_bytes, access_log_enabled=server.config.access_log)
+    return app
+
+
+def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: str) -> Any:
+    import importlib.util
+
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            server.draining = True  # readiness answers 503 from now on
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        server.app,
+        host=cfg.host,
+        port=cfg.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan=lifespan,
+        log_level=cfg.log_level,
+        access_log=False,  # the middleware writes a structured access log instead
+        timeout_graceful_shutdown=int(cfg.drain_timeout_s) if cfg.drain_timeout_s else None,
+        backlog=2048,
+    )
+    return _DrainingServer(config)
+
+
+def serve(config: ServerConfig, *, server: ModelServer | None = None) -> None:
+    """Load every model, then serve until SIGINT / SIGTERM; in-flight requests finish before exit.
+
+    Models are loaded before the socket opens, so a model that fails to load stops here with
+    its error (no half-started server).
+    """
+    server = server or ModelServer(config)
+    logging.basicConfig(level=getattr(logging, config.log_level.upper()), format="%(message)s")
+    uv = _uvicorn_server(server, config, lifespan="on")
+
+    async def main() -> None:
+        await server.start()
+        names = ", ".join(server.repository.names()) or "none"
+        log.info("modelpress serving %s on http://%s:%d (docs at /docs, metrics at /metrics)", names, config.host, config.port)
+        await uv.serve()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main())
+
+
+__all__ = ["ModelConfig", "ModelServer", "ServerConfig", "create_app", "serve"]

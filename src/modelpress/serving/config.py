@@ -1,0 +1,139 @@
+"""Server and model settings: one pydantic object each, unknown keys rejected, JSON/YAML round-trip.
+
+Batching settings belong to the model endpoint (each model has its own :class:`BatchConfig`);
+the server object holds only what is shared: address, limits, keys, drain deadline.
+
+    models:
+      - source: minilm                  # a folder, a short name, or a registry ref (NAME@production, NAME:3)
+        name: minilm
+        runtime: onnxruntime
+        batching: {max_batch_size: 32, max_queue_delay_ms: 5, instances: 1}
+    max_body_bytes: 8388608
+    api_key: change-me
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+
+MiB = 1 << 20
+
+
+class BatchConfig(BaseModel):
+    """How one loaded model version batches requests.
+
+    A batch is dispatched at once when a worker is free and no other batch of this version is
+    running (so a lone request never waits); while other batches run, it waits up to
+    ``max_queue_delay_ms`` (from its oldest request) for more, up to ``max_batch_size`` rows.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(1024, ge=1, le=1_000_000)  # rows waiting; beyond it: 429
+    timeout_s: float = Field(30.0, gt=0.0, le=3600.0)  # per request; beyond it: 504
+    instances: int = Field(1, ge=1, le=64)  # worker threads running batches of this version at once
+    bucketing: bool = True  # text: group queued rows of similar token length into one batch
+    pad_to_length: int | None = Field(None, ge=1)  # text: pad every batch to this length (naive servers do; for comparisons)
+
+
+class ModelConfig(BaseModel):
+    """One model to serve: where it comes from, how it runs, how it batches."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str  # folder, .onnx file, short name (minilm), or registry ref (NAME@production, NAME:3)
+    name: str | None = None  # served name (default: the registry name, else the artifact's name)
+    version: str | None = None  # served version label (default: the registry version, else "1")
+    task: str | None = None
+    runtime: str = "torch"
+    threads: int | None = Field(None, ge=1)  # per instance (default: the cores divided among instances)
+    runtime_options: dict[str, Any] = Field(default_factory=dict)
+    batching: BatchConfig = Field(default_factory=BatchConfig)
+    max_text_chars: int = Field(100_000, ge=1)  # per input text; longer ones answer 400 before tokenizing
+    allow_non_finite: bool = False  # float inputs with NaN or Inf answer 400 unless this is set
+    warmup: bool = True
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("source is empty; give a folder, a short name (minilm) or a registry ref (NAME@production)")
+        return v.strip()
+
+
+class ServerConfig(BaseModel):
+    """The whole server: models plus the settings every endpoint shares."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelConfig] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * MiB, ge=1024)  # larger bodies answer 413
+    api_key: str | None = None  # required on management endpoints when set
+    protect_inference: bool = False  # require the key on inference endpoints too
+    registry: str | None = None  # registry URL or SQLite file for NAME@stage / NAME:VERSION sources
+    drain_timeout_s: float = Field(30.0, ge=0.0)  # graceful shutdown: how long in-flight requests may finish
+    access_log: bool = True
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_length(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 8:
+            raise ValueError("api_key must have at least 8 characters (e.g. the output of `openssl rand -hex 16`)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServerConfig:
+        names = [m.name for m in self.models if m.name]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @classmethod
+    def from_models(cls, sources: list[str], **settings: Any) -> ServerConfig:
+        """A config serving ``sources`` (folders, short names or registry refs) with one set of settings.
+
+        ``settings``: ModelConfig fields (runtime, threads, ...) and BatchConfig fields
+        (max_batch_size, max_queue_delay_ms, ...); None values are left at their defaults.
+        """
+        batch_keys = set(BatchConfig.model_fields)
+        batch = {k: v for k, v in settings.items() if k in batch_keys and v is not None}
+        model = {k: v for k, v in settings.items() if k not in batch_keys and v is not None}
+        return _validated(cls, {"models": [{"source": s, **model, "batching": batch} for s in sources]}, "the serve options")
+
+
+def _validated(kind: type[BaseModel], data: Any, where: str) -> Any:
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(
+            f"Invalid server configuration in {where}: {problems}",
+            hint="Example: {models: [{source: minilm, batching: {max_batch_size: 32}}], port: 8000}. Unknown keys are rejected.",
+        ) from None
+
+
+def load_config(path: str | os.PathLike) -> ServerConfig:
+    """Read a server config from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"The server config '{p}' does not exist.", hint="Example: modelpress serve --config serve.yaml")
+    import yaml
+
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"The server config '{p}' could not be parsed: {exc}", hint="Check the syntax (indentation, colons, quotes).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"The server config '{p}' must hold a mapping, not {type(data).__name__}.", hint="Example: models: [{source: minilm}]")
+    return _validated(ServerConfig, data, str(p))

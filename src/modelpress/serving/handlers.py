@@ -1,0 +1,262 @@
+"""How a served model turns requests into batches and batches into answers: one class, explicit hooks.
+
+A :class:`Handler` has four hooks, in the order a request meets them:
+
+* ``decode(inputs) -> Decoded``: task inputs (texts, images) of one request to rows, checked
+  and preprocessed one by one (text is tokenized here, without padding, so the batcher knows
+  each row's length). Runs on the event loop: cheap, and every bad input fails here, alone.
+* ``collate(rows) -> batch``: rows from many requests to one model batch (text is padded to the
+  batch's longest row). Runs in a worker thread, like the next two.
+* ``predict(batch) -> outputs``: the runner, exactly as evaluation and benchmarks run it.
+* ``split(outputs, batch) -> list``: one result per row (the task's postprocess).
+
+``tensors(results)`` names the results as output tensors for the protocols. Subclass
+:class:`Handler` to serve a model the built-in tasks do not cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError, InvalidInputError
+from ..tasks.text import text_input_specs
+
+MAX_INPUTS_PER_REQUEST = 2048  # rows one request may carry (OpenAI's limit for embeddings)
+
+
+@dataclass
+class Decoded:
+    """One request's rows, their lengths (text: tokens per row, for bucketing), and its token count."""
+
+    rows: list[Any]
+    lengths: list[int] | None = None
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A named input or output as the KServe v2 metadata shows it (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Handler:
+    """The hooks between one loaded model and the batcher (see the module docstring)."""
+
+    kind: ClassVar[str] = "custom"  # "text" or "image": which inputs the protocols decode for it
+
+    def __init__(self, task: Any, runner: Any, *, max_text_chars: int = 100_000, allow_non_finite: bool = False) -> None:
+        self.task = task
+        self.runner = runner
+        self.max_text_chars = max_text_chars
+        self.allow_non_finite = allow_non_finite
+
+    # -- the hooks -------------------------------------------------------------------------
+    def decode(self, inputs: Any) -> Decoded:
+        raise NotImplementedError
+
+    def collate(self, rows: list[Any]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner.run(batch)
+
+    def split(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> list[Any]:
+        return list(self.task.postprocess(outputs, batch))
+
+    def work(self, rows: list[Any]) -> list[Any]:
+        """collate, predict and split: what a worker thread runs for one batch."""
+        batch = self.collate(rows)
+        return self.split(self.predict(batch), batch)
+
+    # -- what the protocols need -----------------------------------------------------------
+    @property
+    def task_name(self) -> str:
+        return getattr(self.task, "name", "custom")
+
+    def inputs_info(self) -> list[TensorInfo]:
+        return []
+
+    def outputs_info(self) -> list[TensorInfo]:
+        return []
+
+    def tensors(self, results: list[Any]) -> dict[str, np.ndarray]:
+        """Per-row results as named output tensors (first axis: the rows)."""
+        if self.task_name == "embedding":
+            return {"embedding": np.ascontiguousarray(np.stack(results), dtype=np.float32)}
+        return {
+            "label": np.asarray([r["label"] for r in results], dtype=object),
+            "label_id": np.asarray([r["label_id"] for r in results], dtype=np.int64),
+            "scores": np.asarray([r["scores"] for r in results], dtype=np.float32),
+        }
+
+    def sample(self, n: int) -> Any:
+        """``n`` task inputs for warm-up."""
+        return self.task.sample_raw(n)
+
+    def _output_specs(self, width: int) -> list[TensorInfo]:
+        if self.task_name == "embedding":
+            return [TensorInfo("embedding", "FP32", (-1, width))]
+        return [TensorInfo("label", "BYTES", (-1,)), TensorInfo("label_id", "INT64", (-1,)), TensorInfo("scores", "FP32", (-1, width))]
+
+
+def _check_count(n: int) -> None:
+    if n == 0:
+        raise InvalidInputError("The request has no inputs.", hint='Send at least one, e.g. ["A man is playing a guitar."]')
+    if n > MAX_INPUTS_PER_REQUEST:
+        raise InvalidInputError(
+            f"The request has {n} inputs; at most {MAX_INPUTS_PER_REQUEST} are accepted in one request.",
+            hint=f"Split it into requests of at most {MAX_INPUTS_PER_REQUEST} inputs.",
+        )
+
+
+class TextHandler(Handler):
+    """Text tasks: tokenize each request alone (no padding), pad each batch to its longest row.
+
+    The result equals ``task.preprocess(texts)`` for the same texts (a test checks it); the
+    tokenizer's fast backend is called directly, which costs half of the Python wrapper.
+    """
+
+    kind = "text"
+
+    def __init__(self, task: Any, runner: Any, *, pad_to_length: int | None = None, **kwargs: Any) -> None:
+        super().__init__(task, runner, **kwargs)
+        tok = task.tokenizer
+        if tok is None:
+            raise ConfigError(f"The {self.task_name} model has no tokenizer, so it cannot take text.", hint="Serve a folder with tokenizer files.")
+        self.tokenizer = tok
+        self.max_length = int(task.max_length)
+        self.pad_to_length = pad_to_length
+        self.names = [s.name for s in text_input_specs(tok)]
+        self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else 0
+        self.left = getattr(tok, "padding_side", "right") == "left"
+        self.vocab_size = len(tok)
+        self._fast = None
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            fast = Tokenizer.from_str(backend.to_str())  # a copy: the task's tokenizer keeps its settings
+            fast.no_padding()
+            fast.enable_truncation(self.max_length)
+            self._fast = fast
+
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        if self._fast is not None:
+            encs = [self._fast.encode(texts[0])] if len(texts) == 1 else self._fast.encode_batch(texts)
+            return [(e.ids, e.type_ids) for e in encs]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
+        return list(zip(enc["input_ids"], types, strict=True))
+
+    def decode(self, inputs: Any) -> Decoded:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        _check_count(len(texts))
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"Input {i} is a {type(t).__name__}, not a string.", hint='Text models take strings, e.g. ["first text", "second text"].')
+            if len(t) > self.max_text_chars:
+                raise InvalidInputError(
+                    f"Input {i} has {len(t):,} characters; this model accepts at most {self.max_text_chars:,} per text "
+                    f"(and reads only its first {self.max_length} tokens).",
+                    hint="Send shorter texts, or raise max_text_chars in the model's serve config.",
+                )
+        rows = self._encode(texts)
+        lengths = [len(ids) for ids, _ in rows]
+        return Decoded(rows, lengths, sum(lengths))
+
+    def decode_ids(self, sequences: Sequence[Sequence[int]]) -> Decoded:
+        """Rows from token ids given by the client (OpenAI's token-array input), cut to the model's length."""
+        _check_count(len(sequences))
+        rows = []
+        for i, seq in enumerate(sequences):
+            if len(seq) == 0:
+                raise InvalidInputError(f"Token list {i} is empty.", hint="Send at least one token id, e.g. [101, 7592, 102].")
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in seq):
+                raise InvalidInputError(
+                    f"Token list {i} holds a value that is not a token id of this model (0 to {self.vocab_size - 1}).",
+                    hint="Send token ids from this model's tokenizer, or send the text itself.",
+                )
+            ids = list(seq[: self.max_length])
+            rows.append((ids, [0] * len(ids)))
+        lengths = [len(ids) for ids, _ in rows]
+        return Decoded(rows, lengths, sum(lengths))
+
+    def collate(self, rows: list[Any]) -> dict[str, np.ndarray]:
+        longest = max(len(ids) for ids, _ in rows)
+        width = max(longest, self.pad_to_length or 0)
+        n = len(rows)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        for i, (row_ids, row_types) in enumerate(rows):
+            k = len(row_ids)
+            cols = slice(width - k, width) if self.left else slice(0, k)
+            ids[i, cols] = row_ids
+            mask[i, cols] = 1
+            types[i, cols] = row_types
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: batch[name] for name in self.names}
+
+    def inputs_info(self) -> list[TensorInfo]:
+        return [TensorInfo("text", "BYTES", (-1,))]
+
+    def outputs_info(self) -> list[TensorInfo]:
+        if self.task_name == "embedding":
+            width = int(self.task.config.get("hidden_size") or -1)
+        else:
+            width = len(self.task.labels) or -1
+        return self._output_specs(width)
+
+
+class ImageHandler(Handler):
+    """Image classification: check and normalise each request's images; a batch is their stack."""
+
+    kind = "image"
+
+    def decode(self, inputs: Any) -> Decoded:
+        try:
+            x = np.asarray(inputs)
+        except ValueError as exc:
+            raise InvalidInputError(f"The images do not form one array: {exc}", hint="Send images of one shape, [N, H, W] or [N, C, H, W].") from None
+        if x.dtype == object or x.dtype.kind not in "biuf":
+            raise InvalidInputError(f"Images must be numbers, not {x.dtype}.", hint="Send uint8 pixels 0-255 or float32 values 0-1.")
+        if x.dtype.kind == "f" and not self.allow_non_finite and not np.isfinite(x).all():
+            raise InvalidInputError(
+                "The images contain NaN or infinite values.", hint="Send finite pixel values (or set allow_non_finite in the model's serve config)."
+            )
+        _check_count(int(x.shape[0]) if x.ndim else 0)
+        pixels = self.task.preprocess(x)["pixel_values"]
+        return Decoded(list(pixels))
+
+    def collate(self, rows: list[Any]) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.ascontiguousarray(np.stack(rows))}
+
+    def inputs_info(self) -> list[TensorInfo]:
+        c = self.task.config
+        return [TensorInfo("image", "FP32", (-1, c["channels"], c["height"], c["width"]))]
+
+    def outputs_info(self) -> list[TensorInfo]:
+        return self._output_specs(len(self.task.config.get("labels") or []) or -1)
+
+
+def handler_for(task: Any, runner: Any, model_config: Any) -> Handler:
+    """The built-in handler for ``task`` (embedding, text-classification, image-classification)."""
+    common = {"max_text_chars": model_config.max_text_chars, "allow_non_finite": model_config.allow_non_finite}
+    if task.name in ("embedding", "text-classification"):
+        return TextHandler(task, runner, pad_to_length=model_config.batching.pad_to_length, **common)
+    if task.name == "image-classification":
+        return ImageHandler(task, runner, **common)
+    raise ConfigError(
+        f"Serving '{task.name}' models is not supported yet.",
+        hint="Serve an embedding, text-classification or image-classification model (chat and completions come with the LLM server).",
+    )

@@ -1,0 +1,250 @@
+"""The HTTP plumbing every protocol shares: JSON in and out, errors to status codes, and one ASGI
+middleware for request ids, the body limit, the access log and the request metrics.
+
+The middleware is plain ASGI (no per-request Request objects or task groups): it reads the
+two headers it needs, counts body bytes as they arrive (413 beyond ``max_body_bytes``, before
+a large body is read when Content-Length says so), echoes ``x-request-id`` (the client's, when
+it sent a sane one, else a new one), and after the response records
+``modelpress_requests_total`` / ``request_duration_seconds`` and one JSON access-log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from ..errors import (
+    InvalidInputError,
+    ModelNotReadyError,
+    ModelpressError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServerOverloadedError,
+    UnauthorizedError,
+    UnknownServedModelError,
+    UserInputError,
+)
+from .metrics import Metrics
+
+access_log = logging.getLogger("modelpress.access")
+log = logging.getLogger("modelpress.serving")
+
+MAX_REQUEST_ID = 128
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class RequestInfo:
+    """Per-request facts the middleware reports: filled in by the endpoint that answers."""
+
+    __slots__ = ("request_id", "protocol", "model", "version")
+
+    def __init__(self, request_id: str, protocol: str) -> None:
+        self.request_id = request_id
+        self.protocol = protocol
+        self.model = ""
+        self.version = ""
+
+
+def info_of(request: Any) -> RequestInfo:
+    info = request.scope.get("modelpress")
+    if info is None:  # an app mounted without the middleware
+        info = request.scope["modelpress"] = RequestInfo(os.urandom(8).hex(), protocol_of(request.scope.get("path", "")))
+    return info
+
+
+def protocol_of(path: str) -> str:
+    if path.startswith("/v2"):
+        return "kserve_v2"
+    if path.startswith("/v1"):
+        return "openai"
+    if path in ("/invocations", "/ping"):
+        return "sagemaker"
+    if path == "/metrics":
+        return "metrics"
+    return "other"
+
+
+# -- JSON ----------------------------------------------------------------------------------
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=_JSON_OPTS)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def loads(body: bytes | memoryview, *, example: str) -> Any:
+    """Parse a JSON body; malformed JSON and NaN/Infinity literals answer 400 with what is wrong."""
+    if not body:
+        raise InvalidInputError("The request body is empty; a JSON document was expected.", hint=f"Example: {example}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:  # the standard parser accepts NaN and Infinity, which JSON does not: say so
+            json.loads(bytes(body))
+            non_finite = True
+        except (ValueError, UnicodeDecodeError):
+            non_finite = False
+        if non_finite:
+            raise InvalidInputError(
+                "The request holds NaN or Infinity, which are not JSON numbers and are not accepted as model inputs.",
+                hint="Send finite numbers (replace NaN before sending).",
+            ) from None
+        raise InvalidInputError(f"The request body is not valid JSON: {exc}.", hint=f"Example: {example}") from None
+
+
+# -- errors --------------------------------------------------------------------------------
+def status_for(exc: BaseException) -> int:
+    if isinstance(exc, UnknownServedModelError):
+        return 404
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, UnauthorizedError):
+        return 401
+    if isinstance(exc, ServerOverloadedError):
+        return 429
+    if isinstance(exc, RequestTimeoutError):
+        return 504
+    if isinstance(exc, ModelNotReadyError):
+        return 503
+    if isinstance(exc, UserInputError):
+        return 400
+    return 500
+
+
+def message_of(exc: BaseException) -> str:
+    if isinstance(exc, ModelpressError):
+        return exc.message + (f" {exc.hint}" if exc.hint else "")
+    return str(exc) or type(exc).__name__
+
+
+def error_headers(exc: BaseException, status: int) -> dict[str, str]:
+    if isinstance(exc, ServerOverloadedError):
+        return {"Retry-After": str(exc.retry_after_s)}
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
+def error_body(protocol: str, status: int, message: str) -> bytes:
+    """``{"error": "..."}`` (KServe v2, as Triton answers) or OpenAI's ``{"error": {"message", "type", ...}}``."""
+    if protocol == "openai":
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
+    return dumps({"error": message})
+
+
+def error_response(exc: BaseException, protocol: str) -> Response:
+    status = status_for(exc)
+    return Response(error_body(protocol, status, message_of(exc)), status_code=status, media_type="application/json", headers=error_headers(exc, status))
+
+
+# -- the middleware ------------------------------------------------------------------------
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _request_id(raw: bytes | None) -> str:
+    if raw:
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
+        if 0 < len(text) <= MAX_REQUEST_ID and text.isprintable():
+            return text
+    return os.urandom(8).hex()
+
+
+class ServingMiddleware:
+    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: Metrics, max_body_bytes: int, access_log_enabled: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.access_log = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid_raw = length_raw = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid_raw = v
+            elif k == b"content-length":
+                length_raw = v
+        path = scope["path"]
+        info = RequestInfo(_request_id(rid_raw), protocol_of(path))
+        scope["modelpress"] = info
+        rid_header = (b"x-request-id", info.request_id.encode("ascii"))
+        state = {"status": 500, "started": False, "bytes_out": 0, "bytes_in": 0}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["started"] = True
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            elif message["type"] == "http.response.body":
+                state["bytes_out"] += len(message.get("body", b""))
+            await send(message)
+
+        limit = self.max_body
+
+        async def receive_limited() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["bytes_in"] += len(message.get("body", b""))
+                if state["bytes_in"] > limit:
+                    raise PayloadTooLargeError(
+                        f"The request body is larger than {limit:,} bytes.", hint="Send less per request, or raise max_body_bytes in the server config."
+                    )
+            return message
+
+        try:
+            too_big = length_raw is not None and length_raw.isdigit() and int(length_raw) > limit
+            if too_big:
+                exc = PayloadTooLargeError(
+                    f"The request body has {int(length_raw):,} bytes; this server accepts at most {limit:,}.",
+                    hint="Send less per request, or raise max_body_bytes in the server config.",
+                )
+                await error_response(exc, info.protocol)(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive_limited, send_wrapper)
+        except Exception as exc:  # anything no endpoint handled: never leak a traceback to the client
+            if not isinstance(exc, ModelpressError):
+                log.exception("request %s %s failed (request id %s)", scope.get("method"), path, info.request_id)
+            if not state["started"]:
+                if status_for(exc) == 500 and not isinstance(exc, ModelpressError):
+                    exc = RuntimeError(f"Internal error (request id {info.request_id}); the server log has the details.")
+                await error_response(exc, info.protocol)(scope, receive, send_wrapper)
+        elapsed = time.perf_counter() - start
+        status = state["status"]
+        self.metrics.observe_request(info.model, info.version, info.protocol, status, elapsed)
+        if self.access_log and access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            access_log.info(
+                dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "request_id": info.request_id,
+                        "method": scope.get("method"),
+                        "path": path,
+                        "status": status,
+                        "ms": round(elapsed * 1000, 3),
+                        "model": info.model,
+                        "version": info.version,
+                        "protocol": info.protocol,
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                        "bytes_in": state["bytes_in"],
+                        "bytes_out": state["bytes_out"],
+                    }
+                ).decode()
+            )

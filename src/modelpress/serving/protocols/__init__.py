@@ -1,0 +1,1 @@
+"""Protocol codecs and their routes: KServe v2, OpenAI, SageMaker."""

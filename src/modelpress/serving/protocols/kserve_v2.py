@@ -1,0 +1,276 @@
+"""KServe v2 / Open Inference Protocol over REST, as the spec and Triton answer it.
+
+Health: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready`` (503 while loading or draining).
+Models: ``GET /v2/models/{m}[/versions/{v}]`` (metadata), ``.../ready``, ``.../config`` (Triton's),
+``POST .../infer``. Repository extension (behind the API key): ``POST /v2/repository/index``,
+``/v2/repository/models/{m}/load`` and ``.../unload``. Errors are ``{"error": "..."}`` with
+400 (bad input), 404 (unknown model or version), 413, 429 (+ Retry-After), 503 and 504.
+
+Text models take one ``BYTES`` input ``text`` (shape ``[N]`` or ``[N, 1]``); image models one
+numeric input ``image`` (``[N, H, W]`` or ``[N, C, H, W]``, UINT8 0-255 or FP32 0-1).
+Embedding models answer ``embedding`` (FP32 ``[N, D]``); classifiers ``label`` (BYTES),
+``label_id`` (INT64) and ``scores`` (FP32 ``[N, C]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ... import __version__
+from ...errors import ConfigError, InvalidInputError, ModelpressError, UnknownServedModelError
+from ..http import dumps, error_response, info_of, json_response, loads
+from .tensors import EXAMPLE, InferRequest, encode_response, parse_request
+
+router = APIRouter(tags=["KServe v2"])
+EXTENSIONS = ["model_repository", "binary_tensor_data"]
+
+_infer_doc = {
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "example": orjson.loads(EXAMPLE),
+                "schema": {"type": "object", "required": ["inputs"], "properties": {"id": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}}},
+            }
+        }
+    }
+}
+
+
+def _server(request: Request) -> Any:
+    return request.app.state.server
+
+
+def _fail(exc: Exception) -> Response:
+    if not isinstance(exc, ModelpressError):
+        raise exc
+    return error_response(exc, "kserve_v2")
+
+
+# -- health and metadata ---------------------------------------------------------------------
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": "modelpress", "version": __version__, "extensions": EXTENSIONS})
+
+
+@router.get("/v2/health/live", summary="Liveness")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness (503 while models load or the server drains)")
+async def ready(request: Request) -> Response:
+    ok = _server(request).ready
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+def _metadata(server: Any, model: str, version: str | None) -> dict[str, Any]:
+    lv = server.repository.get(model, version)
+    router_ = server.repository.routers[model]
+    return {
+        "name": model,
+        "versions": sorted(router_.versions) if version is None else [lv.version],
+        "platform": f"modelpress_{lv.runtime}",
+        "inputs": [t.to_json() for t in lv.handler.inputs_info()],
+        "outputs": [t.to_json() for t in lv.handler.outputs_info()],
+        "parameters": {"task": lv.task, "default_version": router_.default_version, "policy": router_.policy.describe() if router_.policy else None},
+    }
+
+
+@router.get("/v2/models/{model}", summary="Model metadata")
+async def model_metadata(request: Request, model: str) -> Response:
+    try:
+        return json_response(_metadata(_server(request), model, None))
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(request: Request, model: str, version: str) -> Response:
+    try:
+        return json_response(_metadata(_server(request), model, version))
+    except Exception as exc:
+        return _fail(exc)
+
+
+def _ready(request: Request, model: str, version: str | None) -> Response:
+    server = _server(request)
+    try:
+        lv = server.repository.get(model, version)
+    except UnknownServedModelError as exc:
+        if version is None and model in server.repository.failed:
+            return json_response({"name": model, "ready": False, "error": server.repository.failed[model]}, 503)
+        return _fail(exc)
+    except ModelpressError as exc:  # loading: no policy yet
+        return json_response({"name": model, "ready": False, "error": exc.message}, 503)
+    ok = lv.batcher.accepting and not server.draining
+    return json_response({"name": model, "version": lv.version, "ready": ok}, 200 if ok else 503)
+
+
+@router.get("/v2/models/{model}/ready", summary="Model readiness")
+async def model_ready(request: Request, model: str) -> Response:
+    return _ready(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(request: Request, model: str, version: str) -> Response:
+    return _ready(request, model, version)
+
+
+def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any]:
+    lv = server.repository.get(model, version)
+    b = lv.config.batching
+    tensor = lambda t: {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}", "dims": [d for d in t.shape[1:]] or [1]}  # noqa: E731
+    return {
+        "name": model,
+        "platform": f"modelpress_{lv.runtime}",
+        "max_batch_size": b.max_batch_size,
+        "dynamic_batching": {"max_queue_delay_microseconds": int(b.max_queue_delay_ms * 1000), "default_queue_policy": {"max_queue_size": b.max_queue_size}},
+        "instance_group": [{"count": b.instances, "kind": "KIND_CPU"}],
+        "input": [tensor(t) for t in lv.handler.inputs_info()],
+        "output": [tensor(t) for t in lv.handler.outputs_info()],
+        "parameters": {"source": lv.config.source, "task": lv.task, "registry_ref": lv.registry_ref},
+    }
+
+
+@router.get("/v2/models/{model}/config", summary="Model configuration (Triton's extension)")
+async def model_config(request: Request, model: str) -> Response:
+    try:
+        return json_response(_model_config(_server(request), model, None))
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.get("/v2/models/{model}/versions/{version}/config", summary="Model version configuration (Triton's extension)")
+async def model_version_config(request: Request, model: str, version: str) -> Response:
+    try:
+        return json_response(_model_config(_server(request), model, version))
+    except Exception as exc:
+        return _fail(exc)
+
+
+# -- inference -------------------------------------------------------------------------------
+def _task_inputs(kind: str, req: InferRequest, expected: list[str]) -> Any:
+    """The task inputs (texts or an image array) in a decoded infer request."""
+    if len(req.inputs) != 1:
+        raise InvalidInputError(
+            f"This model takes one input ({', '.join(expected)}); the request has {len(req.inputs)} ({', '.join(t.name for t in req.inputs)}).",
+            hint=f"Example: {EXAMPLE}",
+        )
+    t = req.inputs[0]
+    aliases = {"text": ("text", "texts", "input", "INPUT0"), "image": ("image", "images", "pixel_values", "input", "INPUT0")}.get(kind, tuple(expected))
+    if t.name not in aliases:
+        raise InvalidInputError(f"This model has no input '{t.name}'; it takes '{expected[0]}'.", hint=f"Example: {EXAMPLE}")
+    if kind == "text":
+        if t.datatype != "BYTES":
+            raise InvalidInputError(f"Input '{t.name}' must be BYTES (strings) for this text model, not {t.datatype}.", hint=f"Example: {EXAMPLE}")
+        if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
+            raise InvalidInputError(f"Input '{t.name}' has the shape {t.shape}; a text model takes [N] or [N, 1].", hint=f"Example: {EXAMPLE}")
+        return t.data
+    if t.datatype == "BYTES":
+        raise InvalidInputError(f"Input '{t.name}' must be numbers (UINT8 pixels or FP32) for this image model, not BYTES.")
+    return t.data
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    server = _server(request)
+    info = info_of(request)
+    if model in server.repository.routers:  # label bad requests to a served model with its name
+        info.model = model
+    try:
+        server.check_inference_key(request)
+        body = await request.body()
+        req = parse_request(body, request.headers.get("inference-header-content-length"))
+        lv, results, _ = await server.infer(
+            model, version, info, lambda h: h.decode(_task_inputs(h.kind, req, [t.name for t in h.inputs_info()])), request.headers
+        )
+        payload, headers = encode_response(lv.name, lv.version, req, lv.handler.tensors(results))
+        return Response(payload, headers=headers)
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=_infer_doc)
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_infer_doc)
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)
+
+
+# -- repository extension (management: API key) ---------------------------------------------
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    doc = loads(body, example='{"parameters": {"config": "{\\"source\\": \\"minilm\\"}"}}')
+    if not isinstance(doc, dict):
+        raise InvalidInputError("The request body must be a JSON object.", hint='Example: {"parameters": {"version": "2"}}')
+    return doc
+
+
+@router.post("/v2/repository/index", summary="Models known to the server and their state (API key)")
+async def repository_index(request: Request) -> Response:
+    server = _server(request)
+    try:
+        server.check_management_key(request)
+        doc = await _json_body(request)
+        rows = server.repository_index()
+        if doc.get("ready"):
+            rows = [r for r in rows if r["state"] == "READY"]
+        return json_response(rows)
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.post("/v2/repository/models/{model}/load", summary="Load or reload a model; a new version becomes the default (hot swap; API key)")
+async def repository_load(request: Request, model: str) -> Response:
+    server = _server(request)
+    try:
+        server.check_management_key(request)
+        params = (await _json_body(request)).get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInputError("'parameters' must be a JSON object.")
+        overrides: dict[str, Any] = {}
+        if "config" in params:  # tritonclient.load_model(name, config=json.dumps({...}))
+            cfg = params["config"]
+            try:
+                overrides = orjson.loads(cfg) if isinstance(cfg, str | bytes) else cfg
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInputError(f"parameters.config is not JSON: {exc}.", hint='Example: {"source": "minilm", "version": "2"}') from None
+            if not isinstance(overrides, dict):
+                raise InvalidInputError("parameters.config must be a JSON object.", hint='Example: {"source": "minilm", "version": "2"}')
+        for key in ("source", "version", "runtime"):
+            if key in params:
+                overrides[key] = params[key]
+        cfg_obj = server.repository.config_for(model, overrides)
+        try:
+            await server.repository.load(cfg_obj)
+        except ModelpressError as exc:
+            if isinstance(exc, ConfigError | InvalidInputError):
+                raise
+            raise ConfigError(f"Loading '{model}' from '{cfg_obj.source}' failed: {exc.message}", hint=exc.hint) from None
+        return Response(b"", media_type="application/json")
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.post("/v2/repository/models/{model}/unload", summary="Unload a model, or one version with parameters.version (API key)")
+async def repository_unload(request: Request, model: str) -> Response:
+    server = _server(request)
+    try:
+        server.check_management_key(request)
+        params = (await _json_body(request)).get("parameters") or {}
+        version = params.get("version") if isinstance(params, dict) else None
+        await server.repository.unload(model, str(version) if version is not None else None)
+        return Response(b"", media_type="application/json")
+    except Exception as exc:
+        return _fail(exc)
+
+
+__all__ = ["router", "dumps"]

@@ -1,0 +1,141 @@
+"""OpenAI-compatible ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/embeddings``.
+
+``input`` is a string, a list of strings, a list of token ids or a list of token-id lists;
+``encoding_format`` is ``float`` or ``base64`` (little-endian float32, what the official
+client asks for by default). ``usage`` counts the tokens the model read (special tokens
+included, after truncation to the model's length). Errors use OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``. Chat and completions come with the LLM server.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ...errors import InvalidInputError, ModelpressError
+from ..http import dumps, error_response, info_of, json_response, loads
+
+router = APIRouter(tags=["OpenAI"])
+EXAMPLE = '{"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"}'
+
+_embeddings_doc = {
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "example": {"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"},
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        "dimensions": {"type": "integer"},
+                        "user": {"type": "string"},
+                    },
+                },
+            }
+        }
+    }
+}
+
+
+def _fail(exc: Exception) -> Response:
+    if not isinstance(exc, ModelpressError):
+        raise exc
+    return error_response(exc, "openai")
+
+
+def _model_object(lv: Any) -> dict[str, Any]:
+    return {"id": lv.name, "object": "model", "created": int(lv.loaded_at), "owned_by": "modelpress"}
+
+
+@router.get("/v1/models", summary="Served models")
+async def list_models(request: Request) -> Response:
+    server = request.app.state.server
+    try:
+        server.check_inference_key(request)
+        data = []
+        for name in server.repository.names():
+            try:
+                data.append(_model_object(server.repository.get(name)))
+            except ModelpressError:
+                continue  # still loading
+        return json_response({"object": "list", "data": data})
+    except Exception as exc:
+        return _fail(exc)
+
+
+@router.get("/v1/models/{model}", summary="One served model")
+async def get_model(request: Request, model: str) -> Response:
+    server = request.app.state.server
+    try:
+        server.check_inference_key(request)
+        return json_response(_model_object(server.repository.get(model)))
+    except Exception as exc:
+        return _fail(exc)
+
+
+def _inputs(value: Any) -> tuple[str, Any]:
+    """("text", texts) or ("ids", token lists) for the ``input`` field."""
+    if isinstance(value, str):
+        if not value:
+            raise InvalidInputError("'input' is an empty string.", hint=f"Example: {EXAMPLE}")
+        return "text", [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidInputError("'input' must be a non-empty string or list.", hint=f"Example: {EXAMPLE}")
+    if all(isinstance(v, str) for v in value):
+        empty = next((i for i, v in enumerate(value) if not v), None)
+        if empty is not None:
+            raise InvalidInputError(f"'input[{empty}]' is an empty string.", hint="Leave empty strings out.")
+        return "text", value
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return "ids", [value]
+    if all(isinstance(v, list) for v in value):
+        return "ids", value
+    raise InvalidInputError("'input' must be a string, a list of strings, a list of token ids, or a list of token-id lists.", hint=f"Example: {EXAMPLE}")
+
+
+@router.post("/v1/embeddings", summary="Embeddings", openapi_extra=_embeddings_doc)
+async def embeddings(request: Request) -> Response:
+    server = request.app.state.server
+    info = info_of(request)
+    try:
+        server.check_inference_key(request)
+        doc = loads(await request.body(), example=EXAMPLE)
+        if not isinstance(doc, dict):
+            raise InvalidInputError("The request must be a JSON object.", hint=f"Example: {EXAMPLE}")
+        model = doc.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidInputError("'model' is required: the name of a served embedding model.", hint=f"Example: {EXAMPLE}")
+        if model in server.repository.routers:
+            info.model = model
+        fmt = doc.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise InvalidInputError(f"'encoding_format' is {fmt!r}; it must be 'float' or 'base64'.", hint=f"Example: {EXAMPLE}")
+        if "input" not in doc:
+            raise InvalidInputError("'input' is required.", hint=f"Example: {EXAMPLE}")
+        kind, values = _inputs(doc["input"])
+        dims = doc.get("dimensions")
+
+        def decode(handler: Any) -> Any:
+            if handler.task_name != "embedding":
+                raise InvalidInputError(f"Model '{model}' is a {handler.task_name} model; /v1/embeddings needs an embedding model.")
+            return handler.decode(values) if kind == "text" else handler.decode_ids(values)
+
+        lv, results, decoded = await server.infer(model, None, info, decode, request.headers)
+        width = int(results[0].shape[-1])
+        if dims is not None and dims != width:
+            raise InvalidInputError(f"'dimensions' is {dims!r}, but model '{model}' makes {width}-dimensional embeddings.", hint="Leave 'dimensions' out.")
+        data = []
+        for i, emb in enumerate(results):
+            vec = np.ascontiguousarray(emb, dtype="<f4")
+            data.append({"object": "embedding", "index": i, "embedding": base64.b64encode(vec.tobytes()).decode("ascii") if fmt == "base64" else vec})
+        usage = {"prompt_tokens": decoded.tokens, "total_tokens": decoded.tokens}
+        return Response(dumps({"object": "list", "data": data, "model": lv.name, "usage": usage}), media_type="application/json")
+    except Exception as exc:
+        return _fail(exc)

@@ -1,0 +1,270 @@
+"""What the server has loaded: one :class:`Router` per model name over its :class:`LoadedVersion` s.
+
+Loading resolves a source (a folder, a short name, or a registry reference such as
+``NAME@production`` or ``NAME:3``), creates the runner, warms it up and starts its batcher, all
+in a worker thread so traffic keeps flowing; only then does the version join its router. A load
+that makes the new version the default is a hot swap: the policy switches in one step, and
+the versions it replaced drain (finish what they queued) before they close, so no request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelNotFoundError, ModelNotReadyError, UnknownServedModelError
+from .batching import Batcher
+from .config import ModelConfig, ServerConfig
+from .handlers import Handler, handler_for
+from .metrics import Metrics
+from .routing import Decision, RequestContext, Router, SinglePolicy
+
+log = logging.getLogger("modelpress.serving")
+
+WARMUP_SIZES = (1, 8)  # batch sizes run once before a version reports ready
+
+
+@dataclass
+class LoadedVersion:
+    """One version of a model, loaded and batching: its handler (task + runner) and its batcher."""
+
+    name: str
+    version: str
+    handler: Handler
+    batcher: Batcher
+    config: ModelConfig
+    artifact: Any = None
+    load_seconds: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+    registry_ref: str | None = None
+    inflight: int = 0
+
+    @property
+    def task(self) -> str:
+        return self.handler.task_name
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.handler.runner, "name", self.config.runtime)
+
+    async def infer(self, inputs: Any = None, *, decoded: Any = None) -> tuple[list[Any], Any]:
+        """Results for one request's task inputs (or already decoded rows), and the decoded rows."""
+        self.inflight += 1
+        try:
+            if decoded is None:
+                decoded = self.handler.decode(inputs)
+            results = await self.batcher.infer(decoded.rows, decoded.lengths)
+            return results, decoded
+        finally:
+            self.inflight -= 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "runtime": self.runtime,
+            "source": self.config.source,
+            "registry_ref": self.registry_ref,
+            "load_seconds": round(self.load_seconds, 3),
+            "batching": self.config.batching.model_dump(),
+        }
+
+
+def resolve_source(cfg: ModelConfig, registry: str | None) -> tuple[Any, str, str, str | None]:
+    """(artifact, default name, default version label, registry ref or None) for a source."""
+    from ..sources import load
+
+    spec = cfg.source
+    path = Path(spec).expanduser()
+    looks_like_ref = ("@" in spec or ":" in spec) and not path.exists()
+    if not looks_like_ref:
+        try:
+            art = load(spec, cfg.task)
+            return art, art.name, "1", None
+        except ModelNotFoundError:
+            if path.exists() or "/" in spec:
+                raise
+    from ..registry.api import Registry
+
+    with Registry(registry) as reg:
+        mv = reg.get(spec)
+        return mv.artifact(), mv.name, str(mv.version), mv.ref
+
+
+def build_version(cfg: ModelConfig, server: ServerConfig, metrics: Metrics | None = None, *, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+    """Load, warm up and wrap one model version (blocking: call it in a worker thread).
+
+    ``runner`` / ``artifact``: use these instead of resolving ``cfg.source`` (tests wrap a runner
+    to watch the batches it gets).
+    """
+    from ..registry.names import validate_name
+    from ..runtimes import create_runner, default_threads
+    from ..tasks import task_for
+
+    t0 = time.perf_counter()
+    ref = None
+    if artifact is None:
+        artifact, name, version, ref = resolve_source(cfg, server.registry)
+    else:
+        name, version = artifact.name, "1"
+    name = validate_name(cfg.name or name)
+    version = cfg.version or version
+    task = task_for(artifact)
+    if runner is None:
+        threads = cfg.threads or max(1, default_threads() // cfg.batching.instances)
+        runner = create_runner(artifact, cfg.runtime, threads=threads, **cfg.runtime_options)
+    runner.load()
+    handler = handler_for(task, runner, cfg)
+    if cfg.warmup:
+        for n in WARMUP_SIZES:
+            handler.work(handler.decode(handler.sample(min(n, cfg.batching.max_batch_size))).rows)
+    seconds = time.perf_counter() - t0
+    observer = metrics.batch_observer(name, version) if metrics is not None else None
+    batcher = Batcher(handler.work, cfg.batching, name=f"{name}:{version}", observer=observer)
+    return LoadedVersion(name, version, handler, batcher, cfg.model_copy(update={"name": name, "version": version}), artifact, seconds, registry_ref=ref)
+
+
+class ModelRepository:
+    """Routers by model name, plus the configs the server knows (for load-by-name)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.routers: dict[str, Router[LoadedVersion]] = {}
+        self.known: dict[str, ModelConfig] = {}  # name -> the config it was last loaded with
+        self.failed: dict[str, str] = {}  # name -> why its last load failed
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- routing ---------------------------------------------------------------------------
+    def route(self, name: str, version: str | None = None, ctx: RequestContext | None = None) -> tuple[LoadedVersion, Decision]:
+        router = self.routers.get(name)
+        if router is None:
+            raise UnknownServedModelError(f"No model named '{name}' is served here.", hint=f"Served models: {', '.join(sorted(self.routers)) or 'none'}.")
+        return router.route(ctx or RequestContext(), version)
+
+    def get(self, name: str, version: str | None = None) -> LoadedVersion:
+        return self.route(name, version)[0]
+
+    def names(self) -> list[str]:
+        return sorted(self.routers)
+
+    def versions(self) -> list[LoadedVersion]:
+        return [v for name in self.names() for _, v in sorted(self.routers[name].versions.items())]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.routers) and all(r.policy is not None for r in self.routers.values())
+
+    # -- loading ---------------------------------------------------------------------------
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load(self, cfg: ModelConfig, *, make_default: bool = True, retire_previous: bool = True, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+        """Load ``cfg`` as a new version (in a worker thread) and, with ``make_default``, switch to it.
+
+        With ``retire_previous`` the versions that no longer get traffic drain and close.
+        Loading the version label that is already the default again reloads it (a new runner,
+        then the swap), like Triton's reload.
+        """
+        key = cfg.name or cfg.source
+        async with self._lock(key):
+            try:
+                loaded = await asyncio.to_thread(build_version, cfg, self.config, self.metrics, runner=runner, artifact=artifact)
+            except Exception as exc:
+                if cfg.name:
+                    self.failed[cfg.name] = str(getattr(exc, "message", exc))
+                raise
+        async with self._lock(loaded.name):
+            return await self._install(loaded, make_default=make_default, retire_previous=retire_previous)
+
+    async def _install(self, new: LoadedVersion, *, make_default: bool, retire_previous: bool) -> LoadedVersion:
+        router = self.routers.get(new.name)
+        if router is None:
+            router = Router(new.name)
+        new.batcher.start()
+        self.metrics.track_version(new.name, new.version, inflight=lambda: new.inflight, depth=lambda: new.batcher.depth, load_seconds=new.load_seconds)
+        replaced = router.versions.get(new.version)
+        router.versions[new.version] = new  # a reload of the same label replaces it in place
+        if make_default or router.policy is None:
+            router.set_policy(SinglePolicy(new.version))
+        self.routers[new.name] = router
+        self.known[new.name] = new.config
+        self.failed.pop(new.name, None)
+        log.info("loaded %s:%s (%s on %s) in %.2f s", new.name, new.version, new.task, new.runtime, new.load_seconds)
+        retired = [replaced] if replaced is not None and replaced is not new else []
+        if retire_previous and router.policy is not None:
+            keep = router.policy.targets()
+            for label in [v for v in router.versions if v not in keep]:
+                retired.append(router.versions.pop(label))
+        for old in retired:
+            await self._retire(old)
+        return new
+
+    async def _retire(self, old: LoadedVersion) -> None:
+        await old.batcher.drain(old.config.batching.timeout_s)
+        if not any(v is old for r in self.routers.values() for v in r.versions.values()):
+            self.metrics.forget_version(old.name, old.version)
+        close = getattr(old.handler.runner, "close", None)
+        if close is not None:
+            close()
+        log.info("unloaded %s:%s", old.name, old.version)
+
+    async def unload(self, name: str, version: str | None = None) -> list[str]:
+        """Unload one version (not the one traffic goes to) or the whole model; returns what was unloaded."""
+        router = self.routers.get(name)
+        if router is None:
+            raise UnknownServedModelError(f"No model named '{name}' is loaded.", hint=f"Loaded: {', '.join(self.names()) or 'none'}.")
+        async with self._lock(name):
+            if version is not None:
+                gone = [router.remove(version)]
+            else:
+                gone = list(router.versions.values())
+                del self.routers[name]
+            for old in gone:
+                await self._retire(old)
+        return [f"{v.name}:{v.version}" for v in gone]
+
+    def config_for(self, name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+        """The config to load ``name`` with: the known one (or ``NAME@production`` from the registry), updated."""
+        base = self.known.get(name) or next((m for m in self.config.models if m.name == name), None)
+        data: dict[str, Any] = base.model_dump(exclude={"version"}) if base is not None else {}  # a new load gets the source's version unless told
+        data.update(overrides or {})
+        if "source" not in data:
+            if self.config.registry is None and not _registry_exists():
+                raise ConfigError(
+                    f"The server does not know where to load '{name}' from.",
+                    hint='Pass its source: {"parameters": {"config": "{\\"source\\": \\"path/or/NAME@production\\"}"}} (tritonclient: load_model(name, config=...)).',
+                )
+            data["source"] = f"{name}@production"
+        data["name"] = name
+        try:
+            return ModelConfig.model_validate(data)
+        except Exception as exc:
+            raise ConfigError(f"Invalid load config for '{name}': {exc}", hint='Example: {"source": "minilm", "version": "2", "batching": {"max_batch_size": 16}}') from None
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Drain every version (within ``timeout`` in all) and close them."""
+        versions = self.versions()
+        self.routers.clear()
+        results = await asyncio.gather(*(v.batcher.drain(timeout) for v in versions), return_exceptions=True)
+        for v, res in zip(versions, results, strict=True):
+            if res is not True:
+                log.warning("%s:%s did not drain in time (%r)", v.name, v.version, res)
+            close = getattr(v.handler.runner, "close", None)
+            if close is not None:
+                close()
+
+    def not_ready_error(self, name: str) -> ModelNotReadyError:
+        why = self.failed.get(name)
+        return ModelNotReadyError(f"Model '{name}' is not ready" + (f": its last load failed ({why})." if why else "."), hint="Load it again.")
+
+
+def _registry_exists() -> bool:
+    from ..locations import home_dir
+
+    return (home_dir() / "registry.db").is_file()

@@ -1,0 +1,192 @@
+"""The batcher alone, with a plain function as the model: dispatch, bucketing, limits, isolation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from modelpress.errors import InvalidInputError, ModelNotReadyError, RequestTimeoutError, ServerOverloadedError
+from modelpress.serving.batching import Batcher
+from modelpress.serving.config import BatchConfig
+
+pytestmark = pytest.mark.anyio
+HOLD_S = 5  # longest a gated work function waits for the test
+
+
+class Work:
+    """Doubles each row; records batches; ``gate`` holds a call until the test opens it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, rows: list[int]) -> list[int]:
+        self.batches.append(list(rows))
+        self.entered.set()
+        assert self.gate.wait(HOLD_S)
+        if any(r < 0 for r in rows):
+            raise InvalidInputError("negative row")
+        return [2 * r for r in rows]
+
+
+async def wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+async def test_lone_request_dispatches_at_once_without_the_queue_delay():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_queue_delay_ms=2000)).start()
+    t0 = time.perf_counter()
+    assert await b.infer([1, 2, 3]) == [2, 4, 6]
+    assert time.perf_counter() - t0 < 0.5  # far below the 2 s delay: an idle batcher does not wait
+    assert work.batches == [[1, 2, 3]]
+    await b.close()
+
+
+async def test_requests_queued_behind_a_running_batch_go_together():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_batch_size=16, max_queue_delay_ms=0)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0]))
+    await wait_until(work.entered.is_set)
+    rest = [asyncio.ensure_future(b.infer([i])) for i in range(1, 8)]
+    await wait_until(lambda: b.depth == 7)
+    work.gate.set()
+    assert await first == [0]
+    assert [await r for r in rest] == [[2 * i] for i in range(1, 8)]
+    assert work.batches == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    await b.close()
+
+
+async def test_max_batch_size_splits_a_long_queue():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_batch_size=4, bucketing=False)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([100]))
+    await wait_until(work.entered.is_set)
+    rest = [asyncio.ensure_future(b.infer([i])) for i in range(10)]
+    await wait_until(lambda: b.depth == 10)
+    work.gate.set()
+    await asyncio.gather(first, *rest)
+    assert work.batches == [[100], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # arrival order without bucketing
+    await b.close()
+
+
+async def test_bucketing_groups_rows_of_similar_length_and_keeps_the_oldest_first():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_batch_size=3, bucketing=True)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([99], lengths=[5]))
+    await wait_until(work.entered.is_set)
+    lengths = [10, 50, 11, 52, 12, 51]
+    rest = [asyncio.ensure_future(b.infer([i], lengths=[n])) for i, n in enumerate(lengths)]
+    await wait_until(lambda: b.depth == 6)
+    work.gate.set()
+    await asyncio.gather(first, *rest)
+    # the oldest (length 10) goes with the two nearest lengths (11, 12); then the long ones together
+    assert work.batches[1:] == [[0, 2, 4], [1, 3, 5]]
+    await b.close()
+
+
+async def test_waits_up_to_the_queue_delay_for_more_rows_while_another_batch_runs():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_batch_size=8, max_queue_delay_ms=300, instances=2)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0]))
+    await wait_until(work.entered.is_set)
+    second = asyncio.ensure_future(b.infer([1]))  # a worker is free, but one batch runs: wait for company
+    await asyncio.sleep(0.05)
+    third = asyncio.ensure_future(b.infer([2]))
+    work.gate.set()
+    await asyncio.gather(first, second, third)
+    assert work.batches == [[0], [1, 2]]
+    await b.close()
+
+
+async def test_full_queue_answers_overloaded_with_retry_after():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_queue_size=3)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0]))
+    await wait_until(work.entered.is_set)
+    queued = asyncio.ensure_future(b.infer([1, 2, 3]))
+    await wait_until(lambda: b.depth == 3)
+    with pytest.raises(ServerOverloadedError) as info:
+        b.submit([4])
+    assert info.value.retry_after_s >= 1
+    work.gate.set()
+    await asyncio.gather(first, queued)
+    await b.close()
+
+
+async def test_timeout_answers_and_the_timed_out_rows_never_run():
+    work = Work()
+    b = Batcher(work, BatchConfig(timeout_s=0.1)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0], timeout=5))
+    await wait_until(work.entered.is_set)
+    with pytest.raises(RequestTimeoutError, match="did not answer within 0.1 s"):
+        await b.infer([7])
+    work.gate.set()
+    assert await first == [0]
+    assert await b.infer([3]) == [6]
+    assert [7] not in work.batches  # dropped from the queue when it timed out
+    await b.close()
+
+
+async def test_a_failing_row_fails_only_its_own_request():
+    work = Work()
+    b = Batcher(work, BatchConfig()).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0]))
+    await wait_until(work.entered.is_set)
+    good = asyncio.ensure_future(b.infer([1, 2]))
+    bad = asyncio.ensure_future(b.infer([-1]))
+    await wait_until(lambda: b.depth == 3)
+    work.gate.set()
+    assert await first == [0]
+    assert await good == [2, 4]
+    with pytest.raises(InvalidInputError, match="negative"):
+        await bad
+    await b.close()
+
+
+async def test_drain_finishes_running_and_queued_rows_then_refuses_new_ones():
+    work = Work()
+    b = Batcher(work, BatchConfig()).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([1]))
+    await wait_until(work.entered.is_set)
+    queued = asyncio.ensure_future(b.infer([2]))
+    await wait_until(lambda: b.depth == 1)
+    drained = asyncio.ensure_future(b.drain(timeout=5))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ModelNotReadyError):
+        b.submit([3])
+    work.gate.set()
+    assert await drained is True
+    assert await first == [2] and await queued == [4]
+
+
+async def test_close_answers_queued_rows_instead_of_leaving_them_hanging():
+    work = Work()
+    b = Batcher(work, BatchConfig()).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([1]))
+    await wait_until(work.entered.is_set)
+    queued = asyncio.ensure_future(b.infer([2]))
+    await wait_until(lambda: b.depth == 1)
+    await b.close()
+    with pytest.raises(ModelNotReadyError):
+        await queued
+    work.gate.set()
+    assert await first == [2]  # a batch already running still answers
