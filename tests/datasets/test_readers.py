@@ -20,6 +20,8 @@ EXPECTED = {
     "wikitext2-test": (TextCorpus, 1),
     "tinystories": (TextCorpus, 5),
     "tinyshakespeare": (TextCorpus, 1),
+    "tinyshakespeare-train": (TextCorpus, 1),
+    "tinyshakespeare-test": (TextCorpus, 1),
     "mnist-test": (ImageDataset, 10000),
     "mnist-train5k": (ImageDataset, 5000),
 }

@@ -88,6 +88,13 @@ def read_text(path: Path, name: str, separator: str | None = None, mode: str = "
     return TextCorpus(name, docs, mode)  # type: ignore[arg-type]
 
 
+def read_text_part(path: Path, name: str, part: str, fraction: float = 0.9) -> TextCorpus:
+    """The first ``fraction`` of a text file (``part="train"``) or the rest (``"test"``), cut at a line start."""
+    text = _need(path).read_text(encoding="utf-8", errors="replace")
+    cut = text.find("\n", int(len(text) * fraction)) + 1 or len(text)
+    return TextCorpus(name, [text[:cut] if part == "train" else text[cut:]], "stream")
+
+
 def _idx(path: Path) -> np.ndarray:
     with gzip.open(_need(path), "rb") as fh:
         data = fh.read()
@@ -135,6 +142,14 @@ NAMED = {
     "tinyshakespeare": (
         lambda d: read_text(d / "tinyshakespeare/input.txt", "tinyshakespeare", mode="stream"),
         "tiny-shakespeare, 40,000 lines, one stream",
+    ),
+    "tinyshakespeare-train": (
+        lambda d: read_text_part(d / "tinyshakespeare/input.txt", "tinyshakespeare-train", "train"),
+        "tiny-shakespeare, the first 90% (what shakespeare-lm is trained and calibrated on)",
+    ),
+    "tinyshakespeare-test": (
+        lambda d: read_text_part(d / "tinyshakespeare/input.txt", "tinyshakespeare-test", "test"),
+        "tiny-shakespeare, the last 10% (held out: shakespeare-lm's perplexity)",
     ),
     "mnist-test": (
         lambda d: read_mnist_idx(d / "mnist/t10k-images-idx3-ubyte.gz", d / "mnist/t10k-labels-idx1-ubyte.gz", "mnist-test"),
