@@ -125,3 +125,24 @@ def test_output_folder_must_be_empty(tmp_path, minilm_path):
     with pytest.raises(ConfigError, match="not empty"):
         run_recipe("minilm", {"steps": [{"technique": "test-weight-noise"}]}, tmp_path / "out")
     assert (tmp_path / "out/x").read_text() == "keep me"
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+def test_shipped_steps_are_registered_with_lineage_and_rejected_ones_are_not(tmp_path, data_dir):
+    from modelpress.registry.api import Registry
+
+    recipe = {"on_failure": "skip", "steps": [{"technique": "test-weight-noise", "sigma": 0.0}, {"technique": "test-weight-noise", "sigma": 2.0}]}
+    with Registry(home=tmp_path / "home") as reg:
+        res = run_recipe("minilm", recipe, tmp_path / "out", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm")
+        assert res.registered_original == "minilm:1"
+        assert res.steps[0].registered == "minilm:2" and res.steps[1].registered is None
+        assert [v.version for v in reg.list_versions("minilm")] == [1, 2]
+        tree = reg.lineage("minilm:1")
+        child = tree["root"]["children"][0]
+        assert child["ref"] == "minilm:2" and child["step"] == "test-weight-noise"
+        assert child["metrics"]["spearman"] == pytest.approx(res.steps[0].evaluation["metrics"]["spearman"])
+        # running it again registers nothing new: the same files and settings are the same versions
+        again = run_recipe("minilm", recipe, tmp_path / "out2", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm")
+        assert again.registered_original == "minilm:1" and again.steps[0].registered == "minilm:2"
+        assert len(reg.list_versions("minilm")) == 2

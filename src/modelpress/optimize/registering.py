@@ -1,8 +1,9 @@
 """Recording what optimize and tune made in the registry, with lineage.
 
-The original is registered once per content hash (registering it again returns the version that
-holds it); each shipped variant becomes a new version whose parent is the version it was made
-from, with the technique config as the lineage step and its quality and speed as metrics.
+The original is registered once (registering the same files and settings again returns the
+version that holds them: ``Registry.register(..., reuse=True)``); each shipped variant becomes a
+new version whose parent is the version it was made from, with the technique config as the
+lineage step and its quality and speed as metrics.
 """
 
 from __future__ import annotations
@@ -38,10 +39,7 @@ def _from_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any]:
 
 def register_original(registry: Any, artifact: Artifact, name: str, evaluation: dict[str, Any] | None) -> str:
     """The original's ``NAME:VERSION``, registering it unless a version already holds the same files."""
-    existing = registry.find_by_hash(name, artifact.content_hash())
-    if existing is not None:
-        return existing.ref
-    version = registry.register(artifact, name, metrics=_from_evaluation(evaluation), note="original, registered by modelpress optimize/tune")
+    version = registry.register(artifact, name, metrics=_from_evaluation(evaluation), note="original, registered by modelpress optimize/tune", reuse=True)
     return version.ref
 
 
@@ -50,8 +48,5 @@ def register_variant(registry: Any, artifact: Artifact, name: str, parent_ref: s
 
     ``metrics``: rows from :func:`metric_rows` (else taken from ``evaluation``).
     """
-    existing = registry.find_by_hash(name, artifact.content_hash())
-    if existing is not None:
-        return existing.ref
-    version = registry.register(artifact, name, parent=parent_ref, metrics=metrics if metrics is not None else _from_evaluation(evaluation))
+    version = registry.register(artifact, name, parent=parent_ref, metrics=metrics if metrics is not None else _from_evaluation(evaluation), reuse=True)
     return version.ref
