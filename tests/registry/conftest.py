@@ -143,11 +143,11 @@ CHILD_REGISTER = textwrap.dedent(
     from modelpress.registry.api import Registry
 
     folder, name, go = sys.argv[1], sys.argv[2], sys.argv[3]
-    with Registry() as reg:
-        if go != "-":  # say "ready", then wait for the start signal: every child races from here
-            Path(f"{go}.ready.{os.getpid()}").touch()
-            while not Path(go).exists():
-                time.sleep(0.005)
+    if go != "-":  # imported: say "ready", then wait for the start signal; every child races from here
+        Path(f"{go}.ready.{os.getpid()}").touch()
+        while not Path(go).exists():
+            time.sleep(0.005)
+    with Registry() as reg:  # opening may create or upgrade the schema: part of the race
         mv = reg.register(Artifact.open(folder), name)
     print(mv.version)
     """
