@@ -137,22 +137,34 @@ def openvino_source(artifact: Artifact) -> Artifact:
 
 
 # -- layers ---------------------------------------------------------------------------------
-def matches(name: str, patterns: list[str]) -> bool:
-    """A layer matches an exclusion entry equal to its name or a regular expression found in it."""
-    return any(p == name or re.search(p, name) for p in patterns)
+def matches(name: str, patterns: list[str], aliases: tuple[str, ...] | list[str] = ()) -> bool:
+    """A layer matches an exclusion entry equal to its name or a regular expression found in it.
+
+    ``aliases``: other names of the same layer (the torch module path an ONNX node came from);
+    an entry matching any of them matches the layer.
+    """
+    names = [name, *[a for a in aliases if a]]
+    return any(p == n or re.search(p, n) for p in patterns for n in names)
 
 
-def excluded_layers(layers: list[str], patterns: list[str]) -> list[str]:
+def excluded_layers(layers: list[str] | dict[str, str], patterns: list[str]) -> list[str]:
+    """The layers an exclusion list keeps in float; ``layers`` may map names to module paths."""
+    if isinstance(layers, dict):
+        return [n for n, scope in layers.items() if matches(n, patterns, (scope,))]
     return [n for n in layers if matches(n, patterns)]
 
 
 # -- calibration --------------------------------------------------------------------------
-def calibration_batches(artifact: Artifact, calib: Calibration, data_dir: Path | None) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def calibration_batches(
+    artifact: Artifact, calib: Calibration, data_dir: Path | None, *, seq_len: int | None = None
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """``calib.samples`` real inputs in batches of ``calib.batch_size``, and what was used.
 
     Samples are spread over the whole dataset (a seeded permutation), not its first rows. When
     no data folder is present and no file was named, the task's built-in samples are used and
-    the manifest says so.
+    the manifest says so. Text batches are padded to their longest sample, so they differ in
+    sequence length; ``seq_len`` pads (or cuts) every batch to one length instead, for
+    calibrators that stack activations (ORT's entropy and percentile).
     """
     from ..datasets import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus, load_dataset
     from ..tasks import task_for
@@ -181,8 +193,11 @@ def calibration_batches(artifact: Artifact, calib: Calibration, data_dir: Path |
         raw = pool[idx] if isinstance(pool, np.ndarray) else [pool[i] for i in idx]
         used = {"dataset": ds.name, "samples": len(idx)}
     batches = []
+    pad = {"seq_len": seq_len} if seq_len and task.uses_tokenizer() else {}
     for start in range(0, len(raw), calib.batch_size):
-        batches.append(task.preprocess(raw[start : start + calib.batch_size]))
+        batches.append(task.preprocess(raw[start : start + calib.batch_size], **pad))
+    if pad:
+        used["seq_len"] = seq_len
     return batches, used
 
 
