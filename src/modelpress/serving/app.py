@@ -45,6 +45,7 @@ class ModelServer:
         self.repository = ModelRepository(self.config, self.metrics)
         self.started = False
         self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the models run on, once started
         self.app = create_app(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -53,6 +54,8 @@ class ModelServer:
         if self.started:
             return
         self.started = True
+        self.draining = False
+        self.loop = asyncio.get_running_loop()
         for cfg in self.config.models:
             await self.repository.load(cfg)
 
@@ -124,10 +127,11 @@ class ModelServer:
         serve(self.config, server=self)
 
     @contextlib.contextmanager
-    def in_thread(self, port: int = 0) -> Iterator[str]:
-        """Serve on 127.0.0.1 (a free port by default) in a background thread; yields the base URL.
+    def in_thread(self, port: int = 0) -> Iterator[BackgroundServer]:
+        """Serve on 127.0.0.1 (a free port by default) in a background thread.
 
-        For tests, notebooks and benchmarks; leaving the block drains and stops the server.
+        For tests, notebooks and benchmarks: yields a :class:`BackgroundServer` (``.url``,
+        ``.stop()``); leaving the block stops it the way SIGTERM does (drain, then exit).
         """
         uv = _uvicorn_server(self, self.config.model_copy(update={"host": "127.0.0.1", "port": port}), lifespan="on")
         thread = threading.Thread(target=uv.run, name="modelpress-server", daemon=True)
@@ -136,12 +140,24 @@ class ModelServer:
             if not thread.is_alive():
                 raise RuntimeError("The server thread stopped during startup (see the log above).")
             thread.join(0.02)
-        sock = uv.servers[0].sockets[0]
+        running = BackgroundServer(f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", uv, thread, self.config.drain_timeout_s + 10)
         try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+            yield running
         finally:
-            uv.should_exit = True
-            thread.join(self.config.drain_timeout_s + 10)
+            running.stop()
+
+
+class BackgroundServer:
+    """A server running in a thread: its base URL, and ``stop()`` (what SIGTERM does: drain, exit)."""
+
+    def __init__(self, url: str, uv: Any, thread: threading.Thread, join_s: float) -> None:
+        self.url = url
+        self._uv, self.thread, self._join_s = uv, thread, join_s
+
+    def stop(self, wait: bool = True) -> None:
+        self._uv.should_exit = True
+        if wait:
+            self.thread.join(self._join_s)
 
 
 def create_app(server: ModelServer) -> Any:

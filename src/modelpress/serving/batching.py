@@ -41,12 +41,13 @@ _MAX_RETRY_AFTER_S = 60
 class _Pending:
     """One request's rows in flight: its future, the results so far, how many rows are left."""
 
-    __slots__ = ("future", "results", "remaining")
+    __slots__ = ("future", "results", "remaining", "queued")
 
     def __init__(self, future: asyncio.Future, n: int) -> None:
         self.future = future
         self.results: list[Any] = [None] * n
         self.remaining = n
+        self.queued = n  # rows still in the queue (not yet in a batch)
 
 
 class Batcher:
@@ -63,6 +64,7 @@ class Batcher:
         self._queue: deque[tuple[_Pending, int, Any, int, float]] = deque()
         self._pool = ThreadPoolExecutor(self.config.instances, thread_name_prefix=f"mp-{name}")
         self._running = 0
+        self._dead = 0  # queued rows of requests that timed out (skipped, and not counted as queued)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task | None = None
@@ -121,13 +123,13 @@ class Batcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _is_idle(self) -> bool:
-        return self._running == 0 and not self._queue
+        return self._running == 0 and self.depth == 0
 
     # -- submitting ------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         """Rows waiting (not yet in a running batch)."""
-        return len(self._queue)
+        return len(self._queue) - self._dead
 
     @property
     def running(self) -> int:
@@ -136,14 +138,17 @@ class Batcher:
 
     def submit(self, rows: list[Any], lengths: list[int] | None = None) -> asyncio.Future:
         """Queue one request's rows; the future gets the list of their results, in order."""
+        return self._enqueue(rows, lengths).future
+
+    def _enqueue(self, rows: list[Any], lengths: list[int] | None) -> _Pending:
         if not self.accepting:
             raise ModelNotReadyError(f"Model '{self.name}' is not taking requests (it is loading or unloading).", hint="Retry in a moment.")
         n = len(rows)
         if n == 0:
             raise InvalidInputError("The request has no inputs.", hint='Send at least one, e.g. ["A man is playing a guitar."]')
-        if len(self._queue) + n > self.config.max_queue_size:
+        if self.depth + n > self.config.max_queue_size:
             raise ServerOverloadedError(
-                f"Model '{self.name}' has {len(self._queue)} rows queued (at most {self.config.max_queue_size}).",
+                f"Model '{self.name}' has {self.depth} rows queued (at most {self.config.max_queue_size}).",
                 retry_after_s=self.retry_after(),
                 hint="Retry after the time in the Retry-After header, or raise max_queue_size / instances in the model's serve config.",
             )
@@ -158,18 +163,19 @@ class Batcher:
                 q.append((pending, i, row, lengths[i], now))
         if not self._arrived.is_set():
             self._arrived.set()
-        return pending.future
+        return pending
 
     async def infer(self, rows: list[Any], lengths: list[int] | None = None, timeout: float | None = None) -> list[Any]:
         """Submit rows and wait for their results, at most ``timeout`` seconds (default: the config's)."""
-        future = self.submit(rows, lengths)
+        pending = self._enqueue(rows, lengths)
         limit = self.config.timeout_s if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                return await future
+                return await pending.future
         except TimeoutError:
+            self._dead += pending.queued  # its queued rows no longer count
             raise RequestTimeoutError(
-                f"Model '{self.name}' did not answer within {limit:g} s ({len(self._queue)} rows queued, {self._running} batches running).",
+                f"Model '{self.name}' did not answer within {limit:g} s ({self.depth} rows queued, {self._running} batches running).",
                 hint="Retry later, send fewer inputs per request, or raise timeout_s in the model's serve config.",
             ) from None
 
@@ -177,7 +183,7 @@ class Batcher:
         """Seconds after which the queue is likely to have room again."""
         if self._rate <= 0:
             return 1
-        return min(_MAX_RETRY_AFTER_S, max(1, math.ceil(len(self._queue) / self._rate)))
+        return min(_MAX_RETRY_AFTER_S, max(1, math.ceil(self.depth / self._rate)))
 
     # -- dispatching -----------------------------------------------------------------------
     async def _dispatch(self) -> None:
@@ -219,17 +225,22 @@ class Batcher:
         q = self._queue
         live = [r for r in q if not r[0].future.done()]  # skip rows of requests that timed out
         q.clear()
+        self._dead = 0
         if len(live) <= max_bs:
-            return live
-        if not self.config.bucketing:
+            batch = live
+        elif not self.config.bucketing:
             q.extend(live[max_bs:])
-            return live[:max_bs]
-        anchor, rest = live[0], live[1:]
-        target = anchor[3]
-        nearest = sorted(range(len(rest)), key=lambda i: (abs(rest[i][3] - target), i))[: max_bs - 1]
-        chosen = set(nearest)
-        q.extend(r for i, r in enumerate(rest) if i not in chosen)
-        return [anchor, *(rest[i] for i in sorted(nearest))]
+            batch = live[:max_bs]
+        else:
+            anchor, rest = live[0], live[1:]
+            target = anchor[3]
+            nearest = sorted(range(len(rest)), key=lambda i: (abs(rest[i][3] - target), i))[: max_bs - 1]
+            chosen = set(nearest)
+            q.extend(r for i, r in enumerate(rest) if i not in chosen)
+            batch = [anchor, *(rest[i] for i in sorted(nearest))]
+        for r in batch:
+            r[0].queued -= 1
+        return batch
 
     async def _run(self, rows: list[tuple[_Pending, int, Any, int, float]]) -> None:
         started = time.perf_counter()
