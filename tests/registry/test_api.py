@@ -99,8 +99,10 @@ def test_the_leads_flow_original_then_variants(registry, make_artifact):
     v1 = registry.register(variant, "minilm", parent=f"minilm:{v0.version}", metrics={"spearman": 0.861, "latency_ms": 4.1})
     assert v1.parents == ["minilm:1"] and v1.config["per_channel"] is True
 
-    again = registry.register(original, "minilm", reuse=True, metrics={"latency_ms": 9.9}, tags=["baseline"])
+    for _ in range(2):  # a rerun of optimize: same files, same note, a new measurement
+        again = registry.register(original, "minilm", reuse=True, metrics={"latency_ms": 9.9}, tags=["baseline"], note="original")
     assert again.reused and again.version == 1 and again.metric("latency_ms") == 9.9 and again.tags == ["baseline"]
+    assert [n["text"] for n in again.notes] == ["original"] and [m["name"] for m in again.metrics].count("latency_ms") == 2
     assert [v.version for v in registry.list_versions("minilm")] == [1, 2]
     # The same variant made again is the same version too.
     assert registry.register(variant, "minilm", parent="minilm:1", reuse=True).version == 2

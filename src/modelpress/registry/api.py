@@ -249,9 +249,9 @@ class Registry:
         distinct version numbers.
 
         ``reuse=True``: when a version of ``name`` already has the same files and settings (see
-        :meth:`find`), return it (``reused`` is True) instead of adding a duplicate; the metrics,
-        tags and note given are added to it, a stage other than candidate is applied, and its
-        lineage stays as it was. Nothing is copied.
+        :meth:`find`), return it (``reused`` is True) instead of adding a duplicate; the metrics
+        given are recorded on it, tags and a note it lacks are added, a stage other than
+        candidate is applied, and its lineage stays as it was. Nothing is copied.
         """
         name = validate_name(name)
         stage = validate_stage(stage)
@@ -277,8 +277,8 @@ class Registry:
             for t in tag_list:
                 if t not in have:
                     s.add(TagRow(version_id=row.id, tag=t))
-            if note:
-                s.add(NoteRow(version_id=row.id, text=note, who=who))
+            if note and s.scalar(select(NoteRow.id).where(NoteRow.version_id == row.id, NoteRow.text == note).limit(1)) is None:
+                s.add(NoteRow(version_id=row.id, text=note, who=who))  # the same note again (a rerun with reuse) is kept once
             if stage != "candidate":
                 queries.get_model(s, row.model.name, lock=True)
                 stages.set_stage(s, row, stage, who, why, "register")
