@@ -267,3 +267,16 @@ def test_registry_on_a_custom_sqlite_path_and_store(home, make_artifact, tmp_pat
 
     with pytest.raises(RegistryError, match="belongs to another registry"):
         Registry(tmp_path / "other.db", store=tmp_path / "team-store")
+
+
+def test_metric_rows():
+    from modelpress.registry.records import metric_kind, normalize_metrics
+
+    rows = normalize_metrics({"latency": {"p50_ms": 3.0, "p99_ms": 5}, "acc": {"value": 0.9, "dataset": "sst2", "kind": "quality"}})
+    assert [(r["name"], r["kind"], r["dataset"]) for r in rows] == [("latency.p50_ms", "speed", None), ("latency.p99_ms", "speed", None), ("acc", "quality", "sst2")]
+    assert [metric_kind(n) for n in ("spearman", "throughput_per_s", "size_bytes", "perplexity")] == ["quality", "speed", "speed", "quality"]
+    for bad in ({"x": True}, {"x": "high"}, {"x": {"value": 1, "unit": "ms"}}, {"x": {"value": 1, "kind": "vibes"}}, [("x", 1)]):
+        with pytest.raises(ConfigError):
+            normalize_metrics(bad)
+    # A manifest's odd entries are skipped, not fatal.
+    assert normalize_metrics({"x": "high", "y": {"value": 1, "kind": "vibes"}, "z": 2}, strict=False)[0]["name"] == "z"

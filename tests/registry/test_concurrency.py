@@ -2,8 +2,6 @@
 
 import time
 
-import pytest
-
 SUBPROCESS_TIMEOUT_S = 120  # each child imports modelpress (about 1 s) and registers a few small files
 CHILDREN = 2  # the race needs two; each child costs about a second of CPU on a shared machine
 

@@ -85,7 +85,9 @@ def normalize_metrics(
             return
         row_kind = ctx.get("kind") or metric_kind(name)
         if row_kind not in ("quality", "speed"):
-            raise ConfigError(f"Metric '{name}' has the kind '{row_kind}'.", hint="Use 'quality' or 'speed'.")
+            if strict:
+                raise ConfigError(f"Metric '{name}' has the kind '{row_kind}'.", hint="Use 'quality' or 'speed'.")
+            return
         rows.append(
             {
                 "name": name,
