@@ -40,6 +40,8 @@ TRAIN_DEFAULTS: dict[str, list[str]] = {
     "image-classification": ["mnist-train5k"],
     "causal-lm": ["tinyshakespeare"],
 }
+# What a user's file is read as, per task: an embedding student learns from plain text (one per line).
+FILE_KINDS: dict[str, type] = {"embedding": TextCorpus, "text-classification": LabeledTextDataset, "image-classification": ImageDataset, "causal-lm": TextCorpus}
 # Scored splits: training on them would make the gate's figure meaningless.
 EVAL_SPLITS = ("stsb-dev", "sst2-dev", "trec-test", "mnist-test", "wikitext2-test", "tinystories")
 MIN_WORDS = 4  # shorter SST-2 phrases ("the movie") carry little for a sentence embedding
@@ -98,7 +100,7 @@ def load_train_data(task: Any, spec: TrainingSpec, data_dir: Path | None) -> Tra
     _check_names(names)
     rng = np.random.default_rng(spec.seed)
     out = TrainData()
-    loaded = [load_dataset(n, task.dataset_kind if Path(n).exists() else None, data_dir_=data_dir) for n in names]
+    loaded = [load_dataset(n, FILE_KINDS[task.name] if Path(n).exists() else None, data_dir_=data_dir) for n in names]
     if task.name == "embedding":
         return _embedding_data(loaded, spec, rng, out)
     if task.name == "causal-lm":
