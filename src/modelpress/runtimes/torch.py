@@ -44,6 +44,10 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
     task = task_for(artifact)
     if artifact.format == "torch":
         if artifact.module is None:
+            from ..sources import torch_module_from_folder
+
+            artifact.module = torch_module_from_folder(artifact)  # a registered architecture, rebuilt from data
+        if artifact.module is None:
             raise UnsupportedModelError(
                 f"Artifact '{artifact.name}' has format 'torch' but no module in memory (a torch module's code is never "
                 "stored, so a variant of one reopened from disk has only its weights and transform).",
@@ -104,6 +108,7 @@ class TorchRunner(Runner):
         super().__init__(artifact, threads=threads, **options)
         self.specs = self._specs()
         self.dynamic = bool(options.get("dynamic", True))
+        self.freezing = bool(options.get("freezing", True))
         self.input_dtype: Any = None  # floating inputs are cast to the model's dtype (bf16, fp16)
         self._compiled = False
 
@@ -148,8 +153,7 @@ class TorchRunner(Runner):
                 self.input_dtype = DTYPES[cast["dtype"]]
         self.module = module
         if self.options.get("compile"):
-            freezing = bool(self.options.get("freezing", True))
-            self._call = torch.compile(module, options={"freezing": freezing}, dynamic=None if self.dynamic else False)
+            self._call = torch.compile(module, dynamic=None if self.dynamic else False)
             self._compiled = True
         else:
             self._call = module
@@ -184,7 +188,15 @@ class TorchRunner(Runner):
                     torch._dynamo.maybe_mark_dynamic(t, 1)  # token inputs: the sequence too
             args.append(t)
         with torch.inference_mode():
-            out = self._call(*args)
+            if self._compiled:
+                # Dynamo reads inductor's freezing flag while it traces (on the first call, and on a
+                # recompile) to decide whether weights become constants, so the flag must be set
+                # around the call; torch.compile(options={"freezing": True}) alone does not freeze,
+                # and PT2E's int8 weights then fail to compile (onednn.qlinear_prepack on fake tensors).
+                with torch._inductor.config.patch(freezing=self.freezing):
+                    out = self._call(*args)
+            else:
+                out = self._call(*args)
         if isinstance(out, torch.Tensor):
             out = (out,)
         return {n: t.float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(self.signature.output_names, out, strict=True)}

@@ -53,6 +53,7 @@ KINDS: dict[str, dict[str, Any]] = {
 QUANT_KINDS = ("dynamic-int8", "weight-only", "static-int8")
 # Group sizes torchao's packed CPU int4 kernel (tinygemm layout) takes.
 INT4_PACKED_GROUPS = (32, 64, 128, 256)
+PACKED_INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_cpu: "expect N to be dividable by 16"
 EXAMPLE = '{"kind": "dynamic-int8", "exclude": ["model.encoder.layer.0.output.dense"]}'
 
 
@@ -238,13 +239,16 @@ def _torchao_quantize(module: nn.Module, spec: dict[str, Any], excluded: Sequenc
 
     skip = set(excluded)
     group = spec.get("group_size", -1)
+    packed_int4 = spec["kind"] == "weight-only" and spec["bits"] == 4 and not spec["symmetric"]
 
     def keep(mod: nn.Module, fqn: str) -> bool:
         if not isinstance(mod, nn.Linear) or fqn in skip:
             return False
-        # torchao leaves a layer whose input width does not divide by the group as it is; say so
-        # in the layer report rather than in its logs.
-        return spec["kind"] != "weight-only" or group == -1 or mod.in_features % group == 0
+        # Layers whose shape a kernel cannot take stay float (and show in layer_report): the input
+        # width must divide by the group; the packed int4 kernel also needs outputs in 16s.
+        if spec["kind"] == "weight-only" and group != -1 and mod.in_features % group:
+            return False
+        return not packed_int4 or mod.out_features % PACKED_INT4_OUT_MULTIPLE == 0
 
     quantize_(module, torchao_config(spec), filter_fn=keep)
 
