@@ -50,6 +50,8 @@ def _format_validation_error(cls: type[BaseModel], exc: ValidationError, where: 
             hint = f" Did you mean '{near[0]}'?" if near else ""
             lines.append(f"unknown key '{loc}'.{hint}")
         elif err["type"] == "value_error":
+            # A nested block (calibration: {...}) raised its own ConfigError: keep its words, one line.
+            msg = re.sub(r"^Invalid [\w-]+: ", "", msg).replace("\n", " ")
             lines.append(f"'{loc}': {msg}" if loc else msg)
         else:
             lines.append(f"'{loc}': {msg} (got {err.get('input')!r})" if loc else msg)
@@ -269,6 +271,7 @@ class Precision(TechniqueConfig):
 
     technique_name: ClassVar[str] = "precision"
     technique: Literal["precision"] = "precision"
+    runtime: RuntimeName = "openvino"  # bf16 (the default dtype) has no ONNX Runtime CPU kernels
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     compile: bool = True
 

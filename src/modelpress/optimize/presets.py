@@ -127,7 +127,8 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[TechniqueConfig]]]] = {
 
 
 def _unknown(name: str) -> UnknownTechniqueError:
-    near = difflib.get_close_matches(name, list(PRESETS), n=1)
+    # A preset that contains what was typed (``vnni``, ``x86-avx512``) beats the closest spelling.
+    near = [p for p in PRESETS if name and name.lower() in p] or difflib.get_close_matches(name, list(PRESETS), n=1)
     return UnknownTechniqueError(
         f"Unknown hardware preset '{name}'." + (f" Did you mean '{near[0]}'?" if near else ""),
         hint=f"Known presets: {', '.join(PRESETS)}. Example: --preset x86-avx512-vnni (or leave it out to detect this machine's).",
