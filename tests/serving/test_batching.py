@@ -190,3 +190,20 @@ async def test_close_answers_queued_rows_instead_of_leaving_them_hanging():
         await queued
     work.gate.set()
     assert await first == [2]  # a batch already running still answers
+
+
+async def test_timed_out_rows_free_their_queue_slots():
+    work = Work()
+    b = Batcher(work, BatchConfig(max_queue_size=4, timeout_s=0.05)).start()
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0], timeout=5))
+    await wait_until(work.entered.is_set)
+    with pytest.raises(RequestTimeoutError):
+        await b.infer([1, 2, 3, 4])
+    assert b.depth == 0
+    later = asyncio.ensure_future(b.infer([5, 6, 7, 8], timeout=5))  # would be 429 if the dead rows still counted
+    await wait_until(lambda: b.depth == 4)
+    work.gate.set()
+    assert await first == [0] and await later == [10, 12, 14, 16]
+    assert [1, 2, 3, 4] not in work.batches
+    await b.close()

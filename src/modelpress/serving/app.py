@@ -236,7 +236,7 @@ def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: str) ->
         lifespan=lifespan,
         log_level=cfg.log_level,
         access_log=False,  # the middleware writes a structured access log instead
-        timeout_graceful_shutdown=int(cfg.drain_timeout_s) if cfg.drain_timeout_s else None,
+        timeout_graceful_shutdown=cfg.drain_timeout_s,  # type: ignore[arg-type]  (uvicorn takes any number)
         backlog=2048,
     )
     return _DrainingServer(config)

@@ -30,8 +30,11 @@ def register_commands(app: typer.Typer) -> None:
         log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
     ) -> None:
         """Serve models over HTTP: KServe v2, OpenAI embeddings, SageMaker; /metrics for Prometheus."""
-        from .config import ServerConfig, load_config
+        from ..errors import require
+        from .config import ServerConfig, load_config, validated
 
+        require("fastapi", "serve")
+        require("uvicorn", "serve")
         if config is not None:
             cfg = load_config(config)
         else:
@@ -39,9 +42,14 @@ def register_commands(app: typer.Typer) -> None:
                 models or [], runtime=runtime, threads=threads, instances=instances, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size, timeout_s=timeout_s,
             )  # fmt: skip
-        cfg = cfg.model_copy(update={"host": host, "port": port, "log_level": log_level, "registry": registry or cfg.registry})
+        if not cfg.models:
+            from ..errors import ConfigError
+
+            raise ConfigError("No model to serve.", hint="Example: modelpress serve minilm (or --config serve.yaml)")
+        update = {"host": host, "port": port, "log_level": log_level, "registry": registry or cfg.registry}
         if api_key:
-            cfg = cfg.model_copy(update={"api_key": api_key, "protect_inference": protect_inference or cfg.protect_inference})
+            update.update(api_key=api_key, protect_inference=protect_inference or cfg.protect_inference)
+        cfg = validated(ServerConfig, {**cfg.model_dump(), **update}, "the serve options")
         from .app import serve as run_server
 
         run_server(cfg)

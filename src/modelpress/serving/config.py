@@ -108,10 +108,10 @@ class ServerConfig(BaseModel):
         batch_keys = set(BatchConfig.model_fields)
         batch = {k: v for k, v in settings.items() if k in batch_keys and v is not None}
         model = {k: v for k, v in settings.items() if k not in batch_keys and v is not None}
-        return _validated(cls, {"models": [{"source": s, **model, "batching": batch} for s in sources]}, "the serve options")
+        return validated(cls, {"models": [{"source": s, **model, "batching": batch} for s in sources]}, "the serve options")
 
 
-def _validated(kind: type[BaseModel], data: Any, where: str) -> Any:
+def validated(kind: type[BaseModel], data: Any, where: str) -> Any:
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
@@ -136,4 +136,4 @@ def load_config(path: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"The server config '{p}' could not be parsed: {exc}", hint="Check the syntax (indentation, colons, quotes).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"The server config '{p}' must hold a mapping, not {type(data).__name__}.", hint="Example: models: [{source: minilm}]")
-    return _validated(ServerConfig, data, str(p))
+    return validated(ServerConfig, data, str(p))

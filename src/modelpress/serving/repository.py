@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError, ModelNotFoundError, ModelNotReadyError, UnknownServedModelError
 from .batching import Batcher
-from .config import ModelConfig, ServerConfig
+from .config import ModelConfig, ServerConfig, validated
 from .handlers import Handler, handler_for
 from .metrics import Metrics
 from .routing import Decision, RequestContext, Router, SinglePolicy
@@ -242,10 +242,7 @@ class ModelRepository:
                 )
             data["source"] = f"{name}@production"
         data["name"] = name
-        try:
-            return ModelConfig.model_validate(data)
-        except Exception as exc:
-            raise ConfigError(f"Invalid load config for '{name}': {exc}", hint='Example: {"source": "minilm", "version": "2", "batching": {"max_batch_size": 16}}') from None
+        return validated(ModelConfig, data, f"the load request for '{name}'")
 
     async def close(self, timeout: float | None = None) -> None:
         """Drain every version (within ``timeout`` in all) and close them."""
