@@ -314,6 +314,9 @@ def _mount_subcommands() -> None:
     from .serving.cli import register_commands as register_serving
 
     register_serving(app)
+    from .optimize.prune_cli import register_commands as register_prune
+
+    register_prune(app)
 
 
 _mount_subcommands()
