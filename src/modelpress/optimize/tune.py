@@ -72,13 +72,19 @@ def peer_candidates(task: str) -> list[Candidate]:
 
 
 def default_candidates(task: str, preset: str | None = None, runtimes: list[str] | None = None) -> list[Candidate]:
-    """The unoptimized runtimes, the peers' recipes, then the preset's configs (duplicates removed)."""
+    """The baseline, the preset's configs (its best guesses first), the peers' recipes, then the
+    other runtimes unoptimized (duplicates removed): the likeliest winners are tried first, so a
+    short budget still finds them."""
     from .presets import detect_preset, expand_preset
 
-    cands = [Candidate(BASELINE_RUNTIME), Candidate("openvino"), Candidate("onnxruntime")]
-    cands += peer_candidates(task)
-    for cfg in expand_preset(preset or detect_preset(), task):
-        cands.append(Candidate(cfg.runtime, cfg))
+    cands = [Candidate(BASELINE_RUNTIME)]
+    cands += [Candidate(cfg.runtime, cfg) for cfg in expand_preset(preset or detect_preset(), task)]
+    peers = peer_candidates(task)
+    for c in cands:  # a preset config that is also a peer's recipe is marked as that peer
+        for peer in peers:
+            if c.config is not None and peer.key_data() == c.key_data():
+                c.peer = peer.peer
+    cands += peers + [Candidate("openvino"), Candidate("onnxruntime")]
     seen: set[str] = set()
     unique = []
     for c in cands:
