@@ -15,8 +15,8 @@ def register_commands(app: typer.Typer) -> None:
     def serve(
         models: Annotated[list[str] | None, typer.Argument(help="Model folders, short names (minilm) or registry references (NAME@production, NAME:3).")] = None,
         config: Annotated[str | None, typer.Option("--config", "-c", help="A YAML or JSON file listing the models and their batch settings.")] = None,
-        host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+        host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8000).")] = None,
         runtime: Annotated[str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (for every model named on the command line).")] = "torch",
         threads: Annotated[int | None, typer.Option("--threads", help="Threads per model instance (default: all cores / instances).")] = None,
         instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
@@ -27,7 +27,7 @@ def register_commands(app: typer.Typer) -> None:
         api_key: Annotated[str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="Key the management endpoints require (header X-API-Key or Bearer).")] = None,
         protect_inference: Annotated[bool, typer.Option("--protect-inference", help="Require the API key on inference endpoints too.")] = False,
         registry: Annotated[str | None, typer.Option("--registry", help="Registry URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, then ~/.modelpress).")] = None,
-        log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+        log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error (default info).")] = None,
     ) -> None:
         """Serve models over HTTP: KServe v2, OpenAI embeddings, SageMaker; /metrics for Prometheus."""
         from ..errors import require
@@ -35,18 +35,18 @@ def register_commands(app: typer.Typer) -> None:
 
         require("fastapi", "serve")
         require("uvicorn", "serve")
-        if config is not None:
-            cfg = load_config(config)
-        else:
-            cfg = ServerConfig.from_models(
-                models or [], runtime=runtime, threads=threads, instances=instances, max_batch_size=max_batch_size,
+        cfg = load_config(config) if config is not None else ServerConfig()
+        if models:  # models named on the command line come after the config file's
+            named = ServerConfig.from_models(
+                models, runtime=runtime, threads=threads, instances=instances, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size, timeout_s=timeout_s,
             )  # fmt: skip
+            cfg = cfg.model_copy(update={"models": [*cfg.models, *named.models]})
         if not cfg.models:
             from ..errors import ConfigError
 
             raise ConfigError("No model to serve.", hint="Example: modelpress serve minilm (or --config serve.yaml)")
-        update = {"host": host, "port": port, "log_level": log_level, "registry": registry or cfg.registry}
+        update = {k: v for k, v in {"host": host, "port": port, "log_level": log_level, "registry": registry}.items() if v is not None}
         if api_key:
             update.update(api_key=api_key, protect_inference=protect_inference or cfg.protect_inference)
         cfg = validated(ServerConfig, {**cfg.model_dump(), **update}, "the serve options")
