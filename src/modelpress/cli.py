@@ -351,6 +351,9 @@ def _mount_subcommands() -> None:
     from .optimize.prune_cli import register_commands as register_prune
 
     register_prune(app)
+    from .optimize.distill_cli import register_commands as register_distill
+
+    register_distill(app)
 
 
 _mount_subcommands()
