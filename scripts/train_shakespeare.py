@@ -5,7 +5,8 @@
     python scripts/train_shakespeare.py --cpu-budget 120 --max-steps 500   # a shorter run (another cache key)
 
 The model is a character-level Llama trained on the first 90% of tiny-shakespeare; after training
-this prints its perplexity on the held-out last 10% (dataset ``tinyshakespeare-test``).
+this prints its perplexity on the held-out last 10% (dataset ``tinyshakespeare-test``), measured on
+the saved files and stored in the model's manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 
+from modelpress.artifacts import Artifact
 from modelpress.cli import console, progress_bars
 from modelpress.errors import ModelpressError
 from modelpress.zoo.shakespeare import ShakespeareConfig, cached_path, ensure_trained, is_cached, training_report
@@ -26,7 +28,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=ShakespeareConfig.threads)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--retrain", action="store_true", help="train again even when cached")
-    parser.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity at the end")
     args = parser.parse_args()
     try:
         cfg = ShakespeareConfig(cpu_budget_s=args.cpu_budget, max_steps=args.max_steps, threads=args.threads)
@@ -34,14 +35,12 @@ def main() -> int:
             console.print(f"cached: {cached_path(cfg)} (pass --retrain to train again)")
         with progress_bars() as prog:
             path = ensure_trained(data_dir=args.data_dir, config=cfg, progress=prog, retrain=args.retrain)
+        art = Artifact.open(path)
         report = training_report(path)
         print(json.dumps({k: report[k] for k in ("parameters", "steps", "tokens_seen", "stopped_by", "seconds", "cpu_seconds", "train_loss_ema", "heldout_loss")}, indent=2))
-        if not args.no_eval:
-            import modelpress as mp
-
-            with progress_bars() as prog:
-                res = mp.evaluate(str(path), data="tinyshakespeare-test", data_dir=args.data_dir, threads=args.threads, progress=prog)
-            print(f"perplexity on tinyshakespeare-test: {res['metrics']['perplexity']:.4f} ({res['metrics']['tokens']:.0f} characters)")
+        ppl = art.manifest.metrics.get("perplexity", {})
+        if ppl:
+            print(f"perplexity on {ppl['dataset']}: {ppl['value']:.4f} ({ppl['tokens']:.0f} characters)")
         print(path)
     except ModelpressError as exc:
         console.print(f"[bold red]error:[/bold red] {exc.message}")

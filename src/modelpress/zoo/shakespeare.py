@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ FORMAT_VERSION = 1  # bump when the recipe below changes meaning, so an old cach
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 TRAIN_DATASET = "tinyshakespeare-train"
 TEST_DATASET = "tinyshakespeare-test"
+TRAINING_FILE = "training.json"
 HELDOUT_TOKENS = 16_384  # held-out characters scored at the end of training (a quick check, not the metric)
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -83,10 +82,13 @@ class ShakespeareConfig:
         if not 0.0 <= self.warmup < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("warmup must be in [0, 1) and min_lr_ratio in [0, 1].", hint="Example: warmup=0.04, min_lr_ratio=0.1")
 
+    def recipe(self) -> dict[str, Any]:
+        """The settings that change what is trained (threads and the wall-clock safety net do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("threads", "max_wall_s")}
+
     def key(self) -> str:
-        """A short id of the recipe (shape, training settings, format version) naming the cache folder."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("threads", "max_wall_s")}
-        return hashlib.sha256(json.dumps([FORMAT_VERSION, data], sort_keys=True).encode()).hexdigest()[:10]
+        """A short id of the recipe and the format version (names the cache folder of a non-default recipe)."""
+        return hashlib.sha256(json.dumps([FORMAT_VERSION, self.recipe()], sort_keys=True).encode()).hexdigest()[:10]
 
 
 # -- tokenizer ------------------------------------------------------------------------------
@@ -139,11 +141,13 @@ def train(
     config: ShakespeareConfig | None = None,
     progress: Progress = _quiet,
     overwrite: bool = False,
-) -> Path:
-    """Train the model on ``tinyshakespeare-train`` and write it to ``output`` as an HF folder.
+    evaluate: bool = True,
+) -> Any:
+    """Train the model on ``tinyshakespeare-train`` and write it to ``output``; returns the artifact.
 
-    The folder is written beside ``output`` and renamed when complete. ``training.json`` in it
-    records the settings, the steps and tokens seen, the time taken, and a quick held-out loss.
+    The folder is an HF folder with a manifest (:func:`write_model`), written beside ``output``
+    and renamed when complete. ``training.json`` in it records the settings, the steps and tokens
+    seen, the time taken, and a quick held-out loss.
     """
     import torch
 
@@ -153,6 +157,7 @@ def train(
     target = Path(output)
     if target.exists() and not overwrite:
         raise ConfigError(f"'{target}' already exists.", hint="Choose another folder, or pass overwrite=True to train again.")
+    target = target.resolve()
     train_text = load_dataset(TRAIN_DATASET, data_dir_=data_dir).documents[0]
     test_text = load_dataset(TEST_DATASET, data_dir_=data_dir).documents[0]
     tokenizer = build_tokenizer(train_text)
@@ -205,7 +210,7 @@ def train(
     report = {
         "model": MODEL_NAME,
         "format_version": FORMAT_VERSION,
-        "config": asdict(cfg),
+        "config": cfg.recipe(),
         "key": cfg.key(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": step,
@@ -219,19 +224,53 @@ def train(
         "train_dataset": TRAIN_DATASET,
         "test_dataset": TEST_DATASET,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    return write_model(target, model, tokenizer, cfg, report, data_dir=data_dir, evaluate=evaluate, progress=progress, overwrite=overwrite)
+
+
+def write_model(
+    target: str | os.PathLike, model: Any, tokenizer: Any, cfg: ShakespeareConfig, report: dict[str, Any], *,
+    data_dir: str | os.PathLike | None = None, evaluate: bool = True, progress: Progress = _quiet, overwrite: bool = False,
+) -> Any:  # fmt: skip
+    """Write a trained model as a zoo artifact: an HF folder (safetensors, tokenizer) with its manifest.
+
+    The manifest's step holds the recipe (what :func:`cached` compares) and the metrics hold the
+    training report and, with ``evaluate``, the perplexity on ``tinyshakespeare-test`` measured on
+    the files as saved.
+    """
+    from ..artifacts import Artifact, Manifest
+    from ..tasks import get_task_class
+
+    cls = get_task_class("causal-lm")
+    task_config = cls.config_from_hf(Path(target), model.config)
+    manifest = Manifest(
+        name=MODEL_NAME, task="causal-lm", format="hf", signature=cls(task_config, None).signature(model.config), task_config=task_config,
+        step={"zoo": MODEL_NAME, "recipe_version": FORMAT_VERSION, "recipe": cfg.recipe(), "train_seconds": report["seconds"],
+              "train_cpu_seconds": report["cpu_seconds"], "steps": report["steps"]},
+    )  # fmt: skip
+
+    def fill(tmp: Path) -> dict[str, Any]:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "training.json").write_text(json.dumps(report, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        (tmp / TRAINING_FILE).write_text(json.dumps(report, indent=2))
+        metrics: dict[str, Any] = {"training": report}
+        if evaluate:
+            metrics.update(evaluate_artifact(Artifact(manifest.model_copy(deep=True), tmp), data_dir=data_dir, progress=progress))
+        return {"metrics": metrics}
+
+    return Artifact.write(target, manifest, fill, overwrite=overwrite)
+
+
+def evaluate_artifact(art: Any, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, threads: int = 1) -> dict[str, Any]:
+    """Perplexity on ``tinyshakespeare-test`` (the held-out last 10%) through the PyTorch runner."""
+    from ..datasets import load_dataset
+    from ..runtimes import create_runner
+    from ..tasks import task_for
+
+    ds = load_dataset(TEST_DATASET, data_dir_=data_dir)
+    task = task_for(art)
+    runner = create_runner(art, "torch", threads=threads)
+    scores = task.evaluate(runner, ds, progress=progress(f"evaluating {MODEL_NAME} on {TEST_DATASET}", task.eval_size(ds)))
+    return {"perplexity": {"value": scores["perplexity"], "dataset": ds.name, "runtime": "torch", "kind": "quality", "tokens": scores["tokens"]}}
 
 
 def _heldout_loss(model: Any, ids: Any, context: int) -> float | None:
@@ -250,44 +289,72 @@ def _heldout_loss(model: Any, ids: Any, context: int) -> float | None:
 
 
 # -- the cached model -----------------------------------------------------------------------
+def default_recipe() -> dict[str, Any]:
+    """The recipe the cached ``shakespeare-lm`` is made with (as ``modelpress.zoo`` builders expose it)."""
+    return ShakespeareConfig().recipe()
+
+
 def cached_path(config: ShakespeareConfig | None = None) -> Path:
-    """Where the model trained with ``config`` is cached (it may not exist yet)."""
+    """Where the model trained with ``config`` is cached: ``zoo/shakespeare-lm`` for the default recipe."""
     from ..locations import cache_dir
 
     cfg = config or ShakespeareConfig()
-    return cache_dir("zoo") / f"{MODEL_NAME}-{cfg.key()}"
+    return cache_dir("zoo") / (MODEL_NAME if cfg.recipe() == default_recipe() else f"{MODEL_NAME}-{cfg.key()}")
+
+
+def cached(config: ShakespeareConfig | None = None) -> Any | None:
+    """The cached artifact made with ``config``'s recipe, intact; else None."""
+    from ..artifacts import Artifact
+    from ..errors import ArtifactError
+
+    cfg = config or ShakespeareConfig()
+    path = cached_path(cfg)
+    if not path.is_dir():
+        return None
+    try:
+        art = Artifact.open(path)
+    except ArtifactError:
+        return None
+    step = art.manifest.step or {}
+    if step.get("zoo") != MODEL_NAME or step.get("recipe_version") != FORMAT_VERSION or step.get("recipe") != cfg.recipe() or art.verify():
+        return None
+    return art
 
 
 def is_cached(config: ShakespeareConfig | None = None) -> bool:
-    path = cached_path(config)
-    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    return cached(config) is not None
 
 
 def ensure_trained(
-    *, data_dir: str | os.PathLike | None = None, config: ShakespeareConfig | None = None, progress: Progress = _quiet, retrain: bool = False
+    *, data_dir: str | os.PathLike | None = None, config: ShakespeareConfig | None = None, progress: Progress = _quiet, retrain: bool = False,
+    evaluate: bool = True,
 ) -> Path:
     """The cached model's folder, training it first (once) when it is not cached yet."""
-    path = cached_path(config)
-    if is_cached(config) and not retrain:
-        return path
-    return train(path, data_dir=data_dir, config=config, progress=progress, overwrite=True)
+    if not retrain and (art := cached(config)) is not None:
+        return Path(art.path)
+    return Path(train(cached_path(config), data_dir=data_dir, config=config, progress=progress, overwrite=True, evaluate=evaluate).path)
+
+
+def build_shakespeare(target: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, overwrite: bool = False) -> Any:
+    """Train with the default recipe into ``target`` (the builder signature ``modelpress.zoo`` uses)."""
+    return train(target, data_dir=data_dir, progress=progress, overwrite=overwrite)
 
 
 def get_model_path() -> Path:
     """The cached ``shakespeare-lm`` folder (what the short name resolves to)."""
-    path = cached_path()
-    if not is_cached():
+    art = cached()
+    if art is None:
         raise ModelNotFoundError(
-            f"The model '{MODEL_NAME}' has not been trained on this machine yet (looked in {path}).",
+            f"The model '{MODEL_NAME}' has not been trained on this machine yet (looked in {cached_path()}).",
             hint="Train it once (600 CPU seconds: about 10 minutes on one idle core): python scripts/train_shakespeare.py",
         )
-    return path
+    return Path(art.path)
 
 
 def training_report(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """What ``training.json`` of a trained folder (default: the cached model) says."""
     folder = Path(path) if path is not None else get_model_path()
-    file = folder / "training.json"
+    file = folder / TRAINING_FILE
     if not file.is_file():
-        raise ModelNotFoundError(f"'{folder}' holds no training.json, so it was not made by modelpress.zoo.shakespeare.")
+        raise ModelNotFoundError(f"'{folder}' holds no {TRAINING_FILE}, so it was not made by modelpress.zoo.shakespeare.")
     return json.loads(file.read_text())
