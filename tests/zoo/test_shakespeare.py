@@ -60,6 +60,8 @@ def test_an_untrained_model_says_how_to_make_it():
     with pytest.raises(ModelNotFoundError) as err:  # tests run in a fresh MODELPRESS_HOME
         sh.get_model_path()
     assert "scripts/train_shakespeare.py" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="has not been trained"):
+        mp.load("shakespeare-lm")
 
 
 @pytest.mark.needs_data
@@ -101,3 +103,9 @@ def test_a_short_run_learns_is_cached_and_loads(data_dir, monkeypatch):
     assert sh.ensure_trained(data_dir=data_dir, config=cfg) == path
     ppl = mp.evaluate(str(path), data=sh.TEST_DATASET, data_dir=data_dir, threads=1, task_options={"max_eval_tokens": 2000})["metrics"]["perplexity"]
     assert ppl < math.exp(uniform - 0.8)
+
+    # The short name resolves to the model cached under the default recipe (stood in for here by this one).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sh.write_model(sh.cached_path(), AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path)), sh.ShakespeareConfig(), report, evaluate=False)
+    assert mp.load("shakespeare-lm").path == sh.cached_path()
