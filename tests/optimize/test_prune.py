@@ -298,3 +298,21 @@ def test_prune_command_prints_gate_and_measured_speed(tiny_llama, tmp_path, corp
 
     bad = runner.invoke(app, ["prune", str(tiny_llama), "--method", "snip", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "Unknown pruning method" in bad.output and "wanda" in bad.output
+
+
+def test_prunes_a_zoo_torch_folder_and_it_loads_back(tmp_path):
+    """A format-"torch" folder (weights + architecture as data) stays one after pruning."""
+    from modelpress.sources import write_torch_artifact
+    from modelpress.zoo.architectures import build_module
+    from modelpress.zoo.mnist import task_config
+
+    torch.manual_seed(0)
+    module = build_module("mnist-cnn", {"conv_channels": [4, 8], "hidden": [16]})
+    src = write_torch_artifact(module, tmp_path / "cnn", name="cnn", task="image-classification", task_config=task_config())
+    art = apply_technique(str(src.path), {"technique": "magnitude-prune", "sparsity": 0.5}, tmp_path / "pruned")
+    back = mp.load(str(art.path))
+    assert back.format == "torch" and back.manifest.task_config["architecture"] == src.manifest.task_config["architecture"]
+    pruned = [m for m in back.module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert [float((m.weight == 0).float().mean()) for m in pruned] == [0.5, 0.5, 0.5, 0.0]  # the classifier stays dense
+    batch = mp.task_for(back).sample_inputs(2)
+    assert mp.create_runner(back, "torch", threads=1).run(batch)["logits"].shape == (2, 10)
