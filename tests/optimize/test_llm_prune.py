@@ -198,3 +198,11 @@ def test_wanda_keeps_stories260k_better_than_magnitude(data_dir, tmp_path):
         ppl[name] = mp.evaluate(art, data="tinystories", data_dir=data_dir, threads=1)["metrics"]["perplexity"]
     dense = mp.evaluate(src, data="tinystories", data_dir=data_dir, threads=1)["metrics"]["perplexity"]
     assert dense < ppl["wanda"] < ppl["magnitude"], ppl
+
+
+def test_calibrates_on_padded_line_samples_too(tiny_llama, tmp_path, corpus):
+    """``seq_len: null``: the padded batches of calibration_batches, padding left out of the statistics."""
+    art = apply_technique(str(tiny_llama), {"technique": "sparsegpt", "calibration": {"dataset": str(corpus), "seq_len": None, "samples": 12, "batch_size": 4}}, tmp_path / "lines")
+    m = art.manifest.metrics["technique"]
+    assert m["sparsity"] == 0.5 and m["calibration"]["samples"] == 12 and "seq_len" not in m["calibration"]
+    assert all(0.0 <= e < 1.0 for e in m["relative_output_error"].values())
