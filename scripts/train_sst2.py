@@ -1,4 +1,4 @@
-"""Build the zoo model ``minilm-sst2`` once and cache it (about 5-6 minutes of 2 CPU cores).
+"""Build the zoo model ``minilm-sst2`` once and cache it (about 6 minutes: 362 CPU-s measured).
 
     python scripts/train_sst2.py                     # fine-tune unless cached; print its dev accuracy and folder
     python scripts/train_sst2.py --force             # fine-tune again

@@ -46,7 +46,7 @@ class ZooModel:
     dataset: str  # where its quality is measured
     metric: str
     target: float  # the quality its default recipe is expected to reach
-    expected_time: str  # wall time of the default recipe on 2 CPU cores
+    expected_time: str  # wall time of the default recipe on an idle machine (measured in CPU seconds)
     builder: str  # "module:function", called as function(target, data_dir=..., progress=..., overwrite=...)
     recipe_version: int  # bump when the training code changes what a recipe makes: older cached models are rebuilt
     needs: tuple[str, ...]  # files in the data folder that training reads
@@ -72,7 +72,7 @@ ZOO: dict[str, ZooModel] = {
         dataset="sst2-dev",
         metric="accuracy",
         target=0.86,
-        expected_time="about 5-6 min",
+        expected_time="about 6 min",
         builder="modelpress.zoo.sst2:build_sst2",
         recipe_version=1,
         needs=("sst2/train.tsv", "sst2/dev.tsv"),
@@ -221,10 +221,10 @@ def build(
             return art
         if announce is not None:
             announce(
-                f"[bold]{name}[/bold] is not in the cache yet: training it once ({entry.expected_time} on 2 cores); "
+                f"[bold]{name}[/bold] is not in the cache yet: training it once ({entry.expected_time} on an idle machine); "
                 f"it will be kept in {zoo_path(name)}"
                 if not force
-                else f"[bold]{name}[/bold]: training it again ({entry.expected_time} on 2 cores) into {zoo_path(name)}"
+                else f"[bold]{name}[/bold]: training it again ({entry.expected_time} on an idle machine) into {zoo_path(name)}"
             )
         module_name, func_name = entry.builder.split(":")
         fn = getattr(importlib.import_module(module_name), func_name)
