@@ -354,6 +354,9 @@ def _mount_subcommands() -> None:
     from .optimize.distill_cli import register_commands as register_distill
 
     register_distill(app)
+    from .serving.rollout_cli import register_commands as register_rollout
+
+    register_rollout(app)
 
 
 _mount_subcommands()

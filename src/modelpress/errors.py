@@ -170,3 +170,12 @@ class PayloadTooLargeError(UserInputError):
 
 class UnauthorizedError(UserInputError):
     """A request lacks the API key an endpoint requires, or has a wrong one. HTTP 401."""
+
+
+# --- rollouts (appended) --------------------------------------------------------------
+class RolloutNotFoundError(UserInputError):
+    """No rollout or deployment for that model, or a feedback request id the server does not know. HTTP 404."""
+
+
+class RolloutConflictError(UserInputError):
+    """The rollout is not in a state that allows this (a second start, resuming one that runs, ...). HTTP 409."""
