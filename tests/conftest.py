@@ -155,3 +155,12 @@ def clean_dir(tmp_path: Path) -> Path:
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sst2_short(tmp_path_factory, data_dir):
+    """minilm-sst2 from a short fine-tuning run (60 steps, about 0.8 dev accuracy), built once per session."""
+    from modelpress.zoo.sst2 import Sst2TrainConfig, build_sst2
+
+    config = Sst2TrainConfig(train_size=60 * 32, max_steps=60, lr=2e-4, eval_limit=400, threads=1)
+    return build_sst2(tmp_path_factory.mktemp("sst2") / "sst2", config=config, data_dir=data_dir)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import modelpress as mp
-from modelpress.zoo.sst2 import Sst2TrainConfig, _batches, build_sst2
+from modelpress.zoo.sst2 import Sst2TrainConfig, _batches
 
-# 60 steps of 32 phrases reach about 0.80 on the first 400 dev sentences (chance: 0.5, the
-# majority class 0.51); 0.75 fails on a broken head, labels, schedule or loading.
-SHORT_RUN = Sst2TrainConfig(train_size=60 * 32, max_steps=60, lr=2e-4, eval_limit=400, threads=1)
+# The session fixture sst2_short (tests/conftest.py) runs 60 steps of 32 phrases: about 0.80 on
+# the first 400 dev sentences (chance: 0.5, the majority class 0.51); 0.75 fails on a broken
+# head, labels, schedule or loading.
 MIN_SHORT_RUN_ACCURACY = 0.75
 
 
@@ -33,8 +33,8 @@ def test_config_rejects_unknown_keys():
 
 @pytest.mark.slow
 @pytest.mark.needs_data
-def test_short_run_learns_and_writes_a_plain_hf_classifier(data_dir, tmp_path):
-    art = build_sst2(tmp_path / "sst2", config=SHORT_RUN, data_dir=data_dir)
+def test_short_run_learns_and_writes_a_plain_hf_classifier(data_dir, sst2_short):
+    art = sst2_short
     acc = art.manifest.metrics["accuracy"]
     assert acc["dataset"] == "sst2-dev" and art.manifest.metrics["eval_examples"] == 400
     assert acc["value"] >= MIN_SHORT_RUN_ACCURACY
