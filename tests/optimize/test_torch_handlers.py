@@ -154,6 +154,11 @@ def test_static_int8_of_an_in_memory_cnn_keeps_mnist_accuracy(trained_mnist_cnn,
     reopened = mp.load(tmp_path / "v")
     with pytest.raises(UnsupportedModelError, match="(?s)no module in memory.*art.module = MyNet"):
         mp.create_runner(reopened, "torch").load()
+    import torch
+
+    reopened.module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(UnsupportedModelError, match="does not fit the weights"):
+        mp.create_runner(reopened, "torch").load()
     reopened.module = tiny_cnn  # untrained: the runner reads the trained weights from the folder
     x = mp.task_for(art).sample_inputs(16, data_dir=data_dir)
     np.testing.assert_allclose(mp.create_runner(reopened, "torch").run(x)["logits"], mp.create_runner(art, "torch").run(x)["logits"], rtol=1e-5, atol=1e-5)

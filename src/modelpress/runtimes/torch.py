@@ -142,7 +142,13 @@ class TorchRunner(Runner):
             if weights is not None and weights.is_file():
                 from safetensors.torch import load_model
 
-                load_model(module, str(weights))
+                try:
+                    load_model(module, str(weights))
+                except RuntimeError as exc:  # missing or unexpected keys, wrong shapes
+                    raise UnsupportedModelError(
+                        f"The module attached to '{self.artifact.name}' does not fit the weights in {weights}: {str(exc)[:300]}",
+                        hint="Attach an instance of the class the variant was made from (same layers, same shapes).",
+                    ) from exc
         if self.specs:
             calibration = None
             if any(s["kind"] == "static-int8" for s in self.specs):
