@@ -168,6 +168,13 @@ class Registry:
     def _describe(self, s: Any, row: VersionRow) -> ModelVersion:
         return queries.describe(s, self.store, row)
 
+    @property
+    def rollouts(self) -> Any:
+        """Deployments and rollout decisions (:class:`modelpress.registry.rollouts.Rollouts`)."""
+        from .rollouts import Rollouts
+
+        return Rollouts(self)
+
     # -- reading -------------------------------------------------------------------------
     def get(self, ref: RefLike) -> ModelVersion:
         """One version: ``NAME:VERSION``, ``NAME@stage``, ``NAME:latest`` or ``NAME`` (the latest)."""

@@ -26,12 +26,14 @@ from typing import Any
 from starlette.responses import Response
 
 from ..errors import ModelNotReadyError, ModelpressError
+from .analysis import Observations
 from .auth import check_key, key_from_headers
 from .config import ModelConfig, ServerConfig
 from .http import ServingMiddleware, error_response, info_of, protocol_of
 from .metrics import Metrics
 from .repository import LoadedVersion, ModelRepository
-from .routing import RequestContext
+from .rollout import RolloutManager
+from .routing import Mirror, RequestContext
 
 log = logging.getLogger("modelpress.serving")
 
@@ -43,6 +45,9 @@ class ModelServer:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.repository = ModelRepository(self.config, self.metrics)
+        self.observations = Observations()  # per-version requests, shadow copies, feedback (rollouts, dashboard)
+        self.mirror = Mirror(self.observations)
+        self.rollouts = RolloutManager(self)
         self.started = False
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the models run on, once started
@@ -58,10 +63,12 @@ class ModelServer:
         self.loop = asyncio.get_running_loop()
         for cfg in self.config.models:
             await self.repository.load(cfg)
+        await self.rollouts.resume_all()  # rollouts the registry says were running here pick up where they were
 
     async def stop(self, timeout: float | None = None) -> None:
         """Report not ready, drain every batcher within ``timeout`` (default: drain_timeout_s), close."""
         self.draining = True
+        await self.rollouts.close()
         await self.repository.close(self.config.drain_timeout_s if timeout is None else timeout)
         self.started = False
 
@@ -94,11 +101,14 @@ class ModelServer:
         """
         ctx = RequestContext(info.request_id, info.protocol, headers or {})
         for attempt in (0, 1):
-            lv, _decision = self.repository.route(model, version, ctx)
+            lv, decision = self.repository.route(model, version, ctx)
             info.model, info.version = lv.name, lv.version
             decoded = decode(lv.handler)
             try:
-                results, decoded = await lv.infer(decoded=decoded)
+                with self.observations.timing(lv.name, lv.version, info.request_id):
+                    results, decoded = await lv.infer(decoded=decoded)
+                if decision.mirrors:  # shadow copies run in background tasks: the client does not wait
+                    self.mirror.send(self.repository.routers[model], decision, decode, lv, results)
                 return lv, results, decoded
             except ModelNotReadyError:
                 if attempt or version is not None or lv.batcher.accepting:
@@ -167,6 +177,8 @@ def create_app(server: ModelServer) -> Any:
     from starlette.exceptions import HTTPException
 
     from .. import __version__
+    from . import rollout_api
+    from .dashboard import router as dashboard_router
     from .http import error_body
     from .protocols import kserve_v2, openai, sagemaker
 
@@ -188,6 +200,8 @@ def create_app(server: ModelServer) -> Any:
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
     app.include_router(sagemaker.router)
+    app.include_router(rollout_api.router)
+    app.include_router(dashboard_router)
 
     @app.get("/metrics", tags=["Observability"], summary="Prometheus metrics")
     async def metrics() -> Response:

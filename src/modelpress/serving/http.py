@@ -26,6 +26,8 @@ from ..errors import (
     ModelpressError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    RolloutConflictError,
+    RolloutNotFoundError,
     ServerOverloadedError,
     UnauthorizedError,
     UnknownServedModelError,
@@ -102,8 +104,10 @@ def loads(body: bytes | memoryview, *, example: str) -> Any:
 
 # -- errors --------------------------------------------------------------------------------
 def status_for(exc: BaseException) -> int:
-    if isinstance(exc, UnknownServedModelError):
+    if isinstance(exc, UnknownServedModelError | RolloutNotFoundError):
         return 404
+    if isinstance(exc, RolloutConflictError):
+        return 409
     if isinstance(exc, PayloadTooLargeError):
         return 413
     if isinstance(exc, UnauthorizedError):
