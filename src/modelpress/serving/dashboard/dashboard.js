@@ -69,7 +69,7 @@
     const bar = el("div", { class: "split", "data-model": model.name });
     for (const [version, w] of Object.entries(model.weights || {})) {
       if (w <= 0) continue;
-      bar.append(el("div", { style: `width:${w}%;background:${color(model.name, version)}`, "data-version": version, "data-weight": w }, `${version}: ${num(w, w % 1 ? 1 : 0)}%`));
+      bar.append(el("div", { style: `width:${w}%;background:${color(model.name, version)}`, "data-model": model.name, "data-version": version, "data-weight": w }, `${version}: ${num(w, w % 1 ? 1 : 0)}%`));
     }
     return bar;
   }
