@@ -32,20 +32,21 @@ COVERED = {
 }
 
 # Output error against the float source (SQNR in dB of last_hidden_state, padding masked) on the
-# tiny random encoder, per case. Each bound sits several dB below what was measured here (noted
-# beside it) and far above what a broken graph gives (below 5 dB).
+# tiny random encoder, per case. Its random blocks add little to the residual stream, so every
+# technique scores high here (measured, noted beside each case); the bounds sit 15-60 dB below
+# that and far above what a broken graph gives (below 5 dB). Quality is measured on MiniLM below.
 CASES = [
-    (DynamicInt8(per_channel=True), "QAttention", 20.0),  # fused; measured about 29 dB
-    (DynamicInt8(fuse=False), "MatMulInteger", 20.0),  # about 28 dB
-    (StaticInt8(), "QuantizeLinear", 15.0),  # QDQ minmax, about 24 dB
-    (StaticInt8(method="entropy", calibration={"samples": 16}), "QuantizeLinear", 12.0),  # about 22 dB
-    (WeightOnly(bits=4, group_size=16), "MatMulNBits", 12.0),  # about 19 dB
-    (WeightOnly(bits=8), "MatMulNBits", 30.0),  # about 42 dB
-    (Precision(runtime="onnxruntime", dtype="fp16"), "Cast", 40.0),  # about 60 dB
-    (StaticInt8(runtime="openvino", precision_hint="bf16"), "FakeQuantize", 12.0),  # about 22 dB (in f32)
-    (WeightOnly(runtime="openvino", bits=4, group_size=32), "MatMul", 12.0),  # about 20 dB
-    (WeightOnly(runtime="openvino", bits=8), "MatMul", 30.0),  # about 42 dB
-    (Precision(runtime="openvino", dtype="bf16"), None, 20.0),  # about 35 dB
+    (DynamicInt8(per_channel=True), "QAttention", 25.0),  # fused; measured 41.7 dB
+    (DynamicInt8(fuse=False), "MatMulInteger", 25.0),  # 41.7 dB
+    (StaticInt8(), "QuantizeLinear", 20.0),  # QDQ minmax, 37.3 dB
+    (StaticInt8(method="entropy", calibration={"samples": 16}), "QuantizeLinear", 20.0),  # 37.4 dB
+    (WeightOnly(bits=4, group_size=16), "MatMulNBits", 25.0),  # 55.6 dB
+    (WeightOnly(bits=8), "MatMulNBits", 40.0),  # 78.1 dB
+    (Precision(runtime="onnxruntime", dtype="fp16"), "Cast", 40.0),  # 69.4 dB
+    (StaticInt8(runtime="openvino", precision_hint="bf16"), "FakeQuantize", 25.0),  # 45.7 dB (run in f32)
+    (WeightOnly(runtime="openvino", bits=4, group_size=32), "MatMul", 25.0),  # 45.9 dB
+    (WeightOnly(runtime="openvino", bits=8), "MatMul", 25.0),  # 45.7 dB
+    (Precision(runtime="openvino", dtype="bf16"), None, 40.0),  # 84.6 dB (bf16 matmuls, f32 residual)
 ]
 # MNIST accuracy a static int8 CNN may lose against the float one (int8 of a small CNN keeps it
 # within a few tenths of a point).
@@ -116,7 +117,7 @@ def test_fusion_is_skipped_for_models_it_does_not_know(tiny_llama, tiny_cnn, tmp
     batch = mp.task_for(cnn).sample_inputs(4)
     ref = mp.create_runner(cnn, "torch").run(batch)["logits"]
     got = mp.create_runner(art, "onnxruntime").run(batch)["logits"]
-    assert damage([ref], [got], [batch], "sqnr") > 15.0  # int8 of a random CNN: about 25 dB measured
+    assert damage([ref], [got], [batch], "sqnr") > 20.0  # int8 of this random CNN: 40.8 dB measured
 
 
 def test_exclude_keeps_layers_float_by_module_path(tiny_encoder, tmp_path):
@@ -208,7 +209,7 @@ def test_onnx_source_and_chained_steps(tiny_encoder, tmp_path):
     hinted = mp.apply_technique(ov, Precision(runtime="openvino", dtype="bf16"), tmp_path / "bf16")
     assert hinted.manifest.parent == ov.content_hash()
     assert hinted.manifest.task_config["runtime_options"]["openvino"]["precision"] == "bf16"
-    assert _sqnr(mp.load(tiny_encoder), hinted, "openvino") > 25.0  # int8 weights, measured in f32
+    assert _sqnr(mp.load(tiny_encoder), hinted, "openvino") > 25.0  # int8 weights, measured in f32: about 45 dB
 
 
 @pytest.mark.needs_data
