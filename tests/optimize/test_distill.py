@@ -204,3 +204,18 @@ def test_minilm_short_distillation_beats_the_undistilled_student(data_dir, tmp_p
     got = ev.evaluate(student, "torch")["metrics"]["spearman"]
     base = ev.evaluate(undistilled, "torch")["metrics"]["spearman"]
     assert got > base + 0.01, (base, got)
+
+
+def test_distill_command_prints_the_gate_table_and_the_speed_ratio(tiny_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    args = ["distill", str(tiny_encoder), "--layers", "1", "--data", str(_text_file(tmp_path)), "--max-steps", "4", "-o", str(tmp_path / "s")]
+    res = CliRunner().invoke(app, [*args, "--eval-data", str(_pairs_file(tmp_path)), "--task", "embedding", "--max-drop", "99%", "--bench-seconds", "0.2"])
+    assert res.exit_code in (0, 4), res.output  # 4: the gate failed (a random tiny teacher's Spearman is noise)
+    assert "spearman" in res.output and "measured side by side" in res.output and "2 -> 1 layers" in res.output
+    assert ("gate passed" in res.output) == (res.exit_code == 0)
+    res = CliRunner().invoke(app, ["distill", str(tiny_encoder), "--layers", "2", "--layer-map", "0,1"])
+    assert res.exit_code == 2 and "not both" in res.output
+    assert "--json" in CliRunner().invoke(app, ["distill", "--help"]).output

@@ -176,22 +176,19 @@ def test_cnn_artifact_keeps_its_module_and_exports_with_parity(tiny_cnn, tmp_pat
         prune_structured(src, tmp_path / "bad", {"targets": ["ffn"]})
 
 
-def test_zoo_cnn_saves_its_new_channel_counts(tmp_path):
-    from modelpress.zoo.architectures import ARCHITECTURE_FILE, MnistCNN, build_module
+def test_zoo_cnn_saves_its_new_channel_counts_and_reloads(tmp_path):
+    from modelpress.zoo.architectures import MnistCNN
 
     torch.manual_seed(0)
     src = modelpress.load(MnistCNN({"conv_channels": [8, 16], "hidden": [32]}).eval(), task="image-classification")
     art = prune_structured(src, tmp_path / "pruned", {"ratio": 0.5})
-    arch = json.loads((art.path / ARCHITECTURE_FILE).read_text())
-    assert arch["architecture"] == "mnist-cnn"
-    assert arch["config"]["conv_channels"] == [4, 8] and arch["config"]["hidden"] == [16]
-    rebuilt = build_module(arch["architecture"], arch["config"])
-    from safetensors.torch import load_model
-
-    load_model(rebuilt, str(art.path / "model.safetensors"))
+    arch = art.manifest.task_config["architecture"]
+    assert arch["name"] == "mnist-cnn" and arch["config"]["conv_channels"] == [4, 8] and arch["config"]["hidden"] == [16]
+    reloaded = modelpress.load(art.path)  # rebuilt from the architecture in the manifest and the safetensors
+    assert reloaded.module is not art.module and reloaded.module.features[0].out_channels == 4
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(x), art.module(x))
+        torch.testing.assert_close(reloaded.module(x), art.module(x))
 
 
 @pytest.mark.needs_data
@@ -206,3 +203,23 @@ def test_mnist_cnn_half_channels_fine_tuned_keeps_its_accuracy(trained_mnist_cnn
     ft = art.manifest.metrics["technique"]["finetune"]["training"]
     assert ft["best_metric"] >= ft["first_metric"]  # recovery training helped on the held-out split
     assert got >= 0.99 * base, (base, got)
+
+
+def test_prune_structured_command_prints_json_with_gate_and_speed(tiny_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("sentence1,sentence2,score\n" + "\n".join(f"a cat number {i},a dog number {i},{i % 5}" for i in range(20)) + "\n")
+    args = ["prune-structured", str(tiny_encoder), "-o", str(tmp_path / "p"), "--no-finetune", "--importance", "magnitude", "--eval-data", str(pairs), "--task", "embedding"]
+    res = CliRunner().invoke(app, [*args, "--max-drop", "99%", "--bench-seconds", "0.2", "--json"])
+    data = json.loads(res.stdout)
+    assert res.exit_code == (0 if data["gate"]["passed"] else 4), res.output  # a random tiny model may lose its (random) Spearman
+    assert data["step"]["technique"] == "structured-prune" and data["technique"]["ffn"] == {"before": 64, "after": 32}
+    assert data["gate"]["rows"][0]["metric"] == "spearman"
+    row = data["speed"]["throughput"][0]
+    assert (row["batch"], row["seq_len"]) == (32, 128) and row["speedup"] > 0
+    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "q"), "--targets", "ffn,heads", "--importance", "magnitude", "--no-finetune", "--bench-seconds", "0"])
+    assert bad.exit_code == 2 and "pruned_heads" in bad.output and "Traceback" not in bad.output
+    assert "--json" in CliRunner().invoke(app, ["prune-structured", "--help"]).output

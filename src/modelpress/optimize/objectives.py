@@ -5,8 +5,10 @@ loss) is shared by ``distill`` and by the recovery fine-tuning of ``structured-p
 teacher is always the model the step started from; the losses per task:
 
 * ``embedding``: the pooled sentence embedding of the student against the teacher's on
-  unlabeled text (``loss``: ``cosine`` = 1 - cos, or ``mse``), plus ``hidden_weight`` x the MSE
-  between matched hidden states (student layer i against the teacher layer it was taken from);
+  unlabeled text (``loss``: ``cosine`` = 1 - cos; ``mse``; ``similarity`` = the MSE between the
+  in-batch cosine-similarity matrices of student and teacher, plus 1 - cos), plus
+  ``hidden_weight`` x the MSE between matched hidden states (student layer i against the teacher
+  layer it was taken from);
 * ``text-classification`` and ``image-classification``: ``alpha`` x soft-label KL at
   ``temperature`` (scaled by T^2, as Hinton et al.) + (1 - alpha) x cross-entropy on the labels;
 * ``causal-lm``: ``alpha`` x logit KL per token at ``temperature`` + (1 - alpha) x the
@@ -56,7 +58,7 @@ class TrainingSpec(TrainConfig):
     validation_samples: int = Field(500, ge=0)  # held out for evaluations; 0: no evaluation, no early stopping
     batch_size: int = Field(32, ge=1, le=4096)
     max_length: int = Field(128, ge=8, le=8192)  # tokens per text (causal-lm: per training chunk)
-    loss: Literal["cosine", "mse"] = "cosine"  # embedding: on the pooled sentence embedding
+    loss: Literal["cosine", "mse", "similarity"] = "cosine"  # embedding: on the pooled sentence embedding (see the module docstring)
     hidden_weight: float = Field(0.0, ge=0.0)  # embedding: weight of the matched hidden-state MSE
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the soft-label KL; 1 - alpha on the hard labels
@@ -92,6 +94,11 @@ def _check_names(names: list[str]) -> None:
         )
 
 
+def _held_count(wanted: int, n: int) -> int:
+    """Examples held out for evaluation: as asked, but never more than a fifth of the data."""
+    return min(wanted, n // 5)
+
+
 def load_train_data(task: Any, spec: TrainingSpec, data_dir: Path | None) -> TrainData:
     """The examples of ``spec.data`` for ``task``, with ``spec.validation_samples`` held out."""
     names = list(spec.data or TRAIN_DEFAULTS.get(task.name, []))
@@ -116,7 +123,8 @@ def load_train_data(task: Any, spec: TrainingSpec, data_dir: Path | None) -> Tra
         x = np.concatenate([ds.images for ds in images])
         y = np.concatenate([np.asarray(ds.labels, dtype=np.int64) for ds in images])
         perm = rng.permutation(len(y))
-        held, rest = perm[: spec.validation_samples], perm[spec.validation_samples :]
+        n_val = _held_count(spec.validation_samples, len(y))
+        held, rest = perm[:n_val], perm[n_val:]
         rest = rest[: spec.samples] if spec.samples else rest
         out.images, out.labels = x[np.sort(rest)], y[np.sort(rest)]
         out.validation = ImageDataset("held-out " + "+".join(names), x[np.sort(held)], y[np.sort(held)], images[0].label_names) if len(held) else None
@@ -132,9 +140,10 @@ def load_train_data(task: Any, spec: TrainingSpec, data_dir: Path | None) -> Tra
             gold = map_labels(task.labels or [str(i) for i in range(len(ds.label_names))], ds)
             perm = rng.permutation(len(ds))
             if held is None and spec.validation_samples:
-                h = np.sort(perm[: spec.validation_samples])
+                n_val = _held_count(spec.validation_samples, len(ds))
+                h = np.sort(perm[:n_val])
                 held = LabeledTextDataset("held-out " + ds.name, [ds.texts[i] for i in h], [int(ds.labels[i]) for i in h], ds.label_names)
-                perm = perm[spec.validation_samples :]
+                perm = perm[n_val:]
             texts += [ds.texts[i] for i in perm]
             labels += [int(gold[i]) for i in perm]
         else:
@@ -155,7 +164,7 @@ def _embedding_data(loaded: list[Any], spec: TrainingSpec, rng: np.random.Genera
     for ds in loaded:
         if isinstance(ds, PairDataset):
             if held is None and spec.validation_samples:
-                h = np.sort(rng.permutation(len(ds))[: spec.validation_samples])
+                h = np.sort(rng.permutation(len(ds))[: _held_count(spec.validation_samples, len(ds))])
                 held = PairDataset("held-out " + ds.name, [ds.sentences1[i] for i in h], [ds.sentences2[i] for i in h], [ds.scores[i] for i in h])
             more = ds.texts()
         elif isinstance(ds, LabeledTextDataset):
@@ -172,8 +181,9 @@ def _embedding_data(loaded: list[Any], spec: TrainingSpec, rng: np.random.Genera
         unique = [t for t in unique if t not in banned]
     order = rng.permutation(len(unique))
     if held is None and spec.validation_samples:  # no scored pairs: hold out texts, score agreement with the teacher
-        out.validation = [unique[i] for i in order[: spec.validation_samples]]
-        order = order[spec.validation_samples :]
+        n_val = _held_count(spec.validation_samples, len(unique))
+        out.validation = [unique[i] for i in order[:n_val]]
+        order = order[n_val:]
     else:
         out.validation = held
     order = order[: spec.samples] if spec.samples else order
@@ -275,6 +285,8 @@ class Objective:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
+        if task.name != "causal-lm" and len(data) == 0:
+            raise DatasetError("There is no training example left.", hint="Give more data (training.data) or fewer validation_samples.")
         self.tok = getattr(task, "tokenizer", None)
         self.max_length = min(spec.max_length, int(getattr(task, "max_length", spec.max_length) or spec.max_length)) if self.tok is not None else spec.max_length
         if task.name == "causal-lm":
@@ -343,7 +355,13 @@ class Objective:
             mask = batch["attention_mask"]
             mode = self.task.config.get("pooling", "mean")
             se, te = torch_pool(s.last_hidden_state, mask, mode), torch_pool(t.last_hidden_state, mask, mode)
-            loss = (1 - F.cosine_similarity(se, te, dim=-1)).mean() if spec.loss == "cosine" else F.mse_loss(se, te)
+            if spec.loss == "cosine":
+                loss = (1 - F.cosine_similarity(se, te, dim=-1)).mean()
+            elif spec.loss == "mse":
+                loss = F.mse_loss(se, te)
+            else:  # the in-batch cosine-similarity matrix: what a similarity benchmark ranks
+                sn, tn = F.normalize(se, dim=-1), F.normalize(te, dim=-1)
+                loss = F.mse_loss(sn @ sn.T, tn @ tn.T) + (1 - (sn * tn).sum(-1)).mean()
             if hidden:
                 m = mask.unsqueeze(-1).to(se.dtype)
                 terms = [(((s.hidden_states[i + 1] - t.hidden_states[j + 1]) ** 2) * m).sum() / (m.sum() * se.shape[-1]) for i, j in enumerate(self.layer_map)]
