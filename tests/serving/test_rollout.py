@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -155,14 +156,14 @@ async def test_a_3x_slower_candidate_is_rolled_back_on_p99_within_two_windows(ti
         slow = await load_version(server, str(tiny_encoder), "enc", "2", faulty=True)
         base.delay_s, slow.delay_s = 0.01, 0.03  # the model time is dominated by these: 3x slower
         window = 0.6
-        async with steady_traffic(c, "enc", clients=4) as seen:
+        async with steady_traffic(c, "enc", clients=2) as seen:  # little queueing: latency is mostly model time
             await wait_for(lambda: len(seen.statuses) > 20, 30, "traffic")
             started = time.monotonic()
             await server.rollouts.start("enc", {"candidate": "2", "steps": [25, 50], "window_s": window, "min_requests": 10, "max_p99_ratio": 1.5})
             await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the rollback")
             elapsed = time.monotonic() - started
         ro = server.rollouts.get("enc")
-        assert ro.status == "rolled_back" and ro.state["step"] == 0, ro.events
+        assert ro.status == "rolled_back" and ro.state["step"] <= 1, ro.events  # in the first window or the second
         assert elapsed <= 2 * window + TICK_SLACK_S, f"rolled back after {elapsed:.2f} s"
         last = ro.events[-1]
         assert "p99" in last["reasons"][0] and last["numbers"]["p99_ratio"] > 1.5
@@ -293,3 +294,131 @@ async def test_management_api_keys_states_feedback_and_report(tiny_encoder):
         assert actions[0] == "start" and actions[-4:] == ["pause", "resume", "pause", "promote"]
         assert "enc" in (await c.get("/rollouts", headers=AUTH)).json()
     await asyncio.sleep(0)
+
+
+# -- a real process killed mid-canary ---------------------------------------------------------
+SERVER_START_TIMEOUT_S = 120  # a fresh interpreter imports torch and loads two tiny models
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_server(registry_url: str, port: int, log_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from modelpress.cli import main; main()", "serve", "tiny-enc@production", "--registry", registry_url, "--port", str(port),
+           "--api-key", KEY, "--threads", "1", "--log-level", "warning"]  # fmt: skip
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_ready(url: str, proc, log_path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {open(log_path).read()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_weights(registry_url, tmp_path):
+    import threading
+
+    import httpx
+
+    port = _free_port()
+    url, log_path = f"http://127.0.0.1:{port}", tmp_path / "server.log"
+    proc = _spawn_server(registry_url, port, log_path)
+    try:
+        _wait_ready(url, proc, log_path)
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                while not stop.is_set():
+                    c.post("/v2/models/tiny-enc/infer", json=text_request(["steady traffic"]))
+
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+            spec = {"candidate": "2", "steps": [10, 40, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 5.0}
+            assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
+            senders = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
+            for t in senders:
+                t.start()
+            deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+            while (status := c.get("/rollouts/tiny-enc").json())["step"] != 1:
+                assert time.monotonic() < deadline and status["status"] == "running", status
+                time.sleep(0.05)
+            proc.kill()  # SIGKILL, a fraction of a second into the second step's 1.5 s window
+            proc.wait(30)
+            stop.set()
+            for t in senders:
+                t.join(30)
+        assert status["weights"] == {"2": 40.0, "1": 60.0}
+        proc = _spawn_server(registry_url, port, log_path)
+        _wait_ready(url, proc, log_path)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+            after = c.get("/rollouts/tiny-enc").json()
+            served = c.get("/v2/models/tiny-enc").json()
+        assert after["status"] == "running" and after["step"] == 1 and after["weights"] == status["weights"]
+        assert served["parameters"]["policy"] == status["policy"] and served["versions"] == ["1", "2"]
+        assert [e["action"] for e in after["events"]][-1] == "resume"
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_rollout_cli_against_a_running_server(registry_url):
+    import httpx
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+    from modelpress.serving.rollout_cli import parse_duration, parse_rate, parse_steps
+
+    assert (parse_duration("200ms"), parse_duration("60s"), parse_duration("5m"), parse_duration("0.5")) == (0.2, 60.0, 300.0, 0.5)
+    assert (parse_rate("1%"), parse_rate("0.02"), parse_steps("5,25,50,100")) == (0.01, 0.02, [5.0, 25.0, 50.0, 100.0])
+    for fn, bad, message in ((parse_duration, "soon", "not a duration"), (parse_rate, "150%", "between 0 and 100%"), (parse_steps, "5,x", "percentages")):
+        with pytest.raises(ConfigError, match=message):
+            fn(bad)
+    cli = CliRunner()
+    server = make_server(registry=registry_url, api_key=KEY, models=[ModelConfig(source="tiny-enc@production", threads=1)])
+    with server.in_thread() as running:
+        base = ["--url", running.url, "--api-key", KEY]
+        r = cli.invoke(app, ["rollout", "start", "tiny-enc", "--candidate", "2", "--strategy", "canary", "--steps", "50,100", "--window", "200ms",
+                             "--max-error-rate", "1%", "--max-p99-ratio", "5", "--min-agreement", "0.99", "--min-requests", "3", *base])  # fmt: skip
+        assert r.exit_code == 0 and "canary rollout 1 -> 2 is running" in r.output and "step 1/2" in r.output, r.output
+        with httpx.Client(base_url=running.url, timeout=30) as c:
+            deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+            while True:
+                c.post("/v2/models/tiny-enc/infer", json=text_request(["cli traffic"]))
+                doc = json.loads(cli.invoke(app, ["rollout", "status", "tiny-enc", "--json", *base]).output)
+                if doc["status"] != "running":
+                    break
+                assert time.monotonic() < deadline, doc
+        assert doc["status"] == "succeeded" and doc["promoted"] == "tiny-enc:2"
+        r = cli.invoke(app, ["rollout", "report", "tiny-enc", *base])
+        assert r.exit_code == 0 and "error_rate" in r.output and "significant" in r.output.lower() and "p99 ms" in r.output, r.output
+        r = cli.invoke(app, ["rollback", "tiny-enc", "--why", "cli test", *base])
+        assert r.exit_code == 0 and "now serves version 1; the registry has tiny-enc:1 in production again" in r.output, r.output
+        r = cli.invoke(app, ["rollout", "status", "nope", *base])
+        assert r.exit_code == 2 and "No rollout of 'nope'" in r.output
+        r = cli.invoke(app, ["rollout", "pause", "tiny-enc", "--url", running.url, "--api-key", "wrong-key-00000"])
+        assert r.exit_code == 2 and "API key" in r.output
+    r = cli.invoke(app, ["rollback", "tiny-enc", "--url", "http://127.0.0.1:9", "--api-key", KEY])
+    assert r.exit_code == 2 and "Cannot reach the modelpress server" in r.output and "registry rollback" in r.output
+    with _registry(registry_url) as reg:
+        assert reg.get("tiny-enc@production").version == 1

@@ -26,7 +26,8 @@ from .rollout_support import load_version
 N_DRAWS = 20_000
 SHARE_TOLERANCE = 0.015  # 20,000 seeded draws: a share's standard error is at most 0.35 %, so 1.5 % is over 4 sigma
 SHADOW_P99_BUDGET_S = 0.001  # the bound: a failing shadow adds no more than 1 ms to the client's p99
-P99_ROUNDS = 3  # timing on a shared machine is noisy: the bound must hold in at least one of these rounds
+P99_ROUNDS = 5  # client p99s on a shared 2-core machine move by several ms between rounds: the bound must hold in one of them
+P99_PAIRS = 200  # interleaved requests per round and model
 
 
 def test_split_weights_converge_seeded():
@@ -132,9 +133,19 @@ async def test_a_shadow_that_raises_on_every_request_never_fails_or_slows_the_cl
         shadow = server.observations.shadow_window("shadowed", "2")
         assert shadow.n == 60 and shadow.errors == 60 and faulty.calls >= 60  # every copy ran and failed, recorded
         assert server.observations.window("shadowed", "2").n == 0  # no client request was answered by the candidate
+        # what mirroring adds on the request's own path is creating the background task: microseconds
+        send_times = []
+        router, lv = server.repository.routers["shadowed"], server.repository.routers["shadowed"].versions["1"]
+        decoded = lv.handler.decode(["x"])
+        for _ in range(200):
+            t0 = time.perf_counter()
+            server.mirror.send(router, Decision("1", ("2",)), lambda h: decoded, lv, [np.zeros(32)])
+            send_times.append(time.perf_counter() - t0)
+        await server.mirror.wait(10)
+        assert np.percentile(send_times, 99) < SHADOW_P99_BUDGET_S / 10
         rounds = []
         for _ in range(P99_ROUNDS):
-            p99_with, p99_without = await _p99_pair(c, "shadowed", "plain", 150)
+            p99_with, p99_without = await _p99_pair(c, "shadowed", "plain", P99_PAIRS)
             rounds.append(p99_with - p99_without)
             if rounds[-1] <= SHADOW_P99_BUDGET_S:
                 break

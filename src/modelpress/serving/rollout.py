@@ -190,9 +190,14 @@ class Rollout:
         return phases[min(self.state["step"], len(phases) - 1)]
 
     def policy_for_step(self) -> TrafficPolicy:
-        ph = self.phase
         if self.status not in ACTIVE:
             return SinglePolicy(self.candidate if self.status == "succeeded" else self.baseline)
+        return self.policy_for(self.state["step"])
+
+    def policy_for(self, step: int) -> TrafficPolicy:
+        """The traffic policy of phase ``step`` of this rollout."""
+        phases = phases_of(self.spec)
+        ph = phases[min(step, len(phases) - 1)]
         if ph["phase"] == "shadow":
             return ShadowPolicy(self.baseline, self.candidate, self.spec.shadow_fraction)
         if ph["weight"] >= 100:
@@ -203,6 +208,7 @@ class Rollout:
     def describe(self) -> dict[str, Any]:
         phases = phases_of(self.spec)
         out = dict(self.state)
+        out["spec"] = self.spec.model_dump()
         out["phase"] = self.phase["phase"] if self.status in ACTIVE else "done"
         out["phases"] = phases
         out["window_elapsed_s"] = round(time.monotonic() - self.window_start, 3) if self.status == "running" else None
@@ -210,19 +216,18 @@ class Rollout:
         return out
 
     def event(self, action: str, **extra: Any) -> dict[str, Any]:
-        self.state["seq"] = self.state.get("seq", 0) + 1
-        return {"action": action, "seq": self.state["seq"], "at": _now(), "step": self.state["step"], "phase": self.phase["phase"],
-                "weights": self.state.get("weights"), "baseline": self.baseline, "candidate": self.candidate, **extra}  # fmt: skip
+        """A decision; its seq, step, phase and weights are filled in from the state it is persisted with."""
+        return {"action": action, "at": _now(), **extra}
+
+    def policy_state(self, policy: TrafficPolicy) -> dict[str, Any]:
+        """The state keys that describe ``policy``: the policy, the weights of answered traffic, the shadow share."""
+        if isinstance(policy, ShadowPolicy):
+            return {"policy": policy.describe(), "weights": {self.baseline: 100.0}, "shadow": {self.candidate: policy.fraction}}
+        return {"policy": policy.describe(), "weights": {k: round(v, 6) for k, v in policy.weights().items()}, "shadow": None}
 
     def stage(self, policy: TrafficPolicy) -> None:
-        """Write ``policy`` into the state (before it is persisted or applied)."""
-        self.state["policy"] = policy.describe()
-        self.state["weights"] = {k: round(v, 6) for k, v in policy.weights().items()}
-        if isinstance(policy, ShadowPolicy):
-            self.state["weights"] = {self.baseline: 100.0}
-            self.state["shadow"] = {self.candidate: policy.fraction}
-        else:
-            self.state.pop("shadow", None)
+        """Write ``policy`` into the state here (a fresh rollout, or traffic that has already moved)."""
+        self.state.update(self.policy_state(policy))
 
     async def apply(self, policy: TrafficPolicy) -> None:
         """Route live traffic by ``policy`` (one assignment) and start a new window."""
@@ -274,20 +279,22 @@ class Rollout:
                 self._hold_noted = True
                 await self.manager._persist(self, self.event("hold", reasons=verdict.reasons, numbers=verdict.numbers))
             return
+        updates: dict[str, Any] = {"windows": self.state.get("windows", 0) + 1}
         if base.latencies.size >= self.spec.min_requests and math.isfinite(base.p99):
-            self.state["reference_p99_ms"] = round(base.p99 * 1000, 3)
-        self.state["windows"] = self.state.get("windows", 0) + 1
+            updates["reference_p99_ms"] = round(base.p99 * 1000, 3)
         if self.spec.strategy == "ab":
-            await self.manager._persist(self, self.event("window", reasons=verdict.reasons, numbers=verdict.numbers))
+            await self.manager._persist(self, self.event("window", reasons=verdict.reasons, numbers=verdict.numbers), updates=updates)
             self.window_start = time.monotonic()
             return
-        if self.state["step"] + 1 >= len(phases_of(self.spec)):
+        step = self.state["step"]
+        if step + 1 >= len(phases_of(self.spec)):
+            self.state.update(updates)
             await self.manager._finish(self, "succeeded", "promote", verdict.reasons, verdict.numbers)
             return
-        self.state["step"] += 1
-        policy = self.policy_for_step()
-        self.stage(policy)
-        await self.manager._persist(self, self.event("advance", reasons=verdict.reasons, numbers=verdict.numbers, from_step=self.state["step"] - 1, to=self.phase))
+        policy = self.policy_for(step + 1)
+        updates.update(step=step + 1, **self.policy_state(policy))
+        event = self.event("advance", reasons=verdict.reasons, numbers=verdict.numbers, from_step=step, to=phases_of(self.spec)[step + 1])
+        await self.manager._persist(self, event, updates=updates)  # recorded first: a crash from here on resumes at the new step
         await self.apply(policy)
 
 
@@ -316,6 +323,10 @@ class RolloutManager:
         """Write the state (with ``updates``) and ``event`` to the registry in one transaction; then make them current here."""
         state = {**ro.state, **(updates or {}), "updated_at": _now()}
         if event is not None:
+            phases = phases_of(ro.spec)
+            state["seq"] = state.get("seq", 0) + 1
+            event = {**event, "seq": state["seq"], "step": state["step"], "phase": phases[min(state["step"], len(phases) - 1)]["phase"],
+                     "weights": state.get("weights"), "baseline": state["baseline"], "candidate": state["candidate"]}  # fmt: skip
             state["last_decision"] = {k: event[k] for k in ("action", "seq", "at", "reasons") if k in event}
         store = self.store_for(ro)
         if store is not None:
@@ -412,11 +423,9 @@ class RolloutManager:
             if ro.spec.promote and ro.state.get("candidate_ref"):
                 mv = await asyncio.to_thread(self.registry().promote, ro.state["candidate_ref"], "production", ROLLOUT_USER, f"{ro.spec.strategy} rollout passed: {'; '.join(reasons)}")
                 promoted = mv.ref
-            ro.state["step"] = len(phases_of(ro.spec)) - 1
             policy = SinglePolicy(ro.candidate)
-            ro.stage(policy)
             event = ro.event(action, reasons=reasons, numbers=numbers, promoted=promoted)
-            updates = {"status": status, "finished_at": _now(), "promoted": promoted}
+            updates = {"status": status, "finished_at": _now(), "promoted": promoted, "step": len(phases_of(ro.spec)) - 1, **ro.policy_state(policy)}
             await self._persist(ro, event, version=_int_or_none(ro.state.get("candidate_ref")), updates=updates)
             if router is not None:
                 await ro.apply(policy)

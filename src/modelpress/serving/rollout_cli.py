@@ -22,6 +22,7 @@ from rich.console import Console
 from ..errors import ConfigError, ModelpressRuntimeError, RolloutConflictError, RolloutNotFoundError, UnauthorizedError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+WIDE = 140  # columns for tables when stdout is not a terminal
 HTTP_TIMEOUT_S = 60.0  # a rollback may load the previous version first (seconds for a large model)
 console = Console(stderr=True)
 out = Console()
@@ -111,15 +112,16 @@ def print_status(doc: dict[str, Any]) -> None:
         f"{doc.get('model')}: {spec.get('strategy', '')} rollout {doc.get('baseline')} -> {doc.get('candidate')} is [bold]{doc.get('status')}[/bold]; "
         f"phase {doc.get('phase')}, step {doc.get('step', 0) + 1}/{len(phases) or 1}; traffic {weights or '-'}",
         highlight=False,
+        soft_wrap=True,
     )
     win = doc.get("window") or {}
     for who in ("candidate", "baseline"):
         w = win.get(who)
         if w:
             out.print(f"  window {who}: {w['requests']} requests, errors {_pct(w['error_rate'])}, p50 {_ms(w['p50_ms'])} ms, p99 {_ms(w['p99_ms'])} ms"
-                      + (f", agreement {w['agreement']:.4f}" if w.get("agreement") is not None else ""), highlight=False)  # fmt: skip
+                      + (f", agreement {w['agreement']:.4f}" if w.get("agreement") is not None else ""), highlight=False, soft_wrap=True)  # fmt: skip
     for e in (doc.get("events") or [])[-8:]:
-        out.print(f"  {str(e.get('at', ''))[11:19]} {e.get('action')}: {'; '.join(e.get('reasons') or [])}", highlight=False)
+        out.print(f"  {str(e.get('at', ''))[11:19]} {e.get('action')}: {'; '.join(e.get('reasons') or [])}", highlight=False, soft_wrap=True)
 
 
 def print_report(doc: dict[str, Any]) -> None:
@@ -135,13 +137,13 @@ def print_report(doc: dict[str, Any]) -> None:
     for label, v in doc["versions"].items():
         outcomes = ", ".join(f"{k} {o['mean']:.4g} (n={o['n']})" for k, o in (v.get("outcomes") or {}).items() if o["mean"] is not None)
         table.add_row(label, str(v["requests"]), str(v["errors"]), ci(v["error_rate"], v.get("error_rate_ci"), _pct), ci(v["p50_ms"], v.get("p50_ms_ci"), _ms), ci(v["p99_ms"], v.get("p99_ms_ci"), _ms), outcomes or "-")
-    out.print(table)
+    (out if out.is_terminal else Console(width=max(out.width, WIDE))).print(table)  # piped or captured: no wrapping inside cells
     for t in doc["tests"]:
         p = t["p_value"]
         verdict = "significant" if t["significant"] else "not significant"
         out.print(f"  {t['metric']}: {t['method']}, candidate - baseline = {t['difference'] if t['difference'] is not None else '-':.4g}, p = {p if p is not None else float('nan'):.4g} -> {verdict}"
-                  if t["difference"] is not None else f"  {t['metric']}: {t['method']} -> not enough data", highlight=False)  # fmt: skip
-    out.print(f"[bold]{'The difference is significant' if doc['significant'] else 'No significant difference'}[/bold] at alpha = {doc['alpha']:g}.", highlight=False)
+                  if t["difference"] is not None else f"  {t['metric']}: {t['method']} -> not enough data", highlight=False, soft_wrap=True)  # fmt: skip
+    out.print(f"[bold]{'The difference is significant' if doc['significant'] else 'No significant difference'}[/bold] at alpha = {doc['alpha']:g}.", highlight=False, soft_wrap=True)
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -227,4 +229,4 @@ def register_commands(app: typer.Typer) -> None:
             _emit(doc)
             return
         where = f"; the registry has {doc['production']} in production again" if doc.get("registry_changed") else " (the rollout was aborted; production is unchanged)"
-        console.print(f"[green]{name}[/green] now serves version {doc['serving']}{where}", highlight=False)
+        console.print(f"[green]{name}[/green] now serves version {doc['serving']}{where}", highlight=False, soft_wrap=True)
