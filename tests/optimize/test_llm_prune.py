@@ -60,6 +60,9 @@ def test_wanda_scores_weight_times_input_norm_per_output_row():
     assert torch.equal(wanda_mask(w, sq, 0.5), expected)
     # Plain magnitude would prune row 0's inputs 3 and 0 instead: the input norms change the choice.
     assert not torch.equal(smallest(w.abs(), 4), expected)
+    # The whole layer competing: the four lowest scores are 0.02, 0.3, 0.4, 1.
+    assert torch.equal(wanda_mask(w, sq, 0.5, group="layer"), torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0]], dtype=torch.bool))
+    assert torch.equal(wanda_mask(w, sq, 0.25, group="layer"), torch.tensor([[0, 0, 1, 0], [0, 0, 1, 0]], dtype=torch.bool))
     # 1:2 keeps the higher score of each pair of inputs: row 0 (4 | 2), (0.3 | 1); row 1 (0.4 | 4), (0.02 | 2).
     assert torch.equal(wanda_mask(w, sq, 0.5, (1, 2)), torch.tensor([[0, 1, 1, 0], [1, 0, 1, 0]], dtype=torch.bool))
 
@@ -165,11 +168,13 @@ def test_every_runtime_has_the_handler_and_runs_the_result(tiny_llama, tmp_path,
 
 
 def test_configs_round_trip_and_check_their_settings():
-    for cfg in (SparseGPT(), Wanda(nm="4:8", calibration=LLMCalibration(dataset="wikitext2-test", samples=32)), SparseGPT(sparsity=0.6, block_size=64, damp=0.05, runtime="onnxruntime")):
+    for cfg in (SparseGPT(), Wanda(nm="4:8", calibration=LLMCalibration(dataset="wikitext2-test", samples=32)), SparseGPT(sparsity=0.6, block_size=64, damp=0.05, runtime="onnxruntime"), Wanda(group="layer")):
         assert step_from_json(cfg.to_json()) == cfg and step_from_yaml(cfg.to_yaml()) == cfg
     assert SparseGPT().target_sparsity == 0.5 and Wanda(nm="2:4").target_sparsity == 0.5
     with pytest.raises(ConfigError, match="block_size 6 must divide by M=4"):
         parse_step({"technique": "sparsegpt", "nm": "2:4", "block_size": 6})
+    with pytest.raises(ConfigError, match="drop group: layer"):
+        Wanda(nm="2:4", group="layer")
     with pytest.raises(ConfigError, match="Did you mean 'samples'"):
         parse_step({"technique": "wanda", "calibration": {"sample": 8}})
 
