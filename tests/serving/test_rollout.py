@@ -422,3 +422,18 @@ def test_rollout_cli_against_a_running_server(registry_url):
     assert r.exit_code == 2 and "Cannot reach the modelpress server" in r.output and "registry rollback" in r.output
     with _registry(registry_url) as reg:
         assert reg.get("tiny-enc@production").version == 1
+
+
+@pytest.mark.anyio
+async def test_a_policy_changed_by_hand_or_an_unloaded_model_ends_the_rollout_without_touching_traffic(tiny_encoder):
+    server = make_server()
+    async with client_for(server):
+        await load_version(server, str(tiny_encoder), "enc", "1")
+        server.repository.routers["enc"].set_policy(SinglePolicy("1"))
+        await load_version(server, str(tiny_encoder), "enc", "2")
+        await server.rollouts.start("enc", {"candidate": "2", "window_s": 0.2})
+        server.repository.routers["enc"].set_policy(SinglePolicy("2"))  # an operator points traffic elsewhere
+        await wait_for(lambda: server.rollouts.get("enc").status != "running", 10, "the rollout to notice")
+        ro = server.rollouts.get("enc")
+        assert ro.status == "aborted" and "changed outside the rollout" in ro.events[-1]["reasons"][0]
+        assert server.repository.routers["enc"].policy.describe() == {"policy": "single", "version": "2"}  # left as the operator set it

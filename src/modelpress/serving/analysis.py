@@ -318,6 +318,16 @@ class Observations:
         self._deque(self.outcomes, (*where, metric)).append((time.monotonic(), float(value)))
         return where
 
+    def copy_for(self, model: str) -> Observations:
+        """A copy of ``model``'s records (to analyse in another thread while this one keeps recording)."""
+        out = Observations(self.max_records, self.max_request_ids)
+        out.wall_offset = self.wall_offset
+        for src, dst in ((self.live, out.live), (self.shadows, out.shadows), (self.outcomes, out.outcomes)):
+            for key, d in src.items():
+                if key[0] == model:
+                    dst[key] = deque(d, maxlen=d.maxlen)
+        return out
+
     # reading ----------------------------------------------------------------------------------
     @staticmethod
     def _since(d: deque | None, since: float | None, until: float | None = None) -> list[tuple]:

@@ -169,6 +169,7 @@ class Rollout:
         self.window_start = time.monotonic()
         self.task: asyncio.Task | None = None
         self.events: list[dict[str, Any]] = []  # the latest decisions (the registry has them all)
+        self.applied: TrafficPolicy | None = None  # the policy this rollout put on the router
         self._hold_noted = False
 
     # state ----------------------------------------------------------------------------------
@@ -233,6 +234,7 @@ class Rollout:
         """Route live traffic by ``policy`` (one assignment) and start a new window."""
         self.stage(policy)
         self.manager.server.repository.routers[self.model].set_policy(policy)
+        self.applied = policy
         self.window_start = time.monotonic()
         self._hold_noted = False
 
@@ -264,6 +266,11 @@ class Rollout:
         return cand, base, shadow
 
     async def _check(self) -> None:
+        router = self.manager.server.repository.routers.get(self.model)
+        if router is None or router.policy is not self.applied:  # unloaded, or someone loaded another default meanwhile
+            why = "the model was unloaded" if router is None else f"the traffic policy was changed outside the rollout (now {router.policy.describe() if router.policy else None})"
+            await self.manager._finish(self, "aborted", "abort", [why], leave_traffic=True)
+            return
         cand, base, shadow = self.window_stats()
         ref = self.state.get("reference_p99_ms")
         ref_s = ref / 1000 if ref is not None else None
@@ -414,9 +421,12 @@ class RolloutManager:
         await repo.load(cfg, make_default=False, retire_previous=False)
 
     # the end of a rollout -----------------------------------------------------------------------
-    async def _finish(self, ro: Rollout, status: str, action: str, reasons: list[str], numbers: dict[str, Any] | None = None) -> None:
-        """Roll back / abort (traffic to the baseline first, then the record) or promote (record first, then traffic)."""
-        router = self.server.repository.routers.get(ro.model)
+    async def _finish(self, ro: Rollout, status: str, action: str, reasons: list[str], numbers: dict[str, Any] | None = None, *, leave_traffic: bool = False) -> None:
+        """Roll back / abort (traffic to the baseline first, then the record) or promote (record first, then traffic).
+
+        ``leave_traffic``: the router is no longer the rollout's to steer (unloaded, or re-pointed by hand): only record.
+        """
+        router = None if leave_traffic else self.server.repository.routers.get(ro.model)
         numbers = numbers or {}
         if status == "succeeded":
             promoted = None
@@ -436,7 +446,7 @@ class RolloutManager:
         policy = SinglePolicy(ro.baseline)
         if router is not None:
             await ro.apply(policy)  # traffic first: the candidate stops answering now
-        else:
+        elif not leave_traffic:
             ro.stage(policy)
         updates = {"status": status, "finished_at": _now(), "reason": "; ".join(reasons)}
         event = ro.event(action, reasons=reasons, numbers=numbers)
@@ -494,9 +504,11 @@ class RolloutManager:
             await self._finish(ro, "succeeded", "promote", ["promoted by hand"])
         return ro.describe()
 
-    def report(self, model: str, since_start: bool = True) -> dict[str, Any]:
+    async def report(self, model: str) -> dict[str, Any]:
+        """The A/B analysis of the candidate against the baseline (records copied here, the statistics in a thread)."""
         ro = self.get(model)
-        out = compare(self.server.observations, model, ro.baseline, ro.candidate)
+        snapshot = self.server.observations.copy_for(model)
+        out = await asyncio.to_thread(compare, snapshot, model, ro.baseline, ro.candidate)
         out["rollout"] = {k: ro.state.get(k) for k in ("status", "step", "weights", "started_at", "finished_at")}
         return out
 
@@ -535,6 +547,9 @@ class RolloutManager:
                       "weights": {label: 100.0}, "finished_at": _now(), "reason": why or "rolled back by hand"}  # fmt: skip
         event = {"action": "rollback", "at": _now(), "from": current, "to": label, "registry": f"{mv.ref} back in production", "reasons": [why or "rolled back by hand"]}
         await asyncio.to_thread(self.registry().rollouts.save, model, model=reg_model, version=mv.version, traffic_policy=router.policy.describe(), rollout_state=with_state, event=event)
+        if ro is not None:  # the finished rollout shown for this model: it was rolled back after all
+            ro.state.update(status="rolled_back", reason=with_state["reason"], finished_at=with_state["finished_at"], weights={label: 100.0}, policy=router.policy.describe())
+            ro.events.append(event)
         await self._unload(model, current)
         return {"model": model, "serving": label, "from": current, "registry_changed": True, "production": mv.ref}
 

@@ -96,7 +96,7 @@ async def rollback(request: Request, model: str) -> Response:
 @router.get("/rollouts/{model}/report", summary="A/B analysis of the candidate against its baseline (API key)")
 async def report(request: Request, model: str) -> Response:
     server = _server(request)
-    return json_response(await asyncio.to_thread(server.rollouts.report, model))
+    return json_response(await server.rollouts.report(model))
 
 
 @router.get("/rollouts/{model}/events", summary="Every recorded decision of the deployment (API key)")
