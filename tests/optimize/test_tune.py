@@ -20,13 +20,14 @@ from .test_recipe import EVAL_PAIRS, WeightNoise  # noqa: F401  (registers the t
 FAST = {"limit": EVAL_PAIRS, "threads": 2, "batch_size": 8, "seq_len": 32, "bench_seconds": 0.2}
 
 
-def _pt(label, rec, thr):
-    return Point(label=label, runtime="torch", step=None, peer=None, status="measured", recovery=rec, throughput=thr)
+def _pt(label, cos, thr, lat=10.0):
+    return Point(label=label, runtime="torch", step=None, peer=None, status="measured", recovery=1.0, throughput=thr, latency_p50_ms=lat, quality={"mean_cosine": cos})
 
 
 def test_pareto_front_keeps_only_undominated_points():
-    pts = [_pt("a", 1.0, 10), _pt("b", 0.99, 30), _pt("c", 0.98, 20), _pt("d", 0.95, 40), _pt("e", 1.0, 5)]
-    assert [p.label for p in pareto_front(pts)] == ["a", "b", "d"]
+    pts = [_pt("a", 1.0, 10), _pt("b", 0.99, 30), _pt("c", 0.98, 20), _pt("d", 0.95, 40), _pt("e", 1.0, 5), _pt("f", 0.9, 15, lat=2.0)]
+    # c is beaten by b on every axis; e by a; f is slow and unfaithful but has the lowest latency
+    assert [p.label for p in pareto_front(pts, "embedding")] == ["a", "f", "b", "d"]
 
 
 def test_bad_settings_fail_clearly():

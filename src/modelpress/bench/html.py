@@ -26,25 +26,27 @@ def pareto_plot(result: Any) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [p for p in result.points if p.status == "measured" and p.recovery is not None and p.throughput]
+    from ..optimize.tune import FIDELITY, fidelity
+
+    pts = [p for p in result.points if p.status == "measured" and fidelity(p, result.task) is not None and p.throughput]
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for p in pts:
         marker = "s" if p.peer else "o"
         color = "#2a9d8f" if p.passed else "#e76f51"
-        ax.scatter(p.throughput, p.recovery, marker=marker, s=70 if p.on_front else 40, c=color, edgecolors="black" if p.on_front else "none", zorder=3)
-        ax.annotate(p.label if len(p.label) < 40 else p.label[:37] + "...", (p.throughput, p.recovery), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        y = fidelity(p, result.task)
+        ax.scatter(p.throughput, y, marker=marker, s=70 if p.on_front else 40, c=color, edgecolors="black" if p.on_front else "none", zorder=3)
+        ax.annotate(p.label if len(p.label) < 40 else p.label[:37] + "...", (p.throughput, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted([p for p in pts if p.on_front], key=lambda p: p.throughput)
     if front:
-        ax.plot([p.throughput for p in front], [p.recovery for p in front], "--", color="black", lw=1, zorder=2, label="Pareto front")
+        ax.plot([p.throughput for p in front], [fidelity(p, result.task) for p in front], "--", color="black", lw=1, zorder=2, label="Pareto front (quality, throughput, latency)")
     if result.chosen is not None and result.chosen.throughput:
-        ax.scatter(result.chosen.throughput, result.chosen.recovery, s=260, facecolors="none", edgecolors="#264653", lw=2, zorder=4, label="chosen")
-    min_rec = next((t.get("min_recovery") for t in result.gate.get("thresholds", []) if t.get("metric") == result.primary_metric and t.get("min_recovery")), None)
-    if min_rec:
-        ax.axhline(min_rec, color="#e76f51", lw=1, ls=":", label=f"gate: recovery >= {min_rec:g}")
+        ax.scatter(result.chosen.throughput, fidelity(result.chosen, result.task), s=260, facecolors="none", edgecolors="#264653", lw=2, zorder=4, label="chosen")
     ax.scatter([], [], marker="s", c="grey", label="peer recipe")
     ax.scatter([], [], marker="o", c="grey", label="modelpress candidate")
+    ax.scatter([], [], marker="o", c="#2a9d8f", label="passes the gate")
+    ax.scatter([], [], marker="o", c="#e76f51", label="fails the gate")
     ax.set_xlabel(f"throughput (items/s, batch {result.settings['batch_size']}" + (f" x {result.settings['seq_len']} tokens)" if result.settings.get("seq_len") else ")"))
-    ax.set_ylabel(f"{result.primary_metric} recovery (variant / original)")
+    ax.set_ylabel(f"{FIDELITY.get(result.task, 'recovery')} with the original")
     ax.set_title(f"{result.model}: quality vs throughput ({result.dataset})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
