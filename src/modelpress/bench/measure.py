@@ -27,6 +27,9 @@ import numpy as np
 from ..errors import ConfigError
 
 
+LATENCY_WARMUP_INPUTS = 16  # distinct real inputs run once before latency is timed
+
+
 @dataclass
 class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -99,8 +102,8 @@ class RSSSampler:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _timed(fn: Callable[[], Any], cfg: BenchConfig, max_calls: int | None = None) -> list[float]:
-    for _ in range(cfg.warmup):
+def _timed(fn: Callable[[], Any], cfg: BenchConfig, max_calls: int | None = None, warmup: int | None = None) -> list[float]:
+    for _ in range(cfg.warmup if warmup is None else warmup):
         fn()
     times: list[float] = []
     deadline = time.perf_counter() + cfg.seconds
@@ -141,7 +144,9 @@ def bench_runner(runner: Any, task: Any, cfg: BenchConfig | None = None, *, data
             runner.run(singles[i % len(singles)])
             i += 1
 
-        latency = percentiles(_timed(one, cfg, cfg.latency_calls))
+        # Warm up on several different inputs, not only two: a compiled runner (torch.compile) may
+        # build a graph per new input shape at first, and that belongs to warm-up, not latency.
+        latency = percentiles(_timed(one, cfg, cfg.latency_calls, warmup=max(cfg.warmup, min(len(singles), LATENCY_WARMUP_INPUTS))))
         throughput = []
         seq_lens: list[int | None] = list(cfg.seq_lens) if task.uses_tokenizer() else [None]
         for seq in seq_lens:
