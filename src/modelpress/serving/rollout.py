@@ -34,13 +34,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError, RolloutConflictError, RolloutNotFoundError
-from .analysis import WindowStats, compare, proportion_ci
+from .analysis import WindowStats, compare, evaluate
 from .routing import DEFAULT_STICKY_HEADER, ShadowPolicy, SinglePolicy, SplitPolicy, TrafficPolicy, policy_from_json
 
 log = logging.getLogger("modelpress.rollout")
@@ -49,7 +48,6 @@ STRATEGIES = ("canary", "shadow-then-canary", "blue-green", "ab")
 ACTIVE = ("running", "paused")
 MIN_TICK_S, MAX_TICK_S = 0.02, 1.0  # how often a running rollout looks at its window
 TICKS_PER_WINDOW = 4
-EARLY_BREACH_CONFIDENCE = 0.95  # mid-window: breach only when the error rate's lower bound at this confidence is past the limit
 ROLLOUT_USER = "modelpress-rollout"
 
 
@@ -96,51 +94,6 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     from .config import validated
 
     return validated(RolloutSpec, data, "the rollout")
-
-
-# -- deciding -------------------------------------------------------------------------------
-@dataclass
-class Verdict:
-    """``pass``, ``breach`` or ``wait`` (too little data), with the reasons and the numbers."""
-
-    action: str
-    reasons: list[str] = field(default_factory=list)
-    numbers: dict[str, Any] = field(default_factory=dict)
-
-
-def evaluate(spec: RolloutSpec, candidate: WindowStats, baseline: WindowStats, *, reference_p99: float | None = None, shadow: bool = False, early: bool = False) -> Verdict:
-    """Hold one window of the candidate (live or shadow) against the spec's thresholds and its baseline."""
-    base_p99 = baseline.p99 if baseline.latencies.size >= spec.min_requests else (reference_p99 if reference_p99 is not None else float("nan"))
-    ratio = candidate.p99 / base_p99 if math.isfinite(candidate.p99) and math.isfinite(base_p99) and base_p99 > 0 else float("nan")
-    numbers: dict[str, Any] = {
-        "candidate": candidate.to_json(),
-        "baseline": baseline.to_json(),
-        "baseline_p99_ms": round(base_p99 * 1000, 3) if math.isfinite(base_p99) else None,
-        "p99_ratio": round(ratio, 4) if math.isfinite(ratio) else None,
-        "thresholds": {"max_error_rate": spec.max_error_rate, "max_p99_ratio": spec.max_p99_ratio, "min_agreement": spec.min_agreement if shadow else None},
-    }
-    if candidate.n < spec.min_requests:
-        return Verdict("wait", [f"{candidate.n} candidate requests in the window; {spec.min_requests} needed"], numbers)
-    reasons = []
-    rate = candidate.error_rate
-    if early:
-        low, _ = proportion_ci(candidate.errors, candidate.n, EARLY_BREACH_CONFIDENCE)
-        numbers["error_rate_low"] = round(low, 6)
-        if low > spec.max_error_rate:
-            reasons.append(f"error rate {rate:.2%} (at least {low:.2%}) > {spec.max_error_rate:.2%}")
-        return Verdict("breach" if reasons else "wait", reasons, numbers)
-    if rate > spec.max_error_rate:
-        reasons.append(f"error rate {rate:.2%} > {spec.max_error_rate:.2%}")
-    if spec.max_p99_ratio is not None and math.isfinite(ratio) and ratio > spec.max_p99_ratio:
-        reasons.append(f"p99 {candidate.p99 * 1000:.1f} ms is {ratio:.2f}x the baseline's {base_p99 * 1000:.1f} ms > {spec.max_p99_ratio:g}x")
-    if shadow and spec.min_agreement is not None:
-        if candidate.n_agreement == 0 and candidate.n:
-            reasons.append("no shadow copy answered, so agreement cannot be measured")
-        elif math.isfinite(candidate.agreement) and candidate.agreement < spec.min_agreement:
-            reasons.append(f"agreement {candidate.agreement:.4f} < {spec.min_agreement:g}")
-    if reasons:
-        return Verdict("breach", reasons, numbers)
-    return Verdict("pass", ["within every threshold"], numbers)
 
 
 def phases_of(spec: RolloutSpec) -> list[dict[str, Any]]:

@@ -68,6 +68,9 @@ def parse_steps(text: str) -> list[float]:
 
 def call(method: str, url: str, path: str, api_key: str | None, body: dict[str, Any] | None = None) -> Any:
     """One request to the server's management API; an error answer becomes the matching modelpress error."""
+    from ..errors import require
+
+    require("httpx", "serve")
     import httpx
 
     headers = {"x-api-key": api_key} if api_key else {}
