@@ -30,8 +30,8 @@ import numpy as np
 
 from ..errors import ConfigError, ModelNotReadyError, RolloutNotFoundError, UserInputError
 
-MAX_RECORDS = 100_000  # per model version and kind: about 5 MB; older records fall off
-MAX_REQUEST_IDS = 200_000  # request id -> version, for feedback; older ids are forgotten
+MAX_RECORDS = 100_000  # per model version and kind: about 11 MB; older records fall off
+MAX_REQUEST_IDS = 100_000  # request id -> version, for feedback (about 15 MB); older ids are forgotten
 MAX_BOOTSTRAP_SAMPLES = 5_000  # a longer sample is subsampled (seeded) before bootstrapping: the CI width barely changes, the cost does
 BOOTSTRAP_RESAMPLES = 2_000
 ALPHA = 0.05  # significance level of the tests in reports
@@ -265,6 +265,7 @@ class Observations:
         self.outcomes: dict[tuple[str, str, str], deque[tuple[float, float]]] = {}
         self.dropped: dict[tuple[str, str], int] = {}
         self._requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._keys: dict[tuple[str, str], tuple[str, str]] = {}
         self.wall_offset = time.time() - time.monotonic()  # wall clock = monotonic + this
 
     # recording ------------------------------------------------------------------------------
@@ -275,9 +276,10 @@ class Observations:
         return d
 
     def answered(self, model: str, version: str, seconds: float, ok: bool, request_id: str | None = None) -> None:
-        self._deque(self.live, (model, version)).append((time.monotonic(), seconds, int(ok)))
+        key = (model, version)
+        self._deque(self.live, key).append((time.monotonic(), seconds, int(ok)))
         if ok and request_id:
-            self._requests[request_id] = (model, version)
+            self._requests[request_id] = self._keys.setdefault(key, key)  # one tuple per version, not one per request
             if len(self._requests) > self.max_request_ids:
                 self._requests.popitem(last=False)
 
