@@ -31,7 +31,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/modelpress run minilm
 
+# The dashboard test drives Debian's chromium headless; it is installed once if missing (the
+# test fixture does the same and skips with the reason where no package manager can).
+CHROMIUM_INSTALL := command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1) || true
+
 test: $(TEST_STAMP)
+	@$(CHROMIUM_INSTALL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
