@@ -357,6 +357,9 @@ def _mount_subcommands() -> None:
     from .serving.rollout_cli import register_commands as register_rollout
 
     register_rollout(app)
+    from .serving.alerts import register_commands as register_alerts
+
+    register_alerts(app)
 
 
 _mount_subcommands()

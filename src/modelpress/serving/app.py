@@ -46,7 +46,7 @@ class ModelServer:
         self.metrics = Metrics()
         self.repository = ModelRepository(self.config, self.metrics)
         self.observations = Observations()  # per-version requests, shadow copies, feedback (rollouts, dashboard)
-        self.mirror = Mirror(self.observations)
+        self.mirror = Mirror(self.observations, metrics=self.metrics)
         self.rollouts = RolloutManager(self)
         self.started = False
         self.draining = False

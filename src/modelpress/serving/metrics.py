@@ -9,7 +9,10 @@ Series (all prefixed ``modelpress_``):
 * ``queue_time_seconds{model,version}``: from a row's arrival to its batch's start;
 * ``batch_size{model,version}`` and ``batch_duration_seconds{model,version}``;
 * ``inflight_requests{model,version}`` and ``queue_depth{model,version}`` gauges (read at scrape time);
-* ``model_load_seconds{model,version}``: load plus warm-up time of each loaded version.
+* ``model_load_seconds{model,version}``: load plus warm-up time of each loaded version;
+* ``shadow_requests_total{model,version,status}`` (status ok, error, dropped) and
+  ``shadow_agreement{model,version}`` (histogram of per-copy agreement with the primary) for
+  mirrored copies (the alert rules of :mod:`modelpress.serving.alerts` read them).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+AGREEMENT_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -37,6 +41,8 @@ class Metrics:
         self.inflight = Gauge("modelpress_inflight_requests", "Requests being answered by a model version.", ver, registry=r)
         self.queue_depth = Gauge("modelpress_queue_depth", "Rows waiting in a model version's queue.", ver, registry=r)
         self.load_seconds = Gauge("modelpress_model_load_seconds", "Seconds to load and warm up a model version.", ver, registry=r)
+        self.shadow_requests = Counter("modelpress_shadow_requests", "Mirrored (shadow) copies by outcome: ok, error, dropped.", ["model", "version", "status"], registry=r)
+        self.shadow_agreement = Histogram("modelpress_shadow_agreement", "Agreement of a shadow copy's outputs with the primary's.", ver, buckets=AGREEMENT_BUCKETS, registry=r)
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
@@ -46,6 +52,11 @@ class Metrics:
             pair = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def observe_shadow(self, model: str, version: str, status: str, agreement: float | None = None) -> None:
+        self.shadow_requests.labels(model, version, status).inc()
+        if agreement is not None:
+            self.shadow_agreement.labels(model, version).observe(agreement)
 
     def batch_observer(self, model: str, version: str) -> Callable[[int, list[float], float], None]:
         """A callback for the batcher of one version: batch size, queue times, run time."""

@@ -323,8 +323,9 @@ class Mirror:
     beyond that a copy is dropped and counted (a slow candidate never builds a backlog).
     """
 
-    def __init__(self, observations: Any, max_inflight: int = MAX_SHADOW_INFLIGHT) -> None:
+    def __init__(self, observations: Any, max_inflight: int = MAX_SHADOW_INFLIGHT, metrics: Any = None) -> None:
         self.observations = observations
+        self.metrics = metrics  # a serving.metrics.Metrics: shadow copies also become Prometheus series
         self.max_inflight = max_inflight
         self.dropped = 0
         self._tasks: set[asyncio.Task] = set()
@@ -335,6 +336,8 @@ class Mirror:
             if lv is None or len(self._tasks) >= self.max_inflight or not lv.batcher.accepting:
                 self.dropped += 1
                 self.observations.shadow_dropped(router.name, label)
+                if self.metrics is not None:
+                    self.metrics.observe_shadow(router.name, label, "dropped")
                 continue
             task = asyncio.get_running_loop().create_task(self._shadow(lv, decode, primary, primary_results))
             self._tasks.add(task)
@@ -349,6 +352,8 @@ class Mirror:
             results, _ = await lv.infer(decoded=decoded)
         except Exception as exc:  # a failing candidate is what shadowing is for: record it, tell no client
             self.observations.shadow(lv.name, lv.version, time.perf_counter() - started, ok=False, error=type(exc).__name__)
+            if self.metrics is not None:
+                self.metrics.observe_shadow(lv.name, lv.version, "error")
             return
         seconds = time.perf_counter() - started
         try:
@@ -357,6 +362,8 @@ class Mirror:
             log.warning("shadow outputs of %s:%s cannot be compared with %s:%s (%r)", lv.name, lv.version, primary.name, primary.version, exc)
             agree = 0.0
         self.observations.shadow(lv.name, lv.version, seconds, ok=True, agreement=agree)
+        if self.metrics is not None:
+            self.metrics.observe_shadow(lv.name, lv.version, "ok", agree)
 
     @property
     def inflight(self) -> int:
