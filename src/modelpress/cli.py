@@ -360,6 +360,9 @@ def _mount_subcommands() -> None:
     from .serving.alerts import register_commands as register_alerts
 
     register_alerts(app)
+    from .serving.ship import register_commands as register_ship
+
+    register_ship(app)
 
 
 _mount_subcommands()

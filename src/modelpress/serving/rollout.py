@@ -72,6 +72,7 @@ class RolloutSpec(BaseModel):
     shadow_windows: int = Field(1, ge=1)
     sticky_header: str = DEFAULT_STICKY_HEADER
     source: str | None = None  # where to load the candidate when it is not loaded (default: REGISTRY_NAME:CANDIDATE)
+    runtime: str | None = None  # the runtime to load the candidate on (default: the baseline's), e.g. onnxruntime for an ONNX variant
     promote: bool = True  # promote the candidate to production in the registry at the end
     keep_standby: bool = True  # keep the old version loaded after promotion, so `rollback` is instant
 
@@ -339,7 +340,7 @@ class RolloutManager:
         base_lv = router.versions[baseline]
         registry_model = base_lv.registry_ref.split(":")[0] if base_lv.registry_ref else None
         source = spec.source or (f"{registry_model}:{spec.candidate}" if registry_model else None)
-        await self._ensure_loaded(model, spec.candidate, source)
+        await self._ensure_loaded(model, spec.candidate, source, spec.runtime)
         cand_lv = router.versions[spec.candidate]
         state = {
             "model": model, "status": "running", "step": 0, "windows": 0, "baseline": baseline, "candidate": spec.candidate,
@@ -360,7 +361,7 @@ class RolloutManager:
         log.info("rollout of %s: %s %s -> %s started", model, spec.strategy, baseline, spec.candidate)
         return ro.describe()
 
-    async def _ensure_loaded(self, model: str, label: str, source: str | None) -> None:
+    async def _ensure_loaded(self, model: str, label: str, source: str | None, runtime: str | None = None) -> None:
         router = self.server.repository.routers[model]
         if label in router.versions:
             return
@@ -370,7 +371,7 @@ class RolloutManager:
                 hint=f'Load it first (POST /v2/repository/models/{model}/load with {{"parameters": {{"config": "{{\\"source\\": \\"FOLDER\\", \\"version\\": \\"{label}\\"}}"}}}}), or pass "source".',
             )
         repo = self.server.repository
-        cfg = repo.config_for(model, {"source": source, "version": label})
+        cfg = repo.config_for(model, {"source": source, "version": label, **({"runtime": runtime} if runtime else {})})
         await repo.load(cfg, make_default=False, retire_previous=False)
 
     # the end of a rollout -----------------------------------------------------------------------
@@ -539,7 +540,7 @@ class RolloutManager:
         state = {k: v for k, v in state.items() if k != "spec"}
         reg_model = state.get("registry_model")
         for label, ref in ((state["baseline"], state.get("baseline_ref")), (state["candidate"], state.get("candidate_ref") or state.get("candidate_source"))):
-            await self._ensure_loaded(name, label, ref or (f"{reg_model}:{label}" if reg_model else None))
+            await self._ensure_loaded(name, label, ref or (f"{reg_model}:{label}" if reg_model else None), spec.runtime if label == state["candidate"] else None)
         ro = Rollout(self, name, spec, state)
         ro.events = [e["decision"] for e in await asyncio.to_thread(self.registry().rollouts.events, name, self.MAX_EVENTS_IN_MEMORY)]
         policy = policy_from_json(state["policy"]) if state.get("policy") else ro.policy_for_step()
