@@ -230,6 +230,8 @@ def run(
     seconds: Annotated[float, typer.Option("--seconds", help="Time per measured figure.")] = 1.0,
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
+    serve: Annotated[bool | None, typer.Option("--serve/--no-serve", help="Then serve the chosen variant until Ctrl-C (default: when stdout is a terminal).")] = None,
+    port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8000,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: tune the model (evaluate, optimize, gate and benchmark every candidate against
@@ -271,6 +273,11 @@ def run(
         with Registry() as reg:
             out.print(render_tree(reg.lineage(res.registered_original)))
     out.print(f"report: {res.report}")
+    if (sys.stdout.isatty() if serve is None else serve) and res.chosen is not None:
+        from .serving.ship import serve_foreground
+
+        ref = res.chosen.registered or res.chosen.artifact or model
+        serve_foreground(ref, res.chosen.runtime if ref != model else "torch", ref.split(":")[0] if res.chosen.registered else res.model, port=port, announce=out.print)
 
 
 @app.command("datasets")

@@ -224,6 +224,17 @@ def ship(
     return result
 
 
+def serve_foreground(source: str, runtime: str, name: str, *, port: int = 8000, announce: Callable[[str], None] = print) -> None:
+    """Serve one model (a registry ref or folder) on 127.0.0.1 until Ctrl-C, printing its dashboard and model URLs."""
+    from .app import serve
+    from .config import ServerConfig
+
+    cfg = ServerConfig.from_models([source], runtime=runtime, name=name).model_copy(update={"port": port})
+    base = f"http://127.0.0.1:{port}"
+    announce(f"serving {source} ({runtime}) as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)")
+    serve(cfg)
+
+
 def register_commands(app: typer.Typer) -> None:
     from ..cli import console, emit_json, handle_errors, out
 
@@ -274,4 +285,4 @@ def register_commands(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_ROLLED_BACK)
 
 
-__all__ = ["ShipResult", "ensure_served", "follow", "register_commands", "ship"]
+__all__ = ["ShipResult", "ensure_served", "follow", "register_commands", "serve_foreground", "ship"]
