@@ -232,7 +232,10 @@ def serve_foreground(source: str, runtime: str, name: str, *, port: int = 8000, 
     cfg = ServerConfig.from_models([source], runtime=runtime, name=name).model_copy(update={"port": port})
     base = f"http://127.0.0.1:{port}"
     announce(f"serving {source} ({runtime}) as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)")
-    serve(cfg)
+    try:
+        serve(cfg)
+    except KeyboardInterrupt:  # Ctrl-C is how this ends: in-flight requests have finished by now
+        announce("stopped")
 
 
 def register_commands(app: typer.Typer) -> None:
