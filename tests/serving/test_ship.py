@@ -146,3 +146,21 @@ def test_cli_exits_non_zero_on_a_gate_failure(tiny_encoder, tmp_path):
                                  "--registry", str(tmp_path / "reg.db"), "-o", str(tmp_path / "out"), "--url", "http://127.0.0.1:9"])  # fmt: skip
     assert r.exit_code == GateFailedError.exit_code, r.output
     assert "Stopping before any rollout" in r.output
+
+
+def test_a_breached_window_rolls_back_and_production_stays(tiny_encoder, tmp_path):
+    from modelpress.registry.api import Registry
+    from modelpress.serving.ship import ship
+
+    reg_url = str(tmp_path / "reg.db")
+    strict = {**ROLLOUT, "max_p99_ratio": 0.01}  # no candidate answers 100x faster than its baseline: the first window breaches
+    with live_server(registry=reg_url, api_key=KEY) as url, steady_clients(url, "tiny") as seen:
+        res = ship(
+            "tiny", str(tiny_encoder), recipe=INT8_RECIPE, steps=[25, 100], window_s=WINDOW_S, url=url, api_key=KEY, registry=reg_url,
+            output=tmp_path / "out", data=str(_pairs_file(tmp_path)), task="embedding", rollout=strict, timeout_s=60,
+        )  # fmt: skip
+    assert not res.ok and res.status == "rolled_back", res.status
+    assert [d["action"] for d in res.decisions][-1] == "rollback" and "p99" in "; ".join(res.decisions[-1]["reasons"])
+    assert seen["errors"] == [] and set(seen["versions"]) == {"1"}  # shadow only: no client was answered by the candidate
+    with Registry(reg_url) as reg:
+        assert reg.get("tiny@production").version == 1
