@@ -25,8 +25,15 @@ def _strip_strings(expr: str) -> str:
 
 
 def _selectors(expr: str) -> list[str]:
-    """Metric names: identifiers followed by '{' (every selector the rules write has labels)."""
-    return re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", _strip_strings(expr))
+    """Metric names of every vector selector: from the PromQL parser's AST when it is installed, else
+    identifiers followed by '{' (every selector the rules write has labels)."""
+    try:
+        import promql_parser
+    except ImportError:
+        return re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", _strip_strings(expr))
+    names: list[str] = []
+    promql_parser.walk(promql_parser.parse(expr), pre_visit=lambda node: names.append(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
+    return names
 
 
 def _check_parses(expr: str) -> None:
@@ -46,6 +53,12 @@ def _check_parses(expr: str) -> None:
     for rng in re.findall(r"\[([^\]]*)\]", text):
         assert DURATION.match(rng), f"bad range [{rng}] in {expr}"
     assert re.search(r"[<>]=?\s*[0-9.e+-]+\s*$", text), f"no threshold comparison at the end of {expr}"
+    try:
+        import promql_parser  # the Prometheus parser (Rust, promql-parser on PyPI), when installed
+    except ImportError:
+        return
+    tree = promql_parser.parse(expr)  # raises ValueError on invalid PromQL
+    assert type(tree).__name__ == "BinaryExpr", f"{expr} is not a comparison"
 
 
 def test_rules_have_the_prometheus_schema_and_the_thresholds():
@@ -64,6 +77,12 @@ def test_rules_have_the_prometheus_schema_and_the_thresholds():
     assert emb["ModelpressHighP99Latency"].startswith("histogram_quantile(0.99, sum by (le, model, version)") and emb["ModelpressHighP99Latency"].endswith("> 0.25")
     assert "/ 64 > 0.8" in emb["ModelpressQueueSaturated"]  # the model's own max_queue_size
     assert "/ 1024 " in rules["groups"][1]["rules"][2]["expr"]  # the default one
+
+
+def test_the_checks_catch_broken_expressions():
+    for bad in ["rate(modelpress_requests_total{model=\"m\"}[5m] > 1", "frobnicate(modelpress_queue_depth{model=\"m\"}) > 1", "rate(x{a=\"b\"}[five]) > 1"]:
+        with pytest.raises((AssertionError, ValueError)):
+            _check_parses(bad)
 
 
 def test_bad_thresholds_and_no_models_are_refused():
