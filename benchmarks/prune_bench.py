@@ -8,7 +8,8 @@
    does, on shakespeare-lm (stories260K is reported next to it).
 2. What the sparsity buys on this machine: the weights' size dense, as bitmask + values and
    zlib-compressed; the pruned model's speed against the dense one on PyTorch, ONNX Runtime and
-   OpenVINO (both loaded together, measured in interleaved rounds, medians); and PyTorch's own
+   OpenVINO (both loaded together, measured in interleaved rounds, medians), next to the dense
+   model measured against itself (the noise floor of a ratio on this machine); and PyTorch's own
    sparse CSR kernel against the dense matmul on the model's largest layer at 50%.
 3. The Wanda-pruned model exported through the normal paths (ONNX and OpenVINO, with parity).
 
@@ -144,7 +145,10 @@ def main() -> int:
     console.print("[bold]2. what it buys (the Wanda 50% shakespeare-lm against the dense one)[/bold]")
     pruned = arts_sh["wanda"]
     size = pruned.manifest.metrics["technique"]["size"]
-    speeds = []
+    # The control first: the dense model against itself shows how far the machine's noise moves a ratio.
+    control = speed_ratio(shakespeare, shakespeare, runtime="torch", threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir)
+    control["runtime"] = "torch, dense vs dense (control)"
+    speeds = [control]
     for runtime in ("torch", "onnxruntime", "openvino"):
         speeds.append(speed_ratio(shakespeare, pruned, runtime=runtime, threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir))
     probe = csr_probe(pruned)
