@@ -164,3 +164,32 @@ def sst2_short(tmp_path_factory, data_dir):
 
     config = Sst2TrainConfig(train_size=60 * 32, max_steps=60, lr=2e-4, eval_limit=400, threads=1)
     return build_sst2(tmp_path_factory.mktemp("sst2") / "sst2", config=config, data_dir=data_dir)
+
+
+class StageLog:
+    """A progress factory that records each stage and how far it got."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list[int]] = {}
+
+    def __call__(self, desc: str, total: int | None):
+        self.stages[desc] = [0, total or 0]
+
+        def advance(n: int) -> None:
+            self.stages[desc][0] += n
+
+        return advance
+
+
+@pytest.fixture(scope="session")
+def mnist_build(data_dir):
+    """(artifact, stage log, messages) of building the zoo's mnist-cnn with the default recipe (about 20 s).
+
+    Every test that uses mnist-cnn depends on this fixture, so the build (and its progress) is
+    observed once, whatever order the tests run in.
+    """
+    from modelpress import zoo
+
+    log, messages = StageLog(), []
+    art = zoo.build("mnist-cnn", data_dir=data_dir, progress=log, announce=messages.append)
+    return art, log, messages

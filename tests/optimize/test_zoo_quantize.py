@@ -22,7 +22,7 @@ def _gate():
 
 @pytest.mark.needs_data
 @pytest.mark.slow
-def test_mnist_cnn_static_int8_keeps_99_percent(data_dir, tmp_path):
+def test_mnist_cnn_static_int8_keeps_99_percent(data_dir, tmp_path, mnist_build):
     recipe = {
         "mode": "branch", "on_failure": "skip", "gate": _gate(),
         "steps": [
@@ -30,7 +30,7 @@ def test_mnist_cnn_static_int8_keeps_99_percent(data_dir, tmp_path):
             {"technique": "static-int8", "runtime": "openvino", "calibration": {"samples": 256}},
         ],
     }  # fmt: skip
-    res = run_recipe("mnist-cnn", recipe, tmp_path / "out", data="mnist-test", threads=2)
+    res = run_recipe(mnist_build[0], recipe, tmp_path / "out", data="mnist-test", threads=2)
     assert res.original["metrics"]["accuracy"] >= 0.95
     for step in res.steps:
         assert step.error is None, step.error
