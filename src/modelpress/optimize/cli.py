@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -37,6 +38,12 @@ def parse_duration(text: str) -> float:
     return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
 
 
+def quiet_stdout(as_json: bool) -> contextlib.AbstractContextManager:
+    """With --json, stdout carries only the JSON: libraries' own progress output (NNCF prints
+    Rich bars to stdout) goes to stderr while the work runs."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+
+
 def gate_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("metric", "original", "variant", "recovery", "threshold", "pass"):
@@ -65,7 +72,7 @@ def optimize(
     """Run a recipe: each step is applied, evaluated and gated; a step that breaks the gate is not shipped."""
     from . import api
 
-    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
+    with progress_bars(not as_json or sys.stderr.isatty()) as prog, quiet_stdout(as_json):
         res = api.optimize(
             model, recipe, output, task=task, data=data, max_drop=parse_fraction(max_drop) if max_drop else None, limit=limit,
             threads=threads, data_dir=data_dir, register=not no_register, name=name, overwrite=force, progress=prog,
@@ -123,7 +130,7 @@ def tune(
         else:
             console.print(f"  {p.label}: {p.status}: {p.error}", highlight=False)
 
-    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
+    with progress_bars(not as_json or sys.stderr.isatty()) as prog, quiet_stdout(as_json):
         res = api.tune(
             model, task=task, data=data, max_drop=parse_fraction(max_drop), min_agreement=min_agreement, budget_s=parse_duration(budget),
             preset=preset, runtimes=runtime, output=output, limit=limit, threads=threads, batch_size=batch_size, seq_len=seq_len,
