@@ -183,27 +183,29 @@ def test_recipe_distill_then_int8(tiny_encoder, tmp_path):
 
 @pytest.mark.needs_data
 def test_minilm_short_distillation_beats_the_undistilled_student(data_dir, tmp_path, minilm_path):
+    """MiniLM's first three layers (a student that lacks the top of the network) distilled on 400
+    unlabeled sentences for 60 steps: STS-B dev Spearman rises well above the same layers untrained."""
     from modelpress.optimize.distill import copy_sentence_transformers_files
     from modelpress.optimize.evaluation import Evaluator
     from modelpress.tasks import task_for
 
     teacher_art = modelpress.load("minilm")
-    cfg = Distill(training={"max_steps": 60, "eval_every": None, "samples": 400, "validation_samples": 0, "batch_size": 16, "lr": 2e-4, "warmup": 0.1, "max_seconds": 240})
-    student = distill(teacher_art, tmp_path / "student", cfg, data_dir=data_dir, threads=2)
-    assert student.manifest.metrics["technique"]["layer_map"] == [0, 2, 4]
+    cfg = Distill(layers=[0, 1, 2], training={"max_steps": 60, "eval_every": None, "samples": 400, "validation_samples": 0, "batch_size": 16, "lr": 2e-4, "warmup": 0.1, "max_seconds": 240})
+    student = distill(teacher_art, tmp_path / "student", cfg, data_dir=data_dir)
+    assert student.manifest.metrics["technique"]["train_examples"] == 400
 
     # The same three layers, untrained, saved the same way.
     task = task_for(teacher_art)
-    init = take_layers(task.auto_model_class().from_pretrained(str(minilm_path)), [0, 2, 4])
+    init = take_layers(task.auto_model_class().from_pretrained(str(minilm_path)), [0, 1, 2])
     folder = tmp_path / "init"
     init.save_pretrained(str(folder))
     task.tokenizer.save_pretrained(str(folder))
     copy_sentence_transformers_files(minilm_path, folder)
     undistilled = modelpress.load(folder)
-    ev = Evaluator(teacher_art, data="stsb-dev", data_dir=data_dir, limit=300, threads=2)
+    ev = Evaluator(teacher_art, data="stsb-dev", data_dir=data_dir, limit=300, threads=1)
     got = ev.evaluate(student, "torch")["metrics"]["spearman"]
     base = ev.evaluate(undistilled, "torch")["metrics"]["spearman"]
-    assert got > base + 0.01, (base, got)
+    assert got > base + 0.03, (base, got)
 
 
 def test_distill_command_prints_the_gate_table_and_the_speed_ratio(tiny_encoder, tmp_path):
@@ -212,7 +214,7 @@ def test_distill_command_prints_the_gate_table_and_the_speed_ratio(tiny_encoder,
     from modelpress.cli import app
 
     args = ["distill", str(tiny_encoder), "--layers", "1", "--data", str(_text_file(tmp_path)), "--max-steps", "4", "-o", str(tmp_path / "s")]
-    res = CliRunner().invoke(app, [*args, "--eval-data", str(_pairs_file(tmp_path)), "--task", "embedding", "--max-drop", "99%", "--bench-seconds", "0.2"])
+    res = CliRunner().invoke(app, [*args, "--eval-data", str(_pairs_file(tmp_path)), "--task", "embedding", "--max-drop", "99%", "--bench-rounds", "2"])
     assert res.exit_code in (0, 4), res.output  # 4: the gate failed (a random tiny teacher's Spearman is noise)
     assert "spearman" in res.output and "measured side by side" in res.output and "2 -> 1 layers" in res.output
     assert ("gate passed" in res.output) == (res.exit_code == 0)

@@ -213,13 +213,13 @@ def test_prune_structured_command_prints_json_with_gate_and_speed(tiny_encoder, 
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("sentence1,sentence2,score\n" + "\n".join(f"a cat number {i},a dog number {i},{i % 5}" for i in range(20)) + "\n")
     args = ["prune-structured", str(tiny_encoder), "-o", str(tmp_path / "p"), "--no-finetune", "--importance", "magnitude", "--eval-data", str(pairs), "--task", "embedding"]
-    res = CliRunner().invoke(app, [*args, "--max-drop", "99%", "--bench-seconds", "0.2", "--json"])
+    res = CliRunner().invoke(app, [*args, "--max-drop", "99%", "--bench-rounds", "2", "--json"])
     data = json.loads(res.stdout)
     assert res.exit_code == (0 if data["gate"]["passed"] else 4), res.output  # a random tiny model may lose its (random) Spearman
     assert data["step"]["technique"] == "structured-prune" and data["technique"]["ffn"] == {"before": 64, "after": 32}
     assert data["gate"]["rows"][0]["metric"] == "spearman"
     row = data["speed"]["throughput"][0]
     assert (row["batch"], row["seq_len"]) == (32, 128) and row["speedup"] > 0
-    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "q"), "--targets", "ffn,heads", "--importance", "magnitude", "--no-finetune", "--bench-seconds", "0"])
+    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "q"), "--targets", "ffn,heads", "--importance", "magnitude", "--no-finetune", "--bench-rounds", "0"])
     assert bad.exit_code == 2 and "pruned_heads" in bad.output and "Traceback" not in bad.output
     assert "--json" in CliRunner().invoke(app, ["prune-structured", "--help"]).output

@@ -4,7 +4,7 @@
 applies the technique (with a progress bar for training), evaluates the original and the
 variant on the same data (the gate: the task's primary metric keeps ``1 - max_drop``), and
 measures both models' throughput side by side in one run on the same runtime
-(:func:`measure_speed`, rounds interleaved so a busy machine slows both alike).
+(:func:`interleaved_throughput`: rounds interleaved, so a busy machine slows both alike).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from .configs import TechniqueConfig, parse_step
 from .gate import GateConfig, GateResult, check, flat_metrics
 
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
-SPEED_ROUNDS = 2  # each model is measured this many times, alternating; the best round counts
+SPEED_ROUNDS = 6  # interleaved timing rounds; each model's best round counts
+CALLS_PER_ROUND = 3  # batches per model per round (their median is the round's figure)
+WARMUP_CALLS = 2
 
 
 def _quiet(_d: str, _t: int | None) -> Callable[[int], None]:
@@ -54,42 +56,70 @@ class CompressResult:
         }
 
 
-def measure_speed(
-    original: Artifact, variant: Artifact, runtime: str = "torch", *, threads: int | None = None, batch_sizes: tuple[int, ...] = (32,),
-    seq_len: int = 128, seconds: float = 2.0, rounds: int = SPEED_ROUNDS, data_dir: Path | None = None, progress: ProgressFactory = _quiet,
-) -> dict[str, Any]:  # fmt: skip
-    """Throughput of both models on ``runtime`` at each batch size (text: ``seq_len`` tokens), alternating rounds."""
-    from ..bench.measure import BenchConfig, bench_runner, machine_info
+def interleaved_throughput(
+    entries: list[tuple[str, Artifact, str, dict[str, Any]]], *, threads: int | None = None, batch_sizes: tuple[int, ...] = (32,),
+    seq_len: int | None = 128, rounds: int = SPEED_ROUNDS, calls: int = CALLS_PER_ROUND, data_dir: Path | None = None,
+    progress: ProgressFactory = _quiet,
+) -> dict[str, dict[int, float]]:  # fmt: skip
+    """Items per second of every ``(label, artifact, runtime, options)`` on the same inputs, interleaved.
+
+    Every runner is loaded and warmed up first; then, round after round, each one runs ``calls``
+    batches of each size in turn. A model's figure is its best round's median call, so a burst of
+    load from other processes slows one round of every model instead of one model's whole figure.
+    """
+    import time
+
+    import numpy as np
+
     from ..runtimes import create_runner
     from ..tasks import task_for
 
-    cfg = BenchConfig(batch_sizes=list(batch_sizes), seq_lens=[seq_len], seconds=seconds, latency_calls=20)
-    best: dict[str, dict[tuple[int, Any], float]] = {"original": {}, "variant": {}}
-    latency: dict[str, float] = {}
-    advance = progress(f"measuring speed on {runtime} (original and variant, {rounds} rounds)", 2 * rounds)
-    for _ in range(rounds):
-        for key, art in (("original", original), ("variant", variant)):
-            runner = create_runner(art, runtime, threads=threads)
-            res = bench_runner(runner, task_for(art), cfg, data_dir=data_dir)
-            runner.close()
-            for t in res["throughput"]:
-                k = (t["batch"], t["seq_len"])
-                best[key][k] = max(best[key].get(k, 0.0), t["items_per_s"])
-            latency[key] = min(latency.get(key, float("inf")), res["latency_ms"]["p50"])
+    task = task_for(entries[0][1])
+    text = task.uses_tokenizer()
+    batches = {bs: task.sample_inputs(bs, seq_len=seq_len if text else None, data_dir=data_dir) for bs in batch_sizes}
+    runners = []
+    for label, art, runtime, options in entries:
+        runner = create_runner(art, runtime, threads=threads, **options).load()
+        for b in batches.values():
+            for _ in range(WARMUP_CALLS):
+                runner.run(b)
+        runners.append((label, runner))
+    best: dict[str, dict[int, float]] = {label: {} for label, _ in runners}
+    advance = progress(f"timing {len(runners)} models side by side ({rounds} interleaved rounds)", rounds)
+    try:
+        for _ in range(rounds):
+            for label, runner in runners:
+                for bs, b in batches.items():
+                    times = []
+                    for _ in range(calls):
+                        t0 = time.perf_counter()
+                        runner.run(b)
+                        times.append(time.perf_counter() - t0)
+                    best[label][bs] = max(best[label].get(bs, 0.0), bs / float(np.median(times)))
             advance(1)
-    rows = []
-    for k, base in sorted(best["original"].items(), key=lambda kv: kv[0][0]):
-        var = best["variant"].get(k)
-        rows.append({"batch": k[0], "seq_len": k[1], "original_items_per_s": base, "variant_items_per_s": var, "speedup": var / base if var and base else None})
-    return {
-        "runtime": runtime,
-        "threads": threads,
-        "rounds": rounds,
-        "throughput": rows,
-        "latency_p50_ms": latency,
-        "latency_speedup": latency["original"] / latency["variant"] if latency.get("variant") else None,
-        "machine": machine_info(),
-    }
+    finally:
+        for _, runner in runners:
+            runner.close()
+    return best
+
+
+def measure_speed(
+    original: Artifact, variant: Artifact, runtime: str = "torch", *, threads: int | None = None, batch_sizes: tuple[int, ...] = (32,),
+    seq_len: int = 128, rounds: int = SPEED_ROUNDS, data_dir: Path | None = None, progress: ProgressFactory = _quiet,
+) -> dict[str, Any]:  # fmt: skip
+    """Throughput of both models on ``runtime`` at each batch size (text: ``seq_len`` tokens), interleaved rounds."""
+    from ..bench.measure import machine_info
+    from ..tasks import task_for
+
+    entries = [("original", original, runtime, {}), ("variant", variant, runtime, {})]
+    best = interleaved_throughput(entries, threads=threads, batch_sizes=batch_sizes, seq_len=seq_len, rounds=rounds, data_dir=data_dir, progress=progress)
+    text = task_for(original).uses_tokenizer()
+    rows = [
+        {"batch": bs, "seq_len": seq_len if text else None, "original_items_per_s": best["original"][bs], "variant_items_per_s": best["variant"][bs],
+         "speedup": best["variant"][bs] / best["original"][bs]}
+        for bs in batch_sizes
+    ]  # fmt: skip
+    return {"runtime": runtime, "threads": threads, "rounds": rounds, "throughput": rows, "machine": machine_info()}
 
 
 def compress(
@@ -106,7 +136,7 @@ def compress(
     gate: GateConfig | None = None,
     runtime: str = "torch",
     bench: bool = True,
-    bench_seconds: float = 2.0,
+    rounds: int = SPEED_ROUNDS,
     batch_sizes: tuple[int, ...] = (32,),
     seq_len: int = 128,
     overwrite: bool = False,
@@ -134,5 +164,5 @@ def compress(
     verdict = check(flat_metrics(base), flat_metrics(var), gate or GateConfig.for_task(original.task, max_drop=max_drop))
     speed = None
     if bench:
-        speed = measure_speed(original, art, runtime, threads=threads, batch_sizes=batch_sizes, seq_len=seq_len, seconds=bench_seconds, data_dir=ddir, progress=progress)
+        speed = measure_speed(original, art, runtime, threads=threads, batch_sizes=batch_sizes, seq_len=seq_len, rounds=rounds, data_dir=ddir, progress=progress)
     return CompressResult(art, base, var, verdict, speed, art.manifest.metrics.get("technique", {}))

@@ -254,8 +254,9 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
     report_file = folder / "distill-report.json"
     if config.cache and report_file.is_file():
         return folder, {**json.loads(report_file.read_text()), "cached": True}
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
+    from .training import training_threads
+
+    torch.set_num_threads(training_threads(ctx))
     teacher = load_hf_model(source, task)
     n_teacher = int(teacher.config.num_hidden_layers)
     if config.student_config is not None:

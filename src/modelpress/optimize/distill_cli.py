@@ -22,7 +22,7 @@ EvalDataOpt = Annotated[str | None, typer.Option("--eval-data", help="Dataset th
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Score on the first N examples only.")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", "-r", help="Runtime the variant is scored and timed on (the original is scored on torch).")]
 BudgetOpt = Annotated[str, typer.Option("--budget", help="Wall-clock limit of the training: 90s, 10m.")]
-BenchOpt = Annotated[float, typer.Option("--bench-seconds", help="Seconds per throughput figure (0: do not measure speed).")]
+BenchOpt = Annotated[int, typer.Option("--bench-rounds", help="Interleaved timing rounds of original and variant (0: do not measure speed).")]
 BatchOpt = Annotated[str, typer.Option("--bench-batch", help="Comma-separated batch sizes timed (text: at --seq-len tokens).")]
 SeqOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per input when timing text models.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
@@ -78,12 +78,9 @@ def _show(res: Any, title: str, as_json: bool) -> None:
             for row in res.speed["throughput"]:
                 shape = f"batch {row['batch']}" + (f" x {row['seq_len']} tokens" if row["seq_len"] else "")
                 out.print(
-                    f"speed on {res.speed['runtime']} ({shape}, measured side by side): original {row['original_items_per_s']:.1f}/s, "
+                    f"speed on {res.speed['runtime']} ({shape}, measured side by side, best of {res.speed['rounds']} interleaved rounds): original {row['original_items_per_s']:.1f}/s, "
                     f"variant {row['variant_items_per_s']:.1f}/s = [bold]{row['speedup']:.2f}x[/bold]"
                 )
-            if res.speed.get("latency_speedup"):
-                lat = res.speed["latency_p50_ms"]
-                out.print(f"latency p50 (batch 1): original {lat['original']:.2f} ms, variant {lat['variant']:.2f} ms = {res.speed['latency_speedup']:.2f}x")
         out.print(f"-> {res.artifact.path}")
     if not res.passed:
         console.print(f"[bold red]the variant did not pass the gate:[/bold red] {res.gate.summary()}", highlight=False, soft_wrap=True)
@@ -101,7 +98,7 @@ def distill_cmd(
     budget: BudgetOpt = "10m",
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32).")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help="Embedding students: cosine or mse on the pooled embedding.")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="Embedding students: cosine, mse or similarity (in-batch similarity matrix) on the pooled embedding.")] = None,
     hidden_weight: Annotated[float | None, typer.Option("--hidden-weight", help="Embedding students: weight of the matched hidden-state MSE.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Classifiers and LMs: soft-label temperature.")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="Classifiers and LMs: weight of the soft labels (1 - alpha on hard labels).")] = None,
@@ -111,7 +108,7 @@ def distill_cmd(
     max_drop: Annotated[str, typer.Option("--max-drop", help="Gate: the primary metric may drop this much (3% or 0.03).")] = "3%",
     runtime: RuntimeOpt = "torch",
     threads: ThreadsOpt = None,
-    bench_seconds: BenchOpt = 2.0,
+    bench_rounds: BenchOpt = 6,
     bench_batch: BatchOpt = "32",
     seq_len: SeqOpt = 128,
     data_dir: DataDirOpt = None,
@@ -131,7 +128,7 @@ def distill_cmd(
     with progress_bars(not as_json or sys.stderr.isatty()) as prog:
         res = compress(
             teacher, cfg, output, task=task, data=eval_data, data_dir=data_dir, limit=limit, threads=threads, max_drop=parse_fraction(max_drop),
-            runtime=runtime, bench=bench_seconds > 0, bench_seconds=bench_seconds or 1.0, batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
+            runtime=runtime, bench=bench_rounds > 0, rounds=bench_rounds or 1, batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
             seq_len=seq_len, overwrite=force, progress=prog,
         )  # fmt: skip
     m = res.technique
@@ -159,7 +156,7 @@ def prune_structured_cmd(
     max_drop: Annotated[str, typer.Option("--max-drop", help="Gate: the primary metric may drop this much (1% or 0.01).")] = "1%",
     runtime: RuntimeOpt = "torch",
     threads: ThreadsOpt = None,
-    bench_seconds: BenchOpt = 2.0,
+    bench_rounds: BenchOpt = 6,
     bench_batch: BatchOpt = "32",
     seq_len: SeqOpt = 128,
     data_dir: DataDirOpt = None,
@@ -176,7 +173,7 @@ def prune_structured_cmd(
     with progress_bars(not as_json or sys.stderr.isatty()) as prog:
         res = compress(
             model, cfg, output, task=task, data=eval_data, data_dir=data_dir, limit=limit, threads=threads, max_drop=parse_fraction(max_drop),
-            runtime=runtime, bench=bench_seconds > 0, bench_seconds=bench_seconds or 1.0, batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
+            runtime=runtime, bench=bench_rounds > 0, rounds=bench_rounds or 1, batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
             seq_len=seq_len, overwrite=force, progress=prog,
         )  # fmt: skip
     m = res.technique

@@ -18,8 +18,8 @@
   "6 heads of 32"; the step says so instead of saving a model that would not load.
 
 The pruned model is saved through the normal paths (a Hugging Face folder with its new shapes;
-a torch-format folder with ``model.safetensors`` and, for zoo architectures, an
-``architecture.json`` with the new channel counts) and then, with ``finetune``, trained to
+a torch-format folder with ``model.safetensors`` and, for zoo architectures, the new channel
+counts in the manifest's ``task_config["architecture"]``, from which ``modelpress.load`` rebuilds it) and then, with ``finetune``, trained to
 recover (:mod:`.objectives`: cross-entropy plus distillation from the unpruned model, or the
 unpruned model's embeddings). Fine-tuned weights are cached like distilled students.
 """
@@ -42,6 +42,7 @@ from .handlers import StepContext, calibration_batches, copy_model_files, regist
 from .objectives import TrainingSpec, check_budget, short_label
 
 STRUCTURED_VERSION = 1  # part of the cache key
+TORCH_WEIGHTS = "model.safetensors"  # the weights file of a format-"torch" folder (sources.TORCH_WEIGHTS)
 Target = Literal["channels", "ffn", "heads"]
 
 
@@ -312,8 +313,9 @@ def prune_artifact(source: Artifact, config: StructuredPrune, ctx: StepContext, 
 
     task = task_for(source)
     targets = _targets(config, source)
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
+    from .training import training_threads
+
+    torch.set_num_threads(training_threads(ctx))
     importance = config.importance
     if importance == "auto":
         importance = "magnitude" if source.format == "torch" else "activation"
@@ -415,12 +417,12 @@ def structured_prune_handler(source: Artifact, config: StructuredPrune, ctx: Ste
         else:
             from safetensors.torch import save_model
 
-            save_model(model, str(tmp / "model.safetensors"))
-            _write_architecture(model, tmp)
+            save_model(model, str(tmp / TORCH_WEIGHTS))
         return {"metrics": report}
 
+    extra = {"architecture": _architecture(model)} if source.format == "torch" else None
     try:
-        art = write_variant(source, config, ctx, fmt=source.format, model_file=None, fill=fill)
+        art = write_variant(source, config, ctx, fmt=source.format, model_file=TORCH_WEIGHTS if source.format == "torch" else None, fill=fill, task_config=extra)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -429,15 +431,15 @@ def structured_prune_handler(source: Artifact, config: StructuredPrune, ctx: Ste
     return art
 
 
-def _write_architecture(model: Any, tmp: Path) -> None:
-    """``architecture.json`` with the pruned widths, for modules built from a zoo architecture."""
-    try:
-        from ..zoo.architectures import ARCHITECTURE_FILE, describe_module
-    except ImportError:  # pragma: no cover - the zoo is part of the package
-        return
+def _architecture(model: Any) -> dict[str, Any] | None:
+    """The manifest's ``task_config["architecture"]`` for the pruned module: its new widths (zoo
+    architectures), or None for a module only its author can rebuild (then attach it by hand)."""
+    from ..zoo.architectures import describe_module
+
     if getattr(model, "architecture_name", None) is None:
-        return
-    (tmp / ARCHITECTURE_FILE).write_text(json.dumps(describe_module(model), indent=2))
+        return None
+    arch = describe_module(model)
+    return {"name": arch["architecture"], "config": arch["config"]}
 
 
 def prune_structured(model: Any, output: Any, config: StructuredPrune | dict[str, Any] | None = None, **options: Any) -> Artifact:

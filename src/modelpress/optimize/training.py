@@ -51,6 +51,19 @@ class TrainingContext(StepContext):
     """A :class:`StepContext` that also carries a progress factory for the training loop."""
 
     progress: ProgressFactory | None = None
+    train_threads: int | None = None  # None: all cores on an idle machine, one on a busy one (zoo.training_threads)
+
+
+def training_threads(ctx: StepContext) -> int:
+    """Threads for a training run: the context's ``train_threads``, else the zoo's rule.
+
+    On a machine whose load already reaches its core count, several torch threads spend most
+    of their time spinning at OpenMP barriers, so a busy machine trains on one thread.
+    ``ctx.threads`` is the runtime's setting for inference, not used here.
+    """
+    from ..zoo import training_threads as auto
+
+    return int(getattr(ctx, "train_threads", None) or auto(None))
 
 
 class TrainConfig(StrictModel):
