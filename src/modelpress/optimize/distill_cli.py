@@ -25,6 +25,7 @@ BudgetOpt = Annotated[str, typer.Option("--budget", help="Wall-clock limit of th
 BenchOpt = Annotated[int, typer.Option("--bench-rounds", help="Interleaved timing rounds of original and variant (0: do not measure speed).")]
 BatchOpt = Annotated[str, typer.Option("--bench-batch", help="Comma-separated batch sizes timed (text: at --seq-len tokens).")]
 SeqOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per input when timing text models.")]
+EvalEveryOpt = Annotated[int | None, typer.Option("--eval-every", help="Evaluate on the held-out examples every N steps (early stopping, best weights).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Train again even if this exact run is cached.")]
 
@@ -43,13 +44,18 @@ def _names(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
-def _training(max_steps: int | None, budget: str | None, lr: float | None, batch_size: int | None, data: str | None, samples: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+def _training(
+    max_steps: int | None, budget: str | None, lr: float | None, batch_size: int | None, data: str | None, samples: int | None,
+    extra: dict[str, Any], *, default_eval_every: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The training block from the options; only what was given, so equal runs share a cache entry."""
     from .cli import parse_duration
 
     cfg: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
     if max_steps is not None:
         cfg["max_steps"] = max_steps
-        cfg.setdefault("eval_every", None if max_steps < 4 else max(1, max_steps // 4))
+        if "eval_every" not in cfg and max_steps < default_eval_every:  # the default would never run
+            cfg["eval_every"] = None if max_steps < 4 else max_steps // 4
     if budget is not None:
         cfg["max_seconds"] = parse_duration(budget)
     if lr is not None:
@@ -73,7 +79,11 @@ def _show(res: Any, title: str, as_json: bool) -> None:
         out.print(gate_table([r.to_json() for r in res.gate.rows], f"{title}: gate {status}"))
         t = res.technique.get("training") or (res.technique.get("finetune") or {}).get("training")
         if t:
-            out.print(f"training: {t['steps']} steps in {t['seconds']:.0f} s (stopped: {t['stopped']}); held-out metric {t['first_metric']} -> best {t['best_metric']} at step {t['best_step']}" + (" (cached)" if res.technique.get("cached") else ""))
+            f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            out.print(
+                f"training: {t['steps']} steps in {t['seconds']:.0f} s (stopped: {t['stopped']}); held-out metric {f(t['first_metric'])} (untrained) "
+                f"-> best {f(t['best_metric'])} at step {t['best_step']}" + (" (cached)" if res.technique.get("cached") else "")
+            )
         if res.speed:
             for row in res.speed["throughput"]:
                 shape = f"batch {row['batch']}" + (f" x {row['seq_len']} tokens" if row["seq_len"] else "")
@@ -98,6 +108,7 @@ def distill_cmd(
     budget: BudgetOpt = "10m",
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32).")] = None,
+    eval_every: EvalEveryOpt = None,
     loss: Annotated[str | None, typer.Option("--loss", help="Embedding students: cosine, mse or similarity (in-batch similarity matrix) on the pooled embedding.")] = None,
     hidden_weight: Annotated[float | None, typer.Option("--hidden-weight", help="Embedding students: weight of the matched hidden-state MSE.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Classifiers and LMs: soft-label temperature.")] = None,
@@ -119,12 +130,13 @@ def distill_cmd(
     """Distill a model into a student with fewer layers, then gate it and time it against the teacher."""
     from .cli import parse_fraction
     from .compare import compress
+    from .distill import DistillTraining
 
     if layers is not None and layer_map is not None:
         raise ConfigError("Give --layers or --layer-map, not both.", hint="Example: --layers 3, or --layer-map 0,3,5")
-    extra = {"loss": loss, "hidden_weight": hidden_weight, "temperature": temperature, "alpha": alpha}
+    extra = {"loss": loss, "hidden_weight": hidden_weight, "temperature": temperature, "alpha": alpha, "eval_every": eval_every}
     cfg = {"technique": "distill", "layers": _ints(layer_map, "layer-map") if layer_map else layers, "cache": not no_cache}
-    cfg["training"] = _training(max_steps, budget, lr, batch_size, data, samples, extra)
+    cfg["training"] = _training(max_steps, budget, lr, batch_size, data, samples, extra, default_eval_every=DistillTraining().eval_every)
     with progress_bars(not as_json or sys.stderr.isatty()) as prog:
         res = compress(
             teacher, cfg, output, task=task, data=eval_data, data_dir=data_dir, limit=limit, threads=threads, max_drop=parse_fraction(max_drop),
@@ -150,6 +162,7 @@ def prune_structured_cmd(
     budget: BudgetOpt = "5m",
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Fine-tuning batch size (default 32).")] = None,
+    eval_every: EvalEveryOpt = None,
     task: TaskOpt = None,
     eval_data: EvalDataOpt = None,
     limit: LimitOpt = None,
@@ -167,9 +180,11 @@ def prune_structured_cmd(
     """Remove whole channels, FFN neurons or heads, fine-tune to recover, then gate and time against the original."""
     from .cli import parse_fraction
     from .compare import compress
+    from .structured import RecoveryTraining
 
     cfg: dict[str, Any] = {"technique": "structured-prune", "ratio": ratio, "targets": _names(targets), "head_ratio": head_ratio, "importance": importance, "round_to": round_to, "cache": not no_cache}
-    cfg["finetune"] = _training(max_steps, budget, lr, batch_size, data, samples, {}) if finetune else None
+    extra = {"eval_every": eval_every}
+    cfg["finetune"] = _training(max_steps, budget, lr, batch_size, data, samples, extra, default_eval_every=RecoveryTraining().eval_every) if finetune else None
     with progress_bars(not as_json or sys.stderr.isatty()) as prog:
         res = compress(
             model, cfg, output, task=task, data=eval_data, data_dir=data_dir, limit=limit, threads=threads, max_drop=parse_fraction(max_drop),
@@ -177,8 +192,11 @@ def prune_structured_cmd(
             seq_len=seq_len, overwrite=force, progress=prog,
         )  # fmt: skip
     m = res.technique
-    widths = {k: v for k, v in m.items() if k in ("ffn", "heads")} or {"channels": m.get("widths_after")}
-    _show(res, f"prune-structured {model}: ratio {ratio}, {widths}, parameters {m.get('parameters_before'):,} -> {m.get('parameters_after'):,}", as_json)
+    if "widths_after" in m:
+        widths = ", ".join(f"{k} {m['widths_before'][k]}->{v}" for k, v in m["widths_after"].items() if v != m["widths_before"][k])
+    else:
+        widths = ", ".join(f"{k} {m[k]['before']}->{m[k]['after']}" for k in ("ffn", "heads") if k in m)
+    _show(res, f"prune-structured {model}: {widths}; parameters {m.get('parameters_before'):,} -> {m.get('parameters_after'):,}", as_json)
 
 
 def register_commands(app: typer.Typer) -> None:
