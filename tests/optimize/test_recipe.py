@@ -18,6 +18,9 @@ from modelpress.optimize.configs import TechniqueConfig, register_config
 from modelpress.optimize.handlers import copy_model_files, register_handler, write_variant
 from modelpress.optimize.recipe import Recipe, run_recipe
 
+# The test-only technique below is tested here (the handler-completeness test reads this).
+COVERED = {("WeightNoise", "torch")}
+
 EVAL_PAIRS = 150  # enough STS-B dev pairs for a stable Spearman (about +-0.02), small enough to be quick
 
 

@@ -355,7 +355,9 @@ def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_
                     c.post("/v2/models/tiny-enc/infer", json=text_request(["steady traffic"]))
 
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-            spec = {"candidate": "2", "steps": [10, 40, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 5.0}
+            # This test is about resuming, not about the SLO checks: the thresholds are loose so a
+            # loaded machine's latency spikes cannot roll the canary back before the kill.
+            spec = {"candidate": "2", "steps": [10, 40, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 1000.0, "max_error_rate": 0.5}
             assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
             senders = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
             for t in senders:
