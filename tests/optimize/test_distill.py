@@ -16,6 +16,9 @@ from modelpress.optimize.distill import Distill, distill, layer_plan, take_layer
 from modelpress.optimize.objectives import Objective, TrainData, TrainingSpec
 from modelpress.optimize.training import train
 
+# the (technique, runtime) pairs this file tests (read by the handler-completeness test)
+COVERED = {("Distill", "torch")}
+
 SUBJECTS = ["the cat", "a young doctor", "my neighbour", "the old train", "two children", "the committee", "a red car", "the river"]
 VERBS = ["watched", "crossed", "painted", "ignored", "followed", "described", "built", "moved past"]
 OBJECTS = ["the bridge", "a quiet street", "the evening news", "an empty field", "the last page", "a small boat", "the market"]

@@ -14,6 +14,9 @@ from modelpress.errors import ConfigError, OptimizationError
 from modelpress.optimize.configs import parse_step
 from modelpress.optimize.structured import StructuredPrune, prune_cnn, prune_structured, prune_transformer
 
+# the (technique, runtime) pairs this file tests (read by the handler-completeness test)
+COVERED = {("StructuredPrune", "torch")}
+
 # Pruning removes exactly what masking zeroes, so outputs agree up to float summation order.
 MASKED_ATOL = 1e-5
 
