@@ -23,7 +23,6 @@ function of the step (a seeded, length-bucketed order per epoch), so a resumed r
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -455,6 +454,3 @@ def check_budget(spec: TrainingSpec, what: str) -> None:
     if spec.max_seconds is None and spec.max_steps > 100_000:
         raise OptimizationError(f"The {what} would run {spec.max_steps} steps with no time budget.", hint="Set max_seconds (e.g. 600) or fewer max_steps.")
 
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60]
