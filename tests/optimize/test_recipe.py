@@ -5,7 +5,6 @@ technique that adds Gaussian noise to the encoder weights: no noise keeps the qu
 heavy noise destroys it, so the expected verdicts are known without trusting any quantizer.
 """
 
-from __future__ import annotations
 
 import json
 from pathlib import Path
