@@ -58,17 +58,27 @@ def busy() -> bool:
     return os.getloadavg()[0] >= (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def timed(rows: list[tuple[str, object, str, dict]], batch_sizes: tuple[int, ...], seq_len: int | None, ddir: Path | None, prog) -> dict[int, dict[str, dict[int, float]]]:
+def timed(
+    rows: list[tuple[str, object, str, dict]], batch_sizes: tuple[int, ...], seq_len: int | None, ddir: Path | None, prog
+) -> dict[int, dict[str, dict[int, float]]]:
     """{threads: {label: {batch: items/s}}} at THREADS and at 1 thread: every model loaded, then timed in interleaved rounds."""
-    from modelpress.optimize.compare import interleaved_throughput
+    from modelpress.optimize.distill.compare import interleaved_throughput
 
-    return {t: interleaved_throughput(rows, threads=t, batch_sizes=batch_sizes, seq_len=seq_len, rounds=ROUNDS, calls=CALLS, data_dir=ddir, progress=prog) for t in dict.fromkeys((THREADS, 1))}
+    return {
+        t: interleaved_throughput(
+            rows, threads=t, batch_sizes=batch_sizes, seq_len=seq_len, rounds=ROUNDS, calls=CALLS, data_dir=ddir, progress=prog
+        )
+        for t in dict.fromkeys((THREADS, 1))
+    }
 
 
 def judged(speed: dict[int, dict], was_busy: bool) -> tuple[int, str]:
     """Which thread setting the targets are read at, and why."""
     if was_busy and 1 in speed and THREADS != 1:
-        return 1, f"the machine was busy (load {os.getloadavg()[0]:.1f}): {THREADS}-thread figures are dominated by OpenMP threads waiting for a descheduled peer, so targets are read at 1 thread"
+        return (
+            1,
+            f"the machine was busy (load {os.getloadavg()[0]:.1f}): {THREADS}-thread figures are dominated by OpenMP threads waiting for a descheduled peer, so targets are read at 1 thread",
+        )
     return THREADS, f"targets read at {THREADS} threads"
 
 
@@ -86,7 +96,9 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
         return {"recipe": res.to_json()}, problems
     student = mp.artifacts.Artifact.open(res.steps[0].path)
     ov_int8 = mp.artifacts.Artifact.open(res.steps[1].path)
-    ort_int8 = apply_technique(student, {"technique": "dynamic-int8", "runtime": "onnxruntime", "per_channel": True}, OUT / "distill-ort-int8", overwrite=True)
+    ort_int8 = apply_technique(
+        student, {"technique": "dynamic-int8", "runtime": "onnxruntime", "per_channel": True}, OUT / "distill-ort-int8", overwrite=True
+    )
     # The peer's best recipe on the teacher itself (PEERS.md: 6.45x on a quiet machine): shows how busy this one is.
     teacher_int8 = apply_technique(teacher, OV_INT8, OUT / "teacher-ov-int8", overwrite=True, data_dir=ddir)
     ev = Evaluator(teacher, data="stsb-dev", data_dir=ddir, threads=THREADS)
@@ -107,21 +119,33 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
     ]
     was_busy = busy()
     speeds = timed(rows, (32,), 128, ddir, prog)
-    qkey = {"teacher torch fp32 eager": "teacher (torch fp32)", "student torch fp32 eager": "student (torch fp32)", "student + static int8 (openvino)": "student + static int8 (openvino)", "student + dynamic int8 per-channel (onnxruntime)": "student + dynamic int8 per-channel (onnxruntime)"}
+    qkey = {
+        "teacher torch fp32 eager": "teacher (torch fp32)",
+        "student torch fp32 eager": "student (torch fp32)",
+        "student + static int8 (openvino)": "student + static int8 (openvino)",
+        "student + dynamic int8 per-channel (onnxruntime)": "student + dynamic int8 per-channel (onnxruntime)",
+    }
     for threads, speed in speeds.items():
         base = speed["teacher torch fp32 eager"][32]
-        table = Table(title=f"MiniLM -> 3-layer student (batch 32 x 128 tokens, {threads} thread(s); ratios to the teacher on PyTorch fp32 eager, same run, best of {ROUNDS} interleaved rounds)", title_justify="left")
+        table = Table(
+            title=f"MiniLM -> 3-layer student (batch 32 x 128 tokens, {threads} thread(s); ratios to the teacher on PyTorch fp32 eager, same run, best of {ROUNDS} interleaved rounds)",
+            title_justify="left",
+        )
         for col in ("model", "STS-B dev Spearman", "recovery", "items/s", "speed-up"):
             table.add_column(col)
         for label, entry in speed.items():
             q = quality.get(qkey.get(label, ""))
             rec = q / quality["teacher (torch fp32)"] if q is not None else None
-            table.add_row(label, f"{q:.4f}" if q is not None else "", f"{rec:.4f}" if rec else "", f"{entry[32]:.1f}", f"{entry[32] / base:.2f}x")
+            table.add_row(
+                label, f"{q:.4f}" if q is not None else "", f"{rec:.4f}" if rec else "", f"{entry[32]:.1f}", f"{entry[32] / base:.2f}x"
+            )
         console.print(table)
     tm = student.manifest.metrics["technique"]
     tr = tm["training"]
-    console.print(f"distillation: {tr['steps']} steps in {tr['seconds']:.0f} s ({'cached' if tm.get('cached') else 'trained in this run'}), stopped: {tr['stopped']}; "
-                  f"held-out STS-B train Spearman {tr['first_metric']:.4f} (layers 0, 3, 5 untrained) -> {tr['best_metric']:.4f}; recipe took {recipe_s:.0f} s")  # fmt: skip
+    console.print(
+        f"distillation: {tr['steps']} steps in {tr['seconds']:.0f} s ({'cached' if tm.get('cached') else 'trained in this run'}), stopped: {tr['stopped']}; "
+        f"held-out STS-B train Spearman {tr['first_metric']:.4f} (layers 0, 3, 5 untrained) -> {tr['best_metric']:.4f}; recipe took {recipe_s:.0f} s"
+    )
     at, why = judged(speeds, was_busy)
     console.print(why)
     speed = speeds[at]
@@ -130,11 +154,22 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
     same_torch = speed["student torch fp32 eager"][32] / base
     same_ov = speed["student openvino"][32] / speed["teacher openvino"][32]
     best_int8 = max(speed[k][32] for k in speed if "int8" in k and k.startswith("student")) / base
-    figures = {"quality": quality, "speed": speeds, "judged_at_threads": at, "student_recovery": rec, "student_speedup_torch": same_torch, "student_speedup_openvino": same_ov, "int8_speedup": best_int8, "training": tr}
+    figures = {
+        "quality": quality,
+        "speed": speeds,
+        "judged_at_threads": at,
+        "student_recovery": rec,
+        "student_speedup_torch": same_torch,
+        "student_speedup_openvino": same_ov,
+        "int8_speedup": best_int8,
+        "training": tr,
+    }
     if rec < TARGETS["student_recovery"]:
         problems.append(f"student keeps {rec:.4f} of the teacher's Spearman < {TARGETS['student_recovery']}")
     if same_torch < TARGETS["student_speedup"] or same_ov < TARGETS["student_speedup"]:
-        problems.append(f"student speed-up torch {same_torch:.2f}x / openvino {same_ov:.2f}x < {TARGETS['student_speedup']}x ({at} thread(s))")
+        problems.append(
+            f"student speed-up torch {same_torch:.2f}x / openvino {same_ov:.2f}x < {TARGETS['student_speedup']}x ({at} thread(s))"
+        )
     if best_int8 < TARGETS["int8_speedup"]:
         problems.append(f"student + int8 {best_int8:.2f}x PyTorch fp32 eager < {TARGETS['int8_speedup']}x ({at} thread(s))")
     for k, v in quality.items():
@@ -144,25 +179,48 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
 
 
 def mnist(ddir: Path, prog) -> tuple[dict, list[str]]:
-    from modelpress.optimize.compare import compress
+    from modelpress.optimize.distill.compare import compress
 
     cnn = mp.load("mnist-cnn")
-    res = compress(cnn, PRUNE, OUT / "mnist-pruned", data="mnist-test", data_dir=ddir, threads=THREADS, bench=False, overwrite=True, progress=prog)
+    res = compress(
+        cnn, PRUNE, OUT / "mnist-pruned", data="mnist-test", data_dir=ddir, threads=THREADS, bench=False, overwrite=True, progress=prog
+    )
     pruned = res.artifact
     was_busy = busy()
-    speeds = timed([("mnist-cnn", cnn, "torch", {}), ("mnist-cnn 50% channels pruned", pruned, "torch", {})], (1, 32, 256), None, ddir, prog)
+    speeds = timed(
+        [("mnist-cnn", cnn, "torch", {}), ("mnist-cnn 50% channels pruned", pruned, "torch", {})], (1, 32, 256), None, ddir, prog
+    )
     base, var = res.original["metrics"]["accuracy"], res.variant["metrics"]["accuracy"]
     m = res.technique
     for threads, speed in speeds.items():
         a, b = speed["mnist-cnn"], speed["mnist-cnn 50% channels pruned"]
-        table = Table(title=f"MNIST CNN, 50% of channels pruned + fine-tuned (PyTorch eager, {threads} thread(s), same run, best of {ROUNDS} interleaved rounds)", title_justify="left")
+        table = Table(
+            title=f"MNIST CNN, 50% of channels pruned + fine-tuned (PyTorch eager, {threads} thread(s), same run, best of {ROUNDS} interleaved rounds)",
+            title_justify="left",
+        )
         for col in ("model", "widths", "parameters", "MNIST test accuracy", "items/s b1 / b32 / b256", "speed-up b1 / b32 / b256"):
             table.add_column(col)
-        table.add_row("mnist-cnn", str(m["widths_before"]), f"{m['parameters_before']:,}", f"{base:.4f}", " / ".join(f"{a[k]:.0f}" for k in (1, 32, 256)), "1.00x")
-        table.add_row("pruned + fine-tuned", str(m["widths_after"]), f"{m['parameters_after']:,}", f"{var:.4f} ({var / base:.4f})", " / ".join(f"{b[k]:.0f}" for k in (1, 32, 256)), " / ".join(f"{b[k] / a[k]:.2f}x" for k in (1, 32, 256)))
+        table.add_row(
+            "mnist-cnn",
+            str(m["widths_before"]),
+            f"{m['parameters_before']:,}",
+            f"{base:.4f}",
+            " / ".join(f"{a[k]:.0f}" for k in (1, 32, 256)),
+            "1.00x",
+        )
+        table.add_row(
+            "pruned + fine-tuned",
+            str(m["widths_after"]),
+            f"{m['parameters_after']:,}",
+            f"{var:.4f} ({var / base:.4f})",
+            " / ".join(f"{b[k]:.0f}" for k in (1, 32, 256)),
+            " / ".join(f"{b[k] / a[k]:.2f}x" for k in (1, 32, 256)),
+        )
         console.print(table)
     ft = m["finetune"]["training"]
-    console.print(f"fine-tuning: {ft['steps']} steps in {ft['seconds']:.0f} s ({'cached' if m.get('cached') else 'trained in this run'}); held-out accuracy {ft['first_metric']:.4f} (pruned) -> {ft['best_metric']:.4f}")
+    console.print(
+        f"fine-tuning: {ft['steps']} steps in {ft['seconds']:.0f} s ({'cached' if m.get('cached') else 'trained in this run'}); held-out accuracy {ft['first_metric']:.4f} (pruned) -> {ft['best_metric']:.4f}"
+    )
     at, why = judged(speeds, was_busy)
     console.print(why)
     a, b = speeds[at]["mnist-cnn"], speeds[at]["mnist-cnn 50% channels pruned"]
@@ -171,7 +229,13 @@ def mnist(ddir: Path, prog) -> tuple[dict, list[str]]:
         problems.append(f"pruned CNN keeps {var / base:.4f} of its accuracy < {TARGETS['cnn_recovery']}")
     if b[256] / a[256] < TARGETS["cnn_speedup"]:
         problems.append(f"pruned CNN {b[256] / a[256]:.2f}x at batch 256 < {TARGETS['cnn_speedup']}x ({at} thread(s))")
-    return {"accuracy": {"original": base, "pruned": var}, "speed": speeds, "judged_at_threads": at, "widths": m["widths_after"], "finetune": ft}, problems
+    return {
+        "accuracy": {"original": base, "pruned": var},
+        "speed": speeds,
+        "judged_at_threads": at,
+        "widths": m["widths_after"],
+        "finetune": ft,
+    }, problems
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ import modelpress as mp
 from modelpress.bench.measure import machine_info
 from modelpress.locations import find_data_dir
 from modelpress.optimize.handlers import apply_technique
-from modelpress.optimize.sparse_store import speed_ratio
+from modelpress.optimize.prune.sparse_store import speed_ratio
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
@@ -72,7 +72,10 @@ def quality(name: str, source, data: str, data_dir: Path, work: Path, tokens: in
         m = art.manifest.metrics["technique"]
         rows[label] = {"perplexity": ppl, "rise": ppl - dense, "sparsity": m["sparsity"], "prune_seconds": round(seconds, 1)}
         arts[label] = art
-        console.print(f"  {name} {label}: perplexity {ppl:.4f} (dense {dense:.4f}), {m['sparsity']:.2%} of the decoder weights zero, pruned in {seconds:.1f} s", highlight=False)
+        console.print(
+            f"  {name} {label}: perplexity {ppl:.4f} (dense {dense:.4f}), {m['sparsity']:.2%} of the decoder weights zero, pruned in {seconds:.1f} s",
+            highlight=False,
+        )
     for label, r in rows.items():
         if label == "dense" or label.startswith("magnitude"):
             continue
@@ -82,13 +85,22 @@ def quality(name: str, source, data: str, data_dir: Path, work: Path, tokens: in
 
 
 def quality_table(res: dict) -> Table:
-    table = Table(title=f"{res['model']}: perplexity on {res['dataset']} ({res['eval_tokens']} tokens), 50% of the decoder's linear weights zeroed", title_justify="left")
+    table = Table(
+        title=f"{res['model']}: perplexity on {res['dataset']} ({res['eval_tokens']} tokens), 50% of the decoder's linear weights zeroed",
+        title_justify="left",
+    )
     for col in ("method", "perplexity", "rise", "rise / magnitude's", "sparsity", "prune s"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for label, r in res["rows"].items():
         ratio = r.get("rise_vs_magnitude")
-        table.add_row(label, f"{r['perplexity']:.4f}", "" if "rise" not in r else f"{r['rise']:+.4f}", "" if ratio is None else f"{ratio:.3f}",
-                      "" if "sparsity" not in r else f"{r['sparsity']:.2%}", "" if "prune_seconds" not in r else f"{r['prune_seconds']}")  # fmt: skip
+        table.add_row(
+            label,
+            f"{r['perplexity']:.4f}",
+            "" if "rise" not in r else f"{r['rise']:+.4f}",
+            "" if ratio is None else f"{ratio:.3f}",
+            "" if "sparsity" not in r else f"{r['sparsity']:.2%}",
+            "" if "prune_seconds" not in r else f"{r['prune_seconds']}",
+        )
     return table
 
 
@@ -118,7 +130,15 @@ def csr_probe(art) -> dict:
         dense_s = timed(lambda: torch.nn.functional.linear(x, w))
         sparse_s = timed(lambda: (csr @ x.T).T)
         err = float((torch.nn.functional.linear(x, w) - (csr @ x.T).T).abs().max())
-    return {"layer": name, "shape": list(w.shape), "sparsity": float((w == 0).float().mean()), "dense_ms": dense_s * 1e3, "csr_ms": sparse_s * 1e3, "csr_speedup": dense_s / sparse_s, "max_abs_diff": err}
+    return {
+        "layer": name,
+        "shape": list(w.shape),
+        "sparsity": float((w == 0).float().mean()),
+        "dense_ms": dense_s * 1e3,
+        "csr_ms": sparse_s * 1e3,
+        "csr_speedup": dense_s / sparse_s,
+        "max_abs_diff": err,
+    }
 
 
 def main() -> int:
@@ -146,11 +166,17 @@ def main() -> int:
     pruned = arts_sh["wanda"]
     size = pruned.manifest.metrics["technique"]["size"]
     # The control first: the dense model against itself shows how far the machine's noise moves a ratio.
-    control = speed_ratio(shakespeare, shakespeare, runtime="torch", threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir)
+    control = speed_ratio(
+        shakespeare, shakespeare, runtime="torch", threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir
+    )
     control["runtime"] = "torch, dense vs dense (control)"
     speeds = [control]
     for runtime in ("torch", "onnxruntime", "openvino"):
-        speeds.append(speed_ratio(shakespeare, pruned, runtime=runtime, threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir))
+        speeds.append(
+            speed_ratio(
+                shakespeare, pruned, runtime=runtime, threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir
+            )
+        )
     probe = csr_probe(pruned)
     report.update({"size": size, "speed": speeds, "csr_probe": probe})
     buys = Table(title="what 50% unstructured sparsity buys here (measured in this run)", title_justify="left")
@@ -163,10 +189,25 @@ def main() -> int:
     buys.add_row("  bitmask + values, zlib", f"{d:,} B", f"{size['bitmask_zlib_bytes']:,} B", f"{size['bitmask_zlib_bytes'] / d:.3f}x")
     for sp in speeds:
         lo, hi = sp["throughput_ratio_range"]
-        buys.add_row(f"throughput, {sp['runtime']}, batch 8 x 128 (rounds: {lo:.2f}-{hi:.2f}x)", f"{sp['original_items_per_s']:.1f}/s", f"{sp['variant_items_per_s']:.1f}/s", f"{sp['throughput_ratio']:.3f}x")
+        buys.add_row(
+            f"throughput, {sp['runtime']}, batch 8 x 128 (rounds: {lo:.2f}-{hi:.2f}x)",
+            f"{sp['original_items_per_s']:.1f}/s",
+            f"{sp['variant_items_per_s']:.1f}/s",
+            f"{sp['throughput_ratio']:.3f}x",
+        )
         lo, hi = sp["latency_ratio_range"]
-        buys.add_row(f"latency p50, {sp['runtime']}, batch 1 (rounds: {lo:.2f}-{hi:.2f}x)", f"{sp['original_p50_ms']:.2f} ms", f"{sp['variant_p50_ms']:.2f} ms", f"{sp['latency_ratio']:.3f}x")
-    buys.add_row(f"torch CSR matmul vs dense, {probe['layer']} {probe['shape']}, 1024 tokens", f"{probe['dense_ms']:.3f} ms", f"{probe['csr_ms']:.3f} ms", f"{probe['csr_speedup']:.3f}x")
+        buys.add_row(
+            f"latency p50, {sp['runtime']}, batch 1 (rounds: {lo:.2f}-{hi:.2f}x)",
+            f"{sp['original_p50_ms']:.2f} ms",
+            f"{sp['variant_p50_ms']:.2f} ms",
+            f"{sp['latency_ratio']:.3f}x",
+        )
+    buys.add_row(
+        f"torch CSR matmul vs dense, {probe['layer']} {probe['shape']}, 1024 tokens",
+        f"{probe['dense_ms']:.3f} ms",
+        f"{probe['csr_ms']:.3f} ms",
+        f"{probe['csr_speedup']:.3f}x",
+    )
     console.print(buys)
 
     console.print("[bold]3. exports of the pruned model (parity checked by modelpress.export)[/bold]")
@@ -183,7 +224,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(report, indent=2, default=str))
     verdict = "[green]met[/green]" if best <= TARGET_RATIO else "[red]MISSED[/red]"
-    console.print(f"target on shakespeare-lm: best one-shot rise / magnitude's rise = {best:.3f} (<= {TARGET_RATIO}): {verdict}; report {out / 'prune.json'}")
+    console.print(
+        f"target on shakespeare-lm: best one-shot rise / magnitude's rise = {best:.3f} (<= {TARGET_RATIO}): {verdict}; report {out / 'prune.json'}"
+    )
     return 0 if best <= TARGET_RATIO else 1
 
 

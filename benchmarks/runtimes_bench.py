@@ -40,7 +40,12 @@ def main() -> int:
         res = bench_runner(runner, task, cfg, data_dir=find_data_dir())
         res["runtime"] = runtime + "".join(f" {k}={v}" for k, v in options.items())
         results.append(res)
-    report = {"machine": machine_info(), "results": results, "baseline_index": 0, "ratios": {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i}}
+    report = {
+        "machine": machine_info(),
+        "results": results,
+        "baseline_index": 0,
+        "ratios": {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i},
+    }
     Console(width=200).print(bench_table(report))
     out = Path(os.environ.get("BENCH_OUT", "out/bench"))
     out.mkdir(parents=True, exist_ok=True)

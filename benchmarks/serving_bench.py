@@ -132,7 +132,11 @@ async def load(port: int, path: str, bodies: list[bytes], concurrency: int) -> d
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for body in todo:
-                req = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+                req = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                    path.encode(),
+                    len(body),
+                    body,
+                )
                 t0 = time.perf_counter()
                 for _attempt in range(2):
                     try:
@@ -207,8 +211,20 @@ def start_ours(runtime: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     batching = {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS}
     models = [
         {"source": "minilm", "name": "minilm", "runtime": runtime, "threads": THREADS, "batching": batching},
-        {"source": "minilm", "name": "minilm-pad128", "runtime": runtime, "threads": THREADS, "batching": {**batching, "bucketing": False, "pad_to_length": 128}},
-        {"source": "minilm", "name": "minilm-q128", "runtime": runtime, "threads": THREADS, "batching": {**batching, "max_queue_size": 128}},
+        {
+            "source": "minilm",
+            "name": "minilm-pad128",
+            "runtime": runtime,
+            "threads": THREADS,
+            "batching": {**batching, "bucketing": False, "pad_to_length": 128},
+        },
+        {
+            "source": "minilm",
+            "name": "minilm-q128",
+            "runtime": runtime,
+            "threads": THREADS,
+            "batching": {**batching, "max_queue_size": 128},
+        },
     ]
     port = free_port()
     cfg = tmp / "serve.json"
@@ -227,7 +243,11 @@ def batch_stats(port: int, model: str) -> dict[str, float]:
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     out = {}
-    for key, series in (("batches", "modelpress_batch_size_count"), ("rows", "modelpress_batch_size_sum"), ("seconds", "modelpress_batch_duration_seconds_sum")):
+    for key, series in (
+        ("batches", "modelpress_batch_size_count"),
+        ("rows", "modelpress_batch_size_sum"),
+        ("seconds", "modelpress_batch_duration_seconds_sum"),
+    ):
         m = re.search(series + r'\{model="' + re.escape(model) + r'",version="[^"]*"\} ([0-9.e+-]+)', text)
         out[key] = float(m.group(1)) if m else 0.0
     return out
@@ -242,7 +262,11 @@ def served(port: int, model: str, bodies: list[bytes], concurrency: int) -> dict
     if d["batches"] and d["seconds"]:
         # rows per second while a batch ran: the model's own speed under the same machine load,
         # and the fraction of the wall time the model was busy (1.0: nothing but the model limits)
-        result.update(avg_batch=d["rows"] / d["batches"], model_rows_per_s=d["rows"] / d["seconds"], model_busy=d["seconds"] * result["rps"] / d["rows"])
+        result.update(
+            avg_batch=d["rows"] / d["batches"],
+            model_rows_per_s=d["rows"] / d["seconds"],
+            model_busy=d["seconds"] * result["rps"] / d["rows"],
+        )
     return result
 
 
@@ -306,7 +330,9 @@ def peer_python(peers: list[str]) -> Path:
     here_site = [p for p in sys.path if p.endswith("site-packages")]
     (site / "modelpress_project.pth").write_text("\n".join([str(ROOT / "src"), *here_site]) + "\n")
     wanted = [PEER_VERSIONS[p] for p in peers]
-    missing = [w for w, p in zip(wanted, peers, strict=True) if subprocess.call([str(py), "-c", f"import {p}"], stderr=subprocess.DEVNULL) != 0]
+    missing = [
+        w for w, p in zip(wanted, peers, strict=True) if subprocess.call([str(py), "-c", f"import {p}"], stderr=subprocess.DEVNULL) != 0
+    ]
     if missing:
         print(f"installing {', '.join(missing)} into {venv} (first run only)", flush=True)
         subprocess.check_call([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing])
@@ -338,10 +364,16 @@ def start_peer(peer: str, py: Path, runtime: str, tmp: Path) -> tuple[subprocess
 # -- the run ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=int(os.environ.get("BENCH_REQUESTS", "1000")), help="requests per concurrency-64 figure")
+    ap.add_argument(
+        "--requests", type=int, default=int(os.environ.get("BENCH_REQUESTS", "1000")), help="requests per concurrency-64 figure"
+    )
     ap.add_argument("--latency-requests", type=int, default=200, help="requests for the concurrency-1 figure")
     ap.add_argument("--load-requests", type=int, default=0, help="requests at concurrency 256 for the overload / memory test (0: skip)")
-    ap.add_argument("--peers", default=os.environ.get("BENCH_PEERS", ""), help="comma-separated: litserve, ray (installed into the benchmark's own venv)")
+    ap.add_argument(
+        "--peers",
+        default=os.environ.get("BENCH_PEERS", ""),
+        help="comma-separated: litserve, ray (installed into the benchmark's own venv)",
+    )
     ap.add_argument("--runtime", default="torch")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (each figure: the median)")
     args = ap.parse_args()
@@ -352,7 +384,14 @@ def main() -> int:
 
     texts = sentences(max(args.requests, args.latency_requests, 512))
     report: dict[str, Any] = {
-        "settings": {"threads": THREADS, "max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS, "runtime": args.runtime, "requests": args.requests, "rounds": args.rounds}
+        "settings": {
+            "threads": THREADS,
+            "max_batch_size": MAX_BATCH,
+            "max_queue_delay_ms": DELAY_MS,
+            "runtime": args.runtime,
+            "requests": args.requests,
+            "rounds": args.rounds,
+        }
     }
     per_round_c64 = max(64, args.requests // args.rounds)
     per_round_c1 = max(10, args.latency_requests // args.rounds)
@@ -416,7 +455,10 @@ def _median(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
     for run in runs:
         statuses.update(run["statuses"])
     keys = [k for k in ("rps", "p50_ms", "p99_ms", "avg_batch", "model_rows_per_s", "model_busy") if all(k in run for run in runs)]
-    return {k: float(np.median([run[k] for run in runs])) for k in keys} | {"statuses": dict(statuses), "requests": sum(run["requests"] for run in runs)}
+    return {k: float(np.median([run[k] for run in runs])) for k in keys} | {
+        "statuses": dict(statuses),
+        "requests": sum(run["requests"] for run in runs),
+    }
 
 
 def summarize(report: dict[str, Any]) -> None:
@@ -429,23 +471,33 @@ def summarize(report: dict[str, Any]) -> None:
     thr = {bs: float(np.median([r["in_process"]["throughput"][bs] for r in rounds])) for bs in rounds[0]["in_process"]["throughput"]}
     best_bs = max(thr, key=thr.get)
     ours = {k: _median(rounds, k) for k in ("c1", "c64", "c64_pad128")}
-    report["summary"] = {"in_process": {"latency_p50_ms": lat_p50, "latency_p99_ms": lat_p99, "throughput": thr, "best_batch": best_bs}, **ours}
+    report["summary"] = {
+        "in_process": {"latency_p50_ms": lat_p50, "latency_p99_ms": lat_p99, "throughput": thr, "best_batch": best_bs},
+        **ours,
+    }
     s = report["settings"]
-    table = Table(title=f"modelpress serve vs in process (MiniLM, {s['runtime']}, {THREADS} threads, STS-B sentences, median of {len(rounds)} rounds)", title_justify="left")
+    table = Table(
+        title=f"modelpress serve vs in process (MiniLM, {s['runtime']}, {THREADS} threads, STS-B sentences, median of {len(rounds)} rounds)",
+        title_justify="left",
+    )
     for col in ("what", "req/s", "p50 ms", "p99 ms", "statuses", "batch / model busy", "target"):
         table.add_column(col)
     table.add_row(f"in process, batch {best_bs} (best of 1/8/32/64)", f"{thr[best_bs]:.0f}", "", "", "", "", "")
     table.add_row("in process, batch 1", f"{thr[1]:.0f}", f"{lat_p50:.2f}", f"{lat_p99:.2f}", "", "", "")
 
     def row(name: str, r: dict[str, Any], target: str) -> None:
-        busy = f"{r['avg_batch']:.1f} rows, {r['model_busy']:.0%} ({r['model_rows_per_s']:.0f} rows/s in batches)" if "avg_batch" in r else ""
+        busy = (
+            f"{r['avg_batch']:.1f} rows, {r['model_busy']:.0%} ({r['model_rows_per_s']:.0f} rows/s in batches)" if "avg_batch" in r else ""
+        )
         table.add_row(name, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", json.dumps(r["statuses"]), busy, target)
 
     row("served, concurrency 1", ours["c1"], f"p50 <= {lat_p50 + 1:.2f} ms: {'ok' if ours['c1']['p50_ms'] <= lat_p50 + 1 else 'MISSED'}")
     ratio = ours["c64"]["rps"] / thr[best_bs]
     row("served, concurrency 64", ours["c64"], f"{ratio:.2f}x in process (>= 0.9): {'ok' if ratio >= 0.9 else 'MISSED'}")
     bucket = ours["c64"]["rps"] / ours["c64_pad128"]["rps"]
-    row("served, c64, every batch padded to 128", ours["c64_pad128"], f"bucketing {bucket:.2f}x (>= 3): {'ok' if bucket >= 3 else 'MISSED'}")
+    row(
+        "served, c64, every batch padded to 128", ours["c64_pad128"], f"bucketing {bucket:.2f}x (>= 3): {'ok' if bucket >= 3 else 'MISSED'}"
+    )
     for peer, need in (("litserve", 1.5), ("ray", 2.5)):
         if peer in rounds[0]:
             r = report["summary"][peer] = _median(rounds, peer)
@@ -456,7 +508,11 @@ def summarize(report: dict[str, Any]) -> None:
         lt = report["load_c256"]
         grow = lt["rss_end_mb"] / lt["rss_after_warmup_mb"] - 1
         bad = sum(v for k, v in lt["statuses"].items() if int(k) >= 500)
-        row(f"load, c256, {lt['requests']} requests, queue 128", lt, f"5xx: {bad}; RSS {lt['rss_after_warmup_mb']:.0f} -> {lt['rss_end_mb']:.0f} MB ({grow:+.1%}, within 5%: {'ok' if abs(grow) <= 0.05 else 'MISSED'})")
+        row(
+            f"load, c256, {lt['requests']} requests, queue 128",
+            lt,
+            f"5xx: {bad}; RSS {lt['rss_after_warmup_mb']:.0f} -> {lt['rss_end_mb']:.0f} MB ({grow:+.1%}, within 5%: {'ok' if abs(grow) <= 0.05 else 'MISSED'})",
+        )
     Console(width=260).print(table)
 
 

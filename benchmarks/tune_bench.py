@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import modelpress as mp
-from modelpress.optimize.cli import tune_table
+from modelpress.cli.optimize import tune_table
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 BUDGET = float(os.environ.get("BENCH_BUDGET", "1500"))
@@ -43,10 +43,19 @@ def main() -> int:
     console = Console()
     out = Path(os.environ.get("BENCH_OUT", tempfile.mkdtemp(prefix="tune-bench-")))
     res = mp.tune(
-        "minilm", data="stsb-dev", max_drop=1 - MIN_RECOVERY, min_agreement=MIN_TOP10, budget_s=BUDGET, threads=THREADS,
-        batch_size=32, seq_len=128, bench_seconds=SECONDS, output=out, use_cache=False,
+        "minilm",
+        data="stsb-dev",
+        max_drop=1 - MIN_RECOVERY,
+        min_agreement=MIN_TOP10,
+        budget_s=BUDGET,
+        threads=THREADS,
+        batch_size=32,
+        seq_len=128,
+        bench_seconds=SECONDS,
+        output=out,
+        use_cache=False,
         on_point=lambda p: console.print(f"  {p.label}: {p.status} {p.error or ''}", highlight=False),
-    )  # fmt: skip
+    )
     console.print(tune_table(res))
     chosen = res.chosen
     peers_ok = [p for p in res.points if p.peer and p.status == "measured" and p.passed]
@@ -54,20 +63,30 @@ def main() -> int:
     for col in ("peer recipe", "recovery", "top-10", "speed-up vs fp32 eager", "pick / peer"):
         table.add_column(col)
     for p in sorted(peers_ok, key=lambda p: -(p.throughput or 0)):
-        table.add_row(p.peer, f"{p.recovery:.4f}", f"{p.quality.get('top10_agreement', float('nan')):.3f}", f"{p.speedup:.2f}x", f"{chosen.throughput / p.throughput:.2f}x" if chosen else "")
+        table.add_row(
+            p.peer,
+            f"{p.recovery:.4f}",
+            f"{p.quality.get('top10_agreement', float('nan')):.3f}",
+            f"{p.speedup:.2f}x",
+            f"{chosen.throughput / p.throughput:.2f}x" if chosen else "",
+        )
     console.print(table)
 
     failures = []
     if chosen is None:
         failures.append("no candidate met the quality bar")
     else:
-        console.print(f"pick: {chosen.label}: {chosen.speedup:.2f}x PyTorch fp32 eager, recovery {chosen.recovery:.4f}, top-10 {chosen.quality.get('top10_agreement'):.3f}")
+        console.print(
+            f"pick: {chosen.label}: {chosen.speedup:.2f}x PyTorch fp32 eager, recovery {chosen.recovery:.4f}, top-10 {chosen.quality.get('top10_agreement'):.3f}"
+        )
         if chosen.speedup < TARGET_SPEEDUP:
             failures.append(f"the pick reaches {chosen.speedup:.2f}x, below the {TARGET_SPEEDUP}x target")
         slower = [p.peer for p in peers_ok if p.throughput > chosen.throughput]
         if slower:
             failures.append(f"the pick is slower than peer recipes {slower}")
-    lossy = [(p.label, p.recovery) for p in res.points if is_int8(p) and p.passed and p.recovery is not None and p.recovery < 1 - INT8_MAX_LOSS]
+    lossy = [
+        (p.label, p.recovery) for p in res.points if is_int8(p) and p.passed and p.recovery is not None and p.recovery < 1 - INT8_MAX_LOSS
+    ]
     if lossy:
         failures.append(f"shipped int8 variants losing > {INT8_MAX_LOSS:.1%} Spearman: {lossy}")
     (out / "bench-summary.json").write_text(json.dumps({"failures": failures, "result": res.to_json()}, indent=2, default=str))

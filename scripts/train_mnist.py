@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if args.output is None:
             if cfg.model_copy(update={"threads": None}) != MnistTrainConfig():
-                raise ConfigError("A non-default recipe is not written to the zoo cache.", hint="Add --output DIR, e.g. --output /tmp/mnist-short")
+                raise ConfigError(
+                    "A non-default recipe is not written to the zoo cache.", hint="Add --output DIR, e.g. --output /tmp/mnist-short"
+                )
             with progress_bars() as prog:
                 art = zoo.build("mnist-cnn", force=args.force, data_dir=args.data_dir, progress=prog, announce=console.print)
         else:
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(art.to_json(), indent=2))
         else:
             step = art.manifest.step or {}
-            print(f"mnist-cnn: accuracy {art.manifest.metrics['accuracy']['value']:.4f} on mnist-test; trained in "
-                  f"{step.get('train_seconds')} s ({step.get('threads')} threads); this call {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            print(
+                f"mnist-cnn: accuracy {art.manifest.metrics['accuracy']['value']:.4f} on mnist-test; trained in "
+                f"{step.get('train_seconds')} s ({step.get('threads')} threads); this call {time.perf_counter() - t0:.1f} s"
+            )
             print(art.path)
     except ModelpressError as exc:
         console.print(f"[bold red]error:[/bold red] {exc.message}")

@@ -37,7 +37,24 @@ def main() -> int:
             path = ensure_trained(data_dir=args.data_dir, config=cfg, progress=prog, retrain=args.retrain)
         art = Artifact.open(path)
         report = training_report(path)
-        print(json.dumps({k: report[k] for k in ("parameters", "steps", "tokens_seen", "stopped_by", "seconds", "cpu_seconds", "train_loss_ema", "heldout_loss")}, indent=2))
+        print(
+            json.dumps(
+                {
+                    k: report[k]
+                    for k in (
+                        "parameters",
+                        "steps",
+                        "tokens_seen",
+                        "stopped_by",
+                        "seconds",
+                        "cpu_seconds",
+                        "train_loss_ema",
+                        "heldout_loss",
+                    )
+                },
+                indent=2,
+            )
+        )
         ppl = art.manifest.metrics.get("perplexity", {})
         if ppl:
             print(f"perplexity on {ppl['dataset']}: {ppl['value']:.4f} ({ppl['tokens']:.0f} characters)")

@@ -38,12 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = parser.parse_args(argv)
     try:
-        options = {"train_size": args.train_size, "max_steps": args.max_steps, "lr": args.lr, "eval_limit": args.eval_limit, "seed": args.seed, "threads": args.threads}
+        options = {
+            "train_size": args.train_size,
+            "max_steps": args.max_steps,
+            "lr": args.lr,
+            "eval_limit": args.eval_limit,
+            "seed": args.seed,
+            "threads": args.threads,
+        }
         cfg = Sst2TrainConfig(**{k: v for k, v in options.items() if v is not None})
         t0 = time.perf_counter()
         if args.output is None:
             if cfg.model_copy(update={"threads": None}) != default:
-                raise ConfigError("A non-default recipe is not written to the zoo cache.", hint="Add --output DIR, e.g. --output /tmp/sst2-short")
+                raise ConfigError(
+                    "A non-default recipe is not written to the zoo cache.", hint="Add --output DIR, e.g. --output /tmp/sst2-short"
+                )
             with progress_bars() as prog:
                 art = zoo.build("minilm-sst2", force=args.force, data_dir=args.data_dir, progress=prog, announce=console.print)
         else:
@@ -54,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             step = art.manifest.step or {}
             acc = art.manifest.metrics["accuracy"]
-            print(f"minilm-sst2: accuracy {acc['value']:.4f} on {acc['dataset']} ({art.manifest.metrics['eval_examples']} sentences); "
-                  f"{step.get('steps')} steps in {step.get('train_seconds')} s ({step.get('threads')} threads); this call {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            print(
+                f"minilm-sst2: accuracy {acc['value']:.4f} on {acc['dataset']} ({art.manifest.metrics['eval_examples']} sentences); "
+                f"{step.get('steps')} steps in {step.get('train_seconds')} s ({step.get('threads')} threads); this call {time.perf_counter() - t0:.1f} s"
+            )
             print(art.path)
     except ModelpressError as exc:
         console.print(f"[bold red]error:[/bold red] {exc.message}")

@@ -58,7 +58,9 @@ def tiny_encoder(tmp_path_factory, minilm_path) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+    )
     folder = _save_hf(BertModel(cfg).eval(), tmp_path_factory.mktemp("tiny_encoder"), minilm_path)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
@@ -83,9 +85,16 @@ def tiny_classifier(tmp_path_factory, minilm_path) -> Path:
 
     torch.manual_seed(1)
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-    )  # fmt: skip
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     return _save_hf(BertForSequenceClassification(cfg).eval(), tmp_path_factory.mktemp("tiny_classifier"), minilm_path)
 
 
@@ -97,9 +106,17 @@ def tiny_llama(tmp_path_factory, minilm_path) -> Path:
 
     torch.manual_seed(2)
     cfg = LlamaConfig(
-        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        tie_word_embeddings=True,
+    )
     return _save_hf(LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("tiny_llama"), minilm_path)
 
 
@@ -113,10 +130,15 @@ class TinyCNN:
 
         torch.manual_seed(seed)
         return nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
-        ).eval()  # fmt: skip
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 7 * 7, 10),
+        ).eval()
 
 
 @pytest.fixture(scope="session")

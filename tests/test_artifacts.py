@@ -13,7 +13,10 @@ from modelpress.errors import ArtifactError
 
 
 def _manifest(**kw):
-    sig = Signature(inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 4])], outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 2])])
+    sig = Signature(
+        inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 4])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 2])],
+    )
     return Manifest(name="m", task="image-classification", format="onnx", model_file="model.onnx", signature=sig, **kw)
 
 
@@ -66,7 +69,7 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
             (tmp / "model.onnx").write_bytes(b"x" * 1000)
             print("filling", flush=True)
             time.sleep(30)
-        Artifact.write({str(tmp_path / 'a')!r}, Manifest(name="m", task="embedding", format="onnx"), fill)
+        Artifact.write({str(tmp_path / "a")!r}, Manifest(name="m", task="embedding", format="onnx"), fill)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -43,7 +43,23 @@ def test_bench_json_with_baseline(tiny_cnn, tmp_path):
     onnx_dir = tmp_path / "cnn"
     mp.export(mp.load(tiny_cnn, task="image-classification"), "onnx", onnx_dir)
     out = tmp_path / "report.json"
-    res = invoke("bench", onnx_dir, "-r", "onnxruntime", "-r", "openvino", "--baseline", "onnxruntime", "--batch-sizes", "1,2", "--seconds", "0.05", "--json", "--output", out)
+    res = invoke(
+        "bench",
+        onnx_dir,
+        "-r",
+        "onnxruntime",
+        "-r",
+        "openvino",
+        "--baseline",
+        "onnxruntime",
+        "--batch-sizes",
+        "1,2",
+        "--seconds",
+        "0.05",
+        "--json",
+        "--output",
+        out,
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert [r["runtime"] for r in data["results"]] == ["onnxruntime", "openvino"] and "1" in data["ratios"]

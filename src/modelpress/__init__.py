@@ -2,14 +2,14 @@
 
 # The subpackage modelpress.export is imported first so that the function below, not the
 # package, is what `modelpress.export` names (importing a submodule later does not rebind it).
-from . import export as _export_package  # noqa: F401
-from .api import bench, evaluate, export, info, load
-from .artifacts import Artifact, Manifest, Signature, TensorSpec
-from .bench.measure import BenchConfig
-from .errors import ModelpressError
-from .optimize.api import Recipe, apply_technique, optimize, tune
-from .runtimes import create_runner
-from .tasks import task_for
+from modelpress import export as _export_package  # noqa: F401
+from modelpress.api import bench, evaluate, export, info, load
+from modelpress.artifacts import Artifact, Manifest, Signature, TensorSpec
+from modelpress.bench.measure import BenchConfig
+from modelpress.errors import ModelpressError
+from modelpress.optimize.api import Recipe, apply_technique, optimize, tune
+from modelpress.runtimes import create_runner
+from modelpress.tasks import task_for
 
 __version__ = "0.1.0"
 __all__ = [

@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .artifacts import Artifact
-from .bench.measure import BenchConfig, bench_runner, machine_info, ratios
-from .datasets import load_dataset
-from .errors import ConfigError
-from .locations import find_data_dir
-from .runtimes import RUNTIMES, create_runner
-from .sources import describe, load
-from .tasks import get_task_class, task_for
+from modelpress.artifacts import Artifact
+from modelpress.bench.measure import BenchConfig, bench_runner, machine_info, ratios
+from modelpress.datasets import load_dataset
+from modelpress.errors import ConfigError
+from modelpress.locations import find_data_dir
+from modelpress.runtimes import RUNTIMES, create_runner
+from modelpress.sources import describe, load
+from modelpress.tasks import get_task_class, task_for
 
 ModelLike = Any  # a path, a short name, a torch.nn.Module, or an Artifact
 
@@ -51,7 +51,7 @@ def info(model: ModelLike, *, task: str | None = None, tokenizer: str | None = N
     """What modelpress knows about a model: task, format, signature, task settings, size."""
     art = as_artifact(model, task, tokenizer=tokenizer)
     if art.manifest.signature is None:
-        from .runtimes.torch import load_torch_module
+        from modelpress.runtimes.torch import load_torch_module
 
         if art.format in ("hf", "torch"):
             _, art.manifest.signature = load_torch_module(art)
@@ -178,19 +178,19 @@ def export(
     **options: Any,
 ) -> Artifact:
     """Export ``model`` to ``fmt`` (onnx, openvino) at ``output``, checked for parity."""
-    from .export import export as _export
+    from modelpress.export import export as _export
 
     return _export(as_artifact(model, task, tokenizer=tokenizer), fmt, output, overwrite=overwrite, **options)
 
 
 def list_datasets() -> dict[str, str]:
-    from .datasets import NAMED
+    from modelpress.datasets import NAMED
 
     return {name: desc for name, (_, desc) in NAMED.items()}
 
 
 def list_tasks() -> dict[str, str]:
-    from .tasks import TASKS
+    from modelpress.tasks import TASKS
 
     return {name: f"{cls.primary_metric} on {cls.default_dataset}" for name, cls in TASKS.items()}
 

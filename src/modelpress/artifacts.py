@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ArtifactError
+from modelpress.errors import ArtifactError
 
 MANIFEST_NAME = "modelpress.json"
 SCHEMA_VERSION = 1
@@ -201,9 +201,7 @@ class Artifact:
         """
         target = Path(target).resolve()
         if target.exists() and not overwrite:
-            raise ArtifactError(
-                f"'{target}' already exists.", hint="Choose another output folder or pass overwrite=True (--force)."
-            )
+            raise ArtifactError(f"'{target}' already exists.", hint="Choose another output folder or pass overwrite=True (--force).")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:

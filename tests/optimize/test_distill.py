@@ -12,9 +12,9 @@ import torch
 import modelpress
 from modelpress.errors import ConfigError, DatasetError, OptimizationError
 from modelpress.optimize.configs import parse_step
-from modelpress.optimize.distill import Distill, distill, layer_plan, take_layers
-from modelpress.optimize.objectives import Objective, TrainData, TrainingSpec
-from modelpress.optimize.training import train
+from modelpress.optimize.distill.distill import Distill, distill, layer_plan, take_layers
+from modelpress.optimize.train.objectives import Objective, TrainData, TrainingSpec
+from modelpress.optimize.train.loop import train
 
 # the (technique, runtime) pairs this file tests (read by the handler-completeness test)
 COVERED = {("Distill", "torch")}
@@ -113,7 +113,17 @@ def test_classifier_soft_and_hard_label_loss_decreases(tiny_classifier):
 
 def test_causal_lm_logit_kl_decreases(tiny_llama):
     task, teacher, student = _teacher_student(tiny_llama, "causal-lm")
-    spec = TrainingSpec(max_steps=20, lr=3e-3, batch_size=4, max_length=16, eval_every=None, warmup=0.0, alpha=1.0, validation_samples=10, freeze_embeddings=False)
+    spec = TrainingSpec(
+        max_steps=20,
+        lr=3e-3,
+        batch_size=4,
+        max_length=16,
+        eval_every=None,
+        warmup=0.0,
+        alpha=1.0,
+        validation_samples=10,
+        freeze_embeddings=False,
+    )
     obj = Objective(task, teacher, TrainData(texts=["\n".join(sentences(200))]), spec, wrap=task.wrap_module)
     assert obj.can_evaluate and not obj.higher_is_better  # perplexity on held-out chunks
     before = _mean_loss(obj, student)
@@ -134,7 +144,10 @@ def _text_file(tmp_path, n=240):
 
 def test_distilled_student_is_a_normal_cached_artifact(tiny_encoder, tmp_path):
     data = _text_file(tmp_path)
-    cfg = {"layers": 1, "training": {"data": [str(data)], "max_steps": 30, "eval_every": 15, "lr": 2e-3, "batch_size": 16, "validation_samples": 40}}
+    cfg = {
+        "layers": 1,
+        "training": {"data": [str(data)], "max_steps": 30, "eval_every": 15, "lr": 2e-3, "batch_size": 16, "validation_samples": 40},
+    }
     art = distill(str(tiny_encoder), tmp_path / "student", cfg)
     saved = json.loads((art.path / "config.json").read_text())
     assert saved["num_hidden_layers"] == 1 and saved["hidden_size"] == 32
@@ -147,7 +160,9 @@ def test_distilled_student_is_a_normal_cached_artifact(tiny_encoder, tmp_path):
     assert len(hist) == 3 and m["training"]["best_metric"] == max(hist)  # at steps 0, 15 and 30; the best is kept
 
     loaded = modelpress.load(art.path)
-    assert loaded.task == "embedding" and loaded.manifest.task_config["pooling"] == "mean" and loaded.manifest.task_config["normalize"] is True
+    assert (
+        loaded.task == "embedding" and loaded.manifest.task_config["pooling"] == "mean" and loaded.manifest.task_config["normalize"] is True
+    )
     result = modelpress.evaluate(loaded, data=str(_pairs_file(tmp_path)), task="embedding")
     assert -1.0 <= result["metrics"]["spearman"] <= 1.0
 
@@ -156,7 +171,10 @@ def test_distilled_student_is_a_normal_cached_artifact(tiny_encoder, tmp_path):
     assert again.manifest.files["model.safetensors"] == art.manifest.files["model.safetensors"]
 
     onnx = modelpress.export(loaded, "onnx", tmp_path / "onnx", dynamo=False)
-    assert onnx.manifest.metrics["parity_max_abs_diff"]["last_hidden_state"] <= onnx.manifest.metrics["parity_max_abs_diff"]["last_hidden_state_tolerance"]
+    assert (
+        onnx.manifest.metrics["parity_max_abs_diff"]["last_hidden_state"]
+        <= onnx.manifest.metrics["parity_max_abs_diff"]["last_hidden_state_tolerance"]
+    )
 
 
 def _pairs_file(tmp_path):
@@ -173,7 +191,11 @@ def test_recipe_distill_then_int8(tiny_encoder, tmp_path):
     recipe = {
         "gate": {"spearman": {"min_value": -1.0}},  # a random tiny model: only the chain is checked here
         "steps": [
-            {"technique": "distill", "layers": 1, "training": {"data": [str(_text_file(tmp_path))], "max_steps": 10, "eval_every": None, "validation_samples": 0}},
+            {
+                "technique": "distill",
+                "layers": 1,
+                "training": {"data": [str(_text_file(tmp_path))], "max_steps": 10, "eval_every": None, "validation_samples": 0},
+            },
             {"technique": "dynamic-int8", "runtime": "onnxruntime", "fuse": False},
         ],
     }
@@ -188,12 +210,24 @@ def test_recipe_distill_then_int8(tiny_encoder, tmp_path):
 def test_minilm_short_distillation_beats_the_undistilled_student(data_dir, tmp_path, minilm_path):
     """MiniLM's first three layers (a student that lacks the top of the network) distilled on 400
     unlabeled sentences for 60 steps: STS-B dev Spearman rises well above the same layers untrained."""
-    from modelpress.optimize.distill import copy_sentence_transformers_files
+    from modelpress.optimize.distill.distill import copy_sentence_transformers_files
     from modelpress.optimize.evaluation import Evaluator
     from modelpress.tasks import task_for
 
     teacher_art = modelpress.load("minilm")
-    cfg = Distill(layers=[0, 1, 2], training={"max_steps": 60, "eval_every": None, "samples": 400, "validation_samples": 0, "batch_size": 16, "lr": 2e-4, "warmup": 0.1, "max_seconds": 240})
+    cfg = Distill(
+        layers=[0, 1, 2],
+        training={
+            "max_steps": 60,
+            "eval_every": None,
+            "samples": 400,
+            "validation_samples": 0,
+            "batch_size": 16,
+            "lr": 2e-4,
+            "warmup": 0.1,
+            "max_seconds": 240,
+        },
+    )
     student = distill(teacher_art, tmp_path / "student", cfg, data_dir=data_dir)
     assert student.manifest.metrics["technique"]["train_examples"] == 400
 
@@ -216,8 +250,21 @@ def test_distill_command_prints_the_gate_table_and_the_speed_ratio(tiny_encoder,
 
     from modelpress.cli import app
 
-    args = ["distill", str(tiny_encoder), "--layers", "1", "--data", str(_text_file(tmp_path)), "--max-steps", "4", "-o", str(tmp_path / "s")]
-    res = CliRunner().invoke(app, [*args, "--eval-data", str(_pairs_file(tmp_path)), "--task", "embedding", "--max-drop", "99%", "--bench-rounds", "2"])
+    args = [
+        "distill",
+        str(tiny_encoder),
+        "--layers",
+        "1",
+        "--data",
+        str(_text_file(tmp_path)),
+        "--max-steps",
+        "4",
+        "-o",
+        str(tmp_path / "s"),
+    ]
+    res = CliRunner().invoke(
+        app, [*args, "--eval-data", str(_pairs_file(tmp_path)), "--task", "embedding", "--max-drop", "99%", "--bench-rounds", "2"]
+    )
     assert res.exit_code in (0, 4), res.output  # 4: the gate failed (a random tiny teacher's Spearman is noise)
     assert "spearman" in res.output and "measured side by side" in res.output and "2 -> 1 layers" in res.output
     assert ("gate passed" in res.output) == (res.exit_code == 0)

@@ -13,7 +13,7 @@ import modelpress as mp
 from modelpress.errors import ConfigError, OptimizationError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
 from modelpress.optimize.handlers import apply_technique, handler_for
-from modelpress.optimize.llm_prune import (
+from modelpress.optimize.prune.llm import (
     LLMCalibration,
     SparseGPT,
     Wanda,
@@ -23,7 +23,7 @@ from modelpress.optimize.llm_prune import (
     sparsegpt_prune_,
     wanda_mask,
 )
-from modelpress.optimize.prune import load_trainable, smallest
+from modelpress.optimize.prune.magnitude import load_trainable, smallest
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 COVERED = {(cls, rt) for cls in ("SparseGPT", "Wanda") for rt in RUNTIMES}
@@ -134,7 +134,10 @@ def test_both_beat_magnitude_on_a_layers_output_error(tiny_llama, corpus):
     batches, _ = calibration_token_batches(src, LLMCalibration(**_calib(corpus)), None)
     inputs: dict[str, list[torch.Tensor]] = {}
     linears = _decoder_linears(model)
-    hooks = [m.register_forward_pre_hook(lambda _m, inp, n=n: inputs.setdefault(n, []).append(inp[0].reshape(-1, inp[0].shape[-1]).double())) for n, m in linears.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, inp, n=n: inputs.setdefault(n, []).append(inp[0].reshape(-1, inp[0].shape[-1]).double()))
+        for n, m in linears.items()
+    ]
     with torch.no_grad():
         for b in batches:
             model(input_ids=torch.from_numpy(b["input_ids"]))
@@ -168,7 +171,12 @@ def test_every_runtime_has_the_handler_and_runs_the_result(tiny_llama, tmp_path,
 
 
 def test_configs_round_trip_and_check_their_settings():
-    for cfg in (SparseGPT(), Wanda(nm="4:8", calibration=LLMCalibration(dataset="wikitext2-test", samples=32)), SparseGPT(sparsity=0.6, block_size=64, damp=0.05, runtime="onnxruntime"), Wanda(group="layer")):
+    for cfg in (
+        SparseGPT(),
+        Wanda(nm="4:8", calibration=LLMCalibration(dataset="wikitext2-test", samples=32)),
+        SparseGPT(sparsity=0.6, block_size=64, damp=0.05, runtime="onnxruntime"),
+        Wanda(group="layer"),
+    ):
         assert step_from_json(cfg.to_json()) == cfg and step_from_yaml(cfg.to_yaml()) == cfg
     assert SparseGPT().target_sparsity == 0.5 and Wanda(nm="2:4").target_sparsity == 0.5
     with pytest.raises(ConfigError, match="block_size 6 must divide by M=4"):
@@ -198,7 +206,10 @@ def test_wanda_keeps_stories260k_better_than_magnitude(data_dir, tmp_path):
     """At 50%, measured here: dense 3.55, magnitude 43.5, Wanda 18.7, SparseGPT 20.5 (calibrated on tinyshakespeare-train)."""
     src = str(data_dir / "models/stories260k")
     ppl = {}
-    for name, step in (("magnitude", {"technique": "magnitude-prune", "sparsity": 0.5}), ("wanda", {"technique": "wanda", "sparsity": 0.5, "calibration": {"samples": 32}})):
+    for name, step in (
+        ("magnitude", {"technique": "magnitude-prune", "sparsity": 0.5}),
+        ("wanda", {"technique": "wanda", "sparsity": 0.5, "calibration": {"samples": 32}}),
+    ):
         art = apply_technique(src, step, tmp_path / name, data_dir=data_dir, threads=1)
         ppl[name] = mp.evaluate(art, data="tinystories", data_dir=data_dir, threads=1)["metrics"]["perplexity"]
     dense = mp.evaluate(src, data="tinystories", data_dir=data_dir, threads=1)["metrics"]["perplexity"]
@@ -207,7 +218,11 @@ def test_wanda_keeps_stories260k_better_than_magnitude(data_dir, tmp_path):
 
 def test_calibrates_on_padded_line_samples_too(tiny_llama, tmp_path, corpus):
     """``seq_len: null``: the padded batches of calibration_batches, padding left out of the statistics."""
-    art = apply_technique(str(tiny_llama), {"technique": "sparsegpt", "calibration": {"dataset": str(corpus), "seq_len": None, "samples": 12, "batch_size": 4}}, tmp_path / "lines")
+    art = apply_technique(
+        str(tiny_llama),
+        {"technique": "sparsegpt", "calibration": {"dataset": str(corpus), "seq_len": None, "samples": 12, "batch_size": 4}},
+        tmp_path / "lines",
+    )
     m = art.manifest.metrics["technique"]
     assert m["sparsity"] == 0.5 and m["calibration"]["samples"] == 12 and "seq_len" not in m["calibration"]
     assert all(0.0 <= e < 1.0 for e in m["relative_output_error"].values())

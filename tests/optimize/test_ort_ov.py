@@ -16,9 +16,9 @@ import pytest
 
 import modelpress as mp
 from modelpress.errors import OptimizationError
-from modelpress.optimize import onnx_backend as ob
+from modelpress.optimize.quantize import onnxruntime_backend as ob
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, WeightOnly
-from modelpress.optimize.sensitivity import damage
+from modelpress.optimize.search.sensitivity import damage
 
 # The (config class, runtime) pairs this file tests (read by the handler-completeness test).
 COVERED = {
@@ -105,7 +105,7 @@ def test_fused_dynamic_int8_records_the_fusion(tiny_encoder, tmp_path):
 
 
 def test_fusion_is_skipped_for_models_it_does_not_know(tiny_llama, tiny_cnn, tmp_path):
-    from modelpress.optimize.ort_handlers import _fusion_plan
+    from modelpress.optimize.quantize.onnxruntime import _fusion_plan
 
     cfg, reason = _fusion_plan(mp.load(tiny_llama))
     assert cfg is None and reason.startswith("model type 'llama' is not BERT-like")
@@ -136,7 +136,7 @@ def test_exclude_keeps_layers_float_by_module_path(tiny_encoder, tmp_path):
 
 
 def test_exclude_on_openvino_keeps_those_matmuls_unquantized(tiny_encoder, tmp_path):
-    from modelpress.optimize import openvino_backend as vb
+    from modelpress.optimize.quantize import openvino_backend as vb
 
     cfg = StaticInt8(runtime="openvino", exclude=[r"output\.dense"], calibration={"samples": 16})
     art = mp.apply_technique(tiny_encoder, cfg, tmp_path / "v")
@@ -174,7 +174,9 @@ def test_weight_only_group_fallback_on_openvino(tiny_encoder, tmp_path):
     fallback = art.manifest.metrics["technique"]["group_size_fallback"]
     assert len(fallback) == 12 and sorted(set(fallback.values())) == [32, 64]  # the FFN down projections read 64
     with pytest.raises(OptimizationError, match="do not divide by group_size 128") as err:
-        mp.apply_technique(tiny_encoder, WeightOnly(runtime="openvino", bits=4, group_size=128, group_size_fallback="error"), tmp_path / "e")
+        mp.apply_technique(
+            tiny_encoder, WeightOnly(runtime="openvino", bits=4, group_size=128, group_size_fallback="error"), tmp_path / "e"
+        )
     assert "group_size_fallback: adjust" in err.value.hint and not (tmp_path / "e").exists()
 
 

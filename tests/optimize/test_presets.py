@@ -8,7 +8,7 @@ import pytest
 from modelpress.errors import UnknownTechniqueError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, step_from_yaml
 from modelpress.optimize.handlers import HANDLERS
-from modelpress.optimize.presets import PRESETS, TASKS, detect_preset, expand_preset
+from modelpress.optimize.search.presets import PRESETS, TASKS, detect_preset, expand_preset
 
 VNNI_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
 AVX2_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"

@@ -15,7 +15,7 @@ from modelpress.artifacts import hash_folder
 from modelpress.errors import ConfigError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
 from modelpress.optimize.handlers import apply_technique, handler_for
-from modelpress.optimize.prune import (
+from modelpress.optimize.prune.magnitude import (
     FineTune,
     GradualPruner,
     GradualSchedule,
@@ -26,7 +26,7 @@ from modelpress.optimize.prune import (
     nm_mask,
     prunable_layers,
 )
-from modelpress.optimize.sparse_store import pack, size_report, unpack
+from modelpress.optimize.prune.sparse_store import pack, size_report, unpack
 
 COVERED = {("MagnitudePrune", "torch"), ("MagnitudePrune", "onnxruntime"), ("MagnitudePrune", "openvino")}
 
@@ -216,7 +216,11 @@ def test_every_runtime_runs_the_pruned_model(tiny_llama, tmp_path):
 
 
 def test_gradual_pruning_while_fine_tuning(tiny_llama, tmp_path, corpus):
-    cfg = MagnitudePrune(sparsity=0.75, schedule=GradualSchedule(end_step=6, frequency=2), fine_tune=FineTune(steps=8, batch_size=2, seq_len=16, lr=1e-3, dataset=str(corpus)))
+    cfg = MagnitudePrune(
+        sparsity=0.75,
+        schedule=GradualSchedule(end_step=6, frequency=2),
+        fine_tune=FineTune(steps=8, batch_size=2, seq_len=16, lr=1e-3, dataset=str(corpus)),
+    )
     art = apply_technique(str(tiny_llama), cfg, tmp_path / "gradual")
     m = art.manifest.metrics["technique"]
     assert m["fine_tune"]["steps"] == 8 and m["sparsity"] == 0.75
@@ -235,7 +239,11 @@ def test_tied_output_layer_is_refused():
 
     from modelpress.errors import OptimizationError
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True
+        )
+    )
     with pytest.raises(OptimizationError, match="shares its weights"):
         prunable_layers(model, MagnitudePrune(keep_output_layer=False))
 
@@ -270,9 +278,12 @@ def test_a_recipe_step_prunes_evaluates_and_gates(tiny_llama, tmp_path, corpus):
     from modelpress.optimize.recipe import run_recipe
 
     res = run_recipe(
-        str(tiny_llama), {"gate": {"perplexity": {"min_recovery": 0.5}}, "steps": [{"technique": "magnitude-prune", "sparsity": 0.25}]},
-        tmp_path / "recipe", data=str(corpus), threads=1,
-    )  # fmt: skip
+        str(tiny_llama),
+        {"gate": {"perplexity": {"min_recovery": 0.5}}, "steps": [{"technique": "magnitude-prune", "sparsity": 0.25}]},
+        tmp_path / "recipe",
+        data=str(corpus),
+        threads=1,
+    )
     step = res.steps[0]
     assert step.shipped and step.gate.passed and step.evaluation["metrics"]["perplexity"] > 0
     saved = json.loads((tmp_path / "recipe" / step.path.split("/")[-1] / "modelpress.json").read_text())
@@ -286,7 +297,10 @@ def test_prune_command_prints_gate_and_measured_speed(tiny_llama, tmp_path, corp
 
     runner = CliRunner()
     out = tmp_path / "cli"
-    res = runner.invoke(app, ["prune", str(tiny_llama), "--method", "nm", "--data", str(corpus), "-o", str(out), "--seconds", "0.2", "--threads", "1", "--json"])
+    res = runner.invoke(
+        app,
+        ["prune", str(tiny_llama), "--method", "nm", "--data", str(corpus), "-o", str(out), "--seconds", "0.2", "--threads", "1", "--json"],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["gate"]["passed"] and data["sparsity"] == 0.5 and data["config"]["nm"] == "2:4"

@@ -5,7 +5,6 @@ technique that adds Gaussian noise to the encoder weights: no noise keeps the qu
 heavy noise destroys it, so the expected verdicts are known without trusting any quantizer.
 """
 
-
 import json
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -73,10 +72,15 @@ def test_recipe_level_typo_and_unknown_technique():
 def test_recipe_round_trips_through_yaml_and_json(tmp_path):
     r = Recipe.from_dict(
         {
-            "name": "r", "mode": "branch", "gate": {"spearman": {"min_recovery": 0.99}},
-            "steps": [{"technique": "dynamic-int8", "per_channel": True}, {"technique": "static-int8", "runtime": "openvino", "calibration": {"samples": 16}}],
+            "name": "r",
+            "mode": "branch",
+            "gate": {"spearman": {"min_recovery": 0.99}},
+            "steps": [
+                {"technique": "dynamic-int8", "per_channel": True},
+                {"technique": "static-int8", "runtime": "openvino", "calibration": {"samples": 16}},
+            ],
         }
-    )  # fmt: skip
+    )
     again = Recipe.from_yaml(r.to_yaml())
     assert again.to_dict() == r.to_dict()
     (tmp_path / "r.json").write_text(json.dumps(r.to_dict()))
@@ -89,11 +93,13 @@ def test_recipe_round_trips_through_yaml_and_json(tmp_path):
 def test_a_step_that_breaks_the_gate_is_reported_and_not_shipped(tmp_path, data_dir, minilm_path):
     recipe = Recipe.from_dict(
         {
-            "name": "noise", "mode": "chain", "on_failure": "skip",
+            "name": "noise",
+            "mode": "chain",
+            "on_failure": "skip",
             "gate": {"spearman": {"min_recovery": 0.99}, "mean_cosine": {"min_value": 0.999}},
             "steps": [{"technique": "test-weight-noise", "sigma": 0.0}, {"technique": "test-weight-noise", "sigma": 2.0}],
         }
-    )  # fmt: skip
+    )
     res = run_recipe("minilm", recipe, tmp_path / "out", data="stsb-dev", limit=EVAL_PAIRS, threads=2)
     ok, bad = res.steps
     assert ok.shipped and ok.gate.passed
@@ -116,7 +122,10 @@ def test_a_step_that_breaks_the_gate_is_reported_and_not_shipped(tmp_path, data_
 @pytest.mark.needs_data
 @pytest.mark.slow
 def test_on_failure_stop_ends_the_recipe(tmp_path, data_dir):
-    recipe = {"on_failure": "stop", "steps": [{"technique": "test-weight-noise", "sigma": 3.0}, {"technique": "test-weight-noise", "sigma": 0.0}]}
+    recipe = {
+        "on_failure": "stop",
+        "steps": [{"technique": "test-weight-noise", "sigma": 3.0}, {"technique": "test-weight-noise", "sigma": 0.0}],
+    }
     res = run_recipe("minilm", recipe, tmp_path / "out", data="stsb-dev", limit=EVAL_PAIRS, threads=2)
     assert len(res.steps) == 1 and not res.steps[0].shipped and res.final is None
 
@@ -134,9 +143,14 @@ def test_output_folder_must_be_empty(tmp_path, minilm_path):
 def test_shipped_steps_are_registered_with_lineage_and_rejected_ones_are_not(tmp_path, data_dir):
     from modelpress.registry.api import Registry
 
-    recipe = {"on_failure": "skip", "steps": [{"technique": "test-weight-noise", "sigma": 0.0}, {"technique": "test-weight-noise", "sigma": 2.0}]}
+    recipe = {
+        "on_failure": "skip",
+        "steps": [{"technique": "test-weight-noise", "sigma": 0.0}, {"technique": "test-weight-noise", "sigma": 2.0}],
+    }
     with Registry(home=tmp_path / "home") as reg:
-        res = run_recipe("minilm", recipe, tmp_path / "out", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm")
+        res = run_recipe(
+            "minilm", recipe, tmp_path / "out", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm"
+        )
         assert res.registered_original == "minilm:1"
         assert res.steps[0].registered == "minilm:2" and res.steps[1].registered is None
         assert [v.version for v in reg.list_versions("minilm")] == [1, 2]
@@ -145,6 +159,8 @@ def test_shipped_steps_are_registered_with_lineage_and_rejected_ones_are_not(tmp
         assert child["ref"] == "minilm:2" and child["step"] == "test-weight-noise"
         assert child["metrics"]["spearman"] == pytest.approx(res.steps[0].evaluation["metrics"]["spearman"])
         # running it again registers nothing new: the same files and settings are the same versions
-        again = run_recipe("minilm", recipe, tmp_path / "out2", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm")
+        again = run_recipe(
+            "minilm", recipe, tmp_path / "out2", data="stsb-dev", limit=EVAL_PAIRS, threads=2, register=True, registry=reg, name="minilm"
+        )
         assert again.registered_original == "minilm:1" and again.steps[0].registered == "minilm:2"
         assert len(reg.list_versions("minilm")) == 2

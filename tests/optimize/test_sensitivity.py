@@ -5,10 +5,10 @@ import pytest
 
 import modelpress as mp
 from modelpress.errors import ConfigError, OptimizationError
-from modelpress.optimize import onnx_backend as ob
+from modelpress.optimize.quantize import onnxruntime_backend as ob
 from modelpress.optimize.configs import Calibration, DynamicInt8, Precision, StaticInt8, WeightOnly
 from modelpress.optimize.handlers import calibration_batches
-from modelpress.optimize.sensitivity import SCANNERS, damage, layer_sensitivity, quantizable_layers, splice
+from modelpress.optimize.search.sensitivity import SCANNERS, damage, layer_sensitivity, quantizable_layers, splice
 
 # A spliced one-layer graph runs the same kernels on the same numbers as the graph quantized with
 # every other layer excluded; only the order of float sums may differ (about 1e-7 relative).
@@ -40,7 +40,7 @@ def test_damage_scores():
 def test_splice_equals_quantizing_only_that_layer(tiny_encoder, tmp_path):
     import onnx
 
-    from modelpress.optimize.ort_handlers import layers_for, prepare_graph
+    from modelpress.optimize.quantize.onnxruntime import layers_for, prepare_graph
 
     art = mp.load(tiny_encoder)
     graph = prepare_graph(art, fuse=False)
@@ -56,7 +56,9 @@ def test_splice_equals_quantizing_only_that_layer(tiny_encoder, tmp_path):
     weighted = ob.onnx_layers(graph.path, ("MatMul",), weights_only=True)
     picked = [n for n, scope in weighted.items() if scope.startswith("model.encoder.layer.0.") and scope.endswith(("value", "dense"))]
     for layer in picked[:3]:
-        ob.dynamic_int8(graph.path, tmp_path / "one.onnx", per_channel=True, reduce_range=False, exclude=[n for n in layers if n != layer], fused=False)
+        ob.dynamic_int8(
+            graph.path, tmp_path / "one.onnx", per_channel=True, reduce_range=False, exclude=[n for n in layers if n != layer], fused=False
+        )
         expected = ob.session(tmp_path / "one.onnx", 1).run(None, feed)[0]
         got = ob.session(splice(float_model, quant_model, layer), 1).run(None, feed)[0]
         ref = ob.session(graph.path, 1).run(None, feed)[0]

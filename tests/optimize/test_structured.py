@@ -12,7 +12,7 @@ import torch
 import modelpress
 from modelpress.errors import ConfigError, OptimizationError
 from modelpress.optimize.configs import parse_step
-from modelpress.optimize.structured import StructuredPrune, prune_cnn, prune_structured, prune_transformer
+from modelpress.optimize.prune.structured import StructuredPrune, prune_cnn, prune_structured, prune_transformer
 
 # the (technique, runtime) pairs this file tests (read by the handler-completeness test)
 COVERED = {("StructuredPrune", "torch")}
@@ -35,7 +35,9 @@ def _mask_inputs(module, keep, size, width=1):
 
 
 def test_config_round_trips_and_rejects_bad_values():
-    cfg = parse_step({"technique": "structured-prune", "ratio": 0.25, "targets": ["ffn", "heads"], "finetune": {"max_steps": 50, "eval_every": 25}})
+    cfg = parse_step(
+        {"technique": "structured-prune", "ratio": 0.25, "targets": ["ffn", "heads"], "finetune": {"max_steps": 50, "eval_every": 25}}
+    )
     assert parse_step(json.loads(cfg.to_json())) == cfg
     assert parse_step(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
     assert cfg.label() == "structured-prune@torch(ratio=0.25, targets=['ffn', 'heads'], finetune.max_steps=50, finetune.eval_every=25)"
@@ -199,7 +201,12 @@ def test_mnist_cnn_half_channels_fine_tuned_keeps_its_accuracy(trained_mnist_cnn
     from modelpress.optimize.evaluation import Evaluator
 
     src = modelpress.load(copy.deepcopy(trained_mnist_cnn), task="image-classification")
-    art = prune_structured(src, tmp_path / "pruned", {"ratio": 0.5, "finetune": {"max_steps": 300, "lr": 2e-3, "eval_every": 100, "alpha": 0.5}}, data_dir=data_dir)
+    art = prune_structured(
+        src,
+        tmp_path / "pruned",
+        {"ratio": 0.5, "finetune": {"max_steps": 300, "lr": 2e-3, "eval_every": 100, "alpha": 0.5}},
+        data_dir=data_dir,
+    )
     ev = Evaluator(src, data="mnist-test", data_dir=data_dir, limit=2000)
     base = ev.original_result()["metrics"]["accuracy"]
     got = ev.evaluate(art, "torch")["metrics"]["accuracy"]
@@ -215,7 +222,19 @@ def test_prune_structured_command_prints_json_with_gate_and_speed(tiny_encoder, 
 
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("sentence1,sentence2,score\n" + "\n".join(f"a cat number {i},a dog number {i},{i % 5}" for i in range(20)) + "\n")
-    args = ["prune-structured", str(tiny_encoder), "-o", str(tmp_path / "p"), "--no-finetune", "--importance", "magnitude", "--eval-data", str(pairs), "--task", "embedding"]
+    args = [
+        "prune-structured",
+        str(tiny_encoder),
+        "-o",
+        str(tmp_path / "p"),
+        "--no-finetune",
+        "--importance",
+        "magnitude",
+        "--eval-data",
+        str(pairs),
+        "--task",
+        "embedding",
+    ]
     res = CliRunner().invoke(app, [*args, "--max-drop", "99%", "--bench-rounds", "2", "--json"])
     data = json.loads(res.stdout)
     assert res.exit_code == (0 if data["gate"]["passed"] else 4), res.output  # a random tiny model may lose its (random) Spearman
@@ -223,6 +242,8 @@ def test_prune_structured_command_prints_json_with_gate_and_speed(tiny_encoder, 
     assert data["gate"]["rows"][0]["metric"] == "spearman"
     row = data["speed"]["throughput"][0]
     assert (row["batch"], row["seq_len"]) == (32, 128) and row["speedup"] > 0
-    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "q"), "--targets", "ffn,heads", "--importance", "magnitude", "--no-finetune", "--bench-rounds", "0"])
+    bad = CliRunner().invoke(
+        app, [*args[:3], str(tmp_path / "q"), "--targets", "ffn,heads", "--importance", "magnitude", "--no-finetune", "--bench-rounds", "0"]
+    )
     assert bad.exit_code == 2 and "pruned_heads" in bad.output and "Traceback" not in bad.output
     assert "--json" in CliRunner().invoke(app, ["prune-structured", "--help"]).output

@@ -161,7 +161,9 @@ def test_static_int8_of_an_in_memory_cnn_keeps_mnist_accuracy(trained_mnist_cnn,
         mp.create_runner(reopened, "torch").load()
     reopened.module = tiny_cnn  # untrained: the runner reads the trained weights from the folder
     x = mp.task_for(art).sample_inputs(16, data_dir=data_dir)
-    np.testing.assert_allclose(mp.create_runner(reopened, "torch").run(x)["logits"], mp.create_runner(art, "torch").run(x)["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        mp.create_runner(reopened, "torch").run(x)["logits"], mp.create_runner(art, "torch").run(x)["logits"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_precision_then_weight_only_chain(tiny_llama, tmp_path):
@@ -180,7 +182,9 @@ def test_unsupported_combinations_fail_clearly(tiny_encoder, tmp_path):
     onnx_art = mp.Artifact(mp.Manifest(name="m", task="embedding", format="onnx", model_file="model.onnx"), tmp_path)
     with pytest.raises(OptimizationError, match="(?s)needs a PyTorch model.*runtime: onnxruntime"):
         mp.apply_technique(onnx_art, DynamicInt8(runtime="torch"), tmp_path / "x")
-    with pytest.raises(ConfigError, match=r"(?s)'attention.query' matches no layer.*e\.g\. model\.encoder\.layer\.0\.attention\.self\.query"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)'attention.query' matches no layer.*e\.g\. model\.encoder\.layer\.0\.attention\.self\.query"
+    ):
         mp.apply_technique(src, DynamicInt8(runtime="torch", exclude=["attention.query"]), tmp_path / "y")
     assert not (tmp_path / "y").exists()  # nothing half-written
     static = _variant(src, StaticInt8(runtime="torch", compile=False, calibration={"samples": 4, "batch_size": 4}), tmp_path / "s")

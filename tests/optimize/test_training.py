@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelpress.errors import ConfigError, OptimizationError
-from modelpress.optimize.training import LATEST, TrainConfig, latest_checkpoint, train
+from modelpress.optimize.train.loop import LATEST, TrainConfig, latest_checkpoint, train
 
 
 class Net(torch.nn.Module):
@@ -56,7 +56,9 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_training_lowers_the_loss_and_keeps_the_best_weights():
     model = Net()
     before = val_loss(model.eval())
-    res = train(model, loss_fn, TrainConfig(max_steps=120, lr=1e-2, eval_every=20, patience=None), evaluate=val_loss, higher_is_better=False)
+    res = train(
+        model, loss_fn, TrainConfig(max_steps=120, lr=1e-2, eval_every=20, patience=None), evaluate=val_loss, higher_is_better=False
+    )
     assert res.steps == 120 and res.stopped == "max_steps"
     assert res.first_metric == pytest.approx(before)
     assert res.best_metric < 0.5 * before
@@ -145,7 +147,9 @@ def test_config_is_checked():
         TrainConfig(max_steps=10, eval_every=50)
     with pytest.raises(ConfigError, match="Did you mean 'max_steps'"):
         TrainConfig(max_step=10)
-    assert TrainConfig.model_validate_json(TrainConfig(max_steps=7, eval_every=7).model_dump_json()) == TrainConfig(max_steps=7, eval_every=7)
+    assert TrainConfig.model_validate_json(TrainConfig(max_steps=7, eval_every=7).model_dump_json()) == TrainConfig(
+        max_steps=7, eval_every=7
+    )
 
 
 def test_progress_is_reported_per_step_not_printed(capsys):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from modelpress.errors import ConfigError, GateFailedError
-from modelpress.optimize.tune import Point, pareto_front, tune
+from modelpress.optimize.search.tune import Point, pareto_front, tune
 
 from .test_recipe import EVAL_PAIRS, WeightNoise  # noqa: F401  (registers the test technique)
 
@@ -21,7 +21,17 @@ FAST = {"limit": EVAL_PAIRS, "threads": 2, "batch_size": 8, "seq_len": 32, "benc
 
 
 def _pt(label, cos, thr, lat=10.0):
-    return Point(label=label, runtime="torch", step=None, peer=None, status="measured", recovery=1.0, throughput=thr, latency_p50_ms=lat, quality={"mean_cosine": cos})
+    return Point(
+        label=label,
+        runtime="torch",
+        step=None,
+        peer=None,
+        status="measured",
+        recovery=1.0,
+        throughput=thr,
+        latency_p50_ms=lat,
+        quality={"mean_cosine": cos},
+    )
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -80,4 +90,12 @@ def test_budget_spent_leaves_candidates_untried_and_no_pass_raises(tmp_path, dat
     # the baseline itself passes trivially (it is the original); with only failing variants and
     # the baseline excluded, nothing passes and tune says so
     with pytest.raises(GateFailedError, match="No candidate kept the quality gate"):
-        tune("minilm", data="stsb-dev", candidates=["torch", {"technique": "test-weight-noise", "sigma": 3.0}], max_drop=0.0, min_agreement=1.01, budget_s=600, **FAST)
+        tune(
+            "minilm",
+            data="stsb-dev",
+            candidates=["torch", {"technique": "test-weight-noise", "sigma": 3.0}],
+            max_drop=0.0,
+            min_agreement=1.01,
+            budget_s=600,
+            **FAST,
+        )

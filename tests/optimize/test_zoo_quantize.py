@@ -24,12 +24,14 @@ def _gate():
 @pytest.mark.slow
 def test_mnist_cnn_static_int8_keeps_99_percent(data_dir, tmp_path, mnist_build):
     recipe = {
-        "mode": "branch", "on_failure": "skip", "gate": _gate(),
+        "mode": "branch",
+        "on_failure": "skip",
+        "gate": _gate(),
         "steps": [
             {"technique": "static-int8", "runtime": "onnxruntime", "calibration": {"samples": 256}},
             {"technique": "static-int8", "runtime": "openvino", "calibration": {"samples": 256}},
         ],
-    }  # fmt: skip
+    }
     res = run_recipe(mnist_build[0], recipe, tmp_path / "out", data="mnist-test", threads=2)
     assert res.original["metrics"]["accuracy"] >= 0.95
     for step in res.steps:
@@ -43,12 +45,14 @@ def test_mnist_cnn_static_int8_keeps_99_percent(data_dir, tmp_path, mnist_build)
 @pytest.mark.slow
 def test_sst2_classifier_quantized_keeps_99_percent(data_dir, tmp_path, sst2_short):
     recipe = {
-        "mode": "branch", "on_failure": "skip", "gate": _gate(),
+        "mode": "branch",
+        "on_failure": "skip",
+        "gate": _gate(),
         "steps": [
             {"technique": "dynamic-int8", "runtime": "onnxruntime", "per_channel": True},
             {"technique": "static-int8", "runtime": "openvino", "calibration": {"samples": 64}},
         ],
-    }  # fmt: skip
+    }
     res = run_recipe(sst2_short, recipe, tmp_path / "out", data="sst2-dev", threads=2)
     base = res.original["metrics"]["accuracy"]
     assert base >= 0.75

@@ -5,7 +5,14 @@ import json
 import pytest
 
 from modelpress.artifacts import MANIFEST_NAME, Artifact, hash_folder
-from modelpress.errors import ArtifactError, ConfigError, InvalidNameError, InvalidReferenceError, RegistryConflictError, RegistryNotFoundError
+from modelpress.errors import (
+    ArtifactError,
+    ConfigError,
+    InvalidNameError,
+    InvalidReferenceError,
+    RegistryConflictError,
+    RegistryNotFoundError,
+)
 from modelpress.registry.api import Registry
 from modelpress.registry.store import ArtifactStore
 
@@ -50,8 +57,12 @@ def test_shared_files_are_stored_once(registry, make_artifact):
 def test_each_version_keeps_its_own_manifest(registry, make_artifact):
     """A variant that only changes runtime options shares its parent's files, not its settings."""
     base = make_artifact("same")
-    variant = make_artifact("same", parent=base.content_hash(), step={"technique": "precision", "runtime": "openvino"},
-                            task_config={"runtime_options": {"openvino": {"precision": "bf16"}}})  # fmt: skip
+    variant = make_artifact(
+        "same",
+        parent=base.content_hash(),
+        step={"technique": "precision", "runtime": "openvino"},
+        task_config={"runtime_options": {"openvino": {"precision": "bf16"}}},
+    )
     v1 = registry.register(base, "m")
     v2 = registry.register(variant, "m", parent="m:1")
     assert v1.content_hash == v2.content_hash
@@ -95,7 +106,9 @@ def test_the_leads_flow_original_then_variants(registry, make_artifact):
     original = make_artifact("orig", metrics={"spearman": 0.867})
     v0 = registry.register(original, "minilm", reuse=True)
     assert not v0.reused and v0.version == 1
-    variant = make_artifact("int8", parent=original.content_hash(), step={"technique": "quantize", "runtime": "onnxruntime", "per_channel": True})
+    variant = make_artifact(
+        "int8", parent=original.content_hash(), step={"technique": "quantize", "runtime": "onnxruntime", "per_channel": True}
+    )
     v1 = registry.register(variant, "minilm", parent=f"minilm:{v0.version}", metrics={"spearman": 0.861, "latency_ms": 4.1})
     assert v1.parents == ["minilm:1"] and v1.config["per_channel"] is True
 
@@ -273,8 +286,17 @@ def test_metric_rows():
     from modelpress.registry.records import metric_kind, normalize_metrics
 
     rows = normalize_metrics({"latency": {"p50_ms": 3.0, "p99_ms": 5}, "acc": {"value": 0.9, "dataset": "sst2", "kind": "quality"}})
-    assert [(r["name"], r["kind"], r["dataset"]) for r in rows] == [("latency.p50_ms", "speed", None), ("latency.p99_ms", "speed", None), ("acc", "quality", "sst2")]
-    assert [metric_kind(n) for n in ("spearman", "throughput_per_s", "size_bytes", "perplexity")] == ["quality", "speed", "speed", "quality"]
+    assert [(r["name"], r["kind"], r["dataset"]) for r in rows] == [
+        ("latency.p50_ms", "speed", None),
+        ("latency.p99_ms", "speed", None),
+        ("acc", "quality", "sst2"),
+    ]
+    assert [metric_kind(n) for n in ("spearman", "throughput_per_s", "size_bytes", "perplexity")] == [
+        "quality",
+        "speed",
+        "speed",
+        "quality",
+    ]
     for bad in ({"x": True}, {"x": "high"}, {"x": {"value": 1, "unit": "ms"}}, {"x": {"value": 1, "kind": "vibes"}}, [("x", 1)]):
         with pytest.raises(ConfigError):
             normalize_metrics(bad)

@@ -8,7 +8,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from modelpress.cli import app as main_app
-from modelpress.registry.cli import app
+from modelpress.cli.registry import app
 
 runner = CliRunner()
 COMMANDS = ("list", "show", "lineage", "register", "promote", "rollback", "tag", "note", "delete", "export", "check")
@@ -17,7 +17,7 @@ COMMANDS = ("list", "show", "lineage", "register", "promote", "rollback", "tag",
 @pytest.fixture(autouse=True)
 def wide_consoles(monkeypatch):
     """Rich tables wrap at the runner's 80 columns; these assertions read whole cells."""
-    import modelpress.registry.cli as registry_cli
+    from modelpress.cli import registry as registry_cli
 
     monkeypatch.setattr(registry_cli, "out", Console(width=240))
     monkeypatch.setattr(registry_cli, "console", Console(stderr=True, width=240))
@@ -40,7 +40,20 @@ def as_json(*args):
 def cli(backend, make_artifact):
     """A registry with m:1 (original), m:2 (quantized from m:1), both registered through the CLI."""
     invoke("register", make_artifact("orig").path, "--name", "m", "-m", "spearman=0.8", "-m", "latency_ms=10", "--tag", "baseline")
-    invoke("register", make_artifact("int8").path, "--name", "m", "--parent", "m:1", "--step", '{"technique": "quantize", "bits": 8}', "-m", "spearman=0.78", "-m", "latency_ms=4")
+    invoke(
+        "register",
+        make_artifact("int8").path,
+        "--name",
+        "m",
+        "--parent",
+        "m:1",
+        "--step",
+        '{"technique": "quantize", "bits": 8}',
+        "-m",
+        "spearman=0.78",
+        "-m",
+        "latency_ms=4",
+    )
     return make_artifact
 
 

@@ -13,8 +13,16 @@ def family(registry, make_artifact):
     """m:1 original -> m:2 int8 -> m:4 pruned; m:1 -> m:3 bf16. And an unrelated m:5."""
     reg = registry
     reg.register(make_artifact("orig"), "m", metrics={"spearman": 0.80, "latency_ms": 10.0})
-    reg.register(make_artifact("int8"), "m", parent="m:1", step={"technique": "quantize", "bits": 8}, metrics={"spearman": 0.78, "latency_ms": 4.0})
-    reg.register(make_artifact("bf16"), "m", parent="m:1", step={"technique": "precision", "dtype": "bf16"}, metrics={"spearman": 0.80, "latency_ms": 5.0})
+    reg.register(
+        make_artifact("int8"), "m", parent="m:1", step={"technique": "quantize", "bits": 8}, metrics={"spearman": 0.78, "latency_ms": 4.0}
+    )
+    reg.register(
+        make_artifact("bf16"),
+        "m",
+        parent="m:1",
+        step={"technique": "precision", "dtype": "bf16"},
+        metrics={"spearman": 0.80, "latency_ms": 5.0},
+    )
     reg.register(make_artifact("pruned"), "m", parent="m:2", step={"technique": "prune", "amount": 0.5}, metrics={"spearman": 0.70})
     reg.register(make_artifact("alone"), "m")
     return reg

@@ -37,7 +37,9 @@ def test_a_registry_at_revision_0001_opens_and_upgrades(url, home, make_artifact
             {"sha": old.content_hash(), "files": json.dumps(old.manifest.files), "manifest": json.dumps(manifest)},
         )
         conn.execute(
-            text("INSERT INTO versions (id, model_id, version, artifact_sha, stage, created_at) VALUES (1, 1, 1, :sha, 'production', CURRENT_TIMESTAMP)"),
+            text(
+                "INSERT INTO versions (id, model_id, version, artifact_sha, stage, created_at) VALUES (1, 1, 1, :sha, 'production', CURRENT_TIMESTAMP)"
+            ),
             {"sha": old.content_hash()},
         )
     registry_id = engine.connect().execute(text("SELECT value FROM registry_meta WHERE key = 'registry_id'")).scalar()

@@ -61,9 +61,27 @@ def test_references(text, want):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", ":3", "m:", "m:0", "m:-1", "m:x", "m:3.5", "m:²", "m:١", f"m:{MAX_VERSION + 1}", "m:" + "9" * 40,
-     "m@prod", "m@", "m:3@production", "../m:1", "a/b@production", "m:1:2"],
-)  # fmt: skip
+    [
+        "",
+        "   ",
+        ":3",
+        "m:",
+        "m:0",
+        "m:-1",
+        "m:x",
+        "m:3.5",
+        "m:²",
+        "m:١",
+        f"m:{MAX_VERSION + 1}",
+        "m:" + "9" * 40,
+        "m@prod",
+        "m@",
+        "m:3@production",
+        "../m:1",
+        "a/b@production",
+        "m:1:2",
+    ],
+)
 def test_bad_references_are_refused(text):
     with pytest.raises(InvalidReferenceError) as info:
         parse_ref(text)

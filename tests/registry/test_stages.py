@@ -19,7 +19,14 @@ def production(reg):
 def test_promote_archives_the_previous_production_version(three):
     reg = three
     mv = reg.promote("m:1", "production", who="ana", why="baseline")
-    assert mv.stage == "production" and mv.stage_history[-1] == {**mv.stage_history[-1], "from": "candidate", "to": "production", "who": "ana", "why": "baseline", "action": "promote"}
+    assert mv.stage == "production" and mv.stage_history[-1] == {
+        **mv.stage_history[-1],
+        "from": "candidate",
+        "to": "production",
+        "who": "ana",
+        "why": "baseline",
+        "action": "promote",
+    }
     reg.promote("m:2", "staging")
     reg.promote("m:2", "production", why="2x faster")
     assert production(reg) == [2]

@@ -63,7 +63,10 @@ def test_check_finds_corrupt_and_missing_files(registry, make_artifact):
     os.remove(v2.path / "model.onnx")
     report = registry.check()
     assert not report.ok and not report.orphans
-    assert {(c["content_hash"], tuple(c["files"])) for c in report.corrupt} == {(v1.content_hash, ("weights/part-0.bin",)), (v2.content_hash, ("model.onnx",))}
+    assert {(c["content_hash"], tuple(c["files"])) for c in report.corrupt} == {
+        (v1.content_hash, ("weights/part-0.bin",)),
+        (v2.content_hash, ("model.onnx",)),
+    }
     assert report.damaged_versions == ["m:1", "m:2", "other:1"]
     assert registry.check(repair=True).damaged_versions == report.damaged_versions  # damage is reported, never "repaired" away
     assert registry.get("m:1").version == 1
@@ -112,7 +115,10 @@ def test_tampered_file_paths_in_the_database_are_never_followed(registry, make_a
     v1 = registry.register(make_artifact("a"), "m")
     outside = tmp_path / "escape.txt"
     with Session(registry.engine) as s:
-        s.execute(text("UPDATE artifacts SET files = :f WHERE sha256 = :sha"), {"f": '{"../../../escape.txt": "00", "/etc/hostname": "00"}', "sha": v1.content_hash})
+        s.execute(
+            text("UPDATE artifacts SET files = :f WHERE sha256 = :sha"),
+            {"f": '{"../../../escape.txt": "00", "/etc/hostname": "00"}', "sha": v1.content_hash},
+        )
         s.commit()
     report = registry.check()
     assert sorted(report.corrupt[0]["files"]) == ["../../../escape.txt", "/etc/hostname"]
@@ -161,5 +167,7 @@ def test_the_store_stays_bound_to_its_registry(home, make_artifact, tmp_path):
 def test_stored_folder_has_the_first_manifest_and_every_file(registry, make_artifact):
     art = make_artifact("a", extra_files={"1_Pooling/config.json": b"{}"})
     mv = registry.register(art, "m")
-    assert files_under(mv.path) == sorted(["1_Pooling", "1_Pooling/config.json", MANIFEST_NAME, "model.onnx", "tokenizer.json", "weights", "weights/part-0.bin"])
+    assert files_under(mv.path) == sorted(
+        ["1_Pooling", "1_Pooling/config.json", MANIFEST_NAME, "model.onnx", "tokenizer.json", "weights", "weights/part-0.bin"]
+    )
     assert ArtifactStore(registry.store.root).verify(mv.content_hash, art.manifest.files) == []

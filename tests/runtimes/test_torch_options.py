@@ -125,7 +125,9 @@ def test_errors_found_at_load(encoder):
 
 
 def test_cast_goes_before_quantization_whatever_the_order():
-    specs = normalize_transforms([{"kind": "weight-only", "bits": 4, "symmetric": False, "group_size": 32}, {"kind": "cast", "dtype": "bf16"}])
+    specs = normalize_transforms(
+        [{"kind": "weight-only", "bits": 4, "symmetric": False, "group_size": 32}, {"kind": "cast", "dtype": "bf16"}]
+    )
     assert [s["kind"] for s in specs] == ["cast", "weight-only"]
     assert specs[1]["exclude"] == [] and specs[0]["exclude"] == []
 

@@ -59,13 +59,17 @@ def make_server(**settings: Any) -> Any:
     return ModelServer(ServerConfig(access_log=False, **settings))
 
 
-async def add_model(server: Any, source: Any, name: str, *, version: str | None = None, record: bool = False, task: str | None = None, **batching: Any) -> Any:
+async def add_model(
+    server: Any, source: Any, name: str, *, version: str | None = None, record: bool = False, task: str | None = None, **batching: Any
+) -> Any:
     """Load ``source`` (a folder or an in-memory module) into ``server``; returns the RecordingRunner when ``record``."""
     import modelpress as mp
     from modelpress.serving.config import BatchConfig, ModelConfig
 
     art = mp.load(source, task=task) if not isinstance(source, str) else mp.load(source)
-    cfg = ModelConfig(source=str(source) if isinstance(source, str) else "in-memory", name=name, version=version, batching=BatchConfig(**batching))
+    cfg = ModelConfig(
+        source=str(source) if isinstance(source, str) else "in-memory", name=name, version=version, batching=BatchConfig(**batching)
+    )
     runner = RecordingRunner(mp.create_runner(art, "torch", threads=1)) if record else None
     await server.repository.load(cfg, runner=runner, artifact=art)
     if runner is not None:

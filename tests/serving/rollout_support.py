@@ -92,7 +92,13 @@ class Traffic:
 
 @contextlib.asynccontextmanager
 async def steady_traffic(
-    client: Any, model: str, *, clients: int = 4, fail_share: float = 0.0, pause_s: float = 0.0, headers: Callable[[int], dict[str, str]] | None = None
+    client: Any,
+    model: str,
+    *,
+    clients: int = 4,
+    fail_share: float = 0.0,
+    pause_s: float = 0.0,
+    headers: Callable[[int], dict[str, str]] | None = None,
 ) -> AsyncIterator[Traffic]:
     """``clients`` concurrent clients sending one-text requests until the block ends.
 
@@ -108,7 +114,9 @@ async def steady_traffic(
             i += 1
             text = FAIL_TEXT if every and i % every == 0 else f"client {c} request {i}"
             t0 = time.perf_counter()
-            r = await client.post(f"/v2/models/{model}/infer", json=text_request([text]), headers=headers(i * clients + c) if headers else None)
+            r = await client.post(
+                f"/v2/models/{model}/infer", json=text_request([text]), headers=headers(i * clients + c) if headers else None
+            )
             seen.seconds.append(time.perf_counter() - t0)
             seen.statuses.append(r.status_code)
             body = r.json()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from modelpress.errors import ConfigError
-from modelpress.serving.alerts import AlertThresholds, alert_rules
+from modelpress.rollout.alerts import AlertThresholds, alert_rules
 from modelpress.serving.config import BatchConfig, ModelConfig, ServerConfig
 
 from .conftest import client_for, make_server, text_request
@@ -32,7 +32,10 @@ def _selectors(expr: str) -> list[str]:
     except ImportError:
         return re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", _strip_strings(expr))
     names: list[str] = []
-    promql_parser.walk(promql_parser.parse(expr), pre_visit=lambda node: names.append(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
+    promql_parser.walk(
+        promql_parser.parse(expr),
+        pre_visit=lambda node: names.append(node.name) if isinstance(node, promql_parser.VectorSelector) else None,
+    )
     return names
 
 
@@ -62,25 +65,38 @@ def _check_parses(expr: str) -> None:
 
 
 def test_rules_have_the_prometheus_schema_and_the_thresholds():
-    cfg = ServerConfig(models=[ModelConfig(source="minilm", name="emb", batching=BatchConfig(max_queue_size=64)), ModelConfig(source="x/clf")])
+    cfg = ServerConfig(
+        models=[ModelConfig(source="minilm", name="emb", batching=BatchConfig(max_queue_size=64)), ModelConfig(source="x/clf")]
+    )
     rules = yaml.safe_load(yaml.safe_dump(alert_rules(cfg, {"max_error_rate": 0.02, "max_p99_s": 0.25, "for_": "2m"})))
     assert set(rules) == {"groups"} and [g["name"] for g in rules["groups"]] == ["modelpress-emb", "modelpress-clf"]
     for g in rules["groups"]:
         assert set(g) == {"name", "rules"}
-        assert [r["alert"] for r in g["rules"]] == ["ModelpressHighErrorRate", "ModelpressHighP99Latency", "ModelpressQueueSaturated", "ModelpressShadowDisagreement"]
+        assert [r["alert"] for r in g["rules"]] == [
+            "ModelpressHighErrorRate",
+            "ModelpressHighP99Latency",
+            "ModelpressQueueSaturated",
+            "ModelpressShadowDisagreement",
+        ]
         for r in g["rules"]:
             assert set(r) == RULE_KEYS and r["for"] == "2m" and DURATION.match(r["for"])
             assert set(r["annotations"]) == {"summary", "description"} and r["labels"]["severity"] == "page"
             _check_parses(r["expr"])
     emb = {r["alert"]: r["expr"] for r in rules["groups"][0]["rules"]}
     assert emb["ModelpressHighErrorRate"].endswith("> 0.02") and 'model="emb"' in emb["ModelpressHighErrorRate"]
-    assert emb["ModelpressHighP99Latency"].startswith("histogram_quantile(0.99, sum by (le, model, version)") and emb["ModelpressHighP99Latency"].endswith("> 0.25")
+    assert emb["ModelpressHighP99Latency"].startswith("histogram_quantile(0.99, sum by (le, model, version)") and emb[
+        "ModelpressHighP99Latency"
+    ].endswith("> 0.25")
     assert "/ 64 > 0.8" in emb["ModelpressQueueSaturated"]  # the model's own max_queue_size
     assert "/ 1024 " in rules["groups"][1]["rules"][2]["expr"]  # the default one
 
 
 def test_the_checks_catch_broken_expressions():
-    for bad in ["rate(modelpress_requests_total{model=\"m\"}[5m] > 1", "frobnicate(modelpress_queue_depth{model=\"m\"}) > 1", "rate(x{a=\"b\"}[five]) > 1"]:
+    for bad in [
+        'rate(modelpress_requests_total{model="m"}[5m] > 1',
+        'frobnicate(modelpress_queue_depth{model="m"}) > 1',
+        'rate(x{a="b"}[five]) > 1',
+    ]:
         with pytest.raises((AssertionError, ValueError)):
             _check_parses(bad)
 
@@ -97,7 +113,7 @@ def test_bad_thresholds_and_no_models_are_refused():
 @pytest.mark.anyio
 async def test_every_metric_in_the_rules_is_one_the_running_server_exposes(tiny_encoder):
     """Serve a tiny model, run plain and shadow traffic, scrape /metrics: every name the rules read is there."""
-    from modelpress.serving.routing import ShadowPolicy
+    from modelpress.rollout.routing import ShadowPolicy
 
     server = make_server(models=[ModelConfig(source=str(tiny_encoder), name="tiny", threads=1)])
     async with client_for(server) as c:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError, InvalidInputError, RolloutNotFoundError
-from modelpress.serving.analysis import (
+from modelpress.rollout.analysis import (
     Observations,
     agreement,
     agreement_rows,

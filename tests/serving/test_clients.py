@@ -110,7 +110,9 @@ def test_hot_swap_under_concurrent_tritonclient_traffic_fails_no_request(served,
         threading.Event().wait(0.01)
     try:
         client = httpclient.InferenceServerClient(host, network_timeout=120)
-        client.load_model("enc", config=json.dumps({"source": str(tiny_encoder), "version": "2", "threads": 1}), headers={"x-api-key": API_KEY})
+        client.load_model(
+            "enc", config=json.dumps({"source": str(tiny_encoder), "version": "2", "threads": 1}), headers={"x-api-key": API_KEY}
+        )
     finally:
         stop.set()
         for t in threads:
@@ -142,7 +144,11 @@ def test_minilm_end_to_end_matches_sentence_transformers(minilm_path):
     import openai
     from sentence_transformers import SentenceTransformer
 
-    sentences = ["A man is playing a guitar.", "A woman is slicing tomatoes in the kitchen.", "Stock markets fell sharply after the announcement."]
+    sentences = [
+        "A man is playing a guitar.",
+        "A woman is slicing tomatoes in the kitchen.",
+        "Stock markets fell sharply after the announcement.",
+    ]
     server = make_server(models=[ModelConfig(source="minilm", name="minilm")])
     with server.in_thread() as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)

@@ -20,15 +20,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelpress.serving.routing import ShadowPolicy, SinglePolicy
+from modelpress.rollout.routing import ShadowPolicy, SinglePolicy
 
 from .conftest import client_for, make_server, text_request
 from .rollout_support import load_version
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIRTUAL_TIME_BUDGET_MS = 5000  # five polls at the page's 1 s interval, in virtual time (a second or two of real time)
 CHROMIUM_TIMEOUT_S = 90  # a cold start on a loaded machine takes a few seconds; this bounds a hung browser
 APT_TIMEOUT_S = 600
@@ -42,7 +48,11 @@ def _find_or_install_chromium() -> tuple[str | None, str]:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return None, "chromium is not installed and cannot be installed here (needs root and apt-get): apt-get install -y chromium"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+    for cmd in (
+        ["apt-get", "install", "-y", "-q", "chromium"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "chromium"],
+    ):
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=APT_TIMEOUT_S, env=env)
         except subprocess.TimeoutExpired:
@@ -95,8 +105,10 @@ def _render(chromium: str, url: str) -> _Elements:
     with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
         done = subprocess.run(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", "--dump-dom", url],
-            capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=CHROMIUM_TIMEOUT_S,
+        )
     assert done.returncode == 0 and "<main" in done.stdout, done.stderr[-2000:]
     page = _Elements()
     page.feed(done.stdout)

@@ -80,10 +80,28 @@ async def test_every_bad_input_gets_its_4xx_and_the_server_still_serves(tiny_enc
             ("not an object", "enc", b"[1, 2]", 400, "JSON object"),
             ("no inputs", "enc", b'{"inputs": []}', 400, "no 'inputs'"),
             ("empty input", "enc", orjson.dumps(text_request([])), 400, "no inputs"),
-            ("wrong shape", "enc", orjson.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a"]}]}), 400, "needs 3"),
-            ("wrong dtype", "enc", orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}), 400, "must be BYTES"),
+            (
+                "wrong shape",
+                "enc",
+                orjson.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a"]}]}),
+                400,
+                "needs 3",
+            ),
+            (
+                "wrong dtype",
+                "enc",
+                orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}),
+                400,
+                "must be BYTES",
+            ),
             ("data not of its dtype", "cnn", orjson.dumps({"inputs": [{**image, "datatype": "INT64"}]}), 400, "INT64"),
-            ("unknown datatype", "enc", orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "STRING", "data": ["a"]}]}), 400, "datatype"),
+            (
+                "unknown datatype",
+                "enc",
+                orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "STRING", "data": ["a"]}]}),
+                400,
+                "datatype",
+            ),
             ("unknown input", "enc", orjson.dumps(text_request(["a"], name="sentence")), 400, "no input 'sentence'"),
             ("unknown model", "nope", orjson.dumps(text_request(["a"])), 404, "No model named 'nope'"),
             ("unknown version", "enc/versions/9", orjson.dumps(text_request(["a"])), 404, "no version '9'"),
@@ -92,11 +110,19 @@ async def test_every_bad_input_gets_its_4xx_and_the_server_still_serves(tiny_enc
             ("NaN literal", "cnn", b'{"inputs": [{"name": "image", "shape": [1, 1, 1], "datatype": "FP32", "data": [NaN]}]}', 400, "NaN"),
             ("NaN in binary data", "cnn", None, 400, "NaN or infinite"),
             ("wrong image shape", "cnn", orjson.dumps({"inputs": [{**image, "shape": [1, 28, 27], "data": [0.5] * 756}]}), 400, "shape"),
-            ("negative shape", "enc", orjson.dumps({"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": []}]}), 400, "non-negative"),
+            (
+                "negative shape",
+                "enc",
+                orjson.dumps({"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": []}]}),
+                400,
+                "non-negative",
+            ),
         ]
         nan = np.full((1, 28, 28), 0.5, dtype="<f4")
         nan[0, 0, 0] = np.nan
-        nan_head = orjson.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "parameters": {"binary_data_size": nan.nbytes}}]})
+        nan_head = orjson.dumps(
+            {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "FP32", "parameters": {"binary_data_size": nan.nbytes}}]}
+        )
         for what, model, body, status, message in cases:
             headers = {"content-type": "application/json"}
             if body is None:
@@ -179,7 +205,9 @@ async def test_management_endpoints_need_the_key_and_inference_optionally(tiny_e
         assert (await c.post("/v2/repository/models/cls/load", json=body)).status_code == 401
         assert (await c.post("/v2/repository/models/cls/load", json=body, headers={"x-api-key": API_KEY})).status_code == 200
         assert (await c.post("/v2/models/cls/infer", json=text_request(["a"]))).status_code == 200  # inference is open
-        bad = await c.post("/v2/repository/models/x/load", json={"parameters": {"source": "/no/such/model"}}, headers={"x-api-key": API_KEY})
+        bad = await c.post(
+            "/v2/repository/models/x/load", json={"parameters": {"source": "/no/such/model"}}, headers={"x-api-key": API_KEY}
+        )
         assert bad.status_code == 400 and "/no/such/model" in bad.json()["error"]
         assert (await c.post("/v2/repository/models/cls/unload", headers={"x-api-key": API_KEY})).status_code == 200
         assert (await c.post("/v2/models/cls/infer", json=text_request(["a"]))).status_code == 404

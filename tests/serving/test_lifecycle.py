@@ -148,7 +148,9 @@ async def test_metrics_series(tiny_encoder):
 def test_configs_round_trip_and_reject_typos(tmp_path):
     import yaml
 
-    cfg = ServerConfig(models=[ModelConfig(source="minilm", name="m", runtime="onnxruntime", batching=BatchConfig(max_batch_size=8))], api_key="k" * 16)
+    cfg = ServerConfig(
+        models=[ModelConfig(source="minilm", name="m", runtime="onnxruntime", batching=BatchConfig(max_batch_size=8))], api_key="k" * 16
+    )
     assert ServerConfig.model_validate_json(cfg.model_dump_json()) == cfg
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
     assert load_config(tmp_path / "serve.yaml") == cfg

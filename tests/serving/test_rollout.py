@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError
-from modelpress.serving.analysis import WindowStats
+from modelpress.rollout.analysis import WindowStats
 from modelpress.serving.config import ModelConfig
-from modelpress.serving.rollout import RolloutSpec, evaluate, parse_spec, phases_of
-from modelpress.serving.routing import SinglePolicy
+from modelpress.rollout.controller import RolloutSpec, evaluate, parse_spec, phases_of
+from modelpress.rollout.routing import SinglePolicy
 
 from .conftest import client_for, make_server, text_request
 from .rollout_support import FAIL_TEXT, fail_token_of, load_version, steady_traffic, wait_for
@@ -55,8 +55,16 @@ def test_specs_and_phases():
     assert RolloutSpec(candidate="2").steps == [5, 25, 50, 100]
     assert RolloutSpec(candidate="2", steps=[10, 50]).steps == [10, 50, 100]  # a canary always ends at 100 %
     assert RolloutSpec(candidate="2", strategy="ab").steps == [50]
-    assert [p["phase"] for p in phases_of(RolloutSpec(candidate="2", strategy="shadow-then-canary", shadow_windows=2, steps=[50]))] == ["shadow", "shadow", "canary", "canary"]
-    assert [(p["phase"], p["weight"]) for p in phases_of(RolloutSpec(candidate="2", strategy="blue-green"))] == [("shadow", 0.0), ("switch", 100.0)]
+    assert [p["phase"] for p in phases_of(RolloutSpec(candidate="2", strategy="shadow-then-canary", shadow_windows=2, steps=[50]))] == [
+        "shadow",
+        "shadow",
+        "canary",
+        "canary",
+    ]
+    assert [(p["phase"], p["weight"]) for p in phases_of(RolloutSpec(candidate="2", strategy="blue-green"))] == [
+        ("shadow", 0.0),
+        ("switch", 100.0),
+    ]
     for bad, message in [
         ({"candidate": "2", "steps": [50, 25]}, "steps must increase"),
         ({"candidate": "2", "steps": [0, 50]}, r"in \(0, 100\]"),
@@ -93,7 +101,14 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
     async with client_for(server) as c:
         async with steady_traffic(c, "tiny-enc", clients=4) as seen:
             await wait_for(lambda: len(seen.statuses) > 20, 30, "traffic")
-            spec = {"candidate": "2", "steps": [5, 25, 50, 100], "window_s": 0.25, "min_requests": 5, "max_p99_ratio": 3.0, "max_error_rate": 0.01}
+            spec = {
+                "candidate": "2",
+                "steps": [5, 25, 50, 100],
+                "window_s": 0.25,
+                "min_requests": 5,
+                "max_p99_ratio": 3.0,
+                "max_error_rate": 0.01,
+            }
             r = await c.post("/rollouts/tiny-enc/start", json=spec, headers=AUTH)
             assert r.status_code == 201, r.text
             assert r.json()["weights"] == {"2": 5.0, "1": 95.0} and r.json()["persisted"] is True
@@ -115,7 +130,11 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
     weights = [h["weights"] for h in history if h["action"] == "advance"]
     assert [w.get("2") for w in weights] == [25.0, 50.0, 100.0]  # each advance records the split it moved to
     assert all(h["numbers"]["candidate"]["requests"] >= 5 for h in history if h["action"] in ("advance", "promote") and "numbers" in h)
-    assert dep["version"] == 2 and dep["rollout_state"]["status"] == "succeeded" and dep["traffic_policy"] == {"policy": "single", "version": "2"}
+    assert (
+        dep["version"] == 2
+        and dep["rollout_state"]["status"] == "succeeded"
+        and dep["traffic_policy"] == {"policy": "single", "version": "2"}
+    )
 
 
 @pytest.mark.anyio
@@ -160,7 +179,9 @@ async def test_a_3x_slower_candidate_is_rolled_back_on_p99_within_two_windows(ti
         async with steady_traffic(c, "enc", clients=2) as seen:  # little queueing: latency is mostly model time
             await wait_for(lambda: len(seen.statuses) > 20, 30, "traffic")
             started = time.monotonic()
-            await server.rollouts.start("enc", {"candidate": "2", "steps": [25, 50], "window_s": window, "min_requests": 10, "max_p99_ratio": 1.5})
+            await server.rollouts.start(
+                "enc", {"candidate": "2", "steps": [25, 50], "window_s": window, "min_requests": 10, "max_p99_ratio": 1.5}
+            )
             await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the rollback")
             elapsed = time.monotonic() - started
         ro = server.rollouts.get("enc")
@@ -189,7 +210,9 @@ async def test_shadow_then_canary_rolls_back_on_disagreement_and_blue_green_swit
         assert set(seen.versions) == {"1"} and seen.failed == 0  # in shadow the candidate never answered a client
         await load_version(server, str(tiny_encoder), "enc", "3")
         async with steady_traffic(c, "enc", clients=2) as seen:
-            await server.rollouts.start("enc", {"candidate": "3", "strategy": "blue-green", "window_s": 0.3, "min_requests": 5, "max_p99_ratio": 4.0})
+            await server.rollouts.start(
+                "enc", {"candidate": "3", "strategy": "blue-green", "window_s": 0.3, "min_requests": 5, "max_p99_ratio": 4.0}
+            )
             await wait_for(lambda: server.rollouts.get("enc").phase["phase"] == "switch", ROLLOUT_TIMEOUT_S, "the switch")
             assert server.repository.routers["enc"].policy.describe() == {"policy": "single", "version": "3"}
             assert "1" in server.repository.routers["enc"].versions  # blue stays loaded while green is watched
@@ -314,8 +337,23 @@ def _spawn_server(registry_url: str, port: int, log_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-c", "from modelpress.cli import main; main()", "serve", "tiny-enc@production", "--registry", registry_url, "--port", str(port),
-           "--api-key", KEY, "--threads", "1", "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from modelpress.cli import main; main()",
+        "serve",
+        "tiny-enc@production",
+        "--registry",
+        registry_url,
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -357,7 +395,14 @@ def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
             # This test is about resuming, not about the SLO checks: the thresholds are loose so a
             # loaded machine's latency spikes cannot roll the canary back before the kill.
-            spec = {"candidate": "2", "steps": [10, 40, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 1000.0, "max_error_rate": 0.5}
+            spec = {
+                "candidate": "2",
+                "steps": [10, 40, 100],
+                "window_s": 1.5,
+                "min_requests": 3,
+                "max_p99_ratio": 1000.0,
+                "max_error_rate": 0.5,
+            }
             assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
             senders = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
             for t in senders:
@@ -390,19 +435,46 @@ def test_rollout_cli_against_a_running_server(registry_url):
     from typer.testing import CliRunner
 
     from modelpress.cli import app
-    from modelpress.serving.rollout_cli import parse_duration, parse_rate, parse_steps
+    from modelpress.cli.rollout import parse_duration, parse_rate, parse_steps
 
     assert (parse_duration("200ms"), parse_duration("60s"), parse_duration("5m"), parse_duration("0.5")) == (0.2, 60.0, 300.0, 0.5)
     assert (parse_rate("1%"), parse_rate("0.02"), parse_steps("5,25,50,100")) == (0.01, 0.02, [5.0, 25.0, 50.0, 100.0])
-    for fn, bad, message in ((parse_duration, "soon", "not a duration"), (parse_rate, "150%", "between 0 and 100%"), (parse_steps, "5,x", "percentages")):
+    for fn, bad, message in (
+        (parse_duration, "soon", "not a duration"),
+        (parse_rate, "150%", "between 0 and 100%"),
+        (parse_steps, "5,x", "percentages"),
+    ):
         with pytest.raises(ConfigError, match=message):
             fn(bad)
     cli = CliRunner()
     server = make_server(registry=registry_url, api_key=KEY, models=[ModelConfig(source="tiny-enc@production", threads=1)])
     with server.in_thread() as running:
         base = ["--url", running.url, "--api-key", KEY]
-        r = cli.invoke(app, ["rollout", "start", "tiny-enc", "--candidate", "2", "--strategy", "canary", "--steps", "50,100", "--window", "200ms",
-                             "--max-error-rate", "1%", "--max-p99-ratio", "5", "--min-agreement", "0.99", "--min-requests", "3", *base])  # fmt: skip
+        r = cli.invoke(
+            app,
+            [
+                "rollout",
+                "start",
+                "tiny-enc",
+                "--candidate",
+                "2",
+                "--strategy",
+                "canary",
+                "--steps",
+                "50,100",
+                "--window",
+                "200ms",
+                "--max-error-rate",
+                "1%",
+                "--max-p99-ratio",
+                "5",
+                "--min-agreement",
+                "0.99",
+                "--min-requests",
+                "3",
+                *base,
+            ],
+        )
         assert r.exit_code == 0 and "canary rollout 1 -> 2 is running" in r.output and "step 1/2" in r.output, r.output
         with httpx.Client(base_url=running.url, timeout=30) as c:
             deadline = time.monotonic() + ROLLOUT_TIMEOUT_S

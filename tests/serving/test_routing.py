@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError, ModelNotReadyError
-from modelpress.serving.routing import (
+from modelpress.rollout.routing import (
     BUCKETS,
     Decision,
     RequestContext,
@@ -67,7 +67,11 @@ def test_sticky_routing_is_stable_per_key_and_a_growing_canary_keeps_its_users()
 
 
 def test_policies_round_trip_through_json_and_reject_bad_input():
-    for policy in (SinglePolicy("3"), SplitPolicy({"2": 5, "1": 95}, sticky=True, sticky_header="X-Tenant"), ShadowPolicy("1", "2", 0.25, seed=4)):
+    for policy in (
+        SinglePolicy("3"),
+        SplitPolicy({"2": 5, "1": 95}, sticky=True, sticky_header="X-Tenant"),
+        ShadowPolicy("1", "2", 0.25, seed=4),
+    ):
         again = policy_from_json(policy.describe())
         assert type(again) is type(policy) and again.describe() == policy.describe() and again.targets() == policy.targets()
     assert policy_from_json({"policy": "split", "weights": {"2": 5, "1": 95}, "sticky": True}).sticky_header == "x-user-id"

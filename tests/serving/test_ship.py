@@ -18,7 +18,10 @@ from .conftest import text_request
 KEY = "ship-test-key-1234"
 WINDOW_S = 0.3  # short analysis windows: the whole rollout takes a few seconds
 START_TIMEOUT_S = 30
-INT8_RECIPE = {"gate": {"spearman": {"min_value": -1.0}}, "steps": [{"technique": "dynamic-int8", "runtime": "onnxruntime", "fuse": False}]}  # a random tiny model: its Spearman means nothing
+INT8_RECIPE = {
+    "gate": {"spearman": {"min_value": -1.0}},
+    "steps": [{"technique": "dynamic-int8", "runtime": "onnxruntime", "fuse": False}],
+}  # a random tiny model: its Spearman means nothing
 # int8 weights and the shadow copies (run after the primary answered, on the same 2 cores) are
 # slower and less similar than a real candidate would be; these bounds only catch a broken rollout
 ROLLOUT = {"max_error_rate": 0.0, "max_p99_ratio": 10.0, "min_agreement": 0.9, "min_requests": 5}
@@ -93,15 +96,27 @@ def steady_clients(url: str, model: str, clients: int = 3) -> Iterator[dict[str,
 
 def test_ship_promotes_an_int8_variant_under_load_with_zero_failed_requests(tiny_encoder, tmp_path):
     from modelpress.registry.api import Registry
-    from modelpress.serving.ship import ship
+    from modelpress.ship import ship
 
     reg_url = str(tmp_path / "reg.db")
     decisions: list[dict[str, Any]] = []
     with live_server(registry=reg_url, api_key=KEY) as url, steady_clients(url, "tiny") as seen:
         res = ship(
-            "tiny", str(tiny_encoder), recipe=INT8_RECIPE, steps=[25, 100], window_s=WINDOW_S, url=url, api_key=KEY, registry=reg_url,
-            output=tmp_path / "out", data=str(_pairs_file(tmp_path)), task="embedding", rollout=ROLLOUT, timeout_s=60, on_event=decisions.append,
-        )  # fmt: skip
+            "tiny",
+            str(tiny_encoder),
+            recipe=INT8_RECIPE,
+            steps=[25, 100],
+            window_s=WINDOW_S,
+            url=url,
+            api_key=KEY,
+            registry=reg_url,
+            output=tmp_path / "out",
+            data=str(_pairs_file(tmp_path)),
+            task="embedding",
+            rollout=ROLLOUT,
+            timeout_s=60,
+            on_event=decisions.append,
+        )
         n_at_end = len(seen["statuses"])
         deadline = time.monotonic() + 10
         while len(seen["statuses"]) < n_at_end + 10 and time.monotonic() < deadline:
@@ -122,13 +137,24 @@ def test_ship_promotes_an_int8_variant_under_load_with_zero_failed_requests(tiny
 def test_a_gate_that_cannot_pass_stops_before_any_rollout(tiny_encoder, tmp_path):
     import httpx
 
-    from modelpress.serving.ship import ship
+    from modelpress.ship import ship
 
     reg_url = str(tmp_path / "reg.db")
     recipe = {**INT8_RECIPE, "gate": {"mean_cosine": {"min_value": 1.5}}}  # cosine never exceeds 1
     with live_server(registry=reg_url, api_key=KEY) as url:
         with pytest.raises(GateFailedError, match="Stopping before any rollout"):
-            ship("tiny", str(tiny_encoder), recipe=recipe, window_s=WINDOW_S, url=url, api_key=KEY, registry=reg_url, output=tmp_path / "out", data=str(_pairs_file(tmp_path)), task="embedding")
+            ship(
+                "tiny",
+                str(tiny_encoder),
+                recipe=recipe,
+                window_s=WINDOW_S,
+                url=url,
+                api_key=KEY,
+                registry=reg_url,
+                output=tmp_path / "out",
+                data=str(_pairs_file(tmp_path)),
+                task="embedding",
+            )
         assert httpx.get(f"{url}/v2/models/tiny").status_code == 404  # nothing was loaded
         assert httpx.get(f"{url}/rollouts", headers={"x-api-key": KEY}).json() in ({}, [], {"rollouts": {}})
 
@@ -142,23 +168,51 @@ def test_cli_exits_non_zero_on_a_gate_failure(tiny_encoder, tmp_path):
 
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({**INT8_RECIPE, "gate": {"mean_cosine": {"min_value": 1.5}}}))
-    r = CliRunner().invoke(app, ["ship", "tiny", "--from", str(tiny_encoder), "--recipe", str(recipe), "--data", str(_pairs_file(tmp_path)),
-                                 "--registry", str(tmp_path / "reg.db"), "-o", str(tmp_path / "out"), "--url", "http://127.0.0.1:9"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "ship",
+            "tiny",
+            "--from",
+            str(tiny_encoder),
+            "--recipe",
+            str(recipe),
+            "--data",
+            str(_pairs_file(tmp_path)),
+            "--registry",
+            str(tmp_path / "reg.db"),
+            "-o",
+            str(tmp_path / "out"),
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+    )
     assert r.exit_code == GateFailedError.exit_code, r.output
     assert "Stopping before any rollout" in r.output
 
 
 def test_a_breached_window_rolls_back_and_production_stays(tiny_encoder, tmp_path):
     from modelpress.registry.api import Registry
-    from modelpress.serving.ship import ship
+    from modelpress.ship import ship
 
     reg_url = str(tmp_path / "reg.db")
     strict = {**ROLLOUT, "max_p99_ratio": 0.01}  # no candidate answers 100x faster than its baseline: the first window breaches
     with live_server(registry=reg_url, api_key=KEY) as url, steady_clients(url, "tiny") as seen:
         res = ship(
-            "tiny", str(tiny_encoder), recipe=INT8_RECIPE, steps=[25, 100], window_s=WINDOW_S, url=url, api_key=KEY, registry=reg_url,
-            output=tmp_path / "out", data=str(_pairs_file(tmp_path)), task="embedding", rollout=strict, timeout_s=60,
-        )  # fmt: skip
+            "tiny",
+            str(tiny_encoder),
+            recipe=INT8_RECIPE,
+            steps=[25, 100],
+            window_s=WINDOW_S,
+            url=url,
+            api_key=KEY,
+            registry=reg_url,
+            output=tmp_path / "out",
+            data=str(_pairs_file(tmp_path)),
+            task="embedding",
+            rollout=strict,
+            timeout_s=60,
+        )
     assert not res.ok and res.status == "rolled_back", res.status
     assert [d["action"] for d in res.decisions][-1] == "rollback" and "p99" in "; ".join(res.decisions[-1]["reasons"])
     assert seen["errors"] == [] and set(seen["versions"]) == {"1"}  # shadow only: no client was answered by the candidate

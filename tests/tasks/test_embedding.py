@@ -58,7 +58,9 @@ def test_embedding_matches_manual_torch(tiny_encoder):
 
 
 def test_evaluate_spearman_on_handmade_pairs(tiny_encoder):
-    ds = PairDataset("toy", ["a cat", "a dog", "the sky", "green tea"], ["a cat", "a puppy", "an ocean", "black coffee"], [5.0, 4.0, 1.0, 2.0])
+    ds = PairDataset(
+        "toy", ["a cat", "a dog", "the sky", "green tea"], ["a cat", "a puppy", "an ocean", "black coffee"], [5.0, 4.0, 1.0, 2.0]
+    )
     art = mp.load(tiny_encoder)
     metrics = mp.task_for(art).evaluate(mp.create_runner(art, "torch", threads=1), ds)
     assert -1.0 <= metrics["spearman"] <= 1.0 and metrics["pairs"] == 4

@@ -41,7 +41,10 @@ def test_module_evaluates_like_direct_argmax(tiny_cnn):
 @pytest.mark.slow
 def test_trained_cnn_on_mnist_test_all_runtimes(trained_mnist_cnn, data_dir):
     art = mp.load(trained_mnist_cnn, task="image-classification", name="mnist-cnn")
-    accs = {rt: mp.evaluate(art, data="mnist-test", runtime=rt, data_dir=data_dir)["metrics"]["accuracy"] for rt in ("torch", "onnxruntime", "openvino")}
+    accs = {
+        rt: mp.evaluate(art, data="mnist-test", runtime=rt, data_dir=data_dir)["metrics"]["accuracy"]
+        for rt in ("torch", "onnxruntime", "openvino")
+    }
     assert accs["torch"] >= MNIST_MIN_ACCURACY
     # Exported graphs give the same predictions up to fp32 noise on a handful of borderline images.
     assert abs(accs["onnxruntime"] - accs["torch"]) <= 0.001 and abs(accs["openvino"] - accs["torch"]) <= 0.001

@@ -88,7 +88,9 @@ class Steps:
 
 @pytest.mark.needs_data
 def test_a_short_run_learns_is_cached_and_loads(data_dir, monkeypatch):
-    cfg = sh.ShakespeareConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=8, max_steps=80, cpu_budget_s=60, lr=1e-2)
+    cfg = sh.ShakespeareConfig(
+        hidden_size=32, layers=1, heads=2, intermediate_size=64, context=32, batch_size=8, max_steps=80, cpu_budget_s=60, lr=1e-2
+    )
     steps = Steps()
     path = sh.ensure_trained(data_dir=data_dir, config=cfg, progress=steps, evaluate=False)
     report = sh.training_report(path)
@@ -101,11 +103,20 @@ def test_a_short_run_learns_is_cached_and_loads(data_dir, monkeypatch):
     # Cached: asking again trains nothing.
     monkeypatch.setattr(sh, "train", lambda *a, **k: pytest.fail("trained again although cached"))
     assert sh.ensure_trained(data_dir=data_dir, config=cfg) == path
-    ppl = mp.evaluate(str(path), data=sh.TEST_DATASET, data_dir=data_dir, threads=1, task_options={"max_eval_tokens": 2000})["metrics"]["perplexity"]
+    ppl = mp.evaluate(str(path), data=sh.TEST_DATASET, data_dir=data_dir, threads=1, task_options={"max_eval_tokens": 2000})["metrics"][
+        "perplexity"
+    ]
     assert ppl < math.exp(uniform - 0.8)
 
     # The short name resolves to the model cached under the default recipe (stood in for here by this one).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sh.write_model(sh.cached_path(), AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path)), sh.ShakespeareConfig(), report, evaluate=False)
+    sh.write_model(
+        sh.cached_path(),
+        AutoModelForCausalLM.from_pretrained(str(path)),
+        AutoTokenizer.from_pretrained(str(path)),
+        sh.ShakespeareConfig(),
+        report,
+        evaluate=False,
+    )
     assert mp.load("shakespeare-lm").path == sh.cached_path()

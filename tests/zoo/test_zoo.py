@@ -38,7 +38,9 @@ def _stand_in(target, *, accuracy=0.5, recipe=None, version=None, overwrite=Fals
         "train_seconds": 1.5,
     }
     metrics = {"accuracy": {"value": accuracy, "dataset": "mnist-test", "runtime": "torch", "kind": "quality"}}
-    return write_torch_artifact(module, target, name="mnist-cnn", task="image-classification", metrics=metrics, step=step, overwrite=overwrite)
+    return write_torch_artifact(
+        module, target, name="mnist-cnn", task="image-classification", metrics=metrics, step=step, overwrite=overwrite
+    )
 
 
 def test_a_cached_model_of_the_current_recipe_is_used(empty_home):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from modelpress.errors import ConfigError
 
 
 LATENCY_WARMUP_INPUTS = 16  # distinct real inputs run once before latency is timed
@@ -127,7 +127,9 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
     }
 
 
-def bench_runner(runner: Any, task: Any, cfg: BenchConfig | None = None, *, data_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def bench_runner(
+    runner: Any, task: Any, cfg: BenchConfig | None = None, *, data_dir: Path | None = None, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Measure one runner; returns latency, throughput, memory and size as a dict."""
     cfg = cfg or BenchConfig()
     say = progress or (lambda _msg: None)

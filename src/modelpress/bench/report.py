@@ -31,12 +31,17 @@ def bench_table(report: dict[str, Any]) -> Table:
     table.add_column("figure")
     rats: list[dict[str, Any] | None] = []
     for i, r in enumerate(results):
-        table.add_column(f"{r['model']}\n{r['runtime']} ({r['threads']} threads)" + ("\n[dim]baseline[/dim]" if i == base_idx else ""), justify="right")
+        table.add_column(
+            f"{r['model']}\n{r['runtime']} ({r['threads']} threads)" + ("\n[dim]baseline[/dim]" if i == base_idx else ""), justify="right"
+        )
         rats.append(report.get("ratios", {}).get(str(i)) if base_idx is not None and i != base_idx else None)
     for k in ("p50", "p90", "p99"):
         table.add_row(
             f"latency {k} ms (batch 1)",
-            *[_with_ratio(f"{r['latency_ms'][k]:.2f}", rat["latency_speedup"].get(k) if rat else None) for r, rat in zip(results, rats, strict=True)],
+            *[
+                _with_ratio(f"{r['latency_ms'][k]:.2f}", rat["latency_speedup"].get(k) if rat else None)
+                for r, rat in zip(results, rats, strict=True)
+            ],
         )
     keys = [(t["batch"], t["seq_len"]) for t in results[0]["throughput"]]
     for key in keys:
@@ -47,8 +52,17 @@ def bench_table(report: dict[str, Any]) -> Table:
             cells.append(_with_ratio(f"{thr[key]:.1f}", spd.get(key)) if key in thr else "-")
         bs, seq = key
         table.add_row(f"items/s batch {bs}" + (f" x {seq} tokens" if seq else ""), *cells)
-    table.add_row("memory rise", *[_with_ratio(f"{r['memory_mb']['rise']:.0f} MB", rat["memory_fraction"] if rat else None) for r, rat in zip(results, rats, strict=True)])
-    table.add_row("size on disk", *[_with_ratio(_size(r["size_bytes"]), rat["size_fraction"] if rat else None) for r, rat in zip(results, rats, strict=True)])
+    table.add_row(
+        "memory rise",
+        *[
+            _with_ratio(f"{r['memory_mb']['rise']:.0f} MB", rat["memory_fraction"] if rat else None)
+            for r, rat in zip(results, rats, strict=True)
+        ],
+    )
+    table.add_row(
+        "size on disk",
+        *[_with_ratio(_size(r["size_bytes"]), rat["size_fraction"] if rat else None) for r, rat in zip(results, rats, strict=True)],
+    )
     m = report.get("machine", {})
     table.caption = f"{m.get('cpu', '?')} | {m.get('cores', '?')} cores | flags: {' '.join(m.get('flags', [])) or 'none of note'}"
     return table

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DatasetError
-from ..locations import data_dir
-from .base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
-from .files import read_file
-from .hub import read_hub
-from .local import NAMED
+from modelpress.errors import DatasetError
+from modelpress.locations import data_dir
+from modelpress.datasets.base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
+from modelpress.datasets.files import read_file
+from modelpress.datasets.hub import read_hub
+from modelpress.datasets.local import NAMED
 
 __all__ = [
     "Dataset",

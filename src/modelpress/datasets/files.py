@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetError
-from .base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
+from modelpress.errors import DatasetError
+from modelpress.datasets.base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
 
 ALIASES = {"text": ["text", "sentence", "question", "content"], "label": ["label", "labels", "target", "class"]}
 
@@ -72,7 +72,10 @@ def read_file(path: str | Path, kind: type, columns: dict[str, str] | None = Non
         return TextCorpus(path.stem, [path.read_text(encoding="utf-8", errors="replace")], "stream")
     if kind is ImageDataset:
         if path.suffix.lower() != ".npz":
-            raise DatasetError(f"Images are read from .npz files; '{path.name}' is not one.", hint="Save with numpy.savez(path, images=uint8_array, labels=int_array).")
+            raise DatasetError(
+                f"Images are read from .npz files; '{path.name}' is not one.",
+                hint="Save with numpy.savez(path, images=uint8_array, labels=int_array).",
+            )
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz or "labels" not in npz:
                 raise DatasetError(f"{path} needs arrays 'images' and 'labels'; it has {sorted(npz.files)}.")

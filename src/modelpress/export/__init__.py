@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..artifacts import Artifact
-from ..errors import ConfigError
+from modelpress.artifacts import Artifact
+from modelpress.errors import ConfigError
 
 FORMATS = ("onnx", "openvino")
 
@@ -13,11 +13,11 @@ FORMATS = ("onnx", "openvino")
 def export(source: Artifact, fmt: str, output: str | os.PathLike, *, overwrite: bool = False, **options) -> Artifact:
     """Export ``source`` to ``fmt`` (onnx, openvino) in the folder ``output``."""
     if fmt == "onnx":
-        from .onnx import export_onnx
+        from modelpress.export.onnx import export_onnx
 
         return export_onnx(source, output, overwrite=overwrite, **options)
     if fmt == "openvino":
-        from .openvino import export_openvino
+        from modelpress.export.openvino import export_openvino
 
         return export_openvino(source, output, overwrite=overwrite, **options)
     raise ConfigError(f"Unknown export format '{fmt}'.", hint=f"Use one of {', '.join(FORMATS)}, e.g. --format onnx")

@@ -13,10 +13,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Artifact, Manifest
-from ..errors import ExportError, require
-from ..locations import find_data_dir
-from .parity import check_parity, parity_batches
+from modelpress.artifacts import Artifact, Manifest
+from modelpress.errors import ExportError, require
+from modelpress.locations import find_data_dir
+from modelpress.export.parity import check_parity, parity_batches
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
@@ -102,8 +102,8 @@ def export_onnx(
     overwrite: bool = False,
 ) -> Artifact:
     """Export ``source`` (HF folder or torch module) to an ONNX artifact folder at ``output``."""
-    from ..runtimes.torch import TorchRunner, load_torch_module
-    from ..tasks import task_for
+    from modelpress.runtimes.torch import TorchRunner, load_torch_module
+    from modelpress.tasks import task_for
 
     if source.format == "onnx":
         raise ExportError(f"'{source.name}' is already ONNX.", hint="Use it directly, or export it to OpenVINO with --format openvino.")

@@ -10,18 +10,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Artifact, Manifest
-from ..errors import require
-from ..locations import find_data_dir
-from .parity import check_parity, parity_batches
+from modelpress.artifacts import Artifact, Manifest
+from modelpress.errors import require
+from modelpress.locations import find_data_dir
+from modelpress.export.parity import check_parity, parity_batches
 
 
 def export_openvino(source: Artifact, output: str | os.PathLike, *, overwrite: bool = False) -> Artifact:
     """Export ``source`` (HF folder, torch module or ONNX artifact) to OpenVINO IR at ``output``."""
     ov = require("openvino", "openvino")
-    from ..runtimes import create_runner
-    from ..runtimes.onnxruntime import exported
-    from ..tasks import task_for
+    from modelpress.runtimes import create_runner
+    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.tasks import task_for
 
     onnx_art = exported(source, "onnx")
     task = task_for(onnx_art if onnx_art.path else source)
@@ -34,7 +34,9 @@ def export_openvino(source: Artifact, output: str | os.PathLike, *, overwrite: b
         if task.tokenizer is not None:
             task.tokenizer.save_pretrained(str(tmp))
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(str(tmp / "model.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+        compiled = core.compile_model(
+            core.read_model(str(tmp / "model.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+        )
         outs = [p.get_any_name() for p in compiled.outputs]
 
         def run(batch):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import ParityError
+from modelpress.errors import ParityError
 
 PARITY_RTOL = 1e-3
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .handlers import apply_technique
-from .recipe import Recipe, RecipeResult, run_recipe
-from .tune import TuneResult
-from .tune import tune as _tune
+from modelpress.optimize.handlers import apply_technique
+from modelpress.optimize.recipe import Recipe, RecipeResult, run_recipe
+from modelpress.optimize.search.tune import TuneResult
+from modelpress.optimize.search.tune import tune as _tune
 
 
 def optimize(model: Any, recipe: Recipe | dict[str, Any] | str | os.PathLike, output: str | os.PathLike, **options: Any) -> RecipeResult:
@@ -28,7 +28,7 @@ def optimize(model: Any, recipe: Recipe | dict[str, Any] | str | os.PathLike, ou
 
 
 def tune(model: Any, **options: Any) -> TuneResult:
-    """The fastest variant that keeps quality; see :func:`modelpress.optimize.tune.tune`."""
+    """The fastest variant that keeps quality; see :func:`modelpress.optimize.search.tune.tune`."""
     return _tune(model, **options)
 
 

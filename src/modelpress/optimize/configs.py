@@ -24,7 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError, UnknownTechniqueError
+from modelpress.errors import ConfigError, UnknownTechniqueError
 
 RuntimeName = Literal["onnxruntime", "openvino", "torch"]
 RUNTIME_NAMES: tuple[str, ...] = ("onnxruntime", "openvino", "torch")
@@ -126,9 +126,7 @@ class TechniqueConfig(StrictModel):
     @model_validator(mode="after")
     def _runtime_supported(self) -> TechniqueConfig:
         if self.runtime not in self.supported_runtimes:
-            raise ValueError(
-                f"{self.technique_name} has no {self.runtime} implementation; it runs on {', '.join(self.supported_runtimes)}"
-            )
+            raise ValueError(f"{self.technique_name} has no {self.runtime} implementation; it runs on {', '.join(self.supported_runtimes)}")
         self.check()
         return self
 
@@ -209,7 +207,9 @@ class StaticInt8(TechniqueConfig):
 
     def check(self) -> None:
         if self.runtime != "onnxruntime" and self.method != "minmax":
-            raise ValueError(f"method '{self.method}' is an ONNX Runtime calibration method; {self.runtime} calibrates with min/max statistics (drop 'method')")
+            raise ValueError(
+                f"method '{self.method}' is an ONNX Runtime calibration method; {self.runtime} calibrates with min/max statistics (drop 'method')"
+            )
         _check_precision_hint(self)
 
 
@@ -250,7 +250,9 @@ class WeightOnly(TechniqueConfig):
         if self.ratio != 1.0 and self.runtime != "openvino":
             raise ValueError("ratio (a mix of 4- and 8-bit layers) is an NNCF option: use runtime: openvino, or drop ratio")
         if self.runtime == "onnxruntime" and self.group_size == -1:
-            raise ValueError("ONNX Runtime's MatMulNBits quantizes per block of input channels, not per channel: use group_size: 32, 64 or 128")
+            raise ValueError(
+                "ONNX Runtime's MatMulNBits quantizes per block of input channels, not per channel: use group_size: 32, 64 or 128"
+            )
         _check_precision_hint(self)
 
     @property
@@ -303,7 +305,10 @@ def parse_step(data: Any, *, where: str = "step") -> TechniqueConfig:
     if isinstance(data, str):
         data = {"technique": data}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping with a 'technique' key, got {type(data).__name__}.", hint="Example: {technique: dynamic-int8, per_channel: true}")
+        raise ConfigError(
+            f"{where} must be a mapping with a 'technique' key, got {type(data).__name__}.",
+            hint="Example: {technique: dynamic-int8, per_channel: true}",
+        )
     name = data.get("technique")
     if name not in TECHNIQUES:
         near = difflib.get_close_matches(str(name), list(TECHNIQUES), n=1)

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Artifact
-from ..runtimes import create_runner
-from ..tasks import task_for
+from modelpress.artifacts import Artifact
+from modelpress.runtimes import create_runner
+from modelpress.tasks import task_for
 
 REFERENCE_RUNTIME = "torch"  # the original is scored as its authors run it: PyTorch fp32 eager
 
@@ -71,7 +71,7 @@ class Evaluator:
         threads: int | None = None,
         batch_size: int | None = None,
     ) -> None:
-        from ..datasets import load_dataset
+        from modelpress.datasets import load_dataset
 
         self.original = original
         self.task = task_for(original)

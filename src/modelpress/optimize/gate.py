@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ..errors import ConfigError
-from .configs import StrictModel
+from modelpress.errors import ConfigError
+from modelpress.optimize.configs import StrictModel
 
 # Metrics that are better when lower; everything else is higher-is-better.
 LOWER_IS_BETTER = frozenset({"perplexity", "loss", "bits_per_byte"})
@@ -45,7 +45,9 @@ class Threshold(StrictModel):
     def _one_rule(self) -> Threshold:
         rules = [k for k in ("min_recovery", "max_drop", "min_value", "max_value") if getattr(self, k) is not None]
         if not rules:
-            raise ValueError(f"threshold on '{self.metric}' sets no rule: give one of min_recovery, max_drop, min_value, max_value (e.g. min_recovery: 0.99)")
+            raise ValueError(
+                f"threshold on '{self.metric}' sets no rule: give one of min_recovery, max_drop, min_value, max_value (e.g. min_recovery: 0.99)"
+            )
         return self
 
     def describe(self) -> str:
@@ -73,12 +75,17 @@ class GateConfig(StrictModel):
         ``min_agreement``: also require this top-10 agreement (embedding) or label agreement
         (classification) with the original.
         """
-        from ..tasks import get_task_class
+        from modelpress.tasks import get_task_class
 
         cls_ = get_task_class(task)
         rules = [Threshold(metric=cls_.primary_metric, min_recovery=round(1.0 - max_drop, 10))]
         if min_agreement is not None:
-            agree = {"embedding": "top10_agreement", "text-classification": "label_agreement", "image-classification": "label_agreement", "causal-lm": "top1_agreement"}[task]
+            agree = {
+                "embedding": "top10_agreement",
+                "text-classification": "label_agreement",
+                "image-classification": "label_agreement",
+                "causal-lm": "top1_agreement",
+            }[task]
             rules.append(Threshold(metric=agree, min_value=min_agreement))
         return cls(thresholds=rules)
 
@@ -178,7 +185,8 @@ def parse_gate(data: Any) -> GateConfig:
             data = {"thresholds": [{"metric": k, **v} for k, v in data.items()]}
         except TypeError:
             raise ConfigError(
-                f"gate must map metric names to rules, got {data!r}.", hint="Example: gate: {spearman: {min_recovery: 0.99}, top10_agreement: {min_value: 0.95}}"
+                f"gate must map metric names to rules, got {data!r}.",
+                hint="Example: gate: {spearman: {min_recovery: 0.99}, top10_agreement: {min_value: 0.95}}",
             ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"gate must be a mapping, got {type(data).__name__}.", hint="Example: gate: {spearman: {min_recovery: 0.99}}")

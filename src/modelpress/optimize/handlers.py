@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..artifacts import Artifact, Manifest, Signature
-from ..errors import OptimizationError, UnknownTechniqueError
-from .configs import CALIBRATION_DEFAULTS, Calibration, TechniqueConfig, parse_step
+from modelpress.artifacts import Artifact, Manifest, Signature
+from modelpress.errors import OptimizationError, UnknownTechniqueError
+from modelpress.optimize.configs import CALIBRATION_DEFAULTS, Calibration, TechniqueConfig, parse_step
 
 
 @dataclass
@@ -79,10 +79,10 @@ def apply_technique(
     threads: int | None = None,
 ) -> Artifact:
     """Apply one technique to ``model`` and write the new artifact to ``output``."""
-    from ..api import as_artifact
-    from ..locations import find_data_dir
+    from modelpress.api import as_artifact
+    from modelpress.locations import find_data_dir
 
-    from . import techniques  # noqa: F401  (registers the handlers)
+    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
 
     art = as_artifact(model, task)
     cfg = parse_step(config)
@@ -112,14 +112,14 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
     ``eager_attention``: export a Hugging Face model with ``attn_implementation="eager"`` and the
     TorchScript exporter, the graph ONNX Runtime's BERT fusion recognises (sdpa is not fused).
     """
-    from ..runtimes.onnxruntime import exported
+    from modelpress.runtimes.onnxruntime import exported
 
     if artifact.format == "onnx" or not eager_attention or artifact.format != "hf":
         if artifact.format == "openvino":
             raise OptimizationError(f"'{artifact.name}' is an OpenVINO IR; ONNX Runtime techniques need the model or its ONNX export.")
         return exported(artifact, "onnx")
-    from ..export.onnx import export_onnx
-    from ..locations import cache_dir
+    from modelpress.export.onnx import export_onnx
+    from modelpress.locations import cache_dir
 
     target = cache_dir("exports") / f"{artifact.content_hash()[:20]}-onnx-eager"
     if target.is_dir():
@@ -131,7 +131,7 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
 
 
 def openvino_source(artifact: Artifact) -> Artifact:
-    from ..runtimes.onnxruntime import exported
+    from modelpress.runtimes.onnxruntime import exported
 
     return exported(artifact, "openvino")
 
@@ -166,8 +166,8 @@ def calibration_batches(
     sequence length; ``seq_len`` pads (or cuts) every batch to one length instead, for
     calibrators that stack activations (ORT's entropy and percentile).
     """
-    from ..datasets import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus, load_dataset
-    from ..tasks import task_for
+    from modelpress.datasets import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus, load_dataset
+    from modelpress.tasks import task_for
 
     task = task_for(artifact)
     name = calib.dataset or CALIBRATION_DEFAULTS.get(task.name)
@@ -227,7 +227,7 @@ def write_variant(
     task_config: dict[str, Any] | None = None,
 ) -> Artifact:
     """Write the artifact a technique made: files from ``fill``, the tokenizer, the manifest."""
-    from ..tasks import task_for
+    from modelpress.tasks import task_for
 
     tok_source = source
 

@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..artifacts import Artifact
-from ..errors import ConfigError, ModelpressError, OptimizationError
-from .configs import Calibration, StrictModel, TechniqueConfig, parse_step
-from .gate import GateConfig, GateResult, check, flat_metrics, parse_gate
+from modelpress.artifacts import Artifact
+from modelpress.errors import ConfigError, ModelpressError, OptimizationError
+from modelpress.optimize.configs import Calibration, StrictModel, TechniqueConfig, parse_step
+from modelpress.optimize.gate import GateConfig, GateResult, check, flat_metrics, parse_gate
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
 
@@ -77,7 +77,10 @@ class Recipe(StrictModel):
         if isinstance(data, list):
             data = {"steps": data}
         if not isinstance(data, dict):
-            raise ConfigError(f"The {where} must be a mapping with 'steps', got {type(data).__name__}.", hint="Example:\nsteps:\n  - {technique: dynamic-int8, per_channel: true}")
+            raise ConfigError(
+                f"The {where} must be a mapping with 'steps', got {type(data).__name__}.",
+                hint="Example:\nsteps:\n  - {technique: dynamic-int8, per_channel: true}",
+            )
         try:
             return cls(**data)
         except ConfigError as exc:
@@ -90,14 +93,18 @@ class Recipe(StrictModel):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"The {where} is not valid YAML: {exc}", hint="Check the indentation; steps are a list under 'steps:'.") from None
+            raise ConfigError(
+                f"The {where} is not valid YAML: {exc}", hint="Check the indentation; steps are a list under 'steps:'."
+            ) from None
         return cls.from_dict(data, where=where)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Recipe:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"The recipe file '{p}' does not exist.", hint="Example: modelpress optimize minilm --recipe recipes/minilm-int8.yaml")
+            raise ConfigError(
+                f"The recipe file '{p}' does not exist.", hint="Example: modelpress optimize minilm --recipe recipes/minilm-int8.yaml"
+            )
         text = p.read_text()
         if p.suffix == ".json":
             try:
@@ -232,11 +239,11 @@ def run_recipe(
     the primary metric. With ``register``, the original and every shipped variant are recorded
     in the registry (``registry`` or the default one) under ``name`` with their lineage.
     """
-    from ..api import as_artifact
-    from ..locations import find_data_dir
-    from . import techniques  # noqa: F401  (registers the handlers)
-    from .evaluation import Evaluator
-    from .handlers import StepContext, handler_for
+    from modelpress.api import as_artifact
+    from modelpress.locations import find_data_dir
+    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
+    from modelpress.optimize.evaluation import Evaluator
+    from modelpress.optimize.handlers import StepContext, handler_for
 
     if isinstance(recipe, str | os.PathLike) and not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe)
@@ -246,7 +253,9 @@ def run_recipe(
     gate = recipe.gate or GateConfig.for_task(original.task, max_drop=0.01 if max_drop is None else max_drop)
     out_dir = Path(output).resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"The output folder '{out_dir}' is not empty.", hint="Choose a new folder, or pass --force to replace what is there.")
+        raise ConfigError(
+            f"The output folder '{out_dir}' is not empty.", hint="Choose a new folder, or pass --force to replace what is there."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     ddir = find_data_dir(data_dir)
     evaluator = Evaluator(original, data=data or recipe.data, data_dir=ddir, limit=limit or recipe.limit, threads=threads)
@@ -258,7 +267,7 @@ def run_recipe(
     reg_ref = None
     reg = None
     if register:
-        from .registering import open_registry, register_original
+        from modelpress.optimize.registering import open_registry, register_original
 
         reg = registry or open_registry()
         reg_ref = register_original(reg, original, name or original.name, base)
@@ -279,7 +288,9 @@ def run_recipe(
             evaluation = evaluator.evaluate(art, cfg.runtime)
             verdict = check(base_flat, flat_metrics(evaluation), gate)
             if not verdict.passed and cfg.auto_exclude > 0:
-                art, evaluation, verdict, step.excluded = _auto_exclude(source, cfg, ctx, evaluator, base_flat, gate, art, evaluation, verdict, ddir)
+                art, evaluation, verdict, step.excluded = _auto_exclude(
+                    source, cfg, ctx, evaluator, base_flat, gate, art, evaluation, verdict, ddir
+                )
         except ModelpressError as exc:
             step.error = exc.message
             step.seconds = time.perf_counter() - t0
@@ -293,7 +304,7 @@ def run_recipe(
             _record(art, evaluation, verdict)
             step.shipped, step.path = True, str(art.path)
             if reg is not None:
-                from .registering import register_variant
+                from modelpress.optimize.registering import register_variant
 
                 step.registered = register_variant(reg, art, name or original.name, source_ref, evaluation=evaluation)
             current, current_ref = art, step.registered or current_ref
@@ -313,8 +324,8 @@ def run_recipe(
 
 def _auto_exclude(source, cfg, ctx, evaluator, base_flat, gate, art, evaluation, verdict, ddir):  # noqa: ANN001
     """Keep the most sensitive layers in float (1, 2, 4, ... up to ``auto_exclude``) until the gate passes."""
-    from .handlers import calibration_batches, handler_for
-    from .sensitivity import layer_sensitivity
+    from modelpress.optimize.handlers import calibration_batches, handler_for
+    from modelpress.optimize.search.sensitivity import layer_sensitivity
 
     batches, _ = calibration_batches(source, Calibration(samples=32, batch_size=8), ddir)
     ranked = [name for name, _score in layer_sensitivity(source, cfg, batches)]

@@ -1,5 +1,9 @@
 """Importing this module registers every technique handler (one module per backend)."""
 
-from . import ort_handlers, ov_handlers, torch_handlers  # noqa: F401
-from . import distill, structured  # noqa: F401  (distillation and structured pruning, runtime torch)
-from . import llm_prune, prune  # noqa: F401  (unstructured, N:M, SparseGPT and Wanda pruning)
+import modelpress.optimize.quantize.onnxruntime  # noqa: F401
+import modelpress.optimize.quantize.openvino  # noqa: F401
+import modelpress.optimize.quantize.torch  # noqa: F401
+import modelpress.optimize.distill.distill  # noqa: F401  (distillation, runtime torch)
+import modelpress.optimize.prune.structured  # noqa: F401  (structured pruning, runtime torch)
+import modelpress.optimize.prune.llm  # noqa: F401  (SparseGPT and Wanda pruning)
+import modelpress.optimize.prune.magnitude  # noqa: F401  (unstructured and N:M pruning)

@@ -1,7 +1,7 @@
 """The model registry: versions, lineage, metrics and stages of every model variant.
 
 - :class:`modelpress.registry.api.Registry`: the Python API (register, get, promote, ...).
-- :mod:`modelpress.registry.cli`: the ``modelpress registry`` commands (a Typer sub-app).
+- :mod:`modelpress.cli.registry`: the ``modelpress registry`` commands (a Typer sub-app).
 - :mod:`modelpress.registry.db`: the tables; :mod:`.engine`: connecting and migrating;
   :mod:`.store`: the content-addressed artifact files; :mod:`.names`: names and references.
 
@@ -9,7 +9,7 @@ This package module imports only the light pieces, so that mounting the CLI does
 SQLAlchemy; import the registry itself from ``modelpress.registry.api``.
 """
 
-from .names import STAGES, Ref, parse_ref, validate_name, validate_stage
-from .records import CheckReport, ModelVersion
+from modelpress.registry.names import STAGES, Ref, parse_ref, validate_name, validate_stage
+from modelpress.registry.records import CheckReport, ModelVersion
 
 __all__ = ["STAGES", "CheckReport", "ModelVersion", "Ref", "parse_ref", "validate_name", "validate_stage"]

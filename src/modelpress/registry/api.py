@@ -29,14 +29,25 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from ..artifacts import Artifact, Manifest
-from ..errors import ConfigError, InvalidReferenceError, RegistryConflictError, RegistryError
-from . import queries, stages
-from .db import ArtifactRow, DeploymentRow, LineageRow, MetaRow, MetricRow, ModelRow, NoteRow, StageEventRow, TagRow, VersionRow
-from .engine import STORE_ENV, WRITE, create_engine, display_url, make_url, upgrade
-from .names import Ref, parse_ref, validate_name, validate_stage, validate_tag
-from .records import CheckReport, ModelVersion, current_user, normalize_metrics
-from .store import ArtifactStore, Prepared, crash_point
+from modelpress.artifacts import Artifact, Manifest
+from modelpress.errors import ConfigError, InvalidReferenceError, RegistryConflictError, RegistryError
+from modelpress.registry import queries, stages
+from modelpress.registry.db import (
+    ArtifactRow,
+    DeploymentRow,
+    LineageRow,
+    MetaRow,
+    MetricRow,
+    ModelRow,
+    NoteRow,
+    StageEventRow,
+    TagRow,
+    VersionRow,
+)
+from modelpress.registry.engine import STORE_ENV, WRITE, create_engine, display_url, make_url, upgrade
+from modelpress.registry.names import Ref, parse_ref, validate_name, validate_stage, validate_tag
+from modelpress.registry.records import CheckReport, ModelVersion, current_user, normalize_metrics
+from modelpress.registry.store import ArtifactStore, Prepared, crash_point
 
 RefLike = str | Ref | ModelVersion
 T = TypeVar("T")
@@ -68,7 +79,9 @@ def _split_step(step: Any, manifest_step: dict[str, Any] | None) -> tuple[str | 
     if isinstance(step, dict):
         name = next((str(step[k]) for k in ("technique", "type", "name", "step") if step.get(k)), "step")
         return name[:128], step
-    raise ConfigError(f"A step must be a name or a config dict, not {type(step).__name__}.", hint="Example: step={'technique': 'quantize', 'bits': 8}")
+    raise ConfigError(
+        f"A step must be a name or a config dict, not {type(step).__name__}.", hint="Example: step={'technique': 'quantize', 'bits': 8}"
+    )
 
 
 class Registry:
@@ -82,8 +95,10 @@ class Registry:
     storage). Close it (or use ``with``) when done.
     """
 
-    def __init__(self, url: str | os.PathLike | None = None, home: str | os.PathLike | None = None, store: str | os.PathLike | None = None) -> None:
-        from ..locations import home_dir
+    def __init__(
+        self, url: str | os.PathLike | None = None, home: str | os.PathLike | None = None, store: str | os.PathLike | None = None
+    ) -> None:
+        from modelpress.locations import home_dir
 
         if home is not None:
             self.home = Path(home).expanduser().resolve()
@@ -171,7 +186,7 @@ class Registry:
     @property
     def rollouts(self) -> Any:
         """Deployments and rollout decisions (:class:`modelpress.registry.rollouts.Rollouts`)."""
-        from .rollouts import Rollouts
+        from modelpress.registry.rollouts import Rollouts
 
         return Rollouts(self)
 
@@ -210,7 +225,9 @@ class Registry:
         """The versions of ``name`` whose files have this content hash (``Artifact.content_hash()``), oldest first."""
         name = validate_name(name)
         if not isinstance(content_hash, str) or not _SHA_RE.fullmatch(content_hash):
-            raise ConfigError(f"{content_hash!r} is not a content hash.", hint="A content hash is 64 lowercase hex digits, e.g. artifact.content_hash().")
+            raise ConfigError(
+                f"{content_hash!r} is not a content hash.", hint="A content hash is 64 lowercase hex digits, e.g. artifact.content_hash()."
+            )
         return self._read(lambda s: [self._describe(s, row) for row in queries.versions_with_hash(s, name, content_hash)])
 
     def find(self, name: str, artifact: Artifact | str | os.PathLike) -> ModelVersion | None:
@@ -348,7 +365,13 @@ class Registry:
             m = prepared.manifest
             s.add(
                 ArtifactRow(
-                    sha256=prepared.sha256, task=m.task, format=m.format, model_file=m.model_file, files=prepared.files, manifest=manifest, size_bytes=prepared.size_bytes
+                    sha256=prepared.sha256,
+                    task=m.task,
+                    format=m.format,
+                    model_file=m.model_file,
+                    files=prepared.files,
+                    manifest=manifest,
+                    size_bytes=prepared.size_bytes,
                 )
             )
         model = s.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
@@ -358,7 +381,9 @@ class Registry:
         s.flush()
         number = model.next_version
         model.next_version = number + 1
-        row = VersionRow(model_id=model.id, version=number, artifact_sha=prepared.sha256, stage="candidate", created_by=who, manifest=manifest)
+        row = VersionRow(
+            model_id=model.id, version=number, artifact_sha=prepared.sha256, stage="candidate", created_by=who, manifest=manifest
+        )
         s.add(row)
         s.flush()
         s.add(StageEventRow(version_id=row.id, from_stage=None, to_stage="candidate", action="register", who=who))
@@ -454,7 +479,9 @@ class Registry:
         """Record quality or speed metrics of a version, with where they were measured."""
         rows = normalize_metrics(metrics, dataset=dataset, runtime=runtime, machine=machine, kind=kind)
         if not rows:
-            raise ConfigError("No metrics to record.", hint="Example: record_metrics('minilm:2', {'latency_ms': 3.2}, runtime='onnxruntime')")
+            raise ConfigError(
+                "No metrics to record.", hint="Example: record_metrics('minilm:2', {'latency_ms': 3.2}, runtime='onnxruntime')"
+            )
         r = _as_ref(ref)
 
         def run(s: Any) -> ModelVersion:
@@ -475,7 +502,9 @@ class Registry:
         """
         r = _as_ref(ref)
         if r.version is None:
-            raise InvalidReferenceError(f"'{r}' does not name a version; delete needs one.", hint=f"Example: modelpress registry delete {r.name}:3")
+            raise InvalidReferenceError(
+                f"'{r}' does not name a version; delete needs one.", hint=f"Example: modelpress registry delete {r.name}:3"
+            )
         with self.store.lock():
             with self._session(write=True) as s:
                 row = queries.resolve(s, r, lock=True)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendUnavailableError, ConfigError, RegistryError
+from modelpress.errors import BackendUnavailableError, ConfigError, RegistryError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection, Engine

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import metric_kind
+from modelpress.registry.records import metric_kind
 
 
 def metric_changes(parent: dict[str, float], child: dict[str, float]) -> dict[str, dict[str, float | None]]:

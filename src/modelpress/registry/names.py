@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ConfigError, InvalidNameError, InvalidReferenceError, InvalidStageError
+from modelpress.errors import ConfigError, InvalidNameError, InvalidReferenceError, InvalidStageError
 
 MAX_NAME = 128
 MAX_TAG = 128
@@ -86,7 +86,9 @@ def parse_ref(text: object) -> Ref:
     if "@" in text:
         name, _, stage = text.partition("@")
         if stage.lower() not in STAGES:
-            raise InvalidReferenceError(f"'{text}' names the stage '{stage}', which does not exist.", hint=f"Stages: {', '.join(STAGES)}. {_REF_HELP}")
+            raise InvalidReferenceError(
+                f"'{text}' names the stage '{stage}', which does not exist.", hint=f"Stages: {', '.join(STAGES)}. {_REF_HELP}"
+            )
         return Ref(_ref_name(name, text), stage=stage.lower())
     if ":" in text:
         name, _, version = text.partition(":")
@@ -96,7 +98,9 @@ def parse_ref(text: object) -> Ref:
         match = _VERSION_RE.fullmatch(version)
         number = int(match.group(1)) if match and len(match.group(1)) <= 10 else 0
         if not 1 <= number <= MAX_VERSION:
-            raise InvalidReferenceError(f"'{text}' has the version '{version}'; a version is a whole number from 1 to {MAX_VERSION}.", hint=_REF_HELP)
+            raise InvalidReferenceError(
+                f"'{text}' has the version '{version}'; a version is a whole number from 1 to {MAX_VERSION}.", hint=_REF_HELP
+            )
         return Ref(name, version=number)
     return Ref(_ref_name(text, text))
 

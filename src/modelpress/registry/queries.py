@@ -10,12 +10,12 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from ..errors import RegistryNotFoundError
-from .db import LineageRow, MetricRow, ModelRow, NoteRow, StageEventRow, TagRow, VersionRow
-from .lineage import build_tree
-from .names import Ref
-from .records import ModelVersion, iso, latest_metrics
-from .store import ArtifactStore
+from modelpress.errors import RegistryNotFoundError
+from modelpress.registry.db import LineageRow, MetricRow, ModelRow, NoteRow, StageEventRow, TagRow, VersionRow
+from modelpress.registry.lineage import build_tree
+from modelpress.registry.names import Ref
+from modelpress.registry.records import ModelVersion, iso, latest_metrics
+from modelpress.registry.store import ArtifactStore
 
 # What a manifest says about running an artifact: two versions with the same files and the same
 # settings are the same thing (register(..., reuse=True) returns the one already there).
@@ -32,7 +32,11 @@ def get_model(s: Any, name: str, *, lock: bool = False) -> ModelRow:
     model = s.scalar(q.with_for_update() if lock else q)
     if model is None:
         known = s.scalars(select(ModelRow.name).order_by(ModelRow.name).limit(10)).all()
-        hint = f"Known models: {', '.join(known)}." if known else "The registry is empty; register one with `modelpress registry register PATH --name NAME`."
+        hint = (
+            f"Known models: {', '.join(known)}."
+            if known
+            else "The registry is empty; register one with `modelpress registry register PATH --name NAME`."
+        )
         raise RegistryNotFoundError(f"There is no model named '{name}' in the registry.", hint=hint)
     return model
 
@@ -51,7 +55,8 @@ def resolve(s: Any, r: Ref, *, lock: bool = False) -> VersionRow:
         row = s.scalar(q.where(VersionRow.stage == r.stage).order_by(VersionRow.version.desc()).limit(1))
         if row is None:
             raise RegistryNotFoundError(
-                f"No version of '{r.name}' is in {r.stage}.", hint=f"Promote one: modelpress registry promote {r.name}:VERSION --stage {r.stage}"
+                f"No version of '{r.name}' is in {r.stage}.",
+                hint=f"Promote one: modelpress registry promote {r.name}:VERSION --stage {r.stage}",
             )
         return row
     row = s.scalar(q.order_by(VersionRow.version.desc()).limit(1))
@@ -93,10 +98,20 @@ def describe(s: Any, store: ArtifactStore, row: VersionRow) -> ModelVersion:
         tags=list(tags),
         notes=[{"text": n.text, "who": n.who, "at": iso(n.at)} for n in notes],
         metrics=[
-            {"name": m.name, "value": m.value, "kind": m.kind, "dataset": m.dataset, "runtime": m.runtime, "machine": m.machine, "recorded_at": iso(m.recorded_at)}
+            {
+                "name": m.name,
+                "value": m.value,
+                "kind": m.kind,
+                "dataset": m.dataset,
+                "runtime": m.runtime,
+                "machine": m.machine,
+                "recorded_at": iso(m.recorded_at),
+            }
             for m in metrics
         ],
-        stage_history=[{"from": e.from_stage, "to": e.to_stage, "action": e.action, "who": e.who, "why": e.why, "at": iso(e.at)} for e in events],
+        stage_history=[
+            {"from": e.from_stage, "to": e.to_stage, "action": e.action, "who": e.who, "why": e.why, "at": iso(e.at)} for e in events
+        ],
         manifest=manifest,
     )
 
@@ -105,7 +120,10 @@ def versions_with_hash(s: Any, name: str, sha256: str) -> list[VersionRow]:
     """The versions of ``name`` whose files have this content hash, oldest first (none if no such model)."""
     return list(
         s.scalars(
-            select(VersionRow).join(ModelRow, ModelRow.id == VersionRow.model_id).where(ModelRow.name == name, VersionRow.artifact_sha == sha256).order_by(VersionRow.version)
+            select(VersionRow)
+            .join(ModelRow, ModelRow.id == VersionRow.model_id)
+            .where(ModelRow.name == name, VersionRow.artifact_sha == sha256)
+            .order_by(VersionRow.version)
         )
     )
 
@@ -115,7 +133,9 @@ def list_models(s: Any) -> list[dict[str, Any]]:
     stats = {
         model_id: (count, latest, updated)
         for model_id, count, latest, updated in s.execute(
-            select(VersionRow.model_id, func.count(VersionRow.id), func.max(VersionRow.version), func.max(VersionRow.created_at)).group_by(VersionRow.model_id)
+            select(VersionRow.model_id, func.count(VersionRow.id), func.max(VersionRow.version), func.max(VersionRow.created_at)).group_by(
+                VersionRow.model_id
+            )
         )
     }
     prod = dict(s.execute(select(VersionRow.model_id, VersionRow.version).where(VersionRow.stage == "production")).all())

@@ -9,14 +9,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Artifact, Manifest
-from ..errors import ConfigError
+from modelpress.artifacts import Artifact, Manifest
+from modelpress.errors import ConfigError
 
 # Names that measure speed or cost rather than quality (anything else is a quality metric).
 _SPEED_WORDS = (
-    "latency", "throughput", "qps", "rps", "per_s", "per_sec", "/s", "_ms", "ms_", "seconds", "_sec", "time",
-    "size", "bytes", "memory", "mem_", "rss", "params", "flops",
-)  # fmt: skip
+    "latency",
+    "throughput",
+    "qps",
+    "rps",
+    "per_s",
+    "per_sec",
+    "/s",
+    "_ms",
+    "ms_",
+    "seconds",
+    "_sec",
+    "time",
+    "size",
+    "bytes",
+    "memory",
+    "mem_",
+    "rss",
+    "params",
+    "flops",
+)
 _CONTEXT_KEYS = ("dataset", "runtime", "machine", "kind")
 
 
@@ -59,16 +76,23 @@ def normalize_metrics(
     if metrics is None:
         return []
     if not isinstance(metrics, dict):
-        raise ConfigError(f"Metrics must be a dict of name -> number, not {type(metrics).__name__}.", hint="Example: {'spearman': 0.84, 'latency_ms': 3.1}")
+        raise ConfigError(
+            f"Metrics must be a dict of name -> number, not {type(metrics).__name__}.",
+            hint="Example: {'spearman': 0.84, 'latency_ms': 3.1}",
+        )
     if kind is not None and kind not in ("quality", "speed"):
-        raise ConfigError(f"'{kind}' is not a metric kind.", hint="Use kind='quality' or kind='speed' (or leave it out to infer it from the name).")
+        raise ConfigError(
+            f"'{kind}' is not a metric kind.", hint="Use kind='quality' or kind='speed' (or leave it out to infer it from the name)."
+        )
     rows: list[dict[str, Any]] = []
 
     def add(name: str, value: Any, ctx: dict[str, Any]) -> None:
         if isinstance(value, dict) and "value" in value:
             unknown = set(value) - {"value", *_CONTEXT_KEYS}
             if unknown and strict:
-                raise ConfigError(f"Metric '{name}' has unknown keys {sorted(unknown)}.", hint=f"Allowed: value, {', '.join(_CONTEXT_KEYS)}.")
+                raise ConfigError(
+                    f"Metric '{name}' has unknown keys {sorted(unknown)}.", hint=f"Allowed: value, {', '.join(_CONTEXT_KEYS)}."
+                )
             add(name, value["value"], {**ctx, **{k: value[k] for k in _CONTEXT_KEYS if value.get(k) is not None}})
             return
         if isinstance(value, dict):
@@ -77,7 +101,9 @@ def normalize_metrics(
             return
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             if strict:
-                raise ConfigError(f"Metric '{name}' has the value {value!r}; a metric is a finite number.", hint="Example: {'spearman': 0.84}")
+                raise ConfigError(
+                    f"Metric '{name}' has the value {value!r}; a metric is a finite number.", hint="Example: {'spearman': 0.84}"
+                )
             return
         if not name or len(name) > 128:
             if strict:
@@ -172,7 +198,9 @@ class ModelVersion:
         return data
 
     def __repr__(self) -> str:
-        return f"ModelVersion({self.ref!r}, stage={self.stage!r}, task={self.task!r}, format={self.format!r}, hash={self.content_hash[:12]!r})"
+        return (
+            f"ModelVersion({self.ref!r}, stage={self.stage!r}, task={self.task!r}, format={self.format!r}, hash={self.content_hash[:12]!r})"
+        )
 
 
 @dataclass

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from ..errors import ConfigError, RolloutNotFoundError
-from . import queries, stages
-from .db import DeploymentRow, ModelRow, RolloutEventRow, VersionRow
-from .names import Ref, validate_name
-from .records import iso
+from modelpress.errors import ConfigError, RolloutNotFoundError
+from modelpress.registry import queries, stages
+from modelpress.registry.db import DeploymentRow, ModelRow, RolloutEventRow, VersionRow
+from modelpress.registry.names import Ref, validate_name
+from modelpress.registry.records import iso
 
 if TYPE_CHECKING:
-    from .api import Registry
+    from modelpress.registry.api import Registry
 
 
 def _deployment_json(s: Any, row: DeploymentRow) -> dict[str, Any]:
@@ -52,11 +52,15 @@ def _check_json(value: Any, what: str) -> dict[str, Any]:
     import json
 
     if not isinstance(value, dict):
-        raise ConfigError(f"The {what} must be a JSON object (a dict), not {type(value).__name__}.", hint='Example: {"policy": "single", "version": "1"}')
+        raise ConfigError(
+            f"The {what} must be a JSON object (a dict), not {type(value).__name__}.", hint='Example: {"policy": "single", "version": "1"}'
+        )
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"The {what} is not plain JSON ({exc}).", hint="Use strings, finite numbers, lists and dicts only (NaN is not JSON).") from None
+        raise ConfigError(
+            f"The {what} is not plain JSON ({exc}).", hint="Use strings, finite numbers, lists and dicts only (NaN is not JSON)."
+        ) from None
     return value
 
 
@@ -100,7 +104,13 @@ class Rollouts:
                 version_id = queries.resolve(s, Ref(model, version=int(version))).id
             row = self._row(s, name, lock=True)
             if row is None:
-                row = DeploymentRow(name=name, model_id=model_row.id, version_id=version_id, traffic_policy=traffic_policy or {}, rollout_state=rollout_state or {})
+                row = DeploymentRow(
+                    name=name,
+                    model_id=model_row.id,
+                    version_id=version_id,
+                    traffic_policy=traffic_policy or {},
+                    rollout_state=rollout_state or {},
+                )
                 s.add(row)
             else:
                 row.model_id = model_row.id
@@ -188,5 +198,9 @@ class Rollouts:
 
     def _missing(self, s: Any, name: str) -> RolloutNotFoundError:
         known = s.scalars(select(DeploymentRow.name).order_by(DeploymentRow.name).limit(10)).all()
-        hint = f"Deployments: {', '.join(known)}." if known else "No deployment is recorded yet; `modelpress rollout start NAME ...` creates one."
+        hint = (
+            f"Deployments: {', '.join(known)}."
+            if known
+            else "No deployment is recorded yet; `modelpress rollout start NAME ...` creates one."
+        )
         return RolloutNotFoundError(f"There is no deployment named '{name}' in the registry.", hint=hint)

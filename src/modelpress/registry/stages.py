@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ..errors import RegistryConflictError
-from .db import ModelRow, StageEventRow, VersionRow
+from modelpress.errors import RegistryConflictError
+from modelpress.registry.db import ModelRow, StageEventRow, VersionRow
 
 
 def set_stage(s: Any, row: VersionRow, stage: str, who: str | None, why: str | None, action: str) -> None:
@@ -20,7 +20,9 @@ def set_stage(s: Any, row: VersionRow, stage: str, who: str | None, why: str | N
     if row.stage == stage:
         return
     if stage == "production":
-        current = s.scalar(select(VersionRow).where(VersionRow.model_id == row.model_id, VersionRow.stage == "production").with_for_update())
+        current = s.scalar(
+            select(VersionRow).where(VersionRow.model_id == row.model_id, VersionRow.stage == "production").with_for_update()
+        )
         if current is not None and current.id != row.id:
             current.stage = "archived"
             s.add(StageEventRow(version_id=current.id, from_stage="production", to_stage="archived", action=action, who=who, why=why))
@@ -63,7 +65,8 @@ def rollback_target(s: Any, model: ModelRow) -> tuple[VersionRow, VersionRow]:
     current = s.scalar(select(VersionRow).where(VersionRow.model_id == model.id, VersionRow.stage == "production"))
     if current is None:
         raise RegistryConflictError(
-            f"'{name}' has no version in production to roll back from.", hint=f"Promote one: modelpress registry promote {name}:VERSION --stage production"
+            f"'{name}' has no version in production to roll back from.",
+            hint=f"Promote one: modelpress registry promote {name}:VERSION --stage production",
         )
     earlier = [v for v in production_history(s, model) if v != current.id]
     if not earlier:

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
-from ..errors import ArtifactError, RegistryError
+from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
+from modelpress.errors import ArtifactError, RegistryError
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = "tmp-"
@@ -71,7 +71,10 @@ def safe_relpath(rel: str) -> PurePosixPath:
     """``rel`` as a relative path that stays inside its folder (no absolute path, no '..')."""
     path = PurePosixPath(rel)
     if not rel or "\\" in rel or "\0" in rel or path.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
-        raise RegistryError(f"Refusing the file path '{rel}': it could point outside its artifact folder.", hint="File paths are relative, e.g. 'onnx/model.onnx'.")
+        raise RegistryError(
+            f"Refusing the file path '{rel}': it could point outside its artifact folder.",
+            hint="File paths are relative, e.g. 'onnx/model.onnx'.",
+        )
     return path
 
 
@@ -214,7 +217,9 @@ class ArtifactStore:
                     crash_point("during_copy")
             copied, copied_digest = hash_folder(tmp)
             if copied != files or copied_digest != prepared.sha256:
-                raise ArtifactError(f"The files of '{src}' changed while they were copied.", hint="Register it again once nothing writes to it.")
+                raise ArtifactError(
+                    f"The files of '{src}' changed while they were copied.", hint="Register it again once nothing writes to it."
+                )
             (tmp / MANIFEST_NAME).write_text(prepared.manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
         except BaseException:
@@ -296,11 +301,16 @@ class ArtifactStore:
         src = self.path_for(sha256)
         dest = Path(dest).expanduser().resolve()
         if dest == self.root or self.root in dest.parents or dest in self.root.parents:
-            raise ArtifactError(f"Refusing to export into '{dest}': it overlaps the registry's store {self.root}.", hint="Export to a folder outside the store, e.g. ./out/minilm-3.")
+            raise ArtifactError(
+                f"Refusing to export into '{dest}': it overlaps the registry's store {self.root}.",
+                hint="Export to a folder outside the store, e.g. ./out/minilm-3.",
+            )
         if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not overwrite:
             raise ArtifactError(f"'{dest}' already exists and is not empty.", hint="Choose a new folder or pass overwrite=True (--force).")
         if not src.is_dir():
-            raise RegistryError(f"The stored files of artifact {sha256[:12]} are missing from {self.artifacts}.", hint="Run `modelpress registry check`.")
+            raise RegistryError(
+                f"The stored files of artifact {sha256[:12]} are missing from {self.artifacts}.", hint="Run `modelpress registry check`."
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:

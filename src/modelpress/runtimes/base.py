@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..artifacts import Artifact, Signature
-from ..errors import ConfigError, InvalidInputError, UnknownRuntimeError
+from modelpress.artifacts import Artifact, Signature
+from modelpress.errors import ConfigError, InvalidInputError, UnknownRuntimeError
 
 
 def default_threads() -> int:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import require
-from .base import Runner, register_runtime
+from modelpress.errors import require
+from modelpress.runtimes.base import Runner, register_runtime
 
 
 def exported(artifact, fmt: str):
     """The artifact in ``fmt`` (onnx, openvino): itself, or an export cached by content hash."""
     if artifact.format == fmt or (fmt == "openvino" and artifact.format == "onnx"):
         return artifact
-    from ..artifacts import Artifact
-    from ..locations import cache_dir
+    from modelpress.artifacts import Artifact
+    from modelpress.locations import cache_dir
 
     target = cache_dir("exports") / f"{artifact.content_hash()[:20]}-{fmt}"
     if target.is_dir():
@@ -22,10 +22,10 @@ def exported(artifact, fmt: str):
         except Exception:  # a damaged cache entry is rebuilt below
             pass
     if fmt == "onnx":
-        from ..export.onnx import export_onnx
+        from modelpress.export.onnx import export_onnx
 
         return export_onnx(artifact, target, overwrite=True)
-    from ..export.openvino import export_openvino
+    from modelpress.export.openvino import export_openvino
 
     return export_openvino(artifact, target, overwrite=True)
 

@@ -11,9 +11,9 @@ import threading
 
 import numpy as np
 
-from ..errors import ConfigError, require
-from .base import Runner, register_runtime
-from .onnxruntime import exported
+from modelpress.errors import ConfigError, require
+from modelpress.runtimes.base import Runner, register_runtime
+from modelpress.runtimes.onnxruntime import exported
 
 PRECISIONS = ("f32", "bf16", "f16")
 
@@ -28,7 +28,9 @@ class OpenVINORunner(Runner):
         ov = require("openvino", "openvino")
         precision = self.options.get("precision") or "f32"
         if precision not in PRECISIONS:
-            raise ConfigError(f"Unknown OpenVINO precision '{precision}'.", hint=f"Use one of {', '.join(PRECISIONS)}, e.g. precision='bf16'.")
+            raise ConfigError(
+                f"Unknown OpenVINO precision '{precision}'.", hint=f"Use one of {', '.join(PRECISIONS)}, e.g. precision='bf16'."
+            )
         art = self.loaded_artifact = exported(self.artifact, "openvino")
         core = ov.Core()
         model = core.read_model(str(art.model_file))

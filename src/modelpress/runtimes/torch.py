@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Artifact, Signature
-from ..errors import ConfigError, TaskMismatchError, UnsupportedModelError
-from .base import Runner, register_runtime
+from modelpress.artifacts import Artifact, Signature
+from modelpress.errors import ConfigError, TaskMismatchError, UnsupportedModelError
+from modelpress.runtimes.base import Runner, register_runtime
 
 # The weights of a torch-module artifact stored as a folder (its code is never stored).
 MODULE_WEIGHTS = "model.safetensors"
@@ -38,13 +38,13 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
     """The artifact as a torch module with the task's positional signature, in eval mode."""
     from transformers.utils import logging as hf_logging
 
-    from ..tasks import task_for
+    from modelpress.tasks import task_for
 
     hf_logging.disable_progress_bar()
     task = task_for(artifact)
     if artifact.format == "torch":
         if artifact.module is None:
-            from ..sources import torch_module_from_folder
+            from modelpress.sources import torch_module_from_folder
 
             artifact.module = torch_module_from_folder(artifact)  # a registered architecture, rebuilt from data
         if artifact.module is None:
@@ -113,7 +113,7 @@ class TorchRunner(Runner):
         self._compiled = False
 
     def _specs(self) -> list[dict[str, Any]]:
-        from .torch_transforms import normalize_transforms
+        from modelpress.runtimes.torch_transforms import normalize_transforms
 
         specs = list(normalize_transforms(self.options.get("transform")))
         dtype = self.options.get("dtype")
@@ -131,7 +131,7 @@ class TorchRunner(Runner):
     def _load(self) -> None:
         import torch
 
-        from .torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
+        from modelpress.runtimes.torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
 
         torch.set_num_threads(self.threads)
         module, sig = load_torch_module(self.artifact, attn_implementation=self.options.get("attn_implementation"))
@@ -176,7 +176,9 @@ class TorchRunner(Runner):
         path = Path(name)
         if not path.is_absolute():
             if self.artifact.path is None:
-                raise ConfigError(f"The calibration file '{name}' is relative, and this artifact has no folder.", hint="Pass an absolute path.")
+                raise ConfigError(
+                    f"The calibration file '{name}' is relative, and this artifact has no folder.", hint="Pass an absolute path."
+                )
             path = self.artifact.path / path
         return path
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, OptimizationError
+from modelpress.errors import ConfigError, OptimizationError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Spec keys per kind (besides ``kind`` and ``exclude``), with their defaults.
@@ -93,12 +93,16 @@ def _check_spec(item: Any, index: int) -> dict[str, Any]:
     spec = {"kind": kind, **KINDS[kind], **{k: v for k, v in item.items() if k != "kind"}}
     exclude = spec.setdefault("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
-        raise ConfigError(f"transform {index + 1}: exclude must be a list of layer names or regular expressions.", hint=f"Example: {EXAMPLE}")
+        raise ConfigError(
+            f"transform {index + 1}: exclude must be a list of layer names or regular expressions.", hint=f"Example: {EXAMPLE}"
+        )
     for pattern in exclude:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"transform {index + 1}: '{pattern}' is not a valid regular expression ({exc}).", hint=f"Example: {EXAMPLE}") from None
+            raise ConfigError(
+                f"transform {index + 1}: '{pattern}' is not a valid regular expression ({exc}).", hint=f"Example: {EXAMPLE}"
+            ) from None
     if kind == "cast" and spec["dtype"] not in DTYPES:
         raise ConfigError(f"Unknown dtype {spec['dtype']!r} for a cast.", hint=f"Use one of {', '.join(DTYPES)}, e.g. dtype='bf16'.")
     if kind == "weight-only":
@@ -106,7 +110,9 @@ def _check_spec(item: Any, index: int) -> dict[str, Any]:
         if bits not in (4, 8):
             raise ConfigError(f"weight-only bits must be 4 or 8, got {bits!r}.", hint="Example: bits=8")
         if not isinstance(group, int) or (group != -1 and (group < 16 or group & (group - 1))):
-            raise ConfigError(f"group_size must be -1 (per channel) or a power of two >= 16, got {group!r}.", hint="Example: group_size=128")
+            raise ConfigError(
+                f"group_size must be -1 (per channel) or a power of two >= 16, got {group!r}.", hint="Example: group_size=128"
+            )
         if bits == 4 and not spec["symmetric"] and group not in INT4_PACKED_GROUPS:
             raise ConfigError(
                 f"Asymmetric 4-bit weights on torch use torchao's packed CPU kernel, which takes group sizes {INT4_PACKED_GROUPS}; got {group}.",
@@ -273,7 +279,12 @@ def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...
 
 
 def static_int8(
-    module: nn.Module, batches: list[dict[str, np.ndarray]], input_names: Sequence[str], excluded: Sequence[str] = (), *, reduce_range: bool = False
+    module: nn.Module,
+    batches: list[dict[str, np.ndarray]],
+    input_names: Sequence[str],
+    excluded: Sequence[str] = (),
+    *,
+    reduce_range: bool = False,
 ) -> nn.Module:
     """PT2E static int8 (X86InductorQuantizer), observed on ``batches``: a q/dq GraphModule."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq

@@ -8,6 +8,6 @@ Only the settings are imported here; the server (FastAPI, uvicorn, prometheus-cl
 ``serve`` extra) is in :mod:`modelpress.serving.app`.
 """
 
-from .config import BatchConfig, ModelConfig, ServerConfig, load_config
+from modelpress.serving.config import BatchConfig, ModelConfig, ServerConfig, load_config
 
 __all__ = ["BatchConfig", "ModelConfig", "ServerConfig", "load_config"]

@@ -25,15 +25,15 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ..errors import ModelNotReadyError, ModelpressError
-from .analysis import Observations
-from .auth import check_key, key_from_headers
-from .config import ModelConfig, ServerConfig
-from .http import ServingMiddleware, error_response, info_of, protocol_of
-from .metrics import Metrics
-from .repository import LoadedVersion, ModelRepository
-from .rollout import RolloutManager
-from .routing import Mirror, RequestContext
+from modelpress.errors import ModelNotReadyError, ModelpressError
+from modelpress.rollout.analysis import Observations
+from modelpress.serving.auth import check_key, key_from_headers
+from modelpress.serving.config import ModelConfig, ServerConfig
+from modelpress.serving.http import ServingMiddleware, error_response, info_of, protocol_of
+from modelpress.serving.metrics import Metrics
+from modelpress.serving.repository import LoadedVersion, ModelRepository
+from modelpress.rollout.controller import RolloutManager
+from modelpress.rollout.routing import Mirror, RequestContext
 
 log = logging.getLogger("modelpress.serving")
 
@@ -150,7 +150,9 @@ class ModelServer:
             if not thread.is_alive():
                 raise RuntimeError("The server thread stopped during startup (see the log above).")
             thread.join(0.02)
-        running = BackgroundServer(f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", uv, thread, self.config.drain_timeout_s + 10)
+        running = BackgroundServer(
+            f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", uv, thread, self.config.drain_timeout_s + 10
+        )
         try:
             yield running
         finally:
@@ -176,11 +178,11 @@ def create_app(server: ModelServer) -> Any:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from .. import __version__
-    from . import rollout_api
-    from .dashboard import router as dashboard_router
-    from .http import error_body
-    from .protocols import kserve_v2, openai, sagemaker
+    from modelpress import __version__
+    from modelpress.rollout import api as rollout_api
+    from modelpress.rollout.dashboard import router as dashboard_router
+    from modelpress.serving.http import error_body
+    from modelpress.serving.protocols import kserve_v2, openai, sagemaker
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -210,7 +212,7 @@ def create_app(server: ModelServer) -> Any:
 
     @app.get("/v2/models", tags=["KServe v2"], summary="Served models and versions (not in the spec; handy)")
     async def list_models() -> Response:
-        from .http import json_response
+        from modelpress.serving.http import json_response
 
         return json_response([v.describe() for v in server.repository.versions()])
 
@@ -221,13 +223,22 @@ def create_app(server: ModelServer) -> Any:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         headers = getattr(exc, "headers", None)
-        return Response(error_body(protocol_of(request.url.path), exc.status_code, str(exc.detail)), exc.status_code, headers=headers, media_type="application/json")
+        return Response(
+            error_body(protocol_of(request.url.path), exc.status_code, str(exc.detail)),
+            exc.status_code,
+            headers=headers,
+            media_type="application/json",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return Response(error_body(protocol_of(request.url.path), 400, f"Invalid request: {exc.errors()}"), 400, media_type="application/json")
+        return Response(
+            error_body(protocol_of(request.url.path), 400, f"Invalid request: {exc.errors()}"), 400, media_type="application/json"
+        )
 
-    app.add_middleware(ServingMiddleware, metrics=server.metrics, max_body_bytes=server.config.max_body_bytes, access_log_enabled=server.config.access_log)
+    app.add_middleware(
+        ServingMiddleware, metrics=server.metrics, max_body_bytes=server.config.max_body_bytes, access_log_enabled=server.config.access_log
+    )
     return app
 
 

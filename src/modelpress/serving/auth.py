@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
-from ..errors import UnauthorizedError
+from modelpress.errors import UnauthorizedError
 
 
 def key_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -31,7 +31,10 @@ def check_key(provided: str | None, expected: str | None, *, what: str = "this e
         return
     if provided is None:
         raise UnauthorizedError(
-            f"An API key is required for {what}.", hint="Send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY' (the server's --api-key)."
+            f"An API key is required for {what}.",
+            hint="Send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY' (the server's --api-key).",
         )
     if not hmac.compare_digest(provided.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")):
-        raise UnauthorizedError(f"The API key sent for {what} is wrong.", hint="Send the key the server was started with (--api-key or MODELPRESS_API_KEY).")
+        raise UnauthorizedError(
+            f"The API key sent for {what} is wrong.", hint="Send the key the server was started with (--api-key or MODELPRESS_API_KEY)."
+        )

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import InvalidInputError, ModelNotReadyError, RequestTimeoutError, ServerOverloadedError
-from .config import BatchConfig
+from modelpress.errors import InvalidInputError, ModelNotReadyError, RequestTimeoutError, ServerOverloadedError
+from modelpress.serving.config import BatchConfig
 
 log = logging.getLogger("modelpress.serving")
 
@@ -54,7 +54,12 @@ class Batcher:
     """Batches rows for ``work(rows) -> results`` (one result per row), run in worker threads."""
 
     def __init__(
-        self, work: Callable[[list[Any]], list[Any]], config: BatchConfig | None = None, *, name: str = "model", observer: BatchObserver | None = None
+        self,
+        work: Callable[[list[Any]], list[Any]],
+        config: BatchConfig | None = None,
+        *,
+        name: str = "model",
+        observer: BatchObserver | None = None,
     ) -> None:
         self.work = work
         self.config = config or BatchConfig()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
+from modelpress.errors import ConfigError
 
 MiB = 1 << 20
 
@@ -133,7 +133,11 @@ def load_config(path: str | os.PathLike) -> ServerConfig:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"The server config '{p}' could not be parsed: {exc}", hint="Check the syntax (indentation, colons, quotes).") from None
+        raise ConfigError(
+            f"The server config '{p}' could not be parsed: {exc}", hint="Check the syntax (indentation, colons, quotes)."
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"The server config '{p}' must hold a mapping, not {type(data).__name__}.", hint="Example: models: [{source: minilm}]")
+        raise ConfigError(
+            f"The server config '{p}' must hold a mapping, not {type(data).__name__}.", hint="Example: models: [{source: minilm}]"
+        )
     return validated(ServerConfig, data, str(p))

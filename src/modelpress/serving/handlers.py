@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, InvalidInputError
-from ..tasks.text import text_input_specs
+from modelpress.errors import ConfigError, InvalidInputError
+from modelpress.tasks.text import text_input_specs
 
 MAX_INPUTS_PER_REQUEST = 2048  # rows one request may carry (OpenAI's limit for embeddings)
 
@@ -132,7 +132,9 @@ class TextHandler(Handler):
         super().__init__(task, runner, **kwargs)
         tok = task.tokenizer
         if tok is None:
-            raise ConfigError(f"The {self.task_name} model has no tokenizer, so it cannot take text.", hint="Serve a folder with tokenizer files.")
+            raise ConfigError(
+                f"The {self.task_name} model has no tokenizer, so it cannot take text.", hint="Serve a folder with tokenizer files."
+            )
         self.tokenizer = tok
         self.max_length = int(task.max_length)
         self.pad_to_length = pad_to_length
@@ -163,7 +165,10 @@ class TextHandler(Handler):
         _check_count(len(texts))
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise InvalidInputError(f"Input {i} is a {type(t).__name__}, not a string.", hint='Text models take strings, e.g. ["first text", "second text"].')
+                raise InvalidInputError(
+                    f"Input {i} is a {type(t).__name__}, not a string.",
+                    hint='Text models take strings, e.g. ["first text", "second text"].',
+                )
             if len(t) > self.max_text_chars:
                 raise InvalidInputError(
                     f"Input {i} has {len(t):,} characters; this model accepts at most {self.max_text_chars:,} per text "
@@ -227,12 +232,15 @@ class ImageHandler(Handler):
         try:
             x = np.asarray(inputs)
         except ValueError as exc:
-            raise InvalidInputError(f"The images do not form one array: {exc}", hint="Send images of one shape, [N, H, W] or [N, C, H, W].") from None
+            raise InvalidInputError(
+                f"The images do not form one array: {exc}", hint="Send images of one shape, [N, H, W] or [N, C, H, W]."
+            ) from None
         if x.dtype == object or x.dtype.kind not in "biuf":
             raise InvalidInputError(f"Images must be numbers, not {x.dtype}.", hint="Send uint8 pixels 0-255 or float32 values 0-1.")
         if x.dtype.kind == "f" and not self.allow_non_finite and not np.isfinite(x).all():
             raise InvalidInputError(
-                "The images contain NaN or infinite values.", hint="Send finite pixel values (or set allow_non_finite in the model's serve config)."
+                "The images contain NaN or infinite values.",
+                hint="Send finite pixel values (or set allow_non_finite in the model's serve config).",
             )
         _check_count(int(x.shape[0]) if x.ndim else 0)
         pixels = self.task.preprocess(x)["pixel_values"]

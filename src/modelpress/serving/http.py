@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from ..errors import (
+from modelpress.errors import (
     InvalidInputError,
     ModelNotReadyError,
     ModelpressError,
@@ -33,7 +33,7 @@ from ..errors import (
     UnknownServedModelError,
     UserInputError,
 )
-from .metrics import Metrics
+from modelpress.serving.metrics import Metrics
 
 access_log = logging.getLogger("modelpress.access")
 log = logging.getLogger("modelpress.serving")
@@ -140,14 +140,18 @@ def error_headers(exc: BaseException, status: int) -> dict[str, str]:
 def error_body(protocol: str, status: int, message: str) -> bytes:
     """``{"error": "..."}`` (KServe v2, as Triton answers) or OpenAI's ``{"error": {"message", "type", ...}}``."""
     if protocol == "openai":
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         return dumps({"error": {"message": message, "type": kind, "param": None, "code": status}})
     return dumps({"error": message})
 
 
 def error_response(exc: BaseException, protocol: str) -> Response:
     status = status_for(exc)
-    return Response(error_body(protocol, status, message_of(exc)), status_code=status, media_type="application/json", headers=error_headers(exc, status))
+    return Response(
+        error_body(protocol, status, message_of(exc)), status_code=status, media_type="application/json", headers=error_headers(exc, status)
+    )
 
 
 # -- the middleware ------------------------------------------------------------------------
@@ -168,7 +172,9 @@ def _request_id(raw: bytes | None) -> str:
 
 
 class ServingMiddleware:
-    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: Metrics, max_body_bytes: int, access_log_enabled: bool = True) -> None:
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], *, metrics: Metrics, max_body_bytes: int, access_log_enabled: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
@@ -208,7 +214,8 @@ class ServingMiddleware:
                 state["bytes_in"] += len(message.get("body", b""))
                 if state["bytes_in"] > limit:
                     raise PayloadTooLargeError(
-                        f"The request body is larger than {limit:,} bytes.", hint="Send less per request, or raise max_body_bytes in the server config."
+                        f"The request body is larger than {limit:,} bytes.",
+                        hint="Send less per request, or raise max_body_bytes in the server config.",
                     )
             return message
 

@@ -12,7 +12,7 @@ Series (all prefixed ``modelpress_``):
 * ``model_load_seconds{model,version}``: load plus warm-up time of each loaded version;
 * ``shadow_requests_total{model,version,status}`` (status ok, error, dropped) and
   ``shadow_agreement{model,version}`` (histogram of per-copy agreement with the primary) for
-  mirrored copies (the alert rules of :mod:`modelpress.serving.alerts` read them).
+  mirrored copies (the alert rules of :mod:`modelpress.rollout.alerts` read them).
 """
 
 from __future__ import annotations
@@ -34,15 +34,32 @@ class Metrics:
         req = ["model", "version", "protocol", "status"]
         ver = ["model", "version"]
         self.requests = Counter("modelpress_requests", "HTTP requests answered.", req, registry=r)
-        self.latency = Histogram("modelpress_request_duration_seconds", "Time to answer a request.", req, buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("modelpress_queue_time_seconds", "Time rows waited before their batch ran.", ver, buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "modelpress_request_duration_seconds", "Time to answer a request.", req, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "modelpress_queue_time_seconds", "Time rows waited before their batch ran.", ver, buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_size = Histogram("modelpress_batch_size", "Rows per batch run.", ver, buckets=BATCH_BUCKETS, registry=r)
-        self.batch_duration = Histogram("modelpress_batch_duration_seconds", "Time to run one batch.", ver, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_duration = Histogram(
+            "modelpress_batch_duration_seconds", "Time to run one batch.", ver, buckets=LATENCY_BUCKETS, registry=r
+        )
         self.inflight = Gauge("modelpress_inflight_requests", "Requests being answered by a model version.", ver, registry=r)
         self.queue_depth = Gauge("modelpress_queue_depth", "Rows waiting in a model version's queue.", ver, registry=r)
         self.load_seconds = Gauge("modelpress_model_load_seconds", "Seconds to load and warm up a model version.", ver, registry=r)
-        self.shadow_requests = Counter("modelpress_shadow_requests", "Mirrored (shadow) copies by outcome: ok, error, dropped.", ["model", "version", "status"], registry=r)
-        self.shadow_agreement = Histogram("modelpress_shadow_agreement", "Agreement of a shadow copy's outputs with the primary's.", ver, buckets=AGREEMENT_BUCKETS, registry=r)
+        self.shadow_requests = Counter(
+            "modelpress_shadow_requests",
+            "Mirrored (shadow) copies by outcome: ok, error, dropped.",
+            ["model", "version", "status"],
+            registry=r,
+        )
+        self.shadow_agreement = Histogram(
+            "modelpress_shadow_agreement",
+            "Agreement of a shadow copy's outputs with the primary's.",
+            ver,
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
@@ -72,7 +89,9 @@ class Metrics:
 
         return observe
 
-    def track_version(self, model: str, version: str, *, inflight: Callable[[], float], depth: Callable[[], float], load_seconds: float) -> None:
+    def track_version(
+        self, model: str, version: str, *, inflight: Callable[[], float], depth: Callable[[], float], load_seconds: float
+    ) -> None:
         self.inflight.labels(model, version).set_function(inflight)
         self.queue_depth.labels(model, version).set_function(depth)
         self.load_seconds.labels(model, version).set(load_seconds)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelNotFoundError, ModelNotReadyError, UnknownServedModelError
-from .batching import Batcher
-from .config import ModelConfig, ServerConfig, validated
-from .handlers import Handler, handler_for
-from .metrics import Metrics
-from .routing import Decision, RequestContext, Router, SinglePolicy
+from modelpress.errors import ConfigError, ModelNotFoundError, ModelNotReadyError, UnknownServedModelError
+from modelpress.serving.batching import Batcher
+from modelpress.serving.config import ModelConfig, ServerConfig, validated
+from modelpress.serving.handlers import Handler, handler_for
+from modelpress.serving.metrics import Metrics
+from modelpress.rollout.routing import Decision, RequestContext, Router, SinglePolicy
 
 log = logging.getLogger("modelpress.serving")
 
@@ -77,7 +77,7 @@ class LoadedVersion:
 
 def resolve_source(cfg: ModelConfig, registry: str | None) -> tuple[Any, str, str, str | None]:
     """(artifact, default name, default version label, registry ref or None) for a source."""
-    from ..sources import load
+    from modelpress.sources import load
 
     spec = cfg.source
     path = Path(spec).expanduser()
@@ -89,22 +89,24 @@ def resolve_source(cfg: ModelConfig, registry: str | None) -> tuple[Any, str, st
         except ModelNotFoundError:
             if path.exists() or "/" in spec:
                 raise
-    from ..registry.api import Registry
+    from modelpress.registry.api import Registry
 
     with Registry(registry) as reg:
         mv = reg.get(spec)
         return mv.artifact(), mv.name, str(mv.version), mv.ref
 
 
-def build_version(cfg: ModelConfig, server: ServerConfig, metrics: Metrics | None = None, *, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+def build_version(
+    cfg: ModelConfig, server: ServerConfig, metrics: Metrics | None = None, *, runner: Any = None, artifact: Any = None
+) -> LoadedVersion:
     """Load, warm up and wrap one model version (blocking: call it in a worker thread).
 
     ``runner`` / ``artifact``: use these instead of resolving ``cfg.source`` (tests wrap a runner
     to watch the batches it gets).
     """
-    from ..registry.names import validate_name
-    from ..runtimes import create_runner, default_threads
-    from ..tasks import task_for
+    from modelpress.registry.names import validate_name
+    from modelpress.runtimes import create_runner, default_threads
+    from modelpress.tasks import task_for
 
     t0 = time.perf_counter()
     ref = None
@@ -126,7 +128,9 @@ def build_version(cfg: ModelConfig, server: ServerConfig, metrics: Metrics | Non
     seconds = time.perf_counter() - t0
     observer = metrics.batch_observer(name, version) if metrics is not None else None
     batcher = Batcher(handler.work, cfg.batching, name=f"{name}:{version}", observer=observer)
-    return LoadedVersion(name, version, handler, batcher, cfg.model_copy(update={"name": name, "version": version}), artifact, seconds, registry_ref=ref)
+    return LoadedVersion(
+        name, version, handler, batcher, cfg.model_copy(update={"name": name, "version": version}), artifact, seconds, registry_ref=ref
+    )
 
 
 class ModelRepository:
@@ -144,7 +148,9 @@ class ModelRepository:
     def route(self, name: str, version: str | None = None, ctx: RequestContext | None = None) -> tuple[LoadedVersion, Decision]:
         router = self.routers.get(name)
         if router is None:
-            raise UnknownServedModelError(f"No model named '{name}' is served here.", hint=f"Served models: {', '.join(sorted(self.routers)) or 'none'}.")
+            raise UnknownServedModelError(
+                f"No model named '{name}' is served here.", hint=f"Served models: {', '.join(sorted(self.routers)) or 'none'}."
+            )
         return router.route(ctx or RequestContext(), version)
 
     def get(self, name: str, version: str | None = None) -> LoadedVersion:
@@ -164,7 +170,9 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def load(self, cfg: ModelConfig, *, make_default: bool = True, retire_previous: bool = True, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+    async def load(
+        self, cfg: ModelConfig, *, make_default: bool = True, retire_previous: bool = True, runner: Any = None, artifact: Any = None
+    ) -> LoadedVersion:
         """Load ``cfg`` as a new version (in a worker thread) and, with ``make_default``, switch to it.
 
         With ``retire_previous`` the versions that no longer get traffic drain and close.
@@ -187,7 +195,9 @@ class ModelRepository:
         if router is None:
             router = Router(new.name)
         new.batcher.start()
-        self.metrics.track_version(new.name, new.version, inflight=lambda: new.inflight, depth=lambda: new.batcher.depth, load_seconds=new.load_seconds)
+        self.metrics.track_version(
+            new.name, new.version, inflight=lambda: new.inflight, depth=lambda: new.batcher.depth, load_seconds=new.load_seconds
+        )
         replaced = router.versions.get(new.version)
         router.versions[new.version] = new  # a reload of the same label replaces it in place
         if make_default or router.policy is None:
@@ -232,7 +242,9 @@ class ModelRepository:
     def config_for(self, name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
         """The config to load ``name`` with: the known one (or ``NAME@production`` from the registry), updated."""
         base = self.known.get(name) or next((m for m in self.config.models if m.name == name), None)
-        data: dict[str, Any] = base.model_dump(exclude={"version"}) if base is not None else {}  # a new load gets the source's version unless told
+        data: dict[str, Any] = (
+            base.model_dump(exclude={"version"}) if base is not None else {}
+        )  # a new load gets the source's version unless told
         data.update(overrides or {})
         if "source" not in data:
             if self.config.registry is None and not _registry_exists():
@@ -258,10 +270,12 @@ class ModelRepository:
 
     def not_ready_error(self, name: str) -> ModelNotReadyError:
         why = self.failed.get(name)
-        return ModelNotReadyError(f"Model '{name}' is not ready" + (f": its last load failed ({why})." if why else "."), hint="Load it again.")
+        return ModelNotReadyError(
+            f"Model '{name}' is not ready" + (f": its last load failed ({why})." if why else "."), hint="Load it again."
+        )
 
 
 def _registry_exists() -> bool:
-    from ..locations import home_dir
+    from modelpress.locations import home_dir
 
     return (home_dir() / "registry.db").is_file()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import causal_lm, embedding, image_classification, text_classification  # noqa: F401  (registers)
-from .base import TASKS, Task, get_task_class
+from modelpress.tasks import causal_lm, embedding, image_classification, text_classification  # noqa: F401  (registers)
+from modelpress.tasks.base import TASKS, Task, get_task_class
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import Artifact
+    from modelpress.artifacts import Artifact
 
 __all__ = ["TASKS", "Task", "get_task_class", "task_for"]
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..artifacts import Signature
-from ..errors import DatasetError, TaskMismatchError, UnknownTaskError
+from modelpress.artifacts import Signature
+from modelpress.errors import DatasetError, TaskMismatchError, UnknownTaskError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import Artifact
-    from ..runtimes.base import Runner
+    from modelpress.artifacts import Artifact
+    from modelpress.runtimes.base import Runner
 
 Progress = Callable[[int], None]  # called with how many items were just done
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Signature, TensorSpec
-from ..datasets.base import TextCorpus
-from ..errors import ConfigError
-from .base import Progress, Task, _noop, register_task
-from .text import check_texts, real_sentences
+from modelpress.artifacts import Signature, TensorSpec
+from modelpress.datasets.base import TextCorpus
+from modelpress.errors import ConfigError
+from modelpress.tasks.base import Progress, Task, _noop, register_task
+from modelpress.tasks.text import check_texts, real_sentences
 
 MAX_DEFAULT_CONTEXT = 1024
 
@@ -96,7 +96,7 @@ class CausalLMTask(Task):
         )
 
     def wrap_module(self, hf_model: Any):
-        from ._wrappers import CausalLMLogits
+        from modelpress.tasks._wrappers import CausalLMLogits
 
         return CausalLMLogits(hf_model)
 
@@ -136,7 +136,7 @@ class CausalLMTask(Task):
 
     def sample_raw(self, n: int, data_dir: Path | None = None) -> list[str]:
         if data_dir is not None and (data_dir / "tinystories/sample.txt").is_file():
-            from ..datasets.local import read_text
+            from modelpress.datasets.local import read_text
 
             docs = read_text(data_dir / "tinystories/sample.txt", "tinystories", separator="<|endoftext|>").documents
             return [docs[i % len(docs)] for i in range(n)]
@@ -195,7 +195,9 @@ class CausalLMTask(Task):
             "stride": float(stride),
         }
 
-    def agreement(self, runner: Any, reference: Any, dataset: TextCorpus, *, batch_size: int = 8, max_tokens: int = 4096) -> dict[str, float]:
+    def agreement(
+        self, runner: Any, reference: Any, dataset: TextCorpus, *, batch_size: int = 8, max_tokens: int = 4096
+    ) -> dict[str, float]:
         """Top-1 next-token agreement over the first ``max_tokens`` scored positions."""
         same = total = 0
         for ids in self.token_streams(dataset):

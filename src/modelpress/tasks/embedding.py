@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Signature, TensorSpec
-from ..datasets.base import PairDataset
-from ..errors import TaskMismatchError
-from .base import Progress, Task, _noop, batched_by_length, register_task
-from .text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
+from modelpress.artifacts import Signature, TensorSpec
+from modelpress.datasets.base import PairDataset
+from modelpress.errors import TaskMismatchError
+from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
+from modelpress.tasks.text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 TOP_K = 10
@@ -36,7 +36,13 @@ def read_sentence_transformers_config(folder: Path) -> dict[str, Any]:
         if m.get("type", "").endswith("Pooling"):
             pool = json.loads((folder / m["path"] / "config.json").read_text())
             for mode in POOLING_MODES:
-                key = "pooling_mode_cls_token" if mode == "cls" else f"pooling_mode_{mode}_tokens" if mode != "lasttoken" else "pooling_mode_lasttoken"
+                key = (
+                    "pooling_mode_cls_token"
+                    if mode == "cls"
+                    else f"pooling_mode_{mode}_tokens"
+                    if mode != "lasttoken"
+                    else "pooling_mode_lasttoken"
+                )
                 if pool.get(key):
                     out["pooling"] = mode
                     break
@@ -116,7 +122,7 @@ class EmbeddingTask(Task):
         )
 
     def wrap_module(self, hf_model: Any):
-        from ._wrappers import EncoderOutput
+        from modelpress.tasks._wrappers import EncoderOutput
 
         return EncoderOutput(hf_model, "last_hidden_state")
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Signature, TensorSpec
-from ..datasets.base import ImageDataset
-from ..errors import InvalidInputError
-from .base import Progress, Task, _noop, register_task
-from .text_classification import classification_metrics, softmax
+from modelpress.artifacts import Signature, TensorSpec
+from modelpress.datasets.base import ImageDataset
+from modelpress.errors import InvalidInputError
+from modelpress.tasks.base import Progress, Task, _noop, register_task
+from modelpress.tasks.text_classification import classification_metrics, softmax
 
 # MNIST's pixel mean and standard deviation (of x / 255), the usual normalisation for it.
 MNIST_DEFAULTS = {"mean": [0.1307], "std": [0.3081], "channels": 1, "height": 28, "width": 28, "labels": [str(i) for i in range(10)]}
@@ -67,7 +67,7 @@ class ImageClassificationTask(Task):
         )
 
     def wrap_module(self, hf_model: Any):
-        from ._wrappers import ImageLogits
+        from modelpress.tasks._wrappers import ImageLogits
 
         return ImageLogits(hf_model)
 
@@ -101,7 +101,7 @@ class ImageClassificationTask(Task):
 
     def sample_raw(self, n: int, data_dir: Path | None = None) -> np.ndarray:
         if data_dir is not None and (data_dir / "mnist/t10k-images-idx3-ubyte.gz").is_file() and self.config["channels"] == 1:
-            from ..datasets.local import _idx
+            from modelpress.datasets.local import _idx
 
             images = _idx(data_dir / "mnist/t10k-images-idx3-ubyte.gz")
             if images.shape[1:] == (self.config["height"], self.config["width"]):

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import TensorSpec
-from ..errors import InvalidInputError, TaskMismatchError
+from modelpress.artifacts import TensorSpec
+from modelpress.errors import InvalidInputError, TaskMismatchError
 
 # Used for samples when the data folder is absent (a user's machine). Written for modelpress.
 FALLBACK_SENTENCES = [
@@ -36,7 +36,7 @@ def real_sentences(n: int, data_dir: Path | None) -> list[str]:
     """``n`` real sentences: STS-B dev when the data folder has it, else a built-in list."""
     pool: list[str] = []
     if data_dir is not None and (data_dir / "stsb/sts-dev.csv").is_file():
-        from ..datasets.local import read_stsb
+        from modelpress.datasets.local import read_stsb
 
         pool = read_stsb(data_dir / "stsb/sts-dev.csv").texts()
     if not pool:
@@ -65,12 +65,12 @@ def text_input_specs(tokenizer: Any) -> list[TensorSpec]:
     return [TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in names]
 
 
-def tokenize(
-    tokenizer: Any, texts: list[str], max_length: int, names: list[str], seq_len: int | None = None
-) -> dict[str, np.ndarray]:
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, names: list[str], seq_len: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize to int64 arrays; pad to the longest text, or to exactly ``seq_len``."""
     if tokenizer is None:
-        raise TaskMismatchError("This text task has no tokenizer.", hint="Load the model from a folder with tokenizer files, or pass --tokenizer DIR.")
+        raise TaskMismatchError(
+            "This text task has no tokenizer.", hint="Load the model from a folder with tokenizer files, or pass --tokenizer DIR."
+        )
     if seq_len is not None:
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     else:

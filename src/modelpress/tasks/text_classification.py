@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import Signature, TensorSpec
-from ..datasets.base import LabeledTextDataset
-from ..errors import TaskMismatchError
-from .base import Progress, Task, _noop, batched_by_length, register_task
-from .text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
+from modelpress.artifacts import Signature, TensorSpec
+from modelpress.datasets.base import LabeledTextDataset
+from modelpress.errors import TaskMismatchError
+from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
+from modelpress.tasks.text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ class TextClassificationTask(Task):
         return Signature(inputs=text_input_specs(self.tokenizer), outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", n])])
 
     def wrap_module(self, hf_model: Any):
-        from ._wrappers import EncoderOutput
+        from modelpress.tasks._wrappers import EncoderOutput
 
         return EncoderOutput(hf_model, "logits")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, DataNotFoundError, ModelNotFoundError
+from modelpress.errors import ArtifactError, DataNotFoundError, ModelNotFoundError
 
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]  # as api.ProgressFactory
 
@@ -89,7 +89,7 @@ def training_threads(requested: int | None = None) -> int:
     """
     if requested:
         return requested
-    from ..runtimes.base import default_threads
+    from modelpress.runtimes.base import default_threads
 
     cores = default_threads()
     try:
@@ -101,22 +101,20 @@ def training_threads(requested: int | None = None) -> int:
 
 def _entry(name: str) -> ZooModel:
     if name not in ZOO:
-        raise ModelNotFoundError(
-            f"'{name}' is not a zoo model.", hint=f"Zoo models: {', '.join(ZOO)}. Example: modelpress zoo mnist-cnn"
-        )
+        raise ModelNotFoundError(f"'{name}' is not a zoo model.", hint=f"Zoo models: {', '.join(ZOO)}. Example: modelpress zoo mnist-cnn")
     return ZOO[name]
 
 
 def zoo_path(name: str) -> Path:
     """Where the zoo model ``name`` is cached (whether or not it has been built)."""
-    from ..locations import cache_dir
+    from modelpress.locations import cache_dir
 
     return cache_dir("zoo") / _entry(name).name
 
 
 def cached(name: str):
     """The cached artifact of ``name`` when it is complete and made by the current recipe, else None."""
-    from ..artifacts import Artifact
+    from modelpress.artifacts import Artifact
 
     path = zoo_path(name)
     if not path.is_dir():
@@ -141,7 +139,7 @@ def default_recipe(name: str) -> dict[str, Any]:
 
 def check_data(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The data folder holding what ``name`` trains on; :class:`DataNotFoundError` with a hint if absent."""
-    from ..locations import DATA_ENV, find_data_dir
+    from modelpress.locations import DATA_ENV, find_data_dir
 
     entry = _entry(name)
     where = find_data_dir(data_dir)
@@ -181,9 +179,14 @@ def rich_progress() -> Iterator[ProgressFactory]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
-    ) as prog:  # fmt: skip
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as prog:
 
         def factory(desc: str, total: int | None) -> Callable[[int], None]:
             tid = prog.add_task(desc, total=total)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from modelpress.errors import ConfigError, UnsupportedModelError
 
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,9 +77,7 @@ def _positive_ints(value: Any, key: str, example: str) -> list[int]:
 def check_mnist_cnn_config(config: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(config) - set(MNIST_CNN_DEFAULTS))
     if unknown:
-        raise ConfigError(
-            f"Unknown mnist-cnn config keys: {', '.join(unknown)}.", hint=f"Known keys: {', '.join(MNIST_CNN_DEFAULTS)}."
-        )
+        raise ConfigError(f"Unknown mnist-cnn config keys: {', '.join(unknown)}.", hint=f"Known keys: {', '.join(MNIST_CNN_DEFAULTS)}.")
     cfg = {**MNIST_CNN_DEFAULTS, **config}
     convs = _positive_ints(cfg["conv_channels"], "conv_channels", '"conv_channels": [32, 64]')
     if not convs:

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..artifacts import Artifact
-from . import ProgressFactory, _quiet, training_threads
+from modelpress.artifacts import Artifact
+from modelpress.zoo import ProgressFactory, _quiet, training_threads
 
 NAME = "mnist-cnn"
 TASK = "image-classification"
@@ -55,7 +55,7 @@ def default_recipe() -> dict[str, Any]:
 
 
 def task_config() -> dict[str, Any]:
-    from ..tasks.image_classification import MNIST_DEFAULTS
+    from modelpress.tasks.image_classification import MNIST_DEFAULTS
 
     return {k: (list(v) if isinstance(v, list) else v) for k, v in MNIST_DEFAULTS.items()}
 
@@ -82,9 +82,9 @@ def train_mnist(
     import torch
     import torch.nn.functional as F
 
-    from ..datasets import load_dataset
-    from ..tasks.image_classification import ImageClassificationTask
-    from .architectures import build_module
+    from modelpress.datasets import load_dataset
+    from modelpress.tasks.image_classification import ImageClassificationTask
+    from modelpress.zoo.architectures import build_module
 
     cfg = config or MnistTrainConfig()
     train = load_dataset("mnist-train5k", data_dir_=data_dir, limit=cfg.train_limit)
@@ -102,7 +102,7 @@ def train_mnist(
         model = build_module(NAME, {"conv_channels": cfg.conv_channels, "hidden": cfg.hidden})
         per_epoch = len(x) // cfg.batch_size  # the last partial batch is dropped (batch norm on a few images is noisy)
         if per_epoch == 0:
-            from ..errors import ConfigError
+            from modelpress.errors import ConfigError
 
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(x)} training images.", hint="Example: batch_size=64")
         steps = per_epoch * cfg.epochs
@@ -127,14 +127,22 @@ def train_mnist(
     finally:
         torch.set_num_threads(threads)
     model.eval()
-    return model, {"train_seconds": round(seconds, 2), "steps": steps, "train_images": len(x), "threads": used, "final_loss": round(loss.item(), 4)}
+    return model, {
+        "train_seconds": round(seconds, 2),
+        "steps": steps,
+        "train_images": len(x),
+        "threads": used,
+        "final_loss": round(loss.item(), 4),
+    }
 
 
-def evaluate_artifact(art: Artifact, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None) -> dict[str, Any]:
+def evaluate_artifact(
+    art: Artifact, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None
+) -> dict[str, Any]:
     """Accuracy of ``art`` on mnist-test through the PyTorch runner, as manifest metrics."""
-    from ..datasets import load_dataset
-    from ..runtimes import create_runner
-    from ..tasks import task_for
+    from modelpress.datasets import load_dataset
+    from modelpress.runtimes import create_runner
+    from modelpress.tasks import task_for
 
     ds = load_dataset(EVAL_DATASET, data_dir_=data_dir, limit=limit)
     task = task_for(art)
@@ -152,8 +160,8 @@ def build_mnist(
     overwrite: bool = False,
 ) -> Artifact:
     """Train mnist-cnn and write it (weights + architecture as data) to ``target``, with its test accuracy."""
-    from ..sources import write_torch_artifact
-    from . import ZOO
+    from modelpress.sources import write_torch_artifact
+    from modelpress.zoo import ZOO
 
     cfg = config or MnistTrainConfig()
     model, info = train_mnist(cfg, data_dir=data_dir, progress=progress)

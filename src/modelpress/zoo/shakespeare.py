@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ModelNotFoundError
+from modelpress.errors import ConfigError, ModelNotFoundError
 
 MODEL_NAME = "shakespeare-lm"
 FORMAT_VERSION = 1  # bump when the recipe below changes meaning, so an old cache is not reused
@@ -73,12 +73,19 @@ class ShakespeareConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} must divide by heads {self.heads}.", hint="Example: hidden_size=192, heads=6")
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} must divide by heads {self.heads}.", hint="Example: hidden_size=192, heads=6"
+            )
         for name in ("hidden_size", "layers", "heads", "intermediate_size", "context", "batch_size", "max_steps", "threads"):
             if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.", hint=f"Example: {name}={getattr(ShakespeareConfig, name)}")
+                raise ConfigError(
+                    f"{name} must be a positive integer, got {getattr(self, name)!r}.",
+                    hint=f"Example: {name}={getattr(ShakespeareConfig, name)}",
+                )
         if self.cpu_budget_s <= 0 or self.max_wall_s <= 0 or self.lr <= 0:
-            raise ConfigError("cpu_budget_s, max_wall_s and lr must be positive.", hint="Example: ShakespeareConfig(cpu_budget_s=600, lr=2e-3)")
+            raise ConfigError(
+                "cpu_budget_s, max_wall_s and lr must be positive.", hint="Example: ShakespeareConfig(cpu_budget_s=600, lr=2e-3)"
+            )
         if not 0.0 <= self.warmup < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("warmup must be in [0, 1) and min_lr_ratio in [0, 1].", hint="Example: warmup=0.04, min_lr_ratio=0.1")
 
@@ -117,11 +124,20 @@ def model_config(cfg: ShakespeareConfig, tokenizer: Any) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.context, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+        architectures=["LlamaForCausalLM"],
+    )
 
 
 def lr_at(progress: float, cfg: ShakespeareConfig) -> float:
@@ -151,7 +167,7 @@ def train(
     """
     import torch
 
-    from ..datasets import load_dataset
+    from modelpress.datasets import load_dataset
 
     cfg = config or ShakespeareConfig()
     target = Path(output)
@@ -173,9 +189,14 @@ def train(
     model = LlamaForCausalLM(model_config(cfg, tokenizer)).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95)
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
-    advance = progress(f"training {MODEL_NAME} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, at most {cfg.cpu_budget_s:.0f} CPU s)", cfg.max_steps)
+    advance = progress(
+        f"training {MODEL_NAME} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, at most {cfg.cpu_budget_s:.0f} CPU s)",
+        cfg.max_steps,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     step, loss_ema, stopped_by = 0, None, "max_steps"
     try:
@@ -228,25 +249,43 @@ def train(
 
 
 def write_model(
-    target: str | os.PathLike, model: Any, tokenizer: Any, cfg: ShakespeareConfig, report: dict[str, Any], *,
-    data_dir: str | os.PathLike | None = None, evaluate: bool = True, progress: Progress = _quiet, overwrite: bool = False,
-) -> Any:  # fmt: skip
+    target: str | os.PathLike,
+    model: Any,
+    tokenizer: Any,
+    cfg: ShakespeareConfig,
+    report: dict[str, Any],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    evaluate: bool = True,
+    progress: Progress = _quiet,
+    overwrite: bool = False,
+) -> Any:
     """Write a trained model as a zoo artifact: an HF folder (safetensors, tokenizer) with its manifest.
 
     The manifest's step holds the recipe (what :func:`cached` compares) and the metrics hold the
     training report and, with ``evaluate``, the perplexity on ``tinyshakespeare-test`` measured on
     the files as saved.
     """
-    from ..artifacts import Artifact, Manifest
-    from ..tasks import get_task_class
+    from modelpress.artifacts import Artifact, Manifest
+    from modelpress.tasks import get_task_class
 
     cls = get_task_class("causal-lm")
     task_config = cls.config_from_hf(Path(target), model.config)
     manifest = Manifest(
-        name=MODEL_NAME, task="causal-lm", format="hf", signature=cls(task_config, None).signature(model.config), task_config=task_config,
-        step={"zoo": MODEL_NAME, "recipe_version": FORMAT_VERSION, "recipe": cfg.recipe(), "train_seconds": report["seconds"],
-              "train_cpu_seconds": report["cpu_seconds"], "steps": report["steps"]},
-    )  # fmt: skip
+        name=MODEL_NAME,
+        task="causal-lm",
+        format="hf",
+        signature=cls(task_config, None).signature(model.config),
+        task_config=task_config,
+        step={
+            "zoo": MODEL_NAME,
+            "recipe_version": FORMAT_VERSION,
+            "recipe": cfg.recipe(),
+            "train_seconds": report["seconds"],
+            "train_cpu_seconds": report["cpu_seconds"],
+            "steps": report["steps"],
+        },
+    )
 
     def fill(tmp: Path) -> dict[str, Any]:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -260,17 +299,21 @@ def write_model(
     return Artifact.write(target, manifest, fill, overwrite=overwrite)
 
 
-def evaluate_artifact(art: Any, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, threads: int = 1) -> dict[str, Any]:
+def evaluate_artifact(
+    art: Any, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, threads: int = 1
+) -> dict[str, Any]:
     """Perplexity on ``tinyshakespeare-test`` (the held-out last 10%) through the PyTorch runner."""
-    from ..datasets import load_dataset
-    from ..runtimes import create_runner
-    from ..tasks import task_for
+    from modelpress.datasets import load_dataset
+    from modelpress.runtimes import create_runner
+    from modelpress.tasks import task_for
 
     ds = load_dataset(TEST_DATASET, data_dir_=data_dir)
     task = task_for(art)
     runner = create_runner(art, "torch", threads=threads)
     scores = task.evaluate(runner, ds, progress=progress(f"evaluating {MODEL_NAME} on {TEST_DATASET}", task.eval_size(ds)))
-    return {"perplexity": {"value": scores["perplexity"], "dataset": ds.name, "runtime": "torch", "kind": "quality", "tokens": scores["tokens"]}}
+    return {
+        "perplexity": {"value": scores["perplexity"], "dataset": ds.name, "runtime": "torch", "kind": "quality", "tokens": scores["tokens"]}
+    }
 
 
 def _heldout_loss(model: Any, ids: Any, context: int) -> float | None:
@@ -296,7 +339,7 @@ def default_recipe() -> dict[str, Any]:
 
 def cached_path(config: ShakespeareConfig | None = None) -> Path:
     """Where the model trained with ``config`` is cached: ``zoo/shakespeare-lm`` for the default recipe."""
-    from ..locations import cache_dir
+    from modelpress.locations import cache_dir
 
     cfg = config or ShakespeareConfig()
     return cache_dir("zoo") / (MODEL_NAME if cfg.recipe() == default_recipe() else f"{MODEL_NAME}-{cfg.key()}")
@@ -304,8 +347,8 @@ def cached_path(config: ShakespeareConfig | None = None) -> Path:
 
 def cached(config: ShakespeareConfig | None = None) -> Any | None:
     """The cached artifact made with ``config``'s recipe, intact; else None."""
-    from ..artifacts import Artifact
-    from ..errors import ArtifactError
+    from modelpress.artifacts import Artifact
+    from modelpress.errors import ArtifactError
 
     cfg = config or ShakespeareConfig()
     path = cached_path(cfg)
@@ -326,7 +369,11 @@ def is_cached(config: ShakespeareConfig | None = None) -> bool:
 
 
 def ensure_trained(
-    *, data_dir: str | os.PathLike | None = None, config: ShakespeareConfig | None = None, progress: Progress = _quiet, retrain: bool = False,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    config: ShakespeareConfig | None = None,
+    progress: Progress = _quiet,
+    retrain: bool = False,
     evaluate: bool = True,
 ) -> Path:
     """The cached model's folder, training it first (once) when it is not cached yet."""
@@ -335,7 +382,9 @@ def ensure_trained(
     return Path(train(cached_path(config), data_dir=data_dir, config=config, progress=progress, overwrite=True, evaluate=evaluate).path)
 
 
-def build_shakespeare(target: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, overwrite: bool = False) -> Any:
+def build_shakespeare(
+    target: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, overwrite: bool = False
+) -> Any:
     """Train with the default recipe into ``target`` (the builder signature ``modelpress.zoo`` uses)."""
     return train(target, data_dir=data_dir, progress=progress, overwrite=overwrite)
 

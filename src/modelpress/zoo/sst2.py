@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..artifacts import Artifact, Manifest
-from . import ProgressFactory, _quiet, training_threads
+from modelpress.artifacts import Artifact, Manifest
+from modelpress.zoo import ProgressFactory, _quiet, training_threads
 
 NAME = "minilm-sst2"
 TASK = "text-classification"
@@ -59,7 +59,7 @@ def default_recipe() -> dict[str, Any]:
 
 
 def base_model_path() -> Path:
-    from ..sources import short_name_path
+    from modelpress.sources import short_name_path
 
     path = short_name_path("minilm")
     if path is None:  # pragma: no cover - "minilm" is always a short name
@@ -87,7 +87,7 @@ def train_sst2(
     from transformers import AutoTokenizer, BertForSequenceClassification, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
-    from ..datasets import load_dataset
+    from modelpress.datasets import load_dataset
 
     cfg = config or Sst2TrainConfig()
     train = load_dataset("sst2-train", data_dir_=data_dir)
@@ -156,12 +156,14 @@ def train_sst2(
     return model, tokenizer, info
 
 
-def evaluate_folder(folder: Path, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None) -> tuple[Artifact, dict[str, Any]]:
+def evaluate_folder(
+    folder: Path, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None
+) -> tuple[Artifact, dict[str, Any]]:
     """Load a saved SST-2 classifier folder as modelpress does and score it on sst2-dev (PyTorch runner)."""
-    from ..datasets import load_dataset
-    from ..runtimes import create_runner
-    from ..sources import load
-    from ..tasks import task_for
+    from modelpress.datasets import load_dataset
+    from modelpress.runtimes import create_runner
+    from modelpress.sources import load
+    from modelpress.tasks import task_for
 
     art = load(folder, TASK, name=NAME)
     ds = load_dataset(EVAL_DATASET, data_dir_=data_dir, limit=limit)
@@ -169,7 +171,10 @@ def evaluate_folder(folder: Path, *, data_dir: str | os.PathLike | None = None, 
     runner.load()
     scores = task_for(art).evaluate(runner, ds, progress=progress(f"evaluating {NAME} on {EVAL_DATASET}", len(ds)))
     art.manifest.signature = runner.signature
-    metrics = {"accuracy": {"value": scores["accuracy"], "dataset": ds.name, "runtime": "torch", "kind": "quality"}, "eval_examples": len(ds)}
+    metrics = {
+        "accuracy": {"value": scores["accuracy"], "dataset": ds.name, "runtime": "torch", "kind": "quality"},
+        "eval_examples": len(ds),
+    }
     return art, metrics
 
 
@@ -182,7 +187,7 @@ def build_sst2(
     overwrite: bool = False,
 ) -> Artifact:
     """Fine-tune minilm-sst2 and write it to ``target`` (a Hugging Face folder plus manifest), with its dev accuracy."""
-    from . import ZOO
+    from modelpress.zoo import ZOO
 
     cfg = config or Sst2TrainConfig()
     model, tokenizer, info = train_sst2(cfg, data_dir=data_dir, progress=progress)

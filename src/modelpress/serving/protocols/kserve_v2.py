@@ -20,10 +20,10 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ... import __version__
-from ...errors import ConfigError, InvalidInputError, ModelpressError, UnknownServedModelError
-from ..http import dumps, error_response, info_of, json_response, loads
-from .tensors import EXAMPLE, InferRequest, encode_response, parse_request
+from modelpress import __version__
+from modelpress.errors import ConfigError, InvalidInputError, ModelpressError, UnknownServedModelError
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
+from modelpress.serving.protocols.tensors import EXAMPLE, InferRequest, encode_response, parse_request
 
 router = APIRouter(tags=["KServe v2"])
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
@@ -33,7 +33,11 @@ _infer_doc = {
         "content": {
             "application/json": {
                 "example": orjson.loads(EXAMPLE),
-                "schema": {"type": "object", "required": ["inputs"], "properties": {"id": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}}},
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {"id": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}},
+                },
             }
         }
     }
@@ -76,7 +80,11 @@ def _metadata(server: Any, model: str, version: str | None) -> dict[str, Any]:
         "platform": f"modelpress_{lv.runtime}",
         "inputs": [t.to_json() for t in lv.handler.inputs_info()],
         "outputs": [t.to_json() for t in lv.handler.outputs_info()],
-        "parameters": {"task": lv.task, "default_version": router_.default_version, "policy": router_.policy.describe() if router_.policy else None},
+        "parameters": {
+            "task": lv.task,
+            "default_version": router_.default_version,
+            "policy": router_.policy.describe() if router_.policy else None,
+        },
     }
 
 
@@ -123,12 +131,19 @@ async def model_version_ready(request: Request, model: str, version: str) -> Res
 def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any]:
     lv = server.repository.get(model, version)
     b = lv.config.batching
-    tensor = lambda t: {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}", "dims": [d for d in t.shape[1:]] or [1]}  # noqa: E731
+    tensor = lambda t: {
+        "name": t.name,
+        "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
+        "dims": [d for d in t.shape[1:]] or [1],
+    }  # noqa: E731
     return {
         "name": model,
         "platform": f"modelpress_{lv.runtime}",
         "max_batch_size": b.max_batch_size,
-        "dynamic_batching": {"max_queue_delay_microseconds": int(b.max_queue_delay_ms * 1000), "default_queue_policy": {"max_queue_size": b.max_queue_size}},
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(b.max_queue_delay_ms * 1000),
+            "default_queue_policy": {"max_queue_size": b.max_queue_size},
+        },
         "instance_group": [{"count": b.instances, "kind": "KIND_CPU"}],
         "input": [tensor(t) for t in lv.handler.inputs_info()],
         "output": [tensor(t) for t in lv.handler.outputs_info()],
@@ -161,14 +176,20 @@ def _task_inputs(kind: str, req: InferRequest, expected: list[str]) -> Any:
             hint=f"Example: {EXAMPLE}",
         )
     t = req.inputs[0]
-    aliases = {"text": ("text", "texts", "input", "INPUT0"), "image": ("image", "images", "pixel_values", "input", "INPUT0")}.get(kind, tuple(expected))
+    aliases = {"text": ("text", "texts", "input", "INPUT0"), "image": ("image", "images", "pixel_values", "input", "INPUT0")}.get(
+        kind, tuple(expected)
+    )
     if t.name not in aliases:
         raise InvalidInputError(f"This model has no input '{t.name}'; it takes '{expected[0]}'.", hint=f"Example: {EXAMPLE}")
     if kind == "text":
         if t.datatype != "BYTES":
-            raise InvalidInputError(f"Input '{t.name}' must be BYTES (strings) for this text model, not {t.datatype}.", hint=f"Example: {EXAMPLE}")
+            raise InvalidInputError(
+                f"Input '{t.name}' must be BYTES (strings) for this text model, not {t.datatype}.", hint=f"Example: {EXAMPLE}"
+            )
         if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
-            raise InvalidInputError(f"Input '{t.name}' has the shape {t.shape}; a text model takes [N] or [N, 1].", hint=f"Example: {EXAMPLE}")
+            raise InvalidInputError(
+                f"Input '{t.name}' has the shape {t.shape}; a text model takes [N] or [N, 1].", hint=f"Example: {EXAMPLE}"
+            )
         return t.data
     if t.datatype == "BYTES":
         raise InvalidInputError(f"Input '{t.name}' must be numbers (UINT8 pixels or FP32) for this image model, not BYTES.")
@@ -242,7 +263,9 @@ async def repository_load(request: Request, model: str) -> Response:
             try:
                 overrides = orjson.loads(cfg) if isinstance(cfg, str | bytes) else cfg
             except orjson.JSONDecodeError as exc:
-                raise InvalidInputError(f"parameters.config is not JSON: {exc}.", hint='Example: {"source": "minilm", "version": "2"}') from None
+                raise InvalidInputError(
+                    f"parameters.config is not JSON: {exc}.", hint='Example: {"source": "minilm", "version": "2"}'
+                ) from None
             if not isinstance(overrides, dict):
                 raise InvalidInputError("parameters.config must be a JSON object.", hint='Example: {"source": "minilm", "version": "2"}')
         for key in ("source", "version", "runtime"):

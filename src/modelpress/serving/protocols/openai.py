@@ -16,8 +16,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ...errors import InvalidInputError, ModelpressError
-from ..http import dumps, error_response, info_of, json_response, loads
+from modelpress.errors import InvalidInputError, ModelpressError
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
 
 router = APIRouter(tags=["OpenAI"])
 EXAMPLE = '{"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"}'
@@ -97,7 +97,9 @@ def _inputs(value: Any) -> tuple[str, Any]:
         return "ids", [value]
     if all(isinstance(v, list) for v in value):
         return "ids", value
-    raise InvalidInputError("'input' must be a string, a list of strings, a list of token ids, or a list of token-id lists.", hint=f"Example: {EXAMPLE}")
+    raise InvalidInputError(
+        "'input' must be a string, a list of strings, a list of token ids, or a list of token-id lists.", hint=f"Example: {EXAMPLE}"
+    )
 
 
 @router.post("/v1/embeddings", summary="Embeddings", openapi_extra=_embeddings_doc)
@@ -130,11 +132,19 @@ async def embeddings(request: Request) -> Response:
         lv, results, decoded = await server.infer(model, None, info, decode, request.headers)
         width = int(results[0].shape[-1])
         if dims is not None and dims != width:
-            raise InvalidInputError(f"'dimensions' is {dims!r}, but model '{model}' makes {width}-dimensional embeddings.", hint="Leave 'dimensions' out.")
+            raise InvalidInputError(
+                f"'dimensions' is {dims!r}, but model '{model}' makes {width}-dimensional embeddings.", hint="Leave 'dimensions' out."
+            )
         data = []
         for i, emb in enumerate(results):
             vec = np.ascontiguousarray(emb, dtype="<f4")
-            data.append({"object": "embedding", "index": i, "embedding": base64.b64encode(vec.tobytes()).decode("ascii") if fmt == "base64" else vec})
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": base64.b64encode(vec.tobytes()).decode("ascii") if fmt == "base64" else vec,
+                }
+            )
         usage = {"prompt_tokens": decoded.tokens, "total_tokens": decoded.tokens}
         return Response(dumps({"object": "list", "data": data, "model": lv.name, "usage": usage}), media_type="application/json")
     except Exception as exc:

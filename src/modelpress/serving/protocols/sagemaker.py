@@ -14,8 +14,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ...errors import InvalidInputError, ModelpressError
-from ..http import dumps, error_response, info_of, json_response, loads
+from modelpress.errors import InvalidInputError, ModelpressError
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
 
 router = APIRouter(tags=["SageMaker"])
 EXAMPLE = '{"inputs": ["A man is playing a guitar."]}'
@@ -34,7 +34,11 @@ async def ping(request: Request) -> Response:
     return json_response({"status": "healthy" if ok else "unavailable"}, 200 if ok else 503)
 
 
-@router.post("/invocations", summary="SageMaker inference", openapi_extra={"requestBody": {"content": {"application/json": {"example": {"inputs": ["A man is playing a guitar."]}}}}})
+@router.post(
+    "/invocations",
+    summary="SageMaker inference",
+    openapi_extra={"requestBody": {"content": {"application/json": {"example": {"inputs": ["A man is playing a guitar."]}}}}},
+)
 async def invocations(request: Request) -> Response:
     server = request.app.state.server
     info = info_of(request)
@@ -45,7 +49,8 @@ async def invocations(request: Request) -> Response:
         if model is None:
             if len(names) != 1:
                 raise InvalidInputError(
-                    f"{len(names)} models are served here; say which one with the header X-Amzn-SageMaker-Target-Model.", hint=f"Served: {', '.join(names) or 'none'}."
+                    f"{len(names)} models are served here; say which one with the header X-Amzn-SageMaker-Target-Model.",
+                    hint=f"Served: {', '.join(names) or 'none'}.",
                 )
             model = names[0]
         body = await request.body()

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import InvalidInputError
-from ..http import dumps, loads
+from modelpress.errors import InvalidInputError
+from modelpress.serving.http import dumps, loads
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(bool),
@@ -64,7 +64,9 @@ def _flatten(data: Any, out: list[Any]) -> None:
 
 def _shape(raw: Any, name: str) -> list[int]:
     if not isinstance(raw, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in raw):
-        raise InvalidInputError(f"Input '{name}' has the shape {raw!r}; a shape is a list of non-negative integers.", hint="Example: \"shape\": [2]")
+        raise InvalidInputError(
+            f"Input '{name}' has the shape {raw!r}; a shape is a list of non-negative integers.", hint='Example: "shape": [2]'
+        )
     return raw
 
 
@@ -122,7 +124,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InvalidInputError(f"Input '{name}' says binary_data_size={size!r}, but only {len(binary) - offset} binary bytes are left.")
+                raise InvalidInputError(
+                    f"Input '{name}' says binary_data_size={size!r}, but only {len(binary) - offset} binary bytes are left."
+                )
             chunk = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
@@ -146,12 +150,16 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             got = len(flat)
             data = _typed(flat, datatype, name)
         if got != count:
-            raise InvalidInputError(f"Input '{name}' has {got} elements, but its shape {shape} needs {count}.", hint="Make the shape match the data.")
+            raise InvalidInputError(
+                f"Input '{name}' has {got} elements, but its shape {shape} needs {count}.", hint="Make the shape match the data."
+            )
         if datatype != "BYTES":
             data = data.reshape(shape)
         inputs.append(Tensor(name, datatype, shape, data))
     outputs = doc.get("outputs")
-    if outputs is not None and (not isinstance(outputs, list) or any(not isinstance(o, dict) or not isinstance(o.get("name"), str) for o in outputs)):
+    if outputs is not None and (
+        not isinstance(outputs, list) or any(not isinstance(o, dict) or not isinstance(o.get("name"), str) for o in outputs)
+    ):
         raise InvalidInputError("'outputs' must be a list of objects with a 'name'.", hint='Example: "outputs": [{"name": "embedding"}]')
     rid = doc.get("id")
     return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, bool(params.get("binary_data_output")), params)
@@ -173,7 +181,9 @@ def _fits(x: Any, datatype: str) -> bool:
 def _typed(flat: list[Any], datatype: str, name: str) -> Any:
     if datatype == "BYTES":
         if any(not isinstance(x, str) for x in flat):
-            raise InvalidInputError(f"Input '{name}' is BYTES, so its data must be strings.", hint='Example: "data": ["first text", "second text"]')
+            raise InvalidInputError(
+                f"Input '{name}' is BYTES, so its data must be strings.", hint='Example: "data": ["first text", "second text"]'
+            )
         return flat
     bad = next((x for x in flat if not _fits(x, datatype)), _NONE)
     if bad is not _NONE:
@@ -205,9 +215,7 @@ def datatype_of(arr: np.ndarray) -> str:
     raise InvalidInputError(f"Output dtype {arr.dtype} has no KServe datatype.")
 
 
-def encode_response(
-    model: str, version: str, request: InferRequest, tensors: dict[str, np.ndarray]
-) -> tuple[bytes, dict[str, str]]:
+def encode_response(model: str, version: str, request: InferRequest, tensors: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """The response body and headers; outputs the request asked for in binary are appended raw."""
     wanted: list[tuple[str, bool]]
     if request.outputs:
@@ -223,7 +231,11 @@ def encode_response(
         dt = datatype_of(arr)
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
         if binary:
-            blob = _serialize_bytes(arr) if dt == "BYTES" else np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            blob = (
+                _serialize_bytes(arr)
+                if dt == "BYTES"
+                else np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            )
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -42,7 +42,9 @@ def upgrade() -> None:
         sa.Column("at", TS, nullable=False),
         sa.Column("decision", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_rollout_events"),
-        sa.ForeignKeyConstraint(["deployment_id"], ["deployments.id"], name="fk_rollout_events_deployment_id_deployments", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["deployment_id"], ["deployments.id"], name="fk_rollout_events_deployment_id_deployments", ondelete="CASCADE"
+        ),
     )
     op.create_index("ix_rollout_events_deployment_id", "rollout_events", ["deployment_id"])
 

@@ -1,0 +1,92 @@
+"""What every CLI module shares: the consoles, common options, error handling, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from modelpress.errors import ConfigError, ModelpressError
+
+console = Console(stderr=True)
+# Tables are wide: when stdout is not a terminal (make run, a log file), do not wrap them at 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", "-t", help="embedding, text-classification, image-classification, causal-lm (inferred when omitted)."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Threads for the runtime (default: all cores).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Data folder (default: $MODELPRESS_DATA, then ../shared/data).")]
+TokOpt = Annotated[str | None, typer.Option("--tokenizer", help="Hugging Face folder with the tokenizer, for ONNX files and modules.")]
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a modelpress error as a message (no traceback) and exit with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelpressError as exc:
+            # names and paths may hold '[': escape them so that Rich prints them as they are
+            console.print(f"[bold red]error:[/bold red] [red]{escape(exc.message)}[/red]", highlight=False, soft_wrap=True)
+            if exc.hint:
+                console.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+    """A progress factory for the API verbs: a Rich bar per stage, on stderr."""
+    if not enabled:
+        yield lambda _d, _t: lambda _n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as prog:
+
+        def factory(desc: str, total: int | None) -> Callable[[int], None]:
+            tid = prog.add_task(desc, total=total)
+            return lambda n: prog.advance(tid, n)
+
+        yield factory
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def parse_kv(items: list[str] | None, what: str, example: str) -> dict[str, Any]:
+    outd: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} '{item}' is not KEY=VALUE.", hint=f"Example: {example}")
+        k, v = item.split("=", 1)
+        try:
+            outd[k] = json.loads(v)
+        except json.JSONDecodeError:
+            outd[k] = v
+    return outd

@@ -1,0 +1,81 @@
+"""The ``modelpress serve`` command (it calls modelpress.serving.app.serve)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register_commands(app: typer.Typer) -> None:
+    from modelpress.cli.common import handle_errors
+
+    @app.command()
+    @handle_errors
+    def serve(
+        models: Annotated[
+            list[str] | None, typer.Argument(help="Model folders, short names (minilm) or registry references (NAME@production, NAME:3).")
+        ] = None,
+        config: Annotated[
+            str | None, typer.Option("--config", "-c", help="A YAML or JSON file listing the models and their batch settings.")
+        ] = None,
+        host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8000).")] = None,
+        runtime: Annotated[
+            str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (for every model named on the command line).")
+        ] = "torch",
+        threads: Annotated[
+            int | None, typer.Option("--threads", help="Threads per model instance (default: all cores / instances).")
+        ] = None,
+        instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
+        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
+        max_queue_delay_ms: Annotated[
+            float, typer.Option("--max-queue-delay-ms", help="How long a batch may wait for more requests when others are queued.")
+        ] = 5.0,
+        max_queue_size: Annotated[int, typer.Option("--max-queue-size", help="Requests queued per model before answering 429.")] = 1024,
+        timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds a request may take before answering 504.")] = 30.0,
+        api_key: Annotated[
+            str | None,
+            typer.Option(
+                "--api-key", envvar="MODELPRESS_API_KEY", help="Key the management endpoints require (header X-API-Key or Bearer)."
+            ),
+        ] = None,
+        protect_inference: Annotated[
+            bool, typer.Option("--protect-inference", help="Require the API key on inference endpoints too.")
+        ] = False,
+        registry: Annotated[
+            str | None,
+            typer.Option("--registry", help="Registry URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, then ~/.modelpress)."),
+        ] = None,
+        log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error (default info).")] = None,
+    ) -> None:
+        """Serve models over HTTP: KServe v2, OpenAI embeddings, SageMaker; /metrics for Prometheus."""
+        from modelpress.errors import require
+        from modelpress.serving.config import ServerConfig, load_config, validated
+
+        require("fastapi", "serve")
+        require("uvicorn", "serve")
+        cfg = load_config(config) if config is not None else ServerConfig()
+        if models:  # models named on the command line come after the config file's
+            named = ServerConfig.from_models(
+                models,
+                runtime=runtime,
+                threads=threads,
+                instances=instances,
+                max_batch_size=max_batch_size,
+                max_queue_delay_ms=max_queue_delay_ms,
+                max_queue_size=max_queue_size,
+                timeout_s=timeout_s,
+            )
+            cfg = cfg.model_copy(update={"models": [*cfg.models, *named.models]})
+        if not cfg.models:
+            from modelpress.errors import ConfigError
+
+            raise ConfigError("No model to serve.", hint="Example: modelpress serve minilm (or --config serve.yaml)")
+        update = {k: v for k, v in {"host": host, "port": port, "log_level": log_level, "registry": registry}.items() if v is not None}
+        if api_key:
+            update.update(api_key=api_key, protect_inference=protect_inference or cfg.protect_inference)
+        cfg = validated(ServerConfig, {**cfg.model_dump(), **update}, "the serve options")
+        from modelpress.serving.app import serve as run_server
+
+        run_server(cfg)

@@ -1,0 +1,159 @@
+"""Plots (PNG) and a self-contained HTML report of a tuning run.
+
+The HTML embeds its plots as base64 PNGs, so the one file can be mailed or attached to a ticket;
+the PNGs are written beside it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+
+def _fig_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def pareto_plot(result: Any) -> bytes:
+    """Quality (recovery of the primary metric) against throughput; the front joined, peers marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modelpress.optimize.search.tune import FIDELITY, fidelity
+
+    pts = [p for p in result.points if p.status == "measured" and fidelity(p, result.task) is not None and p.throughput]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    for p in pts:
+        marker = "s" if p.peer else "o"
+        color = "#2a9d8f" if p.passed else "#e76f51"
+        y = fidelity(p, result.task)
+        ax.scatter(
+            p.throughput, y, marker=marker, s=70 if p.on_front else 40, c=color, edgecolors="black" if p.on_front else "none", zorder=3
+        )
+        ax.annotate(
+            p.label if len(p.label) < 40 else p.label[:37] + "...", (p.throughput, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    front = sorted([p for p in pts if p.on_front], key=lambda p: p.throughput)
+    if front:
+        ax.plot(
+            [p.throughput for p in front],
+            [fidelity(p, result.task) for p in front],
+            "--",
+            color="black",
+            lw=1,
+            zorder=2,
+            label="Pareto front (quality, throughput, latency)",
+        )
+    if result.chosen is not None and result.chosen.throughput:
+        ax.scatter(
+            result.chosen.throughput,
+            fidelity(result.chosen, result.task),
+            s=260,
+            facecolors="none",
+            edgecolors="#264653",
+            lw=2,
+            zorder=4,
+            label="chosen",
+        )
+    ax.scatter([], [], marker="s", c="grey", label="peer recipe")
+    ax.scatter([], [], marker="o", c="grey", label="modelpress candidate")
+    ax.scatter([], [], marker="o", c="#2a9d8f", label="passes the gate")
+    ax.scatter([], [], marker="o", c="#e76f51", label="fails the gate")
+    ax.set_xlabel(
+        f"throughput (items/s, batch {result.settings['batch_size']}"
+        + (f" x {result.settings['seq_len']} tokens)" if result.settings.get("seq_len") else ")")
+    )
+    ax.set_ylabel(f"{FIDELITY.get(result.task, 'recovery')} with the original")
+    ax.set_title(f"{result.model}: quality vs throughput ({result.dataset})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    data = _fig_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+def latency_plot(result: Any) -> bytes:
+    """p50 and p99 latency at batch 1 for every measured candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted([p for p in result.points if p.status == "measured" and p.latency_p50_ms], key=lambda p: p.latency_p50_ms)
+    fig, ax = plt.subplots(figsize=(8.5, 0.35 * len(pts) + 1.5))
+    ys = range(len(pts))
+    ax.barh([y + 0.2 for y in ys], [p.latency_p99_ms for p in pts], height=0.4, color="#f4a261", label="p99")
+    ax.barh([y - 0.2 for y in ys], [p.latency_p50_ms for p in pts], height=0.4, color="#2a9d8f", label="p50")
+    ax.set_yticks(list(ys), [p.label[:45] for p in pts], fontsize=7)
+    ax.set_xlabel("latency at batch 1 (ms)")
+    ax.set_title("latency percentiles")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8)
+    data = _fig_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def tune_report(result: Any, out_dir: Path) -> Path:
+    """Write ``pareto.png``, ``latency.png`` and ``report.html`` to ``out_dir``; returns the HTML path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pareto, latency = pareto_plot(result), latency_plot(result)
+    (out_dir / "pareto.png").write_bytes(pareto)
+    (out_dir / "latency.png").write_bytes(latency)
+    rows = []
+    for p in sorted(result.points, key=lambda p: -(p.throughput or 0)):
+        cls = "chosen" if result.chosen is p else ("fail" if p.status == "measured" and not p.passed else "")
+        rows.append(
+            f"<tr class='{cls}'><td>{_fmt(p.label)}</td><td>{_fmt(p.peer)}</td><td>{_fmt(p.status)}</td><td>{_fmt(p.recovery)}</td>"
+            f"<td>{_fmt(p.throughput, 4)}</td><td>{_fmt(p.speedup, 3)}</td><td>{_fmt(p.latency_p50_ms, 3)}</td><td>{_fmt(p.latency_p99_ms, 3)}</td>"
+            f"<td>{'yes' if p.passed else 'no'}</td><td>{'*' if p.on_front else ''}</td><td>{_fmt(p.error or (p.gate or {}).get('summary'))}</td></tr>"
+        )
+    gate_rows = ""
+    if result.chosen is not None and result.chosen.gate:
+        for r in result.chosen.gate["rows"]:
+            gate_rows += (
+                f"<tr><td>{_fmt(r['metric'])}</td><td>{_fmt(r['original'])}</td><td>{_fmt(r['variant'])}</td><td>{_fmt(r['recovery'])}</td>"
+                f"<td>{_fmt(r['threshold'])}</td><td>{'pass' if r['passed'] else 'FAIL'}</td></tr>"
+            )
+    chosen = html.escape(result.chosen.label) if result.chosen else "none passed the gate"
+    b64 = {k: base64.b64encode(v).decode() for k, v in (("pareto", pareto), ("latency", latency))}
+    machine = html.escape(
+        f"{result.machine.get('cpu', '')}, {result.machine.get('cores')} cores, flags {' '.join(result.machine.get('flags', []))}"
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>modelpress tune: {html.escape(result.model)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:left}} tr.chosen{{background:#d8f3dc}} tr.fail{{color:#9d0208}}
+img{{max-width:100%}}</style></head><body>
+<h1>modelpress tune: {html.escape(result.model)}</h1>
+<p>task <b>{html.escape(result.task)}</b>, dataset <b>{html.escape(result.dataset)}</b>, primary metric <b>{html.escape(result.primary_metric)}</b>
+(original: {_fmt(result.original["metrics"].get(result.primary_metric))}). Machine: {machine}.</p>
+<h2>Chosen: {chosen}</h2>
+<table><tr><th>metric</th><th>original</th><th>variant</th><th>recovery</th><th>threshold</th><th>pass</th></tr>{gate_rows}</table>
+<h2>Quality vs throughput</h2><img alt="pareto" src="data:image/png;base64,{b64["pareto"]}">
+<h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
+<h2>Every candidate</h2>
+<table><tr><th>candidate</th><th>peer recipe</th><th>status</th><th>recovery</th><th>items/s</th><th>speed-up</th><th>p50 ms</th><th>p99 ms</th>
+<th>gate</th><th>front</th><th>notes</th></tr>{"".join(rows)}</table>
+<p>Speed-ups are against {html.escape(result.model)} on PyTorch fp32 eager, measured in the same run (cached points are marked in tune.json).</p>
+</body></html>"""
+    path = out_dir / "report.html"
+    tmp = out_dir / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,127 @@
+"""The rollout management API (every endpoint needs the server's API key when it has one).
+
+| method and path | does |
+|---|---|
+| ``GET /rollouts`` | every rollout on this server |
+| ``POST /rollouts/{model}/start`` | start one; body: a :class:`~modelpress.rollout.controller.RolloutSpec` as JSON |
+| ``GET /rollouts/{model}`` | status: phase, step, weights, the current window's numbers, recent decisions |
+| ``POST /rollouts/{model}/pause``, ``/resume``, ``/abort``, ``/promote`` | act by hand |
+| ``POST /rollouts/{model}/rollback`` | instant rollback of live traffic (``{"why": "..."}`` optional) |
+| ``GET /rollouts/{model}/report`` | the A/B analysis with significance tests |
+| ``GET /rollouts/{model}/events`` | every recorded decision (from the registry) |
+| ``POST /feedback`` | ``{"request_id": "...", "value": 1.0, "metric": "clicked"}`` (or ``{"outcomes": [...]}``) |
+
+Errors are ``{"error": "..."}`` with 400 (bad spec), 401 (key), 404 (no such model, rollout or
+request id) and 409 (the rollout's state does not allow it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from modelpress.errors import InvalidInputError
+from modelpress.serving.http import json_response, loads
+
+router = APIRouter(tags=["Rollouts"])
+SPEC_EXAMPLE = (
+    '{"candidate": "2", "strategy": "canary", "steps": [5, 25, 50, 100], "window_s": 60, "max_error_rate": 0.01, "max_p99_ratio": 1.2}'
+)
+FEEDBACK_EXAMPLE = '{"request_id": "9f2c41d0a1b2c3d4", "value": 1.0, "metric": "clicked"}'
+
+
+def _server(request: Request) -> Any:
+    server = request.app.state.server
+    server.check_management_key(request)
+    return server
+
+
+async def _body(request: Request, example: str, *, required: bool = True) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip() and not required:
+        return {}
+    doc = loads(raw, example=example)
+    if not isinstance(doc, dict):
+        raise InvalidInputError("The request body must be a JSON object.", hint=f"Example: {example}")
+    return doc
+
+
+@router.get("/rollouts", summary="Every rollout on this server (API key)")
+async def list_rollouts(request: Request) -> Response:
+    return json_response(_server(request).rollouts.describe_all())
+
+
+@router.post("/rollouts/{model}/start", summary="Start a rollout (API key)")
+async def start(request: Request, model: str) -> Response:
+    server = _server(request)
+    spec = await _body(request, SPEC_EXAMPLE)
+    return json_response(await server.rollouts.start(model, spec), 201)
+
+
+@router.get("/rollouts/{model}", summary="A rollout's status (API key)")
+async def status(request: Request, model: str) -> Response:
+    return json_response(_server(request).rollouts.status(model))
+
+
+@router.post("/rollouts/{model}/pause", summary="Pause: keep the split, stop deciding (API key)")
+async def pause(request: Request, model: str) -> Response:
+    return json_response(await _server(request).rollouts.pause(model))
+
+
+@router.post("/rollouts/{model}/resume", summary="Resume a paused rollout (API key)")
+async def resume(request: Request, model: str) -> Response:
+    return json_response(await _server(request).rollouts.resume(model))
+
+
+@router.post("/rollouts/{model}/abort", summary="Abort: all traffic back to the baseline (API key)")
+async def abort(request: Request, model: str) -> Response:
+    server = _server(request)
+    why = (await _body(request, '{"why": "latency looks off"}', required=False)).get("why")
+    return json_response(await server.rollouts.abort(model, str(why) if why else "aborted by hand"))
+
+
+@router.post("/rollouts/{model}/promote", summary="Promote the candidate now (API key)")
+async def promote(request: Request, model: str) -> Response:
+    return json_response(await _server(request).rollouts.promote(model))
+
+
+@router.post("/rollouts/{model}/rollback", summary="Instant rollback of live traffic to the previous production version (API key)")
+async def rollback(request: Request, model: str) -> Response:
+    server = _server(request)
+    why = (await _body(request, '{"why": "p99 doubled"}', required=False)).get("why")
+    return json_response(await server.rollouts.rollback(model, str(why) if why else None))
+
+
+@router.get("/rollouts/{model}/report", summary="A/B analysis of the candidate against its baseline (API key)")
+async def report(request: Request, model: str) -> Response:
+    server = _server(request)
+    return json_response(await server.rollouts.report(model))
+
+
+@router.get("/rollouts/{model}/events", summary="Every recorded decision of the deployment (API key)")
+async def events(request: Request, model: str) -> Response:
+    server = _server(request)
+    ro = server.rollouts.get(model)
+    if server.rollouts.store_for(ro) is None:
+        return json_response(list(ro.events))
+    rows = await asyncio.to_thread(server.rollouts.registry().rollouts.events, model)
+    return json_response([r["decision"] | {"recorded_at": r["at"]} for r in rows])
+
+
+@router.post("/feedback", summary="Report numeric outcomes of answered requests, by request id (API key)")
+async def feedback(request: Request) -> Response:
+    server = _server(request)
+    doc = await _body(request, FEEDBACK_EXAMPLE)
+    items = doc.get("outcomes", [doc]) if "outcomes" in doc else [doc]
+    if not isinstance(items, list) or not items:
+        raise InvalidInputError("'outcomes' must be a non-empty list.", hint=f'Example: {{"outcomes": [{FEEDBACK_EXAMPLE}]}}')
+    recorded = []
+    for item in items:
+        if not isinstance(item, dict) or "request_id" not in item or "value" not in item:
+            raise InvalidInputError("Each outcome needs 'request_id' and 'value'.", hint=f"Example: {FEEDBACK_EXAMPLE}")
+        model, version = server.observations.feedback(str(item["request_id"]), item["value"], str(item.get("metric", "outcome")))
+        recorded.append({"request_id": item["request_id"], "model": model, "version": version})
+    return json_response({"recorded": recorded})
