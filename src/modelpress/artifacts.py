@@ -13,14 +13,13 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelpress._fs import atomic_folder
 from modelpress.errors import ArtifactError
 
 MANIFEST_NAME = "modelpress.json"
@@ -102,18 +101,6 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Artifact:
@@ -202,9 +189,7 @@ class Artifact:
         target = Path(target).resolve()
         if target.exists() and not overwrite:
             raise ArtifactError(f"'{target}' already exists.", hint="Choose another output folder or pass overwrite=True (--force).")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             updates = fill(tmp) or {}
             files, digest = hash_folder(tmp)
             manifest = manifest.model_copy(
@@ -217,17 +202,6 @@ class Artifact:
                 }
             )
             (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
-            _fsync_tree(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return cls(manifest, target)
 
     def verify(self) -> list[str]:

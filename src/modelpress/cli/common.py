@@ -1,10 +1,13 @@
-"""What every CLI module shares: the consoles, common options, error handling, progress bars, JSON output."""
+"""What every CLI module shares: the consoles, common options, error handling, progress bars, JSON output,
+and the silencing of third-party libraries' noise (shown again with ``modelpress --verbose``)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,12 +18,63 @@ from rich.console import Console
 from rich.markup import escape
 
 from modelpress.errors import ConfigError, ModelpressError
+from modelpress.progress import ProgressFactory, no_progress
+
+# -- third-party noise ----------------------------------------------------------------------
+# Lines that libraries log on import or while exporting although the user did nothing wrong.
+# Each entry names the logger and the message it hides; everything else those loggers say
+# still shows. Installed when the CLI is imported, before any command imports torch.
+THIRD_PARTY_NOISE: tuple[tuple[str, str], ...] = (
+    # torchao tries to load its CUDA kernel libraries on every import; a CPU-only torch cannot.
+    ("torchao", r"Failed to load .*\.so"),
+    # torchao registers its Enums with pytree.register_constant, deprecated since torch 2.13.
+    ("torch.utils._pytree", r".* is an Enum subclass and is now natively supported by torch\.compile"),
+    # torch.onnx's exporter registers onnxscript's torchvision ops and logs each one it skips.
+    ("torch.onnx._internal.exporter._registration", r"torchvision is not installed\. Skipping torchvision::"),
+)
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message matches a pattern."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+_installed: list[tuple[logging.Logger, logging.Filter]] = []
+
+
+def hide_third_party_noise() -> None:
+    """Install the filters of :data:`THIRD_PARTY_NOISE` (once)."""
+    if _installed:
+        return
+    for name, pattern in THIRD_PARTY_NOISE:
+        logger, dropper = logging.getLogger(name), _DropMessage(pattern)
+        logger.addFilter(dropper)
+        _installed.append((logger, dropper))
+
+
+def show_third_party_noise() -> None:
+    """Remove those filters: ``modelpress --verbose``."""
+    while _installed:
+        logger, dropper = _installed.pop()
+        logger.removeFilter(dropper)
+
+
+hide_third_party_noise()
 
 console = Console(stderr=True)
 # Tables are wide: when stdout is not a terminal (make run, a log file), do not wrap them at 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=160)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", help="Also show what third-party libraries log on import and export (hidden by default).")
+]
 TaskOpt = Annotated[
     str | None,
     typer.Option("--task", "-t", help="embedding, text-classification, image-classification, causal-lm (inferred when omitted)."),
@@ -51,10 +105,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
+def progress_bars(enabled: bool = True) -> Iterator[ProgressFactory]:
     """A progress factory for the API verbs: a Rich bar per stage, on stderr."""
     if not enabled:
-        yield lambda _d, _t: lambda _n: None
+        yield no_progress
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

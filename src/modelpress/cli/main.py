@@ -16,12 +16,14 @@ from modelpress.cli.common import (
     TaskOpt,
     ThreadsOpt,
     TokOpt,
+    VerboseOpt,
     console,
     emit_json,
     handle_errors,
     out,
     parse_kv,
     progress_bars,
+    show_third_party_noise,
 )
 from modelpress.errors import ConfigError, ModelpressError
 
@@ -32,6 +34,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(verbose: VerboseOpt = False) -> None:
+    if verbose:
+        show_third_party_noise()
 
 
 @app.command()
@@ -226,28 +234,15 @@ def run(
     """The main job: tune the model (evaluate, optimize, gate and benchmark every candidate against
     PyTorch eager), register the original and its variants, and print the table, the lineage and
     the report's path. Without a data folder, only the benchmark runs."""
-    from modelpress import api
-    from modelpress.bench.measure import BenchConfig
     from modelpress.bench.report import bench_table
-    from modelpress.locations import find_data_dir
     from modelpress.cli.optimize import gate_table, parse_duration, parse_fraction, tune_table
+    from modelpress.locations import find_data_dir
+    from modelpress.optimize.api import run as run_job
 
     if find_data_dir(data_dir) is None:
         console.print(
             "[yellow]No data folder found: quality cannot be measured, so only the benchmark runs (set MODELPRESS_DATA or --data-dir).[/yellow]"
         )
-        with progress_bars(not as_json) as prog:
-            report = api.bench(
-                model,
-                runtimes=["torch", "onnxruntime", "openvino"],
-                baseline="torch",
-                threads=threads,
-                config=BenchConfig(seconds=seconds),
-                progress=prog,
-            )
-        emit_json(report) if as_json else out.print(bench_table(report))
-        return
-    from modelpress.optimize.api import tune as _tune
 
     def show(p: Any) -> None:
         if not as_json:
@@ -258,7 +253,7 @@ def run(
             )
 
     with progress_bars(not as_json) as prog:
-        res = _tune(
+        job = run_job(
             model,
             max_drop=parse_fraction(max_drop),
             budget_s=parse_duration(budget),
@@ -270,18 +265,20 @@ def run(
             progress=prog,
             on_point=show,
         )
+    if job.tune is None:
+        emit_json(job.to_json()) if as_json else out.print(bench_table(job.bench or {}))
+        return
+    res = job.tune
     if as_json:
-        emit_json(res.to_json())
+        emit_json(job.to_json())
         return
     out.print(tune_table(res))
     if res.chosen is not None and res.chosen.gate:
         out.print(gate_table(res.chosen.gate["rows"], f"chosen: {res.chosen.label} ({res.chosen.speedup:.2f}x PyTorch fp32 eager)"))
-    if res.registered_original:
-        from modelpress.registry.api import Registry
+    if job.lineage is not None:
         from modelpress.registry.lineage import render_tree
 
-        with Registry() as reg:
-            out.print(render_tree(reg.lineage(res.registered_original)))
+        out.print(render_tree(job.lineage))
     out.print(f"report: {res.report}")
     if (sys.stdout.isatty() if serve is None else serve) and res.chosen is not None:
         from modelpress.ship import serve_foreground

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from modelpress._fs import atomic_folder, atomic_write_text, file_lock, fsync_dir, fsync_tree
 from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
 from modelpress.errors import ArtifactError, RegistryError
 
@@ -104,9 +105,7 @@ class ArtifactStore:
                 f"The artifact store {self.root} already holds artifacts but has no registry-id file.",
                 hint="Point the registry at the store it was created with, or at an empty folder.",
             )
-        tmp = self.root / f".registry-id.{os.getpid()}"
-        tmp.write_text(registry_id + "\n")
-        os.replace(tmp, id_file)
+        atomic_write_text(id_file, registry_id + "\n")
 
     # -- paths -----------------------------------------------------------------------------
     def path_for(self, sha256: str) -> Path:
@@ -134,9 +133,8 @@ class ArtifactStore:
             return []
         found = []
         for p in sorted(self.root.iterdir()):
-            if p.name.startswith(_TMP_PREFIX):
-                if include_live or not _owner_alive(p):
-                    found.append(p)
+            if p.name.startswith(_TMP_PREFIX) and (include_live or not _owner_alive(p)):
+                found.append(p)
         return found
 
     # -- locking ---------------------------------------------------------------------------
@@ -144,20 +142,8 @@ class ArtifactStore:
     def lock(self) -> Iterator[None]:
         """An exclusive advisory lock over the store (and the database change that goes with it)."""
         self.ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                import fcntl
-            except ImportError:  # pragma: no cover - Windows: no cross-process lock
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        with file_lock(self.root / "lock"):
+            yield
 
     # -- writing ---------------------------------------------------------------------------
     def prepare(self, artifact: Artifact) -> Prepared:
@@ -221,7 +207,7 @@ class ArtifactStore:
                     f"The files of '{src}' changed while they were copied.", hint="Register it again once nothing writes to it."
                 )
             (tmp / MANIFEST_NAME).write_text(prepared.manifest.model_dump_json(indent=2))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -249,7 +235,7 @@ class ArtifactStore:
             self._discard(final)
         os.rename(prepared.tmp, final)
         prepared.tmp = None
-        _fsync_dir(self.artifacts)
+        fsync_dir(self.artifacts)
         return True
 
     def discard_copy(self, prepared: Prepared) -> None:
@@ -292,7 +278,7 @@ class ArtifactStore:
         """Move a folder out of artifacts/ in one rename, then delete it (never half a folder in place)."""
         trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-trash-", dir=self.root))
         os.rename(folder, trash / folder.name)
-        _fsync_dir(self.artifacts)
+        fsync_dir(self.artifacts)
         shutil.rmtree(trash, ignore_errors=True)
 
     def export(self, sha256: str, files: dict[str, str], dest: str | os.PathLike, *, manifest: Manifest, overwrite: bool = False) -> Path:
@@ -311,9 +297,7 @@ class ArtifactStore:
             raise RegistryError(
                 f"The stored files of artifact {sha256[:12]} are missing from {self.artifacts}.", hint="Run `modelpress registry check`."
             )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
+        with atomic_folder(dest) as tmp:
             for rel in sorted(files):
                 safe = safe_relpath(rel)
                 (tmp / safe).parent.mkdir(parents=True, exist_ok=True)
@@ -326,17 +310,6 @@ class ArtifactStore:
                     f"The stored artifact {sha256[:12]} is corrupt ({', '.join(bad[:5])} do not match their hashes).",
                     hint="Run `modelpress registry check` and register the model again.",
                 )
-            _fsync_tree(tmp)
-            if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                os.rename(dest, old)
-                os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
 
@@ -362,25 +335,3 @@ def _owner_alive(tmp: Path) -> bool:
         except FileNotFoundError:
             return False
     return False
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync_dir(path)

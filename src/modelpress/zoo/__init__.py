@@ -27,13 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelpress._fs import file_lock
 from modelpress.errors import ArtifactError, DataNotFoundError, ModelNotFoundError
-
-ProgressFactory = Callable[[str, int | None], Callable[[int], None]]  # as api.ProgressFactory
-
-
-def _quiet(_desc: str, _total: int | None) -> Callable[[int], None]:
-    return lambda _n: None
+from modelpress.progress import ProgressFactory, no_progress
 
 
 @dataclass(frozen=True)
@@ -158,18 +154,8 @@ def check_data(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 @contextlib.contextmanager
 def _build_lock(name: str) -> Iterator[None]:
     """One builder at a time per model (other processes wait, then find it cached)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock, the atomic write still holds
+    with file_lock(zoo_path(name).with_name(f".{name}.lock")):
         yield
-        return
-    lock = zoo_path(name).with_name(f".{name}.lock")
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -236,7 +222,7 @@ def build(
             with rich_progress() as bars:
                 art = fn(zoo_path(name), data_dir=where, progress=bars, overwrite=True)
         else:
-            art = fn(zoo_path(name), data_dir=where, progress=progress or _quiet, overwrite=True)
+            art = fn(zoo_path(name), data_dir=where, progress=progress or no_progress, overwrite=True)
         if announce is not None:
             quality = quality_of(art)
             announce(f"[green]built[/green] {name} in {time.perf_counter() - t0:.0f} s: {entry.metric} {quality:.4f} on {entry.dataset}")

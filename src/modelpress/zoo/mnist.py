@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelpress.artifacts import Artifact
-from modelpress.zoo import ProgressFactory, _quiet, training_threads
+from modelpress.progress import ProgressFactory, no_progress
+from modelpress.zoo import training_threads
 
 NAME = "mnist-cnn"
 TASK = "image-classification"
@@ -76,7 +77,7 @@ def _augment(x, gen, cfg: MnistTrainConfig, background: float):
 
 
 def train_mnist(
-    config: MnistTrainConfig | None = None, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet
+    config: MnistTrainConfig | None = None, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = no_progress
 ) -> tuple[Any, dict[str, Any]]:
     """Train mnist-cnn on mnist-train5k; returns the module (eval mode) and what training did."""
     import torch
@@ -137,7 +138,7 @@ def train_mnist(
 
 
 def evaluate_artifact(
-    art: Artifact, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None
+    art: Artifact, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = no_progress, limit: int | None = None
 ) -> dict[str, Any]:
     """Accuracy of ``art`` on mnist-test through the PyTorch runner, as manifest metrics."""
     from modelpress.datasets import load_dataset
@@ -156,7 +157,7 @@ def build_mnist(
     *,
     config: MnistTrainConfig | None = None,
     data_dir: str | os.PathLike | None = None,
-    progress: ProgressFactory = _quiet,
+    progress: ProgressFactory = no_progress,
     overwrite: bool = False,
 ) -> Artifact:
     """Train mnist-cnn and write it (weights + architecture as data) to ``target``, with its test accuracy."""

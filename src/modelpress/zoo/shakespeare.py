@@ -27,7 +27,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.errors import ConfigError, ModelNotFoundError
+from modelpress.progress import ProgressFactory, no_progress
 
 MODEL_NAME = "shakespeare-lm"
 FORMAT_VERSION = 1  # bump when the recipe below changes meaning, so an old cache is not reused
@@ -43,12 +43,6 @@ TRAIN_DATASET = "tinyshakespeare-train"
 TEST_DATASET = "tinyshakespeare-test"
 TRAINING_FILE = "training.json"
 HELDOUT_TOKENS = 16_384  # held-out characters scored at the end of training (a quick check, not the metric)
-
-Progress = Callable[[str, int | None], Callable[[int], None]]
-
-
-def _quiet(_d: str, _t: int | None) -> Callable[[int], None]:
-    return lambda _n: None
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,7 @@ def train(
     *,
     data_dir: str | os.PathLike | None = None,
     config: ShakespeareConfig | None = None,
-    progress: Progress = _quiet,
+    progress: ProgressFactory = no_progress,
     overwrite: bool = False,
     evaluate: bool = True,
 ) -> Any:
@@ -257,7 +251,7 @@ def write_model(
     *,
     data_dir: str | os.PathLike | None = None,
     evaluate: bool = True,
-    progress: Progress = _quiet,
+    progress: ProgressFactory = no_progress,
     overwrite: bool = False,
 ) -> Any:
     """Write a trained model as a zoo artifact: an HF folder (safetensors, tokenizer) with its manifest.
@@ -300,7 +294,7 @@ def write_model(
 
 
 def evaluate_artifact(
-    art: Any, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, threads: int = 1
+    art: Any, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = no_progress, threads: int = 1
 ) -> dict[str, Any]:
     """Perplexity on ``tinyshakespeare-test`` (the held-out last 10%) through the PyTorch runner."""
     from modelpress.datasets import load_dataset
@@ -372,7 +366,7 @@ def ensure_trained(
     *,
     data_dir: str | os.PathLike | None = None,
     config: ShakespeareConfig | None = None,
-    progress: Progress = _quiet,
+    progress: ProgressFactory = no_progress,
     retrain: bool = False,
     evaluate: bool = True,
 ) -> Path:
@@ -383,7 +377,11 @@ def ensure_trained(
 
 
 def build_shakespeare(
-    target: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, progress: Progress = _quiet, overwrite: bool = False
+    target: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    progress: ProgressFactory = no_progress,
+    overwrite: bool = False,
 ) -> Any:
     """Train with the default recipe into ``target`` (the builder signature ``modelpress.zoo`` uses)."""
     return train(target, data_dir=data_dir, progress=progress, overwrite=overwrite)

@@ -21,7 +21,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelpress.artifacts import Artifact, Manifest
-from modelpress.zoo import ProgressFactory, _quiet, training_threads
+from modelpress.progress import ProgressFactory, no_progress
+from modelpress.zoo import training_threads
 
 NAME = "minilm-sst2"
 TASK = "text-classification"
@@ -80,7 +81,7 @@ def _batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> l
 
 
 def train_sst2(
-    config: Sst2TrainConfig | None = None, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet
+    config: Sst2TrainConfig | None = None, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = no_progress
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Fine-tune MiniLM on SST-2 train; returns (model in eval mode, tokenizer, what training did)."""
     import torch
@@ -157,7 +158,7 @@ def train_sst2(
 
 
 def evaluate_folder(
-    folder: Path, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = _quiet, limit: int | None = None
+    folder: Path, *, data_dir: str | os.PathLike | None = None, progress: ProgressFactory = no_progress, limit: int | None = None
 ) -> tuple[Artifact, dict[str, Any]]:
     """Load a saved SST-2 classifier folder as modelpress does and score it on sst2-dev (PyTorch runner)."""
     from modelpress.datasets import load_dataset
@@ -183,7 +184,7 @@ def build_sst2(
     *,
     config: Sst2TrainConfig | None = None,
     data_dir: str | os.PathLike | None = None,
-    progress: ProgressFactory = _quiet,
+    progress: ProgressFactory = no_progress,
     overwrite: bool = False,
 ) -> Artifact:
     """Fine-tune minilm-sst2 and write it to ``target`` (a Hugging Face folder plus manifest), with its dev accuracy."""
