@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from _procs import LOAD_LOG, load_section
 from rich.console import Console
 
 import modelpress as mp
@@ -36,14 +37,17 @@ def main() -> int:
     cfg = BenchConfig(batch_sizes=[1, 32], seq_lens=[128], seconds=SECONDS)
     results = []
     for runtime, options in CONFIGS:
+        label = runtime + "".join(f" {k}={v}" for k, v in options.items())
         runner = mp.create_runner(art, runtime, threads=THREADS, **options)
-        res = bench_runner(runner, task, cfg, data_dir=find_data_dir())
-        res["runtime"] = runtime + "".join(f" {k}={v}" for k, v in options.items())
+        with load_section(label):
+            res = bench_runner(runner, task, cfg, data_dir=find_data_dir())
+        res["runtime"] = label
         results.append(res)
     report = {
         "machine": machine_info(),
         "results": results,
         "baseline_index": 0,
+        "load_average": LOAD_LOG,
         "ratios": {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i},
     }
     Console(width=200).print(bench_table(report))

@@ -30,10 +30,8 @@ time the model was busy (near 100%: nothing but the model limits the server).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _loadgen import free_port, percentiles, run_load
+from _peers import PEER_VERSIONS, peer_python, start_peer
+from _procs import LOAD_LOG, Procs, busy_sections, load_section, main_guard
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MAX_BATCH = 32
 DELAY_MS = 5.0
-PEER_VERSIONS = {"litserve": "litserve==0.2.19", "ray": "ray[serve]==2.60.0"}
 
 
 # -- workload ------------------------------------------------------------------------------
@@ -58,11 +56,6 @@ def sentences(n: int) -> list[str]:
     from modelpress.tasks.text import real_sentences
 
     return real_sentences(n, find_data_dir())
-
-
-def percentiles(lat_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(lat_s) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
 class InProcess:
@@ -96,85 +89,7 @@ class InProcess:
         return sum(b["input_ids"].shape[0] for b in batches) / (time.perf_counter() - t0)
 
 
-# -- a lean keep-alive HTTP/1.1 load generator -----------------------------------------------------
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    length, chunked = None, False
-    for line in lines[1:]:
-        k, _, v = line.partition(b":")
-        k = k.strip().lower()
-        if k == b"content-length":
-            length = int(v)
-        elif k == b"transfer-encoding" and b"chunked" in v.lower():
-            chunked = True
-    if length is not None:
-        return status, await reader.readexactly(length)
-    if chunked:
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-            data = await reader.readexactly(size + 2)
-            if size == 0:
-                return status, b"".join(parts)
-            parts.append(data[:-2])
-    return status, b""
-
-
-async def load(port: int, path: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
-    """Send every body once, ``concurrency`` connections in parallel; latency and status counts."""
-    todo = iter(bodies)
-    lat: list[float] = []
-    statuses: Counter = Counter()
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for body in todo:
-                req = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-                    path.encode(),
-                    len(body),
-                    body,
-                )
-                t0 = time.perf_counter()
-                for _attempt in range(2):
-                    try:
-                        writer.write(req)
-                        status, _ = await _read_response(reader)
-                        break
-                    except (asyncio.IncompleteReadError, ConnectionError):  # the server closed a keep-alive connection
-                        writer.close()
-                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                else:
-                    status = 599
-                lat.append(time.perf_counter() - t0)
-                statuses[status] += 1
-        finally:
-            writer.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {"requests": len(lat), "rps": len(lat) / wall, **percentiles(lat), "statuses": dict(statuses)}
-
-
-def run_load(port: int, path: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
-    try:
-        import uvloop
-
-        return uvloop.run(load(port, path, bodies, concurrency))
-    except ImportError:
-        return asyncio.run(load(port, path, bodies, concurrency))
-
-
 # -- servers ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     import httpx
 
@@ -191,15 +106,6 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60
     raise RuntimeError(f"the server on port {port} was not ready within {timeout} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -207,7 +113,7 @@ def rss_mb(pid: int) -> float:
     return sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20
 
 
-def start_ours(runtime: str, tmp: Path) -> tuple[subprocess.Popen, int]:
+def start_ours(runtime: str, tmp: Path, procs: Procs) -> tuple[subprocess.Popen, int]:
     batching = {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS}
     models = [
         {"source": "minilm", "name": "minilm", "runtime": runtime, "threads": THREADS, "batching": batching},
@@ -230,7 +136,7 @@ def start_ours(runtime: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     cfg = tmp / "serve.json"
     cfg.write_text(json.dumps({"models": models, "access_log": False, "log_level": "warning"}))
     serve = "from modelpress.cli import main; main()"  # the `modelpress` command of this environment
-    proc = subprocess.Popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
+    proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
     wait_ready(port, "/v2/health/ready", proc)
     return proc, port
 
@@ -274,93 +180,6 @@ def our_bodies(texts: list[str], model: str) -> list[bytes]:
     return [json.dumps({"model": model, "input": t, "encoding_format": "float"}).encode() for t in texts]
 
 
-# -- peers -----------------------------------------------------------------------------------------
-PEER_DIR = Path(os.environ.get("MODELPRESS_BENCH_CACHE", Path.home() / ".cache/modelpress-bench")) / "peers"
-
-LITSERVE_APP = """
-import sys, litserve as ls, numpy as np, modelpress as mp
-class API(ls.LitAPI):
-    def setup(self, device):
-        art = mp.load("minilm"); self.task = mp.task_for(art)
-        self.runner = mp.create_runner(art, "{runtime}", threads={threads}).load()
-    def decode_request(self, request):
-        return request["input"]
-    def predict(self, texts):
-        batch = self.task.preprocess(list(texts))
-        return list(self.task.postprocess(self.runner.run(batch), batch))
-    def encode_response(self, emb):
-        return {{"embedding": emb.tolist()}}
-if __name__ == "__main__":
-    ls.LitServer(API(max_batch_size={max_batch}, batch_timeout={delay_s}), accelerator="cpu", workers_per_device=1, timeout=60).run(host="127.0.0.1", port=int(sys.argv[1]), generate_client_file=False)
-"""
-
-RAY_APP = """
-import sys, time, modelpress as mp, ray
-from ray import serve
-from starlette.requests import Request
-@serve.deployment(max_ongoing_requests=256)
-class Embed:
-    def __init__(self):
-        art = mp.load("minilm"); self.task = mp.task_for(art)
-        self.runner = mp.create_runner(art, "{runtime}", threads={threads}).load()
-    @serve.batch(max_batch_size={max_batch}, batch_wait_timeout_s={delay_s})
-    async def embed(self, texts):
-        batch = self.task.preprocess(list(texts))
-        return [e.tolist() for e in self.task.postprocess(self.runner.run(batch), batch)]
-    async def __call__(self, request: Request):
-        return {{"embedding": await self.embed((await request.json())["input"])}}
-if __name__ == "__main__":
-    ray.init(num_cpus={threads}, include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={{"host": "127.0.0.1", "port": int(sys.argv[1])}})
-    serve.run(Embed.bind(), route_prefix="/predict")
-    print("ready", flush=True)
-    while True:
-        time.sleep(3600)
-"""
-
-
-def peer_python(peers: list[str]) -> Path:
-    """The peers' own virtual environment: LitServe / Ray Serve there; torch and modelpress read from this one."""
-    venv = PEER_DIR / "venv"
-    py = venv / "bin/python"
-    if not py.exists():
-        subprocess.check_call([sys.executable, "-m", "venv", str(venv)])
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    # torch, transformers and modelpress come from the project's environment (read only, listed after the venv's own packages)
-    here_site = [p for p in sys.path if p.endswith("site-packages")]
-    (site / "modelpress_project.pth").write_text("\n".join([str(ROOT / "src"), *here_site]) + "\n")
-    wanted = [PEER_VERSIONS[p] for p in peers]
-    missing = [
-        w for w, p in zip(wanted, peers, strict=True) if subprocess.call([str(py), "-c", f"import {p}"], stderr=subprocess.DEVNULL) != 0
-    ]
-    if missing:
-        print(f"installing {', '.join(missing)} into {venv} (first run only)", flush=True)
-        subprocess.check_call([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing])
-    return py
-
-
-def start_peer(peer: str, py: Path, runtime: str, tmp: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    template = LITSERVE_APP if peer == "litserve" else RAY_APP
-    script = tmp / f"{peer}_app.py"
-    script.write_text(template.format(runtime=runtime, threads=THREADS, max_batch=MAX_BATCH, delay_s=DELAY_MS / 1000))
-    proc = subprocess.Popen([str(py), str(script), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    body = json.dumps({"input": "warm up"}).encode()
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{peer} exited with {proc.returncode} before it was ready")
-        try:
-            if run_load(port, "/predict", [body], 1)["statuses"].get(200):
-                return proc, port
-        except OSError:
-            pass
-        if time.time() > deadline:
-            stop(proc)
-            raise RuntimeError(f"{peer} was not ready within 600 s")
-        time.sleep(1)
-
-
 # -- the run ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -395,31 +214,30 @@ def main() -> int:
     }
     per_round_c64 = max(64, args.requests // args.rounds)
     per_round_c1 = max(10, args.latency_requests // args.rounds)
-    procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory() as tmpdir:
+    settings = {"runtime": args.runtime, "threads": THREADS, "max_batch": MAX_BATCH, "delay_ms": DELAY_MS}
+    # every server runs in a session of its own and is ended as a group however this run ends
+    with tempfile.TemporaryDirectory() as tmpdir, Procs() as procs:
         tmp = Path(tmpdir)
-        try:
-            # everything is started first, then measured in interleaved rounds: on a shared
-            # machine the load changes over minutes, and each figure is the median of its rounds
-            print("in process ...", flush=True)
-            local = InProcess(texts, args.runtime)
-            print("modelpress serve ...", flush=True)
-            proc, port = start_ours(args.runtime, tmp)
-            procs.append(proc)
-            peer_ports = {}
-            if peers:
-                py = peer_python(peers)
-                for peer in peers:
-                    print(f"{peer} ...", flush=True)
-                    pproc, peer_ports[peer] = start_peer(peer, py, args.runtime, tmp)
-                    procs.append(pproc)
-            ours_bodies = {m: our_bodies(texts, m) for m in ("minilm", "minilm-pad128")}
-            peer_bodies = [json.dumps({"input": t}).encode() for t in texts]
-            run_load(port, "/v1/embeddings", ours_bodies["minilm"][:64], 8)  # warm the connections and the model
-            run_load(port, "/v1/embeddings", ours_bodies["minilm-pad128"][:64], 8)
-            for pport in peer_ports.values():
-                run_load(pport, "/predict", peer_bodies[:64], 8)
-            rounds: list[dict[str, Any]] = []
+        # everything is started first, then measured in interleaved rounds: on a shared
+        # machine the load changes over minutes, and each figure is the median of its rounds
+        print("in process ...", flush=True)
+        local = InProcess(texts, args.runtime)
+        print("modelpress serve ...", flush=True)
+        proc, port = start_ours(args.runtime, tmp, procs)
+        peer_ports = {}
+        if peers:
+            py = peer_python(peers)
+            for peer in peers:
+                print(f"{peer} ...", flush=True)
+                _, peer_ports[peer] = start_peer(peer, py, settings, tmp, procs)
+        ours_bodies = {m: our_bodies(texts, m) for m in ("minilm", "minilm-pad128")}
+        peer_bodies = [json.dumps({"input": t}).encode() for t in texts]
+        run_load(port, "/v1/embeddings", ours_bodies["minilm"][:64], 8)  # warm the connections and the model
+        run_load(port, "/v1/embeddings", ours_bodies["minilm-pad128"][:64], 8)
+        for pport in peer_ports.values():
+            run_load(pport, "/predict", peer_bodies[:64], 8)
+        rounds: list[dict[str, Any]] = []
+        with load_section(f"{args.rounds} measurement rounds"):
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", flush=True)
                 one: dict[str, Any] = {"in_process": {"latency_ms": percentiles(local.latency(per_round_c1))}}
@@ -430,17 +248,15 @@ def main() -> int:
                 for peer, pport in peer_ports.items():
                     one[peer] = run_load(pport, "/predict", peer_bodies[:per_round_c64], 64)
                 rounds.append(one)
-            report["rounds"] = rounds
-            if args.load_requests:
-                print(f"load test: {args.load_requests} requests at concurrency 256 ...", flush=True)
+        report["rounds"] = rounds
+        if args.load_requests:
+            with load_section(f"load test ({args.load_requests} requests at concurrency 256)"):
                 run_load(port, "/v1/embeddings", our_bodies(texts[:256], "minilm-q128"), 64)
                 before = rss_mb(proc.pid)
                 many = [texts[i % len(texts)] for i in range(args.load_requests)]
                 report["load_c256"] = run_load(port, "/v1/embeddings", our_bodies(many, "minilm-q128"), 256)
                 report["load_c256"].update(rss_after_warmup_mb=before, rss_end_mb=rss_mb(proc.pid))
-        finally:
-            for p in procs:
-                stop(p)
+    report["load_average"] = LOAD_LOG
     summarize(report)
     out = Path(os.environ.get("BENCH_OUT", "out/bench"))
     out.mkdir(parents=True, exist_ok=True)
@@ -476,8 +292,11 @@ def summarize(report: dict[str, Any]) -> None:
         **ours,
     }
     s = report["settings"]
+    busy = busy_sections()
+    marked = f"; MEASURED BESIDE OTHER LOAD, 1-min load average above 1 before: {', '.join(busy)}" if busy else ""
     table = Table(
-        title=f"modelpress serve vs in process (MiniLM, {s['runtime']}, {THREADS} threads, STS-B sentences, median of {len(rounds)} rounds)",
+        title=f"modelpress serve vs in process (MiniLM, {s['runtime']}, {THREADS} threads, STS-B sentences, "
+        f"median of {len(rounds)} rounds){marked}",
         title_justify="left",
     )
     for col in ("what", "req/s", "p50 ms", "p99 ms", "statuses", "batch / model busy", "target"):
@@ -511,10 +330,11 @@ def summarize(report: dict[str, Any]) -> None:
         row(
             f"load, c256, {lt['requests']} requests, queue 128",
             lt,
-            f"5xx: {bad}; RSS {lt['rss_after_warmup_mb']:.0f} -> {lt['rss_end_mb']:.0f} MB ({grow:+.1%}, within 5%: {'ok' if abs(grow) <= 0.05 else 'MISSED'})",
+            f"5xx: {bad}; RSS {lt['rss_after_warmup_mb']:.0f} -> {lt['rss_end_mb']:.0f} MB "
+            f"({grow:+.1%}, within 5%: {'ok' if abs(grow) <= 0.05 else 'MISSED'})",
         )
     Console(width=260).print(table)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _procs import load_section
 from rich.console import Console
 from rich.table import Table
 
@@ -42,20 +43,21 @@ def is_int8(p) -> bool:
 def main() -> int:
     console = Console()
     out = Path(os.environ.get("BENCH_OUT", tempfile.mkdtemp(prefix="tune-bench-")))
-    res = mp.tune(
-        "minilm",
-        data="stsb-dev",
-        max_drop=1 - MIN_RECOVERY,
-        min_agreement=MIN_TOP10,
-        budget_s=BUDGET,
-        threads=THREADS,
-        batch_size=32,
-        seq_len=128,
-        bench_seconds=SECONDS,
-        output=out,
-        use_cache=False,
-        on_point=lambda p: console.print(f"  {p.label}: {p.status} {p.error or ''}", highlight=False),
-    )
+    with load_section("the tuner's search (every candidate built, evaluated and timed)"):
+        res = mp.tune(
+            "minilm",
+            data="stsb-dev",
+            max_drop=1 - MIN_RECOVERY,
+            min_agreement=MIN_TOP10,
+            budget_s=BUDGET,
+            threads=THREADS,
+            batch_size=32,
+            seq_len=128,
+            bench_seconds=SECONDS,
+            output=out,
+            use_cache=False,
+            on_point=lambda p: console.print(f"  {p.label}: {p.status} {p.error or ''}", highlight=False),
+        )
     console.print(tune_table(res))
     chosen = res.chosen
     peers_ok = [p for p in res.points if p.peer and p.status == "measured" and p.passed]
@@ -77,7 +79,8 @@ def main() -> int:
         failures.append("no candidate met the quality bar")
     else:
         console.print(
-            f"pick: {chosen.label}: {chosen.speedup:.2f}x PyTorch fp32 eager, recovery {chosen.recovery:.4f}, top-10 {chosen.quality.get('top10_agreement'):.3f}"
+            f"pick: {chosen.label}: {chosen.speedup:.2f}x PyTorch fp32 eager, recovery {chosen.recovery:.4f}, "
+            f"top-10 {chosen.quality.get('top10_agreement'):.3f}"
         )
         if chosen.speedup < TARGET_SPEEDUP:
             failures.append(f"the pick reaches {chosen.speedup:.2f}x, below the {TARGET_SPEEDUP}x target")

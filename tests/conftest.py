@@ -10,10 +10,38 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+STRAY_GRACE_S = 10.0  # a server stopped at the end of a test may take a moment to exit
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_stray_processes():
+    """The session fails when a process the tests started is still running at its end.
+
+    Every child inherits a mark in its environment; at the end, the descendants of this process,
+    the marked processes and the members of the groups ``_procs.popen_group`` created are listed
+    (those alive before the session, the machine's services, never count), given a few seconds to
+    finish a shutdown in progress, and then reported as an error and ended.
+    """
+    import uuid
+
+    from ._procs import MARK_ENV, describe, end, snapshot, strays
+
+    before = snapshot()
+    mark = os.environ[MARK_ENV] = uuid.uuid4().hex
+    yield
+    deadline = time.monotonic() + STRAY_GRACE_S
+    while (left := strays(os.getpid(), mark, before)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        listing = describe(left)
+        end(left)
+        pytest.fail(f"the tests left {len(left)} process(es) running (now ended):\n{listing}", pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
