@@ -14,7 +14,7 @@
 Trained models are cached (``modelpress.locations.cache_dir``): the student and the fine-tuned
 CNN are trained on the first run only. Exits 1 when a target is missed.
 Timing: every model is loaded and warmed up, then timed in BENCH_ROUNDS interleaved rounds of
-BENCH_CALLS batches each (a model's figure is its best round's median), so a burst of load from
+BENCH_CALLS batches each (a model's figure is the median over rounds of each round's median), so a burst of load from
 other processes slows one round of every model rather than one model's whole figure.
 Every figure is measured at BENCH_THREADS and at 1 thread. The targets are read at BENCH_THREADS,
 unless the machine is busy (load average at or above its core count when timing starts): then
@@ -36,13 +36,14 @@ from rich.console import Console
 from rich.table import Table
 
 import modelpress as mp
+from _procs import LOAD_LOG, load_section
 from modelpress.bench.measure import machine_info
 from modelpress.cli import progress_bars
 from modelpress.locations import find_data_dir
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 OUT = Path(os.environ.get("BENCH_OUT", "out/bench"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))  # interleaved rounds over every model; each model's best round counts
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))  # interleaved rounds over every model; the median round counts
 CALLS = int(os.environ.get("BENCH_CALLS", "3"))  # batches per model per round; their median is the round's figure
 
 DISTILL = {"technique": "distill", "layers": 3, "training": {"max_steps": 2000, "max_seconds": 600, "lr": 1e-4, "eval_every": 250}}
@@ -61,15 +62,27 @@ def busy() -> bool:
 def timed(
     rows: list[tuple[str, object, str, dict]], batch_sizes: tuple[int, ...], seq_len: int | None, ddir: Path | None, prog
 ) -> dict[int, dict[str, dict[int, float]]]:
-    """{threads: {label: {batch: items/s}}} at THREADS and at 1 thread: every model loaded, then timed in interleaved rounds."""
-    from modelpress.optimize.distill.compare import interleaved_throughput
+    """{threads: {label: {batch: items/s}}} at THREADS and at 1 thread: every model loaded, then timed in interleaved rounds.
 
-    return {
-        t: interleaved_throughput(
-            rows, threads=t, batch_sizes=batch_sizes, seq_len=seq_len, rounds=ROUNDS, calls=CALLS, data_dir=ddir, progress=prog
-        )
-        for t in dict.fromkeys((THREADS, 1))
-    }
+    The one timing of modelpress (:func:`modelpress.bench.measure.time_interleaved`): CALLS batches per
+    model per round (their median is the round's figure), a model's figure the median over rounds.
+    """
+    from modelpress.bench.measure import BenchConfig, time_interleaved
+    from modelpress.runtimes import create_runner
+    from modelpress.tasks import task_for
+
+    # seconds ~0 and min_iters CALLS: exactly CALLS timed calls per figure per round
+    cfg = BenchConfig(batch_sizes=list(batch_sizes), seq_lens=[seq_len or 128], rounds=ROUNDS, seconds=1e-6, min_iters=CALLS)
+    out: dict[int, dict[str, dict[int, float]]] = {}
+    for t in dict.fromkeys((THREADS, 1)):
+        runners = [create_runner(mp.load(art) if isinstance(art, str) else art, rt, threads=t, **opts) for _, art, rt, opts in rows]
+        try:
+            timings = time_interleaved(runners, task_for(runners[0].artifact), cfg, data_dir=ddir, latency=False, progress=None)
+        finally:
+            for r in runners:
+                r.close()
+        out[t] = {label: {row["batch"]: row["items_per_s"] for row in tm["throughput"]} for (label, *_), tm in zip(rows, timings, strict=True)}
+    return out
 
 
 def judged(speed: dict[int, dict], was_busy: bool) -> tuple[int, str]:
@@ -77,7 +90,8 @@ def judged(speed: dict[int, dict], was_busy: bool) -> tuple[int, str]:
     if was_busy and 1 in speed and THREADS != 1:
         return (
             1,
-            f"the machine was busy (load {os.getloadavg()[0]:.1f}): {THREADS}-thread figures are dominated by OpenMP threads waiting for a descheduled peer, so targets are read at 1 thread",
+            f"the machine was busy (load {os.getloadavg()[0]:.1f}): {THREADS}-thread figures are dominated by OpenMP threads "
+            "waiting for a descheduled peer, so targets are read at 1 thread",
         )
     return THREADS, f"targets read at {THREADS} threads"
 
@@ -118,7 +132,8 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
         ("teacher + static int8 (openvino), the peer recipe", teacher_int8, "openvino", {}),
     ]
     was_busy = busy()
-    speeds = timed(rows, (32,), 128, ddir, prog)
+    with load_section("MiniLM teacher/student speed"):
+        speeds = timed(rows, (32,), 128, ddir, prog)
     qkey = {
         "teacher torch fp32 eager": "teacher (torch fp32)",
         "student torch fp32 eager": "student (torch fp32)",
@@ -128,7 +143,8 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
     for threads, speed in speeds.items():
         base = speed["teacher torch fp32 eager"][32]
         table = Table(
-            title=f"MiniLM -> 3-layer student (batch 32 x 128 tokens, {threads} thread(s); ratios to the teacher on PyTorch fp32 eager, same run, best of {ROUNDS} interleaved rounds)",
+            title=f"MiniLM -> 3-layer student (batch 32 x 128 tokens, {threads} thread(s); ratios to the teacher on PyTorch fp32 eager, "
+            f"same run, median of {ROUNDS} interleaved rounds)",
             title_justify="left",
         )
         for col in ("model", "STS-B dev Spearman", "recovery", "items/s", "speed-up"):
@@ -143,8 +159,9 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
     tm = student.manifest.metrics["technique"]
     tr = tm["training"]
     console.print(
-        f"distillation: {tr['steps']} steps in {tr['seconds']:.0f} s ({'cached' if tm.get('cached') else 'trained in this run'}), stopped: {tr['stopped']}; "
-        f"held-out STS-B train Spearman {tr['first_metric']:.4f} (layers 0, 3, 5 untrained) -> {tr['best_metric']:.4f}; recipe took {recipe_s:.0f} s"
+        f"distillation: {tr['steps']} steps in {tr['seconds']:.0f} s ({'cached' if tm.get('cached') else 'trained in this run'}), "
+        f"stopped: {tr['stopped']}; held-out STS-B train Spearman {tr['first_metric']:.4f} (layers 0, 3, 5 untrained) "
+        f"-> {tr['best_metric']:.4f}; recipe took {recipe_s:.0f} s"
     )
     at, why = judged(speeds, was_busy)
     console.print(why)
@@ -179,7 +196,7 @@ def minilm(ddir: Path, prog) -> tuple[dict, list[str]]:
 
 
 def mnist(ddir: Path, prog) -> tuple[dict, list[str]]:
-    from modelpress.optimize.distill.compare import compress
+    from modelpress.optimize.api import compress
 
     cnn = mp.load("mnist-cnn")
     res = compress(
@@ -187,15 +204,17 @@ def mnist(ddir: Path, prog) -> tuple[dict, list[str]]:
     )
     pruned = res.artifact
     was_busy = busy()
-    speeds = timed(
-        [("mnist-cnn", cnn, "torch", {}), ("mnist-cnn 50% channels pruned", pruned, "torch", {})], (1, 32, 256), None, ddir, prog
-    )
+    with load_section("MNIST CNN speed"):
+        speeds = timed(
+            [("mnist-cnn", cnn, "torch", {}), ("mnist-cnn 50% channels pruned", pruned, "torch", {})], (1, 32, 256), None, ddir, prog
+        )
     base, var = res.original["metrics"]["accuracy"], res.variant["metrics"]["accuracy"]
     m = res.technique
     for threads, speed in speeds.items():
         a, b = speed["mnist-cnn"], speed["mnist-cnn 50% channels pruned"]
         table = Table(
-            title=f"MNIST CNN, 50% of channels pruned + fine-tuned (PyTorch eager, {threads} thread(s), same run, best of {ROUNDS} interleaved rounds)",
+            title=f"MNIST CNN, 50% of channels pruned + fine-tuned (PyTorch eager, {threads} thread(s), same run, "
+            f"median of {ROUNDS} interleaved rounds)",
             title_justify="left",
         )
         for col in ("model", "widths", "parameters", "MNIST test accuracy", "items/s b1 / b32 / b256", "speed-up b1 / b32 / b256"):
@@ -219,7 +238,8 @@ def mnist(ddir: Path, prog) -> tuple[dict, list[str]]:
         console.print(table)
     ft = m["finetune"]["training"]
     console.print(
-        f"fine-tuning: {ft['steps']} steps in {ft['seconds']:.0f} s ({'cached' if m.get('cached') else 'trained in this run'}); held-out accuracy {ft['first_metric']:.4f} (pruned) -> {ft['best_metric']:.4f}"
+        f"fine-tuning: {ft['steps']} steps in {ft['seconds']:.0f} s ({'cached' if m.get('cached') else 'trained in this run'}); "
+        f"held-out accuracy {ft['first_metric']:.4f} (pruned) -> {ft['best_metric']:.4f}"
     )
     at, why = judged(speeds, was_busy)
     console.print(why)
@@ -252,6 +272,7 @@ def main() -> int:
             report[name] = figures
             problems += missed
     report["missed"] = problems
+    report["load_average"] = LOAD_LOG
     (OUT / "distill.json").write_text(json.dumps(report, indent=2, default=str))
     for p in problems:
         console.print(f"[bold red]target missed:[/bold red] {p}")

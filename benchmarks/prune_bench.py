@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 import modelpress as mp
-from modelpress.bench.measure import machine_info
+from _procs import LOAD_LOG, load_section
+from modelpress.bench.measure import SPEED_ROUNDS, BenchConfig, compare_speed, machine_info
 from modelpress.locations import find_data_dir
-from modelpress.optimize.handlers import apply_technique
-from modelpress.optimize.prune.sparse_store import speed_ratio
+from modelpress.optimize.techniques import apply_technique
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
@@ -73,7 +73,8 @@ def quality(name: str, source, data: str, data_dir: Path, work: Path, tokens: in
         rows[label] = {"perplexity": ppl, "rise": ppl - dense, "sparsity": m["sparsity"], "prune_seconds": round(seconds, 1)}
         arts[label] = art
         console.print(
-            f"  {name} {label}: perplexity {ppl:.4f} (dense {dense:.4f}), {m['sparsity']:.2%} of the decoder weights zero, pruned in {seconds:.1f} s",
+            f"  {name} {label}: perplexity {ppl:.4f} (dense {dense:.4f}), {m['sparsity']:.2%} of the decoder weights zero, "
+            f"pruned in {seconds:.1f} s",
             highlight=False,
         )
     for label, r in rows.items():
@@ -165,19 +166,15 @@ def main() -> int:
     console.print("[bold]2. what it buys (the Wanda 50% shakespeare-lm against the dense one)[/bold]")
     pruned = arts_sh["wanda"]
     size = pruned.manifest.metrics["technique"]["size"]
-    # The control first: the dense model against itself shows how far the machine's noise moves a ratio.
-    control = speed_ratio(
-        shakespeare, shakespeare, runtime="torch", threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir
-    )
-    control["runtime"] = "torch, dense vs dense (control)"
-    speeds = [control]
-    for runtime in ("torch", "onnxruntime", "openvino"):
-        speeds.append(
-            speed_ratio(
-                shakespeare, pruned, runtime=runtime, threads=THREADS, seconds=SECONDS, batch_size=8, seq_len=128, data_dir=data_dir
-            )
-        )
-    probe = csr_probe(pruned)
+    with load_section("speed of the pruned model against the dense one"):
+        # The control first: the dense model against itself shows how far the machine's noise moves a ratio.
+        speed_cfg = BenchConfig(batch_sizes=[8], seq_lens=[128], seconds=SECONDS, rounds=SPEED_ROUNDS)
+        control = compare_speed(shakespeare, shakespeare, "torch", threads=THREADS, config=speed_cfg, data_dir=data_dir)
+        control["runtime"] = "torch, dense vs dense (control)"
+        speeds = [control]
+        for runtime in ("torch", "onnxruntime", "openvino"):
+            speeds.append(compare_speed(shakespeare, pruned, runtime, threads=THREADS, config=speed_cfg, data_dir=data_dir))
+        probe = csr_probe(pruned)
     report.update({"size": size, "speed": speeds, "csr_probe": probe})
     buys = Table(title="what 50% unstructured sparsity buys here (measured in this run)", title_justify="left")
     for col in ("figure", "dense", "pruned", "ratio"):
@@ -217,6 +214,7 @@ def main() -> int:
         exports[fmt] = exp.manifest.metrics.get("parity_max_abs_diff")
         console.print(f"  {fmt}: {exp.path} parity {exports[fmt]}", highlight=False)
     report["exports"] = exports
+    report["load_average"] = LOAD_LOG
 
     best = min(r["rise_vs_magnitude"] for label, r in res_sh["rows"].items() if "rise_vs_magnitude" in r and "2:4" not in label)
     report["target"] = {"best_rise_vs_magnitude": best, "threshold": TARGET_RATIO, "met": best <= TARGET_RATIO}
@@ -225,7 +223,8 @@ def main() -> int:
     (out / "prune.json").write_text(json.dumps(report, indent=2, default=str))
     verdict = "[green]met[/green]" if best <= TARGET_RATIO else "[red]MISSED[/red]"
     console.print(
-        f"target on shakespeare-lm: best one-shot rise / magnitude's rise = {best:.3f} (<= {TARGET_RATIO}): {verdict}; report {out / 'prune.json'}"
+        f"target on shakespeare-lm: best one-shot rise / magnitude's rise = {best:.3f} (<= {TARGET_RATIO}): {verdict}; "
+        f"report {out / 'prune.json'}"
     )
     return 0 if best <= TARGET_RATIO else 1
 

@@ -7,7 +7,7 @@ from modelpress.api import bench, evaluate, export, info, load
 from modelpress.artifacts import Artifact, Manifest, Signature, TensorSpec
 from modelpress.bench.measure import BenchConfig
 from modelpress.errors import ModelpressError
-from modelpress.optimize.api import Recipe, apply_technique, optimize, tune
+from modelpress.optimize.api import Recipe, apply_technique, optimize, run, tune
 from modelpress.runtimes import create_runner
 from modelpress.tasks import task_for
 
@@ -28,6 +28,7 @@ __all__ = [
     "info",
     "load",
     "optimize",
+    "run",
     "task_for",
     "tune",
 ]

@@ -10,26 +10,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from modelpress.artifacts import Artifact
-from modelpress.bench.measure import BenchConfig, bench_runner, machine_info, ratios
+from modelpress.bench.measure import BenchConfig, bench_runners, machine_info, ratios
 from modelpress.datasets import load_dataset
 from modelpress.errors import ConfigError
 from modelpress.locations import find_data_dir
-from modelpress.runtimes import RUNTIMES, create_runner
+from modelpress.progress import ProgressFactory, no_progress
+from modelpress.runtimes import RUNTIMES, create_runner, runtime_of
 from modelpress.sources import describe, load
 from modelpress.tasks import get_task_class, task_for
 
 ModelLike = Any  # a path, a short name, a torch.nn.Module, or an Artifact
-
-# Progress hooks: ``start(description, total)`` returns ``advance(n)``.
-ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
-
-
-def _quiet(_desc: str, _total: int | None) -> Callable[[int], None]:
-    return lambda _n: None
 
 
 def as_artifact(model: ModelLike, task: str | None = None, **load_options: Any) -> Artifact:
@@ -63,25 +57,26 @@ def evaluate(
     *,
     task: str | None = None,
     data: str | os.PathLike | None = None,
-    runtime: str = "torch",
+    runtime: str | None = None,
     threads: int | None = None,
     data_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     limit: int | None = None,
     columns: dict[str, str] | None = None,
     reference: ModelLike | None = None,
-    reference_runtime: str = "torch",
+    reference_runtime: str | None = None,
     tokenizer: str | None = None,
     task_options: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
-    progress: ProgressFactory = _quiet,
+    progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
     """Score ``model`` on ``data`` (the task's default dataset if None).
 
     ``reference``: another model (usually the original) whose outputs ``model`` is compared
     with on the same data (embedding cosine and top-10 overlap, label agreement, top-1 token
     agreement). ``task_options`` override task settings, e.g. ``{"context": 256, "stride": 128}``
-    or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity.
+    or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity. ``runtime`` / ``reference_runtime``
+    None: the runtime each artifact's manifest records (an optimized variant's), else torch.
     """
     art = _with_task_options(as_artifact(model, task, tokenizer=tokenizer), task_options)
     tsk = task_for(art)
@@ -104,9 +99,9 @@ def evaluate(
     if reference is not None:
         ref_art = _with_task_options(as_artifact(reference, art.task, tokenizer=tokenizer), task_options)
         ref_runner = create_runner(ref_art, reference_runtime, threads=threads)
-        progress(f"comparing with {ref_art.name} on {reference_runtime}", None)
+        progress(f"comparing with {ref_art.name} on {ref_runner.name}", None)
         result["agreement"] = tsk.agreement(runner, ref_runner, ds, **kwargs)
-        result["reference"] = {"model": ref_art.name, "runtime": reference_runtime}
+        result["reference"] = {"model": ref_art.name, "runtime": ref_runner.name}
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -128,7 +123,7 @@ def _parse_baseline(baseline: str | None, model: ModelLike) -> tuple[ModelLike, 
 def bench(
     model: ModelLike,
     *,
-    runtimes: Sequence[str] = ("torch",),
+    runtimes: Sequence[str] | None = None,
     baseline: str | None = None,
     task: str | None = None,
     threads: int | None = None,
@@ -136,12 +131,15 @@ def bench(
     data_dir: str | os.PathLike | None = None,
     tokenizer: str | None = None,
     runtime_options: dict[str, dict[str, Any]] | None = None,
-    progress: ProgressFactory = _quiet,
+    progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
     """Benchmark ``model`` on each runtime, and the baseline in the same run.
 
+    ``runtimes`` None: the runtime the model's manifest records (an optimized variant's), else torch.
     ``baseline``: a runtime name (the same model on it), ``MODEL@RUNTIME``, or ``MODEL``.
-    The report holds every result, the machine, and ratios of each result to the baseline.
+    Every runner is loaded together and timed in ``config.rounds`` interleaved rounds
+    (:func:`modelpress.bench.measure.time_interleaved`). The report holds every result, the
+    machine, and ratios of each result to the baseline (medians of the per-round ratios).
     """
     cfg = config or BenchConfig()
     art = as_artifact(model, task, tokenizer=tokenizer)
@@ -150,17 +148,25 @@ def bench(
     base = _parse_baseline(baseline, art)
     if base is not None:
         plan.append((as_artifact(base[0], art.task, tokenizer=tokenizer), base[1]))
-    for rt in runtimes:
+    for rt in runtimes or [runtime_of(art)]:
         if base is not None and base[0] is art and base[1] == rt:
             continue  # the baseline row already measures this
         plan.append((art, rt))
-    results = []
-    advance = progress("benchmarking", len(plan))
-    for a, rt in plan:
-        runner = create_runner(a, rt, threads=threads, **(runtime_options or {}).get(rt, {}))
-        results.append(bench_runner(runner, task_for(a), cfg, data_dir=ddir))
-        runner.close()
-        advance(1)
+    advance = progress(f"benchmarking ({cfg.rounds} interleaved rounds)", cfg.rounds)
+    runners = [create_runner(a, rt, threads=threads, **(runtime_options or {}).get(rt, {})) for a, rt in plan]
+    tasks = {id(a): task_for(a) for a, _ in plan}  # one task per model: its runners share the same inputs
+    try:
+        # Every runner side by side, in interleaved rounds: the ratios to the baseline are per-round ratios.
+        results = bench_runners(
+            runners,
+            [task_for(a) for a, _ in plan],
+            cfg,
+            data_dir=ddir,
+            progress=lambda msg: advance(1) if msg.startswith("round") else None,
+        )
+    finally:
+        for runner in runners:
+            runner.close()
     report: dict[str, Any] = {"machine": machine_info(), "results": results, "baseline_index": 0 if base is not None else None}
     if base is not None:
         report["ratios"] = {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i != 0}

@@ -12,7 +12,7 @@ from torch import nn
 import modelpress as mp
 from modelpress.errors import ConfigError, OptimizationError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
-from modelpress.optimize.handlers import apply_technique, handler_for
+from modelpress.optimize.techniques import apply_technique, handler_for
 from modelpress.optimize.prune.llm import (
     LLMCalibration,
     SparseGPT,

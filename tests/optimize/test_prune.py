@@ -14,7 +14,7 @@ import modelpress as mp
 from modelpress.artifacts import hash_folder
 from modelpress.errors import ConfigError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
-from modelpress.optimize.handlers import apply_technique, handler_for
+from modelpress.optimize.techniques import apply_technique, handler_for
 from modelpress.optimize.prune.magnitude import (
     FineTune,
     GradualPruner,

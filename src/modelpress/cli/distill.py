@@ -1,8 +1,8 @@
 """The ``modelpress distill`` and ``modelpress prune-structured`` commands.
 
-Both make one variant (:func:`modelpress.optimize.distill.compare.compress`), then print the gate table
-(original against variant on the task's metric) and the throughput ratio measured side by side
-in the same run. ``--json`` prints the same as JSON. Exit code 4 when the gate fails (the
+Both make one variant with a one-step recipe (:func:`modelpress.optimize.api.compress`), then
+print the gate table (original against variant on the task's metric) and the speed-ups measured
+side by side in the same run (:func:`modelpress.bench.measure.compare_speed`). ``--json`` prints the same as JSON. Exit code 4 when the gate fails (the
 variant stays on disk, marked by the report as not passing).
 """
 
@@ -83,7 +83,7 @@ def _training(
 
 
 def _show(res: Any, title: str, as_json: bool) -> None:
-    from modelpress.cli.optimize import gate_table
+    from modelpress.cli.optimize import gate_table, speed_rows
 
     if as_json:
         emit_json(res.to_json())
@@ -97,13 +97,8 @@ def _show(res: Any, title: str, as_json: bool) -> None:
                 f"training: {t['steps']} steps in {t['seconds']:.0f} s (stopped: {t['stopped']}); held-out metric {f(t['first_metric'])} (untrained) "
                 f"-> best {f(t['best_metric'])} at step {t['best_step']}" + (" (cached)" if res.technique.get("cached") else "")
             )
-        if res.speed:
-            for row in res.speed["throughput"]:
-                shape = f"batch {row['batch']}" + (f" x {row['seq_len']} tokens" if row["seq_len"] else "")
-                out.print(
-                    f"speed on {res.speed['runtime']} ({shape}, measured side by side, best of {res.speed['rounds']} interleaved rounds): original {row['original_items_per_s']:.1f}/s, "
-                    f"variant {row['variant_items_per_s']:.1f}/s = [bold]{row['speedup']:.2f}x[/bold]"
-                )
+        for label, text in speed_rows(res.speed):
+            out.print(f"{label} (original and variant measured side by side): {text}")
         out.print(f"-> {res.artifact.path}")
     if not res.passed:
         console.print(f"[bold red]the variant did not pass the gate:[/bold red] {res.gate.summary()}", highlight=False, soft_wrap=True)
@@ -161,7 +156,7 @@ def distill_cmd(
 ) -> None:
     """Distill a model into a student with fewer layers, then gate it and time it against the teacher."""
     from modelpress.cli.optimize import parse_fraction
-    from modelpress.optimize.distill.compare import compress
+    from modelpress.optimize.api import compress
     from modelpress.optimize.distill.distill import DistillTraining
 
     if layers is not None and layer_map is not None:
@@ -237,7 +232,7 @@ def prune_structured_cmd(
 ) -> None:
     """Remove whole channels, FFN neurons or heads, fine-tune to recover, then gate and time against the original."""
     from modelpress.cli.optimize import parse_fraction
-    from modelpress.optimize.distill.compare import compress
+    from modelpress.optimize.api import compress
     from modelpress.optimize.prune.structured import RecoveryTraining
 
     cfg: dict[str, Any] = {

@@ -49,6 +49,34 @@ def gate_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def speed_rows(sp: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """A speed record (``metrics.speed``) as (figure, "original -> variant: speed-up (range)") rows."""
+    if not sp:
+        return []
+    rounds = f"median of {sp['rounds']} interleaved rounds"
+    rows = []
+    for row in sp.get("throughput") or []:
+        shape = f"batch {row['batch']}" + (f" x {row['seq_len']} tokens" if row.get("seq_len") else "")
+        lo, hi = row.get("speedup_range") or (row["speedup"], row["speedup"])
+        rows.append(
+            (
+                f"throughput on {sp['runtime']}, {shape}",
+                f"{row['original_items_per_s']:.1f} -> {row['variant_items_per_s']:.1f} items/s: "
+                f"[bold]{row['speedup']:.2f}x[/bold] ({rounds}, range {lo:.2f}-{hi:.2f}x)",
+            )
+        )
+    if sp.get("latency_ratio") is not None:
+        lo, hi = sp.get("latency_ratio_range") or (sp["latency_ratio"], sp["latency_ratio"])
+        rows.append(
+            (
+                f"latency p50 on {sp['runtime']}, batch 1",
+                f"{sp['original_p50_ms']:.2f} -> {sp['variant_p50_ms']:.2f} ms: [bold]{sp['latency_ratio']:.2f}x[/bold] "
+                f"({rounds}, range {lo:.2f}-{hi:.2f}x)",
+            )
+        )
+    return rows
+
+
 def optimize(
     model: Annotated[str, typer.Argument(help="Model folder, .onnx file, or short name (minilm).")],
     recipe: Annotated[Path, typer.Option("--recipe", help="Recipe file (YAML or JSON) with the steps and the gate.")],

@@ -4,11 +4,12 @@
     modelpress prune stories260k-folder --method sparsegpt --nm 2:4 --data tinystories -o out/sgpt24
     modelpress prune minilm --method global --sparsity 0.3 --data stsb-dev -o out/minilm-g30
 
-:func:`prune_model` is the Python verb the command calls: it applies the technique, evaluates the
-variant and the original on the same data, gates the variant (``max_drop`` of the task's
-primary metric), measures the sizes stored sparse and the speed of both side by side, and
-records all of it in the variant's manifest (``metrics.evaluation``, ``gate``, ``shippable``,
-``speed``). A variant that fails the gate is written but marked ``shippable: false``.
+The command parses its options and prints; the work is :func:`modelpress.optimize.api.prune_model`,
+a one-step recipe: it applies the technique, evaluates the variant and the original on the same
+data, gates the variant (``max_drop`` of the task's primary metric), measures the sizes stored
+sparse and the speed of both side by side, and records all of it in the variant's manifest
+(``metrics.evaluation``, ``gate``, ``shippable``, ``speed``). A variant that fails the gate is
+written but marked ``shippable: false``.
 """
 
 from __future__ import annotations
@@ -20,134 +21,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modelpress.artifacts import Artifact
+from modelpress.cli.optimize import speed_rows
 from modelpress.errors import ConfigError
+from modelpress.optimize.api import prune_model
+from modelpress.optimize.configs.prune import METHODS, prune_config
 
-METHODS = ("magnitude", "global", "nm", "sparsegpt", "wanda")
-
-
-def prune_config(
-    method: str,
-    *,
-    sparsity: float | None = None,
-    nm: str | None = None,
-    runtime: str = "torch",
-    exclude: list[str] | None = None,
-    calibration: dict[str, Any] | None = None,
-) -> Any:
-    """The technique config a ``--method`` names (``nm``: magnitude N:M, default 2:4)."""
-    from modelpress.optimize.prune.llm import SparseGPT, Wanda
-    from modelpress.optimize.prune.magnitude import MagnitudePrune
-
-    common: dict[str, Any] = {"runtime": runtime, "exclude": list(exclude or [])}
-    if sparsity is not None:
-        common["sparsity"] = sparsity
-    if nm is not None:
-        common["nm"] = nm
-    if method == "magnitude":
-        return MagnitudePrune(scope="layer", **common)
-    if method == "global":
-        return MagnitudePrune(scope="global", **common)
-    if method == "nm":
-        return MagnitudePrune(**{**common, "nm": nm or "2:4"})
-    if method in ("sparsegpt", "wanda"):
-        cls = SparseGPT if method == "sparsegpt" else Wanda
-        return cls(**common, **({"calibration": calibration} if calibration else {}))
-    raise ConfigError(f"Unknown pruning method '{method}'.", hint=f"Use one of {', '.join(METHODS)}, e.g. --method wanda --sparsity 0.5")
-
-
-def _with_options(art: Artifact, options: dict[str, Any] | None) -> Artifact:
-    """A copy of ``art`` with task settings for evaluation only (the artifact on disk is untouched)."""
-    if not options:
-        return art
-    manifest = art.manifest.model_copy(deep=True)
-    manifest.task_config.update(options)
-    return Artifact(manifest, art.path, art.module)
-
-
-def _record(art: Artifact, extra: dict[str, Any]) -> None:
-    import os
-
-    art.manifest.metrics.update(extra)
-    path = art.path / "modelpress.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(art.manifest.model_dump_json(indent=2))
-    os.replace(tmp, path)
-
-
-def prune_model(
-    model: Any,
-    output: str | Path,
-    config: Any,
-    *,
-    task: str | None = None,
-    data: str | None = None,
-    data_dir: str | Path | None = None,
-    limit: int | None = None,
-    max_drop: float = 0.05,
-    threads: int | None = None,
-    task_options: dict[str, Any] | None = None,
-    measure_speed: bool = True,
-    seconds: float = 2.0,
-    overwrite: bool = False,
-    progress: Any = None,
-) -> dict[str, Any]:
-    """Prune ``model`` with ``config`` into ``output``; evaluate, gate and measure it against the original."""
-    from modelpress.api import as_artifact
-    from modelpress.locations import find_data_dir
-    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
-    from modelpress.optimize.configs import parse_step
-    from modelpress.optimize.evaluation import Evaluator
-    from modelpress.optimize.gate import GateConfig, check, flat_metrics
-    from modelpress.optimize.handlers import StepContext, handler_for
-    from modelpress.optimize.prune.sparse_store import speed_ratio
-
-    say = progress or (lambda _d, _t: lambda _n: None)
-    cfg = parse_step(config)
-    original = as_artifact(model, task)
-    ddir = find_data_dir(data_dir)
-    evaluator = Evaluator(_with_options(original, task_options), data=data, data_dir=ddir, limit=limit, threads=threads)
-    advance = say(f"evaluating the original {original.name} on {evaluator.dataset_name}", None)
-    base = evaluator.original_result()
-    advance(1)
-    advance = say(f"pruning: {cfg.label()}", None)
-    art = handler_for(cfg)(original, cfg, StepContext(Path(output), ddir, overwrite, threads))
-    advance(1)
-    advance = say(f"evaluating the pruned model on {cfg.runtime}", None)
-    evaluation = evaluator.evaluate(_with_options(art, task_options), cfg.runtime)
-    advance(1)
-    verdict = check(flat_metrics(base), flat_metrics(evaluation), GateConfig.for_task(original.task, max_drop=max_drop))
-    speed = None
-    if measure_speed:
-        advance = say(f"measuring speed on {cfg.runtime}: original, then pruned", None)
-        speed = speed_ratio(original, art, runtime=cfg.runtime, threads=threads, seconds=seconds, data_dir=ddir)
-        advance(1)
-    _record(
-        art,
-        {
-            "evaluation": {"dataset": evaluation["dataset"], "runtime": evaluation["runtime"], **flat_metrics(evaluation)},
-            "gate": verdict.to_json(),
-            "shippable": verdict.passed,
-            "speed": speed,
-        },
-    )
-    technique = art.manifest.metrics.get("technique", {})
-    return {
-        "model": original.name,
-        "output": str(art.path),
-        "config": cfg.to_step(),
-        "label": cfg.label(),
-        "dataset": evaluator.dataset_name,
-        "original": base,
-        "variant": evaluation,
-        "gate": verdict.to_json(),
-        "shippable": verdict.passed,
-        "sparsity": technique.get("sparsity"),
-        "model_sparsity": technique.get("model_sparsity"),
-        "size": technique.get("size"),
-        "speed": speed,
-        "technique": technique,
-    }
+__all__ = ["METHODS", "prune", "prune_config", "prune_model", "register_commands", "what_it_buys"]
 
 
 def what_it_buys(res: dict[str, Any]) -> Table:
@@ -167,19 +46,8 @@ def what_it_buys(res: dict[str, Any]) -> Table:
         table.add_row("stored as bitmask + values", f"{size['bitmask_bytes']:,} B ({size['bitmask_bytes'] / d:.2f}x)")
         table.add_row("dense, zlib-compressed", f"{size['dense_zlib_bytes']:,} B ({size['dense_zlib_bytes'] / d:.2f}x)")
         table.add_row("bitmask + values, zlib-compressed", f"{size['bitmask_zlib_bytes']:,} B ({size['bitmask_zlib_bytes'] / d:.2f}x)")
-    sp = res.get("speed")
-    if sp:
-        shape = f"batch {sp['batch_size']}" + (f" x {sp['seq_len']} tokens" if sp.get("seq_len") else "")
-        lo, hi = sp["throughput_ratio_range"]
-        table.add_row(
-            f"throughput on {sp['runtime']}, {shape}",
-            f"{sp['original_items_per_s']:.1f} -> {sp['variant_items_per_s']:.1f} items/s: {sp['throughput_ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f}x)",
-        )
-        lo, hi = sp["latency_ratio_range"]
-        table.add_row(
-            f"latency p50 on {sp['runtime']}, batch 1",
-            f"{sp['original_p50_ms']:.2f} -> {sp['variant_p50_ms']:.2f} ms: {sp['latency_ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f}x)",
-        )
+    for label, text in speed_rows(res.get("speed")):
+        table.add_row(label, text)
     return table
 
 

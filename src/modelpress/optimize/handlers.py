@@ -1,5 +1,9 @@
 """The handler registry: one handler per technique config type, and what handlers share.
 
+This module imports no backend: each backend module (``quantize/``, ``prune/``, ``distill/``)
+imports it and registers its handlers with :func:`register_handler`;
+:mod:`modelpress.optimize.techniques` imports every backend (so the registry is full).
+
 A handler takes an artifact and a config and writes a NEW artifact folder (with
 :meth:`Artifact.write`, so never half-written) whose manifest records:
 
@@ -28,16 +32,23 @@ import numpy as np
 from modelpress.artifacts import Artifact, Manifest, Signature
 from modelpress.errors import OptimizationError, UnknownTechniqueError
 from modelpress.optimize.configs import CALIBRATION_DEFAULTS, Calibration, TechniqueConfig, parse_step
+from modelpress.progress import ProgressFactory
 
 
 @dataclass
 class StepContext:
-    """Where and how a handler works: the output folder, the data folder, threads."""
+    """Where and how a handler works: the output folder, the data folder, threads, progress.
+
+    ``progress``: a factory for the training loop's bars (distill, structured-prune fine-tuning);
+    ``train_threads``: threads for training (None: all cores on an idle machine, one on a busy one).
+    """
 
     output: Path
     data_dir: Path | None = None
     overwrite: bool = False
     threads: int | None = None
+    progress: ProgressFactory | None = None
+    train_threads: int | None = None
 
 
 Handler = Callable[[Artifact, Any, StepContext], Artifact]
@@ -58,17 +69,24 @@ def register_handler(config_type: type[TechniqueConfig], runtime: str) -> Callab
 
 
 def handler_for(config: TechniqueConfig) -> Handler:
+    """The handler registered for ``config``'s type (or a base class) and runtime.
+
+    This is a lookup only: it finds what the backend modules registered when they were imported.
+    :func:`modelpress.optimize.techniques.handler_for` imports every backend first.
+    """
     for cls in type(config).__mro__:
         if (cls, config.runtime) in HANDLERS:
             return HANDLERS[(cls, config.runtime)]
     known = ", ".join(sorted(f"{c.__name__}@{rt}" for c, rt in HANDLERS))
     raise UnknownTechniqueError(
         f"No handler is registered for {type(config).__name__} on runtime '{config.runtime}'.",
-        hint=f"Known configs: {known}. Register one with @register_handler({type(config).__name__}, '{config.runtime}').",
+        hint=f"Known configs: {known or 'none (import modelpress.optimize.techniques to load the backends)'}. "
+        f"Register one with @register_handler({type(config).__name__}, '{config.runtime}').",
     )
 
 
-def apply_technique(
+def apply_with(
+    handler: Handler,
     model: Any,
     config: TechniqueConfig | dict[str, Any],
     output: str | Path,
@@ -77,17 +95,16 @@ def apply_technique(
     data_dir: str | Path | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    progress: ProgressFactory | None = None,
 ) -> Artifact:
-    """Apply one technique to ``model`` and write the new artifact to ``output``."""
+    """Run ``handler`` on ``model`` with ``config``, writing the new artifact to ``output``."""
     from modelpress.api import as_artifact
     from modelpress.locations import find_data_dir
 
-    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
-
     art = as_artifact(model, task)
     cfg = parse_step(config)
-    ctx = StepContext(Path(output), find_data_dir(data_dir), overwrite, threads)
-    return handler_for(cfg)(art, cfg, ctx)
+    ctx = StepContext(Path(output), find_data_dir(data_dir), overwrite, threads, progress=progress)
+    return handler(art, cfg, ctx)
 
 
 # -- sources in the format a backend reads ------------------------------------------------
@@ -112,7 +129,7 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
     ``eager_attention``: export a Hugging Face model with ``attn_implementation="eager"`` and the
     TorchScript exporter, the graph ONNX Runtime's BERT fusion recognises (sdpa is not fused).
     """
-    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.export import exported
 
     if artifact.format == "onnx" or not eager_attention or artifact.format != "hf":
         if artifact.format == "openvino":
@@ -131,7 +148,7 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
 
 
 def openvino_source(artifact: Artifact) -> Artifact:
-    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.export import exported
 
     return exported(artifact, "openvino")
 

@@ -13,34 +13,33 @@ A recipe is written in Python or YAML::
       - {technique: static-int8, runtime: openvino, calibration: {samples: 64}}
 
 Unknown keys fail loudly with the valid keys listed, in the recipe and in every step.
-:func:`run_recipe` writes each step's artifact (with its manifest: parent, config, metrics,
-hashes, tool versions) under the output folder. A step that breaks the gate is moved to
-``rejected/`` with its gate table in the manifest: it is never shippable and never registered.
+:func:`run_recipe` runs each step through :class:`modelpress.optimize.step.Pipeline` and writes
+its artifact (with its manifest: parent, config, metrics, hashes, tool versions) under the
+output folder. A step that breaks the gate is moved to ``rejected/`` with its gate table in the
+manifest: it is never shippable and never registered. :func:`run_step` is a recipe of one step
+whose artifact is written at the output folder itself: ``prune``, ``distill`` and
+``prune-structured`` are such one-step recipes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from modelpress._fs import atomic_write_text
 from modelpress.artifacts import Artifact
-from modelpress.errors import ConfigError, ModelpressError, OptimizationError
-from modelpress.optimize.configs import Calibration, StrictModel, TechniqueConfig, parse_step
-from modelpress.optimize.gate import GateConfig, GateResult, check, flat_metrics, parse_gate
+from modelpress.errors import ConfigError
+from modelpress.optimize.configs import StrictModel, TechniqueConfig, parse_step
+from modelpress.optimize.gate import GateConfig, parse_gate
+from modelpress.optimize.step import Pipeline, Speed, StepResult
+from modelpress.progress import ProgressFactory, no_progress
 
-Progress = Callable[[str, int | None], Callable[[int], None]]
-
-
-def _quiet(_d: str, _t: int | None) -> Callable[[int], None]:
-    return lambda _n: None
+__all__ = ["Recipe", "RecipeResult", "StepResult", "run_recipe", "run_step"]
 
 
 class Recipe(StrictModel):
@@ -128,27 +127,6 @@ class Recipe(StrictModel):
 
 # -- running -----------------------------------------------------------------------------
 @dataclass
-class StepResult:
-    index: int
-    label: str
-    config: dict[str, Any]
-    runtime: str
-    shipped: bool
-    path: str | None = None
-    evaluation: dict[str, Any] | None = None
-    gate: GateResult | None = None
-    excluded: list[str] = field(default_factory=list)
-    error: str | None = None
-    seconds: float = 0.0
-    registered: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "gate"}
-        data["gate"] = self.gate.to_json() if self.gate is not None else None
-        return data
-
-
-@dataclass
 class RecipeResult:
     recipe: dict[str, Any]
     model: str
@@ -187,33 +165,41 @@ def _slug(text: str) -> str:
     return "-".join(p for p in keep.split("-") if p)[:80]
 
 
-def _reject(art: Artifact, rejected_dir: Path, gate: GateResult) -> Path:
-    """Move a variant that broke the gate out of the shippable folder, its gate table in its manifest."""
-    rejected_dir.mkdir(parents=True, exist_ok=True)
-    target = rejected_dir / art.path.name
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(art.path, target)
-    manifest = target / "modelpress.json"
-    data = json.loads(manifest.read_text())
-    data["metrics"]["gate"] = gate.to_json()
-    data["metrics"]["shippable"] = False
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, manifest)
-    return target
+def _pipeline(
+    original: Artifact,
+    gate: GateConfig,
+    *,
+    data: str | None,
+    data_dir: str | os.PathLike | None,
+    limit: int | None,
+    threads: int | None,
+    task_options: dict[str, Any] | None,
+    speed: Speed | None,
+    register: bool,
+    registry: Any,
+    name: str | None,
+    progress: ProgressFactory,
+) -> Pipeline:
+    from modelpress.locations import find_data_dir
 
+    reg = None
+    if register:
+        from modelpress.optimize.registering import open_registry
 
-def _record(art: Artifact, evaluation: dict[str, Any], gate: GateResult) -> Artifact:
-    """Add the evaluation and the gate to a shipped variant's manifest (the manifest is not hashed)."""
-    art.manifest.metrics["evaluation"] = {"dataset": evaluation["dataset"], "runtime": evaluation["runtime"], **flat_metrics(evaluation)}
-    art.manifest.metrics["gate"] = gate.to_json()
-    art.manifest.metrics["shippable"] = True
-    path = art.path / "modelpress.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(art.manifest.model_dump_json(indent=2))
-    os.replace(tmp, path)
-    return art
+        reg = registry or open_registry()
+    return Pipeline(
+        original,
+        gate,
+        data=data,
+        data_dir=find_data_dir(data_dir),
+        limit=limit,
+        threads=threads,
+        task_options=task_options,
+        speed=speed,
+        registry=reg,
+        name=name,
+        progress=progress,
+    )
 
 
 def run_recipe(
@@ -231,19 +217,18 @@ def run_recipe(
     register: bool = False,
     registry: Any = None,
     name: str | None = None,
-    progress: Progress = _quiet,
+    speed: Speed | None = None,
+    progress: ProgressFactory = no_progress,
 ) -> RecipeResult:
-    """Run every step of ``recipe`` on ``model``: apply, evaluate, gate, and write (or reject).
+    """Run every step of ``recipe`` on ``model``: apply, evaluate, gate, time, and write (or reject).
 
-    The gate is the recipe's, else the task's default keeping ``1 - max_drop`` (default 1%) of
-    the primary metric. With ``register``, the original and every shipped variant are recorded
-    in the registry (``registry`` or the default one) under ``name`` with their lineage.
+    Each step goes through :class:`modelpress.optimize.step.Pipeline`. The gate is the recipe's,
+    else the task's default keeping ``1 - max_drop`` (default 1%) of the primary metric. With
+    ``register``, the original and every shipped variant are recorded in the registry
+    (``registry`` or the default one) under ``name`` with their lineage. ``speed``: also time each
+    step side by side with the original (:class:`~modelpress.optimize.step.Speed`).
     """
     from modelpress.api import as_artifact
-    from modelpress.locations import find_data_dir
-    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
-    from modelpress.optimize.evaluation import Evaluator
-    from modelpress.optimize.handlers import StepContext, handler_for
 
     if isinstance(recipe, str | os.PathLike) and not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe)
@@ -257,94 +242,97 @@ def run_recipe(
             f"The output folder '{out_dir}' is not empty.", hint="Choose a new folder, or pass --force to replace what is there."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    ddir = find_data_dir(data_dir)
-    evaluator = Evaluator(original, data=data or recipe.data, data_dir=ddir, limit=limit or recipe.limit, threads=threads)
-    advance = progress(f"evaluating the original {original.name} on {evaluator.dataset_name}", None)
-    base = evaluator.original_result()
-    advance(1)
-    base_flat = flat_metrics(base)
-
-    reg_ref = None
-    reg = None
-    if register:
-        from modelpress.optimize.registering import open_registry, register_original
-
-        reg = registry or open_registry()
-        reg_ref = register_original(reg, original, name or original.name, base)
+    pipe = _pipeline(
+        original,
+        gate,
+        data=data or recipe.data,
+        data_dir=data_dir,
+        limit=limit or recipe.limit,
+        threads=threads,
+        task_options=None,
+        speed=speed,
+        register=register,
+        registry=registry,
+        name=name,
+        progress=progress,
+    )
+    base = pipe.baseline()
 
     results: list[StepResult] = []
-    current, current_ref = original, reg_ref
+    current, current_ref = original, pipe.original_ref
     bar = progress(f"recipe {recipe.name or ''}".strip(), len(recipe.steps))
     for i, cfg in enumerate(recipe.steps, start=1):
-        source = original if recipe.mode == "branch" else current
-        source_ref = reg_ref if recipe.mode == "branch" else current_ref
-        label = cfg.label()
-        target = out_dir / f"{i:02d}-{_slug(label)}"
-        t0 = time.perf_counter()
-        step = StepResult(index=i, label=label, config=cfg.to_step(), runtime=cfg.runtime, shipped=False)
-        try:
-            ctx = StepContext(target, ddir, overwrite, threads)
-            art = handler_for(cfg)(source, cfg, ctx)
-            evaluation = evaluator.evaluate(art, cfg.runtime)
-            verdict = check(base_flat, flat_metrics(evaluation), gate)
-            if not verdict.passed and cfg.auto_exclude > 0:
-                art, evaluation, verdict, step.excluded = _auto_exclude(
-                    source, cfg, ctx, evaluator, base_flat, gate, art, evaluation, verdict, ddir
-                )
-        except ModelpressError as exc:
-            step.error = exc.message
-            step.seconds = time.perf_counter() - t0
-            results.append(step)
-            bar(1)
-            if recipe.on_failure == "stop":
-                break
-            continue
-        step.evaluation, step.gate = evaluation, verdict
-        if verdict.passed:
-            _record(art, evaluation, verdict)
-            step.shipped, step.path = True, str(art.path)
-            if reg is not None:
-                from modelpress.optimize.registering import register_variant
-
-                step.registered = register_variant(reg, art, name or original.name, source_ref, evaluation=evaluation)
-            current, current_ref = art, step.registered or current_ref
-        else:
-            step.path = str(_reject(art, out_dir / "rejected", verdict))
-        step.seconds = time.perf_counter() - t0
+        branch = recipe.mode == "branch"
+        step = pipe.step(
+            cfg,
+            out_dir / f"{i:02d}-{_slug(cfg.label())}",
+            source=original if branch else current,
+            source_ref=pipe.original_ref if branch else current_ref,
+            index=i,
+            overwrite=overwrite,
+            rejected_dir=out_dir / "rejected",
+        )
         results.append(step)
         bar(1)
-        if not verdict.passed and recipe.on_failure == "stop":
+        if step.shipped and step.artifact is not None:
+            current, current_ref = step.artifact, step.registered or current_ref
+        elif recipe.on_failure == "stop":
             break
 
-    result = RecipeResult(recipe.to_dict(), original.name, original.task, evaluator.dataset_name, base, results, str(out_dir), reg_ref)
-    report = out_dir / "recipe-report.json"
-    report.write_text(json.dumps(result.to_json(), indent=2, default=str))
+    result = RecipeResult(recipe.to_dict(), original.name, original.task, pipe.dataset_name, base, results, str(out_dir), pipe.original_ref)
+    atomic_write_text(out_dir / "recipe-report.json", json.dumps(result.to_json(), indent=2, default=str))
     return result
 
 
-def _auto_exclude(source, cfg, ctx, evaluator, base_flat, gate, art, evaluation, verdict, ddir):  # noqa: ANN001
-    """Keep the most sensitive layers in float (1, 2, 4, ... up to ``auto_exclude``) until the gate passes."""
-    from modelpress.optimize.handlers import calibration_batches, handler_for
-    from modelpress.optimize.search.sensitivity import layer_sensitivity
+def run_step(
+    model: Any,
+    step: TechniqueConfig | dict[str, Any],
+    output: str | os.PathLike,
+    *,
+    task: str | None = None,
+    data: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+    max_drop: float = 0.01,
+    gate: GateConfig | None = None,
+    runtime: str | None = None,
+    task_options: dict[str, Any] | None = None,
+    speed: Speed | None = None,
+    overwrite: bool = False,
+    register: bool = False,
+    registry: Any = None,
+    name: str | None = None,
+    progress: ProgressFactory = no_progress,
+) -> RecipeResult:
+    """A recipe of one step whose artifact is written at ``output`` itself (``prune``, ``distill``, ``prune-structured``).
 
-    batches, _ = calibration_batches(source, Calibration(samples=32, batch_size=8), ddir)
-    ranked = [name for name, _score in layer_sensitivity(source, cfg, batches)]
-    if not ranked:
-        return art, evaluation, verdict, []
-    k = 1
-    excluded: list[str] = []
-    while k <= min(cfg.auto_exclude, len(ranked)):
-        excluded = ranked[:k]
-        trial = cfg.excluding(excluded)
-        shutil.rmtree(art.path, ignore_errors=True)
-        art = handler_for(trial)(source, trial, ctx)
-        evaluation = evaluator.evaluate(art, trial.runtime)
-        verdict = check(base_flat, flat_metrics(evaluation), gate)
-        if verdict.passed:
-            break
-        if k == min(cfg.auto_exclude, len(ranked)):
-            break
-        k = min(k * 2, cfg.auto_exclude, len(ranked))
-    if not art.path.exists():  # pragma: no cover - defensive
-        raise OptimizationError("The auto-exclusion retry left no artifact.")
-    return art, evaluation, verdict, excluded
+    The step is applied, evaluated on ``runtime`` (default: the step's), gated (``gate``, else
+    the primary metric keeps ``1 - max_drop``), timed with ``speed``, recorded and (with
+    ``register``) registered, exactly as a recipe step. A variant that breaks the gate stays at
+    ``output``, marked ``shippable: false``. Errors of the technique are raised, not recorded.
+    """
+    from modelpress.api import as_artifact
+
+    cfg = parse_step(step)
+    original = as_artifact(model, task)
+    pipe = _pipeline(
+        original,
+        gate or GateConfig.for_task(original.task, max_drop=max_drop),
+        data=data,
+        data_dir=data_dir,
+        limit=limit,
+        threads=threads,
+        task_options=task_options,
+        speed=speed,
+        register=register,
+        registry=registry,
+        name=name,
+        progress=progress,
+    )
+    base = pipe.baseline()
+    res = pipe.step(cfg, Path(output), runtime=runtime, overwrite=overwrite, errors="raise")
+    recipe = Recipe(steps=[cfg], gate=pipe.gate)
+    return RecipeResult(
+        recipe.to_dict(), original.name, original.task, pipe.dataset_name, base, [res], str(Path(output).resolve()), pipe.original_ref
+    )

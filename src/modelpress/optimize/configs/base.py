@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -92,17 +92,6 @@ CALIBRATION_DEFAULTS = {
 }
 
 
-PrecisionHint = Literal["bf16", "fp16", "fp32"]
-
-
-def _check_precision_hint(cfg: TechniqueConfig) -> None:
-    if getattr(cfg, "precision_hint", None) is not None and cfg.runtime != "openvino":
-        raise ValueError(
-            f"precision_hint sets OpenVINO's inference precision; {cfg.runtime} has no such setting "
-            "(drop precision_hint, or add a precision step for the float math)"
-        )
-
-
 class TechniqueConfig(StrictModel):
     """Base class of the technique configs."""
 
@@ -167,129 +156,9 @@ class TechniqueConfig(StrictModel):
         return type(self)(**{**self.to_step(), "exclude": list(self.exclude) + [e for e in extra if e not in self.exclude]})
 
 
-class DynamicInt8(TechniqueConfig):
-    """int8 weights, activations quantized on the fly.
-
-    onnxruntime: ``quantize_dynamic`` (per-tensor or per-channel weights), after ORT's transformer
-    fusions for BERT-like models (``fuse``). torch: torchao ``Int8DynamicActivationInt8WeightConfig``
-    on every ``nn.Linear``, run under ``torch.compile`` with freezing (``compile``).
-    """
-
-    technique_name: ClassVar[str] = "dynamic-int8"
-    supported_runtimes: ClassVar[tuple[str, ...]] = ("onnxruntime", "torch")
-    technique: Literal["dynamic-int8"] = "dynamic-int8"
-    per_channel: bool = False
-    fuse: bool = True
-    reduce_range: bool = False
-    compile: bool = True
-
-
-class StaticInt8(TechniqueConfig):
-    """int8 weights and activations with ranges calibrated on ``calibration.samples`` inputs.
-
-    onnxruntime: ``quantize_static`` in QDQ format (``method``: minmax, entropy, percentile) of
-    the MatMul/Gemm/Conv inputs. openvino: NNCF ``nncf.quantize`` (model_type TRANSFORMER for
-    text models; ``preset``, ``fast_bias_correction``; ``precision_hint`` the inference precision
-    of what stays in float, e.g. bf16). torch: torchao PT2E with ``X86InductorQuantizer``, then
-    ``torch.compile``.
-    """
-
-    technique_name: ClassVar[str] = "static-int8"
-    technique: Literal["static-int8"] = "static-int8"
-    calibration: Calibration = Field(default_factory=Calibration)
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    per_channel: bool = False
-    fuse: bool = False
-    preset: Literal["performance", "mixed"] = "performance"
-    fast_bias_correction: bool = True
-    compile: bool = True
-    precision_hint: PrecisionHint | None = None  # openvino: the inference precision of the ops left in float
-
-    def check(self) -> None:
-        if self.runtime != "onnxruntime" and self.method != "minmax":
-            raise ValueError(
-                f"method '{self.method}' is an ONNX Runtime calibration method; {self.runtime} calibrates with min/max statistics (drop 'method')"
-            )
-        _check_precision_hint(self)
-
-
-class WeightOnly(TechniqueConfig):
-    """Weights stored in int8 or int4 (per group of ``group_size`` input channels), float math.
-
-    openvino: NNCF ``compress_weights`` (INT8/INT4, sym or asym, ``ratio`` of layers in 4 bits;
-    ``group_size_fallback`` for weights whose input channels divide by no group size: ``adjust``
-    a smaller group or int8, ``ignore`` keep them in float, ``error``; ``precision_hint``).
-    onnxruntime: ``MatMulNBitsQuantizer`` (MatMulNBits, 4 or 8 bits per block of
-    ``group_size``, default 128; the last block is padded). torch: torchao
-    ``Int8WeightOnlyConfig`` / ``IntxWeightOnlyConfig`` (int4 groups), under ``torch.compile``.
-    """
-
-    technique_name: ClassVar[str] = "weight-only"
-    technique: Literal["weight-only"] = "weight-only"
-    bits: Literal[4, 8] = 8
-    group_size: int | None = None  # None: per output channel for 8 bits, 128 for 4 bits; -1: per channel
-    symmetric: bool = True
-    ratio: float = Field(1.0, gt=0.0, le=1.0)
-    # openvino, 4 bits: what to do with a weight whose input channels divide by no group size.
-    group_size_fallback: Literal["adjust", "ignore", "error"] = "adjust"
-    compile: bool = True
-    precision_hint: PrecisionHint | None = None  # openvino: the inference precision of the float math
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int | None) -> int | None:
-        if value is None or value == -1:
-            return value
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"group_size must be -1 (per channel) or a power of two >= 16, e.g. 32, 64, 128; got {value}")
-        return value
-
-    def check(self) -> None:
-        if self.bits == 8 and self.group_size not in (None, -1) and self.runtime == "openvino":
-            raise ValueError("NNCF compresses 8-bit weights per output channel: drop group_size, or use bits: 4")
-        if self.ratio != 1.0 and self.runtime != "openvino":
-            raise ValueError("ratio (a mix of 4- and 8-bit layers) is an NNCF option: use runtime: openvino, or drop ratio")
-        if self.runtime == "onnxruntime" and self.group_size == -1:
-            raise ValueError(
-                "ONNX Runtime's MatMulNBits quantizes per block of input channels, not per channel: use group_size: 32, 64 or 128"
-            )
-        _check_precision_hint(self)
-
-    @property
-    def effective_group_size(self) -> int:
-        """The group used: as given; else 128 for 4 bits and per channel (-1) for 8 bits (MatMulNBits: 128)."""
-        if self.group_size is not None:
-            return self.group_size
-        return -1 if self.bits == 8 and self.runtime != "onnxruntime" else 128
-
-
-class Precision(TechniqueConfig):
-    """Floating-point inference precision.
-
-    openvino: the model is unchanged and the ``INFERENCE_PRECISION_HINT`` is recorded in the
-    artifact's runtime options. torch: weights cast to bf16/fp16 (``compile``: torch.compile with
-    freezing). onnxruntime: fp16 graph with fp32 inputs and outputs (``dtype: fp16`` only).
-    """
-
-    technique_name: ClassVar[str] = "precision"
-    technique: Literal["precision"] = "precision"
-    runtime: RuntimeName = "openvino"  # bf16 (the default dtype) has no ONNX Runtime CPU kernels
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    compile: bool = True
-
-    def check(self) -> None:
-        if self.runtime == "onnxruntime" and self.dtype == "bf16":
-            raise ValueError("ONNX Runtime's CPU kernels have no bf16: use dtype: fp16, or runtime: openvino / torch for bf16")
-        if self.runtime == "openvino" and self.exclude:
-            raise ValueError(
-                "OpenVINO's inference precision is one setting for the whole model on CPU, so no layer can be kept in fp32: "
-                "drop exclude, or use runtime: onnxruntime (dtype: fp16) or torch"
-            )
-
-
-STEP_TYPES: tuple[type[TechniqueConfig], ...] = (DynamicInt8, StaticInt8, WeightOnly, Precision)
-TECHNIQUES: dict[str, type[TechniqueConfig]] = {cls.technique_name: cls for cls in STEP_TYPES}
-Step = Annotated[DynamicInt8 | StaticInt8 | WeightOnly | Precision, Field(discriminator="technique")]
+# Every technique name -> its config class. Filled by :func:`register_config`, called by each
+# module of this package on import, so ``import modelpress.optimize.configs`` knows them all.
+TECHNIQUES: dict[str, type[TechniqueConfig]] = {}
 
 
 def register_config(cls: type[TechniqueConfig]) -> type[TechniqueConfig]:

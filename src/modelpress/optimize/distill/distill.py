@@ -34,63 +34,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
+from modelpress._fs import atomic_folder
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.configs import TechniqueConfig, register_config
-from modelpress.optimize.handlers import StepContext, copy_model_files, register_handler, write_variant
-from modelpress.optimize.train.objectives import TrainingSpec, check_budget, short_label
+from modelpress.optimize.configs import TechniqueConfig
+from modelpress.optimize.configs.distill import Distill, DistillTraining  # noqa: F401  (their home is configs)
+from modelpress.optimize.handlers import StepContext, apply_with, copy_model_files, register_handler, write_variant
 
 DISTILL_VERSION = 1  # part of the cache key: bump when the training changes what a config produces
 # Files of a sentence-transformers folder that describe pooling and normalisation (weights excluded).
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-class DistillTraining(TrainingSpec):
-    """Training settings with distillation's defaults (a longer run, a higher learning rate)."""
-
-    max_steps: int = Field(2000, ge=1, le=10_000_000)
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    eval_every: int | None = Field(250, ge=1)
-
-
-class Distill(TechniqueConfig):
-    """A student with fewer layers (or a smaller config) trained to match the source model."""
-
-    technique_name: ClassVar[str] = "distill"
-    supported_runtimes: ClassVar[tuple[str, ...]] = ("torch",)
-    technique: Literal["distill"] = "distill"
-    runtime: Literal["torch"] = "torch"
-    layers: int | list[int] | None = None
-    student_config: dict[str, Any] | None = None
-    training: DistillTraining = Field(default_factory=lambda: DistillTraining())
-    cache: bool = True
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, value: int | list[int] | None) -> int | list[int] | None:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"layers must be at least 1, got {value}; e.g. layers: 3")
-        if isinstance(value, list):
-            if not value or any(i < 0 for i in value) or sorted(set(value)) != value:
-                raise ValueError(f"layers must list teacher layer indices in increasing order, e.g. [0, 3, 5]; got {value}")
-        return value
-
-    def label(self) -> str:
-        return short_label(self)
-
-    def check(self) -> None:
-        if self.exclude or self.auto_exclude:
-            raise ValueError("exclude and auto_exclude keep layers of a quantized model in float; distill has no such layers (drop them)")
-        if self.layers is not None and self.student_config is not None:
-            raise ValueError("give either layers (a student taken from the teacher's layers) or student_config (a fresh student), not both")
-        check_budget(self.training, "distillation")
-
-
-register_config(Distill)
 
 
 # -- the student -----------------------------------------------------------------------------
@@ -241,17 +198,13 @@ def cache_key(kind: str, source: Artifact, config: TechniqueConfig, data_dir: Pa
 
 
 def store_in_cache(folder: Path, save: Any) -> Path:
-    """Run ``save(tmp)`` and rename the result to ``folder`` (never half-written)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    """Run ``save(tmp)`` in a temporary folder beside ``folder`` and rename it into place.
+
+    Never half-written: an existing entry is replaced only once the new one is complete
+    (:func:`modelpress._fs.atomic_folder`), and a failed ``save`` leaves the old entry as it was.
+    """
+    with atomic_folder(folder) as tmp:
         save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -261,9 +214,9 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
     import torch
 
     from modelpress.locations import cache_dir
-    from modelpress.tasks import task_for
-    from modelpress.optimize.train.objectives import Objective, load_train_data
     from modelpress.optimize.train.loop import train
+    from modelpress.optimize.train.objectives import Objective, load_train_data
+    from modelpress.tasks import task_for
 
     task = task_for(source)
     key = cache_key("distill", source, config, ctx.data_dir, DISTILL_VERSION)
@@ -329,7 +282,7 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
 
 @register_handler(Distill, "torch")
 def distill_handler(source: Artifact, config: Distill, ctx: StepContext) -> Artifact:
-    folder, report = train_student(source, config, ctx, getattr(ctx, "progress", None))  # a TrainingContext has one
+    folder, report = train_student(source, config, ctx, ctx.progress)
 
     def fill(tmp: Path) -> dict[str, Any]:
         copy_model_files(folder, tmp, skip=("modelpress.json", "distill-report.json"))
@@ -343,8 +296,6 @@ def distill_handler(source: Artifact, config: Distill, ctx: StepContext) -> Arti
 
 
 def distill(teacher: Any, output: str | os.PathLike, config: Distill | dict[str, Any] | None = None, **options: Any) -> Artifact:
-    """Distill ``teacher`` into a student written to ``output``; options as :func:`~.handlers.apply_technique`."""
-    from modelpress.optimize.handlers import apply_technique
-
+    """Distill ``teacher`` into a student written to ``output``; options as :func:`~modelpress.optimize.techniques.apply_technique`."""
     cfg = config if isinstance(config, Distill) else Distill(**(config or {}))
-    return apply_technique(teacher, cfg, output, **options)
+    return apply_with(distill_handler, teacher, cfg, output, **options)

@@ -30,19 +30,16 @@ are left out of the statistics).
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.configs import Calibration, StrictModel, register_config
+from modelpress.optimize.configs.base import Calibration
+from modelpress.optimize.configs.prune import LLMCalibration, SparseGPT, Wanda  # noqa: F401  (their home is configs)
 from modelpress.optimize.handlers import StepContext, calibration_batches, register_handler
 from modelpress.optimize.prune.magnitude import (
-    PruneConfig,
-    Progress,
-    _quiet,
     load_trainable,
     nm_mask,
     prunable_layers,
@@ -51,60 +48,12 @@ from modelpress.optimize.prune.magnitude import (
     sparsity_report,
     write_pruned,
 )
+from modelpress.progress import ProgressFactory, no_progress
 
 DEFAULT_CORPUS = "tinyshakespeare-train"
 DAMP_RETRIES = 4  # a Hessian that is not positive definite gets 10x more damping, up to this many times
 
 
-class LLMCalibration(StrictModel):
-    """Where SparseGPT and Wanda see activations: token windows from a corpus."""
-
-    dataset: str | None = None  # a named corpus or a text file; default tinyshakespeare-train
-    samples: int = Field(64, ge=1, le=100_000)  # windows (or lines, with seq_len: null)
-    seq_len: int | None = Field(128, ge=2, le=32_768)  # tokens per window (capped at the model's context)
-    batch_size: int = Field(8, ge=1, le=1024)
-    seed: int = 0
-
-
-class _LLMPrune(PruneConfig):
-    calibration: LLMCalibration = Field(default_factory=LLMCalibration)
-
-
-class SparseGPT(_LLMPrune):
-    """SparseGPT: prune and update the remaining weights to keep each layer's output (OBS)."""
-
-    technique_name: ClassVar[str] = "sparsegpt"
-    technique: Literal["sparsegpt"] = "sparsegpt"
-    block_size: int = Field(128, ge=1, le=4096)  # columns per lazy update block (and per mask-selection block)
-    damp: float = Field(0.01, gt=0.0, lt=1.0)  # fraction of the mean diagonal of H added to it
-
-    def check(self) -> None:
-        super().check()
-        if self.nm_pair is not None and self.block_size % self.nm_pair[1]:
-            raise ValueError(f"block_size {self.block_size} must divide by M={self.nm_pair[1]} of nm {self.nm} (e.g. block_size: 128)")
-
-
-class Wanda(_LLMPrune):
-    """Wanda: prune by |weight| x input-feature norm, per output, with no weight update.
-
-    ``group``: which weights compete (the paper's "comparison group"): ``output`` (each output
-    row loses exactly ``sparsity``, the paper's choice for LLMs) or ``layer`` (the whole layer,
-    as magnitude pruning does). On shakespeare-lm at 50%, measured: output 4.904, layer 4.857,
-    against 4.898 for magnitude over the layer and 4.944 for magnitude per output row.
-    """
-
-    technique_name: ClassVar[str] = "wanda"
-    technique: Literal["wanda"] = "wanda"
-    group: Literal["output", "layer"] = "output"
-
-    def check(self) -> None:
-        super().check()
-        if self.nm is not None and self.group != "output":
-            raise ValueError("an N:M pattern is chosen within each group of M inputs of an output: drop group: layer (or nm)")
-
-
-register_config(SparseGPT)
-register_config(Wanda)
 
 
 # -- the two algorithms on one weight ---------------------------------------------------------------
@@ -296,7 +245,7 @@ def _run_block(block: Any, hidden: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def prune_causal_lm(
-    model: Any, config: SparseGPT | Wanda, batches: list[dict[str, np.ndarray]], progress: Progress = _quiet
+    model: Any, config: SparseGPT | Wanda, batches: list[dict[str, np.ndarray]], progress: ProgressFactory = no_progress
 ) -> dict[str, Any]:
     """Prune ``model``'s decoder linears in place with ``config``'s method; returns what was done."""
     import torch
@@ -362,7 +311,7 @@ def prune_causal_lm(
 
 
 # -- the handlers -------------------------------------------------------------------------------------
-def llm_prune(source: Artifact, config: SparseGPT | Wanda, ctx: StepContext, progress: Progress = _quiet) -> Artifact:
+def llm_prune(source: Artifact, config: SparseGPT | Wanda, ctx: StepContext, progress: ProgressFactory = no_progress) -> Artifact:
     import torch
 
     from modelpress.tasks import task_for

@@ -24,144 +24,20 @@ The output layer (a language model's ``lm_head``, a classifier's head) stays den
 from __future__ import annotations
 
 import copy
-import math
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.configs import RuntimeName, StrictModel, TechniqueConfig, register_config
+from modelpress.optimize.configs.prune import PRUNE_RUNTIMES, FineTune, GradualSchedule, MagnitudePrune, PruneConfig, parse_nm  # noqa: F401
 from modelpress.optimize.handlers import StepContext, copy_model_files, matches, register_handler, write_variant
+from modelpress.progress import ProgressFactory, no_progress
 
-PRUNE_RUNTIMES = ("torch", "onnxruntime", "openvino")  # the variant is a model folder: any runtime runs it
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-Progress = Callable[[str, int | None], Callable[[int], None]]
-
-
-def _quiet(_d: str, _t: int | None) -> Callable[[int], None]:
-    return lambda _n: None
-
-
-def parse_nm(text: str) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
-    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise ValueError(f"nm must be 'N:M' with 0 < N < M (keep N of every M weights), e.g. '2:4' or '4:8'; got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-# -- configs ----------------------------------------------------------------------------------
-class PruneConfig(TechniqueConfig):
-    """What every pruning technique shares: how much, which pattern, which layers."""
-
-    supported_runtimes: ClassVar[tuple[str, ...]] = PRUNE_RUNTIMES
-    runtime: RuntimeName = "torch"
-    sparsity: float | None = Field(None, gt=0.0, lt=1.0)  # fraction of weights zeroed; default 0.5, or 1 - N/M
-    nm: str | None = None  # "2:4": keep N of every M consecutive input weights of each output
-    keep_output_layer: bool = True
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        n, m = parse_nm(value)
-        return f"{n}:{m}"
-
-    def check(self) -> None:
-        if self.auto_exclude:
-            raise ValueError("auto_exclude measures quantization sensitivity; pruning keeps layers dense with exclude: [names or regexes]")
-        if self.nm is not None and self.sparsity is not None:
-            n, m = parse_nm(self.nm)
-            if not math.isclose(self.sparsity, 1.0 - n / m, abs_tol=1e-9):
-                raise ValueError(f"nm {self.nm} means sparsity {1.0 - n / m:g}; drop sparsity (or set it to {1.0 - n / m:g})")
-
-    @property
-    def target_sparsity(self) -> float:
-        if self.nm is not None:
-            n, m = parse_nm(self.nm)
-            return 1.0 - n / m
-        return 0.5 if self.sparsity is None else float(self.sparsity)
-
-    @property
-    def nm_pair(self) -> tuple[int, int] | None:
-        return parse_nm(self.nm) if self.nm else None
-
-
-class GradualSchedule(StrictModel):
-    """Zhu & Gupta's gradual schedule: sparsity rises from ``initial_sparsity`` to the target.
-
-    ``s_t = s_f + (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** exponent``
-    for ``begin_step <= t <= end_step`` (``exponent: 3``, the paper's cubic); masks are updated
-    every ``frequency`` steps and at ``end_step``.
-    """
-
-    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    begin_step: int = Field(0, ge=0)
-    end_step: int = Field(100, ge=1)
-    frequency: int = Field(10, ge=1)
-    exponent: float = Field(3.0, gt=0.0)
-
-    def sparsity_at(self, step: int, final: float) -> float:
-        if step <= self.begin_step:
-            return self.initial_sparsity
-        if step >= self.end_step:
-            return final
-        frac = (step - self.begin_step) / (self.end_step - self.begin_step)
-        return final + (self.initial_sparsity - final) * (1.0 - frac) ** self.exponent
-
-    def updates_at(self, step: int) -> bool:
-        return self.begin_step <= step <= self.end_step and ((step - self.begin_step) % self.frequency == 0 or step == self.end_step)
-
-
-class FineTune(StrictModel):
-    """The short fine-tune a gradual schedule runs in (bounded by steps and by wall-clock time)."""
-
-    steps: int = Field(200, ge=1, le=1_000_000)
-    budget_s: float = Field(300.0, gt=0.0)
-    lr: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(16, ge=1, le=4096)
-    seq_len: int = Field(128, ge=8, le=8192)  # causal-lm: tokens per training window
-    dataset: str | None = None  # default: the task's training split (tinyshakespeare-train, sst2-train, mnist-train5k)
-    seed: int = 0
-
-
-class MagnitudePrune(PruneConfig):
-    """Zero the smallest-magnitude weights: per layer, globally, or as an N:M pattern."""
-
-    technique_name: ClassVar[str] = "magnitude-prune"
-    technique: Literal["magnitude-prune"] = "magnitude-prune"
-    scope: Literal["layer", "global"] = "layer"
-    layer_types: list[Literal["linear", "conv"]] = Field(default_factory=lambda: ["linear", "conv"])
-    schedule: GradualSchedule | None = None  # prune gradually while fine-tuning (see FineTune)
-    fine_tune: FineTune | None = None
-
-    def check(self) -> None:
-        super().check()
-        if self.nm is not None and self.scope == "global":
-            raise ValueError("an N:M pattern is set within each group of M weights, so it has no global scope: drop scope: global or nm")
-        if self.schedule is not None:
-            if self.nm is not None:
-                raise ValueError("an N:M pattern is applied at once; a gradual schedule needs unstructured sparsity (drop nm or schedule)")
-            steps = (self.fine_tune or FineTune()).steps
-            if self.schedule.end_step > steps:
-                raise ValueError(
-                    f"schedule.end_step {self.schedule.end_step} is after the last fine-tuning step {steps}: raise fine_tune.steps or lower end_step"
-                )
-        elif self.fine_tune is not None:
-            raise ValueError("fine_tune runs with a gradual schedule: add schedule: {end_step: 100} (or drop fine_tune)")
-        if not self.layer_types:
-            raise ValueError("layer_types must name at least one of linear, conv")
-
-
-register_config(MagnitudePrune)
 
 
 # -- which layers ------------------------------------------------------------------------------
@@ -462,7 +338,7 @@ def _batches(source: Artifact, ft: FineTune, ctx: StepContext) -> Callable[[int]
 
 
 def gradual_fine_tune(
-    source: Artifact, model: Any, wrapped: Any, config: MagnitudePrune, ctx: StepContext, progress: Progress = _quiet
+    source: Artifact, model: Any, wrapped: Any, config: MagnitudePrune, ctx: StepContext, progress: ProgressFactory = no_progress
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fine-tune ``model`` for ``fine_tune.steps`` (or ``budget_s``) while the schedule prunes it."""
     import torch

@@ -13,8 +13,9 @@ its size on disk is exactly the original's. Stored sparse it is smaller:
 
 :func:`size_report` gives all of these for a model folder. Speed is another matter: dense
 kernels (PyTorch, ONNX Runtime, OpenVINO on CPU) do the same work with or without zeros, so a
-masked model runs at the original's speed; :func:`speed_ratio` measures it side by side, in
-interleaved rounds (benchmarks/prune_bench.py also times PyTorch's sparse CSR kernel against dense).
+masked model runs at the original's speed; :func:`modelpress.bench.measure.compare_speed`
+measures it side by side, in interleaved rounds, as for every variant (benchmarks/prune_bench.py
+also times PyTorch's sparse CSR kernel against dense).
 """
 
 from __future__ import annotations
@@ -154,91 +155,4 @@ def size_report(folder: str | os.PathLike) -> dict[str, Any]:
         "bitmask_fraction": packed / dense,
         "zlib_fraction": dense_zlib / dense,
         "sparse_tensors": sparse_tensors,
-    }
-
-
-SPEED_ROUNDS = 5  # interleaved rounds (ABBA order); a busy machine drifts, so each figure is a median over rounds
-
-
-def _items_per_s(run: Any, batch: dict[str, np.ndarray], n_items: int, seconds: float) -> float:
-    import time
-
-    calls, t0 = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - t0 < seconds:
-        run(batch)
-        calls += 1
-    return calls * n_items / (time.perf_counter() - t0)
-
-
-def _p50_ms(run: Any, singles: list[dict[str, np.ndarray]], seconds: float) -> float:
-    import time
-
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        run(singles[len(times) % len(singles)])
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1000.0
-
-
-def speed_ratio(
-    original: Any,
-    variant: Any,
-    *,
-    runtime: str = "torch",
-    threads: int | None = None,
-    seconds: float = 2.0,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    data_dir: Path | None = None,
-    rounds: int = SPEED_ROUNDS,
-) -> dict[str, Any]:
-    """The variant's throughput and batch-1 latency against the original's, measured side by side.
-
-    Both models are loaded together and measured in ``rounds`` interleaved rounds (original,
-    variant, variant, original, ...) on the same inputs, ``seconds`` per figure in all; each
-    figure is the median over rounds, and ``*_ratio_range`` gives the spread of the per-round
-    ratios (how much the machine's load moved them).
-    """
-    from modelpress.api import as_artifact
-    from modelpress.runtimes import create_runner
-    from modelpress.tasks import task_for
-
-    orig, var = as_artifact(original), as_artifact(variant)
-    task = task_for(orig)
-    text = task.uses_tokenizer()
-    batch = task.sample_inputs(batch_size, seq_len=seq_len if text else None, data_dir=data_dir)
-    singles = [task.preprocess([x]) for x in task.sample_raw(16, data_dir)]
-    runners = [create_runner(a, runtime, threads=threads).load() for a in (orig, var)]
-    try:
-        for r in runners:  # warm-up (first calls allocate, compile kernels, fill caches)
-            r.run(batch)
-            r.run(singles[0])
-        per = max(seconds / rounds, 0.05)
-        thr: list[list[float]] = [[], []]
-        lat: list[list[float]] = [[], []]
-        for k in range(rounds):
-            for i in (0, 1) if k % 2 == 0 else (1, 0):
-                thr[i].append(_items_per_s(runners[i].run, batch, batch_size, per))
-                lat[i].append(_p50_ms(runners[i].run, singles, per))
-    finally:
-        for r in runners:
-            r.close()
-    thr_ratios = [v / o for o, v in zip(thr[0], thr[1], strict=True)]
-    lat_ratios = [o / v for o, v in zip(lat[0], lat[1], strict=True)]
-    med = lambda xs: float(np.median(xs))  # noqa: E731
-    return {
-        "runtime": runtime,
-        "batch_size": batch_size,
-        "seq_len": seq_len if text else None,
-        "rounds": rounds,
-        "original_items_per_s": med(thr[0]),
-        "variant_items_per_s": med(thr[1]),
-        "throughput_ratio": med(thr_ratios),
-        "throughput_ratio_range": [min(thr_ratios), max(thr_ratios)],
-        "original_p50_ms": med(lat[0]),
-        "variant_p50_ms": med(lat[1]),
-        "latency_ratio": med(lat_ratios),
-        "latency_ratio_range": [min(lat_ratios), max(lat_ratios)],
     }

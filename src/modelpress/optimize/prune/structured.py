@@ -30,62 +30,17 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.configs import Calibration, TechniqueConfig, register_config
-from modelpress.optimize.handlers import StepContext, calibration_batches, copy_model_files, register_handler, write_variant
-from modelpress.optimize.train.objectives import TrainingSpec, check_budget, short_label
+from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune, Target  # noqa: F401  (their home is configs)
+from modelpress.optimize.handlers import StepContext, apply_with, calibration_batches, copy_model_files, register_handler, write_variant
 
 STRUCTURED_VERSION = 1  # part of the cache key
 TORCH_WEIGHTS = "model.safetensors"  # the weights file of a format-"torch" folder (sources.TORCH_WEIGHTS)
-Target = Literal["channels", "ffn", "heads"]
-
-
-class RecoveryTraining(TrainingSpec):
-    """Recovery fine-tuning settings (a short run after pruning)."""
-
-    max_steps: int = Field(300, ge=1, le=10_000_000)
-    max_seconds: float | None = Field(300.0, gt=0)
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    eval_every: int | None = Field(100, ge=1)
-
-
-class StructuredPrune(TechniqueConfig):
-    """Remove ``ratio`` of the channels / FFN neurons (and ``head_ratio`` of the heads) of each layer."""
-
-    technique_name: ClassVar[str] = "structured-prune"
-    supported_runtimes: ClassVar[tuple[str, ...]] = ("torch",)
-    technique: Literal["structured-prune"] = "structured-prune"
-    runtime: Literal["torch"] = "torch"
-    ratio: float = Field(0.5, gt=0.0, lt=1.0)
-    targets: list[Target] | None = None  # None: channels for CNNs, ffn for transformers
-    head_ratio: float | None = Field(None, ge=0.0, lt=1.0)  # None: ratio
-    importance: Literal["auto", "activation", "magnitude"] = "auto"  # auto: activation for transformers, magnitude for CNNs
-    round_to: int | None = Field(None, ge=1, le=1024)  # kept widths a multiple of this (SIMD-friendly)
-    calibration: Calibration = Field(default_factory=lambda: Calibration(samples=64))
-    finetune: RecoveryTraining | None = None
-    cache: bool = True
-
-    def label(self) -> str:
-        return short_label(self)
-
-    def check(self) -> None:
-        if self.exclude or self.auto_exclude:
-            raise ValueError("exclude and auto_exclude keep quantized layers in float; structured-prune has no such layers (drop them)")
-        if self.targets is not None and not self.targets:
-            raise ValueError("targets is empty; e.g. targets: [ffn] or [ffn, heads] or [channels]")
-        if self.head_ratio is not None and self.targets is not None and "heads" not in self.targets:
-            raise ValueError("head_ratio is set but 'heads' is not in targets; e.g. targets: [ffn, heads]")
-        if self.finetune is not None:
-            check_budget(self.finetune, "recovery fine-tuning")
-
-
-register_config(StructuredPrune)
 
 
 def _keep_count(n: int, ratio: float, round_to: int | None) -> int:
@@ -457,7 +412,7 @@ def _fix_pooling_dims(folder: Path, model: Any) -> None:
 
 @register_handler(StructuredPrune, "torch")
 def structured_prune_handler(source: Artifact, config: StructuredPrune, ctx: StepContext) -> Artifact:
-    model, folder, report = prune_artifact(source, config, ctx, getattr(ctx, "progress", None))
+    model, folder, report = prune_artifact(source, config, ctx, ctx.progress)
     report.pop("kept", None)
 
     def fill(tmp: Path) -> dict[str, Any]:
@@ -500,8 +455,6 @@ def _architecture(model: Any) -> dict[str, Any] | None:
 
 
 def prune_structured(model: Any, output: Any, config: StructuredPrune | dict[str, Any] | None = None, **options: Any) -> Artifact:
-    """Structurally prune ``model`` into ``output``; options as :func:`~.handlers.apply_technique`."""
-    from modelpress.optimize.handlers import apply_technique
-
+    """Structurally prune ``model`` into ``output``; options as :func:`~modelpress.optimize.techniques.apply_technique`."""
     cfg = config if isinstance(config, StructuredPrune) else StructuredPrune(**(config or {}))
-    return apply_technique(model, cfg, output, **options)
+    return apply_with(structured_prune_handler, model, cfg, output, **options)

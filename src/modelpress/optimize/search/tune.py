@@ -25,18 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelpress._fs import atomic_write_text
 from modelpress.artifacts import Artifact
 from modelpress.errors import ConfigError, GateFailedError, ModelpressError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.gate import GateConfig, check, flat_metrics, recovery
+from modelpress.progress import ProgressFactory, no_progress
+from modelpress.tasks import TASKS
 
-Progress = Callable[[str, int | None], Callable[[int], None]]
 BASELINE_RUNTIME = "torch"
-CACHE_VERSION = 1  # bump when what a cached result means changes
-
-
-def _quiet(_d: str, _t: int | None) -> Callable[[int], None]:
-    return lambda _n: None
+CACHE_VERSION = 2  # bump when what a cached result means changes (2: speed-ups timed side by side with the baseline)
+SPEED_ROUNDS = 3  # interleaved rounds of each candidate and the baseline
 
 
 @dataclass
@@ -95,7 +94,7 @@ def default_candidates(task: str, preset: str | None = None, runtimes: list[str]
         for peer in peers:
             if c.config is not None and peer.key_data() == c.key_data():
                 c.peer = peer.peer
-    cands += peers + [Candidate("openvino"), Candidate("onnxruntime")]
+    cands += [*peers, Candidate("openvino"), Candidate("onnxruntime")]
     seen: set[str] = set()
     unique = []
     for c in cands:
@@ -192,13 +191,8 @@ class TuneResult:
 # The fidelity measure of each task: how closely a variant's outputs follow the original's on the
 # same inputs. It is the front's quality axis: the primary metric on a dev split moves by about
 # 1e-3 from sampling alone (an int8 model can "beat" fp32 on Spearman), while agreement with the
-# original measures exactly what an optimization changed.
-FIDELITY = {
-    "embedding": "mean_cosine",
-    "text-classification": "label_agreement",
-    "image-classification": "label_agreement",
-    "causal-lm": "top1_agreement",
-}
+# original measures exactly what an optimization changed. Each task names its own (Task.agreement_metric).
+FIDELITY = {name: task.agreement_metric for name, task in TASKS.items()}
 
 
 def fidelity(p: Point, task: str) -> float | None:
@@ -232,10 +226,7 @@ def _machine_key(machine: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def tune(
@@ -262,7 +253,7 @@ def tune(
     name: str | None = None,
     use_cache: bool = True,
     report: bool = True,
-    progress: Progress = _quiet,
+    progress: ProgressFactory = no_progress,
     on_point: Callable[[Point], None] | None = None,
 ) -> TuneResult:
     """Search for the fastest variant of ``model`` that keeps quality; see the module docstring.
@@ -273,12 +264,9 @@ def tune(
     Raises :class:`GateFailedError` when no candidate passes the gate and ``output`` is None.
     """
     from modelpress.api import as_artifact
-    from modelpress.bench.measure import BenchConfig, bench_runner, machine_info
+    from modelpress.bench.measure import BenchConfig, machine_info
     from modelpress.locations import cache_dir, find_data_dir
-    from modelpress.runtimes import create_runner
-    from modelpress.optimize import techniques  # noqa: F401  (registers the handlers)
-    from modelpress.optimize.evaluation import Evaluator
-    from modelpress.optimize.handlers import StepContext, handler_for
+    from modelpress.optimize.step import Pipeline, Speed, speed_figures
 
     if not 0.0 <= max_drop < 1.0:
         raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop}.", hint="Example: --max-drop 1% (or 0.01)")
@@ -292,9 +280,28 @@ def tune(
         cands.insert(0, Candidate(BASELINE_RUNTIME))
     ddir = find_data_dir(data_dir)
     machine = machine_info()
-    evaluator = Evaluator(original, data=data, data_dir=ddir, limit=limit, threads=threads)
+    reg = None
+    if register:
+        from modelpress.optimize.registering import open_registry
+
+        reg = registry or open_registry()
+    # Every candidate goes through the one step pipeline, timed side by side with the baseline
+    # (the original on PyTorch eager) in interleaved rounds: its speed-up is measured, not derived.
+    bcfg = BenchConfig(batch_sizes=[batch_size], seq_lens=[seq_len], seconds=bench_seconds, latency_calls=50, rounds=SPEED_ROUNDS)
+    pipe = Pipeline(
+        original,
+        gate,
+        data=data,
+        data_dir=ddir,
+        limit=limit,
+        threads=threads,
+        speed=Speed(bcfg, baseline_runtime=BASELINE_RUNTIME),
+        registry=reg,
+        name=name,
+        progress=progress,
+    )
+    evaluator = pipe.evaluator
     text = evaluator.task.uses_tokenizer()
-    bcfg = BenchConfig(batch_sizes=[batch_size], seq_lens=[seq_len], seconds=bench_seconds, latency_calls=50)
     settings = {
         "max_drop": max_drop,
         "min_agreement": min_agreement,
@@ -309,18 +316,10 @@ def tune(
     root = cache_dir("tune")
     src_hash = original.content_hash()
 
-    bar = progress(f"evaluating the original {original.name}", None)
-    base = evaluator.original_result()
-    bar(1)
+    base = pipe.baseline()  # the original's evaluation (and its registration)
     base_flat = flat_metrics(base)
     primary = evaluator.task.primary_metric
-
-    reg = reg_ref = None
-    if register:
-        from modelpress.optimize.registering import open_registry, register_original
-
-        reg = registry or open_registry()
-        reg_ref = register_original(reg, original, name or original.name, base)
+    reg_ref = pipe.original_ref
 
     points: list[Point] = []
     bar = progress(f"tuning {original.name} ({len(cands)} candidates, budget {budget_s:.0f} s)", len(cands))
@@ -350,27 +349,26 @@ def tune(
         else:
             t0 = time.perf_counter()
             try:
-                if cand.config is None:
-                    art = original
+                if cand.config is None:  # the model as it is on a runtime: evaluated (its agreement is measured, not assumed) and timed
+                    evaluation, verdict = pipe.judge(original, cand.runtime)
+                    speed = pipe.measure(original, cand.runtime)
                 else:
                     art_dir = entry / "artifact"
                     if art_dir.exists():
                         shutil.rmtree(art_dir)  # left by an interrupted run
-                    art = handler_for(cand.config)(original, cand.config, StepContext(art_dir, ddir, True, threads))
-                    point.artifact = str(art.path)
-                evaluation = evaluator.evaluate(art, cand.runtime)  # the baseline too: its agreement is measured, not assumed
+                    step = pipe.step(cand.config, art_dir, runtime=cand.runtime, overwrite=True, register=False, errors="raise")
+                    evaluation, verdict, speed = step.evaluation or {}, step.gate or check(base_flat, {}, gate), step.speed
+                    point.artifact = step.path
                 flat = flat_metrics(evaluation)
-                verdict = check(base_flat, flat, gate)
-                runner = create_runner(art, cand.runtime, threads=threads)
-                speed = bench_runner(runner, evaluator.task, bcfg, data_dir=ddir)
-                runner.close()
+                figures = speed_figures(speed)
                 point.status = "measured"
                 point.quality = flat
                 point.recovery = recovery(primary, base_flat[primary], flat[primary]) if primary in flat and primary in base_flat else None
-                point.throughput = speed["throughput"][0]["items_per_s"]
-                point.latency_p50_ms = speed["latency_ms"]["p50"]
-                point.latency_p99_ms = speed["latency_ms"]["p99"]
-                point.size_bytes = speed["size_bytes"]
+                point.throughput = figures.get("throughput_items_per_s")
+                point.latency_p50_ms = figures.get("latency_p50_ms")
+                point.latency_p99_ms = figures.get("latency_p99_ms")
+                point.speedup = figures.get("speedup")
+                point.size_bytes = (speed or {}).get("variant_size_bytes")
                 point.gate = verdict.to_json()
                 point.passed = verdict.passed
             except ModelpressError as exc:
@@ -378,18 +376,13 @@ def tune(
             point.seconds = time.perf_counter() - t0
             if point.status != "skipped":
                 _write_json(
-                    entry / "point.json",
-                    {k: v for k, v in point.to_json().items() if k not in ("cached", "on_front", "speedup", "registered")},
+                    entry / "point.json", {k: v for k, v in point.to_json().items() if k not in ("cached", "on_front", "registered")}
                 )
         points.append(point)
         if on_point is not None:
             on_point(point)
         bar(1)
 
-    base_pt = next(p for p in points if p.step is None and p.runtime == BASELINE_RUNTIME)
-    for p in points:
-        if p.throughput and base_pt.throughput:
-            p.speedup = p.throughput / base_pt.throughput
     for p in pareto_front(points, original.task):
         p.on_front = True
     passing = [p for p in points if p.status == "measured" and p.passed]
@@ -409,9 +402,9 @@ def tune(
         registered_original=reg_ref,
     )
     if reg is not None:
-        from modelpress.optimize.registering import metric_rows, register_variant
+        from modelpress.optimize.registering import metric_rows
 
-        for p in passing:
+        for p in passing:  # cached points too: registering the same files again returns their version
             if p.artifact:
                 speed = {
                     "throughput_items_per_s": p.throughput,
@@ -420,7 +413,7 @@ def tune(
                     "speedup": p.speedup,
                 }
                 rows = metric_rows(p.quality, speed, dataset=evaluator.dataset_name, runtime=p.runtime)
-                p.registered = register_variant(reg, Artifact.open(p.artifact), name or original.name, reg_ref, metrics=rows)
+                p.registered = pipe.register(Artifact.open(p.artifact), reg_ref, rows)
     if output is not None:
         out = Path(output).resolve()
         out.mkdir(parents=True, exist_ok=True)

@@ -23,35 +23,26 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
+from modelpress._fs import atomic_folder, atomic_write_text
 from modelpress.errors import ConfigError, OptimizationError
-from modelpress.optimize.configs import StrictModel
+from modelpress.optimize.configs.training import TrainConfig  # re-exported: its home is configs
 from modelpress.optimize.handlers import StepContext
+from modelpress.progress import ProgressFactory, no_progress
 
-ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
 LATEST = "latest"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 
 
-def _quiet(_desc: str, _total: int | None) -> Callable[[int], None]:
-    return lambda _n: None
-
-
 @dataclass
 class TrainingContext(StepContext):
-    """A :class:`StepContext` that also carries a progress factory for the training loop."""
-
-    progress: ProgressFactory | None = None
-    train_threads: int | None = None  # None: all cores on an idle machine, one on a busy one (zoo.training_threads)
+    """A :class:`StepContext` (which now carries ``progress`` and ``train_threads`` itself); kept for callers that name it."""
 
 
 def training_threads(ctx: StepContext) -> int:
@@ -64,45 +55,6 @@ def training_threads(ctx: StepContext) -> int:
     from modelpress.zoo import training_threads as auto
 
     return int(getattr(ctx, "train_threads", None) or auto(None))
-
-
-class TrainConfig(StrictModel):
-    """How long and how to train; every run is bounded by ``max_steps`` and ``max_seconds``."""
-
-    max_steps: int = Field(500, ge=1, le=10_000_000)
-    max_seconds: float | None = Field(600.0, gt=0)  # wall-clock budget, resumed runs included; None: steps only
-    lr: float = Field(5e-5, gt=0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0, le=1.0)
-    warmup: float = Field(0.06, ge=0, lt=1.0)  # fraction of max_steps with a linearly rising learning rate
-    decay: Literal["linear", "constant"] = "linear"  # after warm-up: down to 0 at max_steps, or flat
-    grad_clip: float | None = Field(1.0, gt=0)
-    eval_every: int | None = Field(100, ge=1)  # None: evaluate only at the start and the end
-    eval_at_start: bool = True  # the starting point competes for "best" too
-    patience: int | None = Field(3, ge=1)  # evaluations without improvement before stopping; None: never stop early
-    min_delta: float = Field(0.0, ge=0)  # smaller improvements do not count
-    checkpoint_every: int | None = Field(None, ge=1)  # default: every evaluation
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _budget(self) -> TrainConfig:
-        if self.eval_every is not None and self.eval_every > self.max_steps:
-            raise ValueError(
-                f"eval_every ({self.eval_every}) is larger than max_steps ({self.max_steps}): no evaluation would run; e.g. eval_every: {max(1, self.max_steps // 5)}"
-            )
-        return self
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.max_steps))
-
-    def lr_factor(self, step: int) -> float:
-        """The learning-rate multiplier for the update that follows ``step`` completed steps."""
-        w = self.warmup_steps
-        if w and step < w:
-            return (step + 1) / (w + 1)
-        if self.decay == "constant":
-            return 1.0
-        return max(0.0, (self.max_steps - step) / max(1, self.max_steps - w))
 
 
 @dataclass
@@ -152,18 +104,6 @@ def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _fsync_dir(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any], best: dict[str, Any] | None) -> Path:
     """Write a checkpoint atomically under ``folder`` and point ``latest`` at it; older ones are removed."""
     import torch
@@ -171,8 +111,8 @@ def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any], b
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder))
-    try:
+    target = folder / name
+    with atomic_folder(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, meta = _flatten_optimizer(opt)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -180,17 +120,7 @@ def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any], b
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": meta, "version": STATE_VERSION}, indent=1))
-        _fsync_dir(tmp)
-        target = folder / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer = folder / f".{LATEST}.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, folder / LATEST)
+    atomic_write_text(folder / LATEST, name)
     for old in folder.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -237,7 +167,7 @@ def train(
     higher_is_better: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
-    progress: ProgressFactory = _quiet,
+    progress: ProgressFactory = no_progress,
     on_eval: Callable[[dict[str, float]], None] | None = None,
     description: str = "training",
     parameters: list[Any] | None = None,

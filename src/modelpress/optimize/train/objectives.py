@@ -25,14 +25,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from modelpress.datasets import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus, load_dataset
 from modelpress.errors import DatasetError, OptimizationError
-from modelpress.optimize.train.loop import TrainConfig
+from modelpress.optimize.configs.training import TrainingSpec, check_budget, short_label  # noqa: F401  (their home is configs)
 
 # The data each task trains on by default: training splits, never the split it is scored on.
 TRAIN_DEFAULTS: dict[str, list[str]] = {
@@ -52,21 +51,6 @@ FILE_KINDS: dict[str, type] = {
 EVAL_SPLITS = ("stsb-dev", "sst2-dev", "trec-test", "mnist-test", "wikitext2-test", "tinystories")
 MIN_WORDS = 4  # shorter SST-2 phrases ("the movie") carry little for a sentence embedding
 BUCKET_BATCHES = 50  # batches per length bucket: sorted by length inside, shuffled across
-
-
-class TrainingSpec(TrainConfig):
-    """The training loop's settings plus the data and the loss (see the module docstring)."""
-
-    data: list[str] | None = None  # dataset names or files; None: the task's default (TRAIN_DEFAULTS)
-    samples: int | None = Field(20_000, ge=1)  # at most this many training examples, a seeded sample
-    validation_samples: int = Field(500, ge=0)  # held out for evaluations; 0: no evaluation, no early stopping
-    batch_size: int = Field(32, ge=1, le=4096)
-    max_length: int = Field(128, ge=8, le=8192)  # tokens per text (causal-lm: per training chunk)
-    loss: Literal["cosine", "mse", "similarity"] = "cosine"  # embedding: on the pooled sentence embedding (see the module docstring)
-    hidden_weight: float = Field(0.0, ge=0.0)  # embedding: weight of the matched hidden-state MSE
-    temperature: float = Field(2.0, gt=0.0, le=100.0)
-    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the soft-label KL; 1 - alpha on the hard labels
-    freeze_embeddings: bool = True  # Hugging Face models: the token embeddings (half of MiniLM's weights) stay as they are
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -455,34 +439,3 @@ class Objective:
         if self.task.name == "causal-lm":
             return bool(self._held)
         return self.data.validation is not None and len(self.data.validation) > 0
-
-
-def short_label(config: Any) -> str:
-    """``technique@runtime(key=value, ...)`` with only the settings that differ from the defaults, nested ones too."""
-    from pydantic import BaseModel
-
-    def diff(model: BaseModel, default: BaseModel | None) -> list[str]:
-        out = []
-        for key, info in type(model).model_fields.items():
-            if key in ("technique", "runtime"):
-                continue
-            value = getattr(model, key)
-            base = getattr(default, key) if default is not None else info.get_default(call_default_factory=True)
-            if isinstance(value, BaseModel) and isinstance(base, BaseModel) and type(value) is type(base):
-                out += [f"{key}.{d}" for d in diff(value, base)]
-            elif isinstance(value, BaseModel):
-                out += [f"{key}.{d}" for d in diff(value, None)] or [key]
-            elif value != base:
-                out.append(f"{key}={value}")
-        return out
-
-    parts = diff(config, None)
-    return f"{config.technique_name}@{config.runtime}" + (f"({', '.join(parts)})" if parts else "")
-
-
-def check_budget(spec: TrainingSpec, what: str) -> None:
-    """Training is always bounded: refuse a spec with neither a time budget nor a modest step count."""
-    if spec.max_seconds is None and spec.max_steps > 100_000:
-        raise OptimizationError(
-            f"The {what} would run {spec.max_steps} steps with no time budget.", hint="Set max_seconds (e.g. 600) or fewer max_steps."
-        )
