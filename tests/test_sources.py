@@ -83,7 +83,7 @@ def test_errors_say_what_to_do(tmp_path):
     bad = tmp_path / "badcfg"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
-    with pytest.raises(UnsupportedModelError, match="config.json"):
+    with pytest.raises(UnsupportedModelError, match=r"config\.json"):
         mp.load(bad)
 
 

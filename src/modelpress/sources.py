@@ -7,20 +7,25 @@ safetensors whenever the folder has them) and ONNX / OpenVINO files hold no code
 A torch module is stored on disk (format ``torch``) as ``model.safetensors`` plus its
 architecture as data in the manifest, ``task_config["architecture"] = {"name": "mnist-cnn",
 "config": {...}}``; loading rebuilds the module from the registered architecture
-(:mod:`modelpress.zoo.architectures`) and loads the weights into it.
+(:mod:`modelpress.runtimes.architectures`) and loads the weights into it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, Signature, TensorSpec
-from modelpress.errors import ArtifactError, ModelNotFoundError, TaskMismatchError, UnsupportedModelError
+from modelpress.errors import ModelNotFoundError, TaskMismatchError, UnsupportedModelError
+from modelpress.runtimes.torch import MODULE_WEIGHTS as TORCH_WEIGHTS
+from modelpress.runtimes.torch import module_from_folder as torch_module_from_folder
 from modelpress.tasks import get_task_class
+
+log = logging.getLogger(__name__)
 
 # The package whose short names are models modelpress trains once and caches (see docs/models.md).
 ZOO_PACKAGE = "modelpress.zoo"
@@ -37,10 +42,15 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "all-MiniLM-L6-v2": "minilm", "sentence-transformers/all-MiniLM-L6-v2": "minilm"}
 
-TORCH_WEIGHTS = "model.safetensors"  # the weights of a format-"torch" folder (as the torch runner reads them)
-
 
 def short_name_path(name: str) -> Path | None:
+    """The folder a short name stands for, from the package that provides it (None: not a short name).
+
+    Providers are found by their package name, like plugins: a model package's
+    ``get_model_path()``, or the zoo's ``ensure(name)`` (which trains the model once, then reads it
+    from the cache). The zoo sits above this module (it writes and loads its models through it),
+    so it is never imported statically from here.
+    """
     key = ALIASES.get(name, name)
     if key not in SHORT_NAMES:
         return None
@@ -48,9 +58,7 @@ def short_name_path(name: str) -> Path | None:
 
     pkg = SHORT_NAMES[key][0]
     if pkg == ZOO_PACKAGE:
-        from modelpress.zoo import ensure
-
-        return ensure(key)  # trained once (with a progress bar), then read from the cache
+        return Path(importlib.import_module(pkg).ensure(key))
     try:
         module = importlib.import_module(pkg)
     except ImportError as exc:
@@ -246,39 +254,7 @@ def load(
 
 
 # -- the on-disk torch format --------------------------------------------------------------
-def torch_module_from_folder(artifact: Artifact) -> Any | None:
-    """The module of a format-"torch" artifact folder, rebuilt from its architecture and weights.
-
-    None when the manifest names no architecture (a module whose code only the user has: attach
-    it with ``art.module = MyNet()``). No pickled code runs: the architecture is data and the
-    weights are safetensors.
-    """
-    spec = artifact.manifest.task_config.get("architecture")
-    if artifact.format != "torch" or artifact.path is None or spec is None:
-        return None
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("config", {}), dict):
-        raise ArtifactError(
-            f"The manifest of '{artifact.path}' has an invalid task_config.architecture: {spec!r}.",
-            hint='It must look like {"name": "mnist-cnn", "config": {"conv_channels": [16, 32], "hidden": [128]}}.',
-        )
-    from modelpress.zoo.architectures import build_module
-
-    weights = artifact.path / TORCH_WEIGHTS
-    if not weights.is_file():
-        raise ArtifactError(
-            f"'{artifact.path}' is a torch artifact without its weights file {TORCH_WEIGHTS}.", hint="Rebuild or re-export the artifact."
-        )
-    module = build_module(spec["name"], spec.get("config", {}))
-    from safetensors.torch import load_model
-
-    try:
-        load_model(module, str(weights), strict=True)
-    except RuntimeError as exc:  # missing or unexpected keys, or shapes that differ from the architecture
-        raise ArtifactError(
-            f"The weights in '{weights}' do not fit the architecture {spec['name']} {spec.get('config', {})}: {str(exc).splitlines()[0][:300]}",
-            hint="Save the architecture from the module itself (modelpress.zoo.architectures.describe_module) after changing its layers.",
-        ) from exc
-    return module.eval()
+# The torch runner reads it (modelpress.runtimes.torch.module_from_folder); this module writes it.
 
 
 def write_torch_artifact(
@@ -302,7 +278,7 @@ def write_torch_artifact(
     """
     from safetensors.torch import save_model
 
-    from modelpress.zoo.architectures import describe_module
+    from modelpress.runtimes.architectures import describe_module
 
     arch = describe_module(module)
     cfg = {**(task_config or {}), "architecture": {"name": arch["architecture"], "config": arch["config"]}}
@@ -346,11 +322,12 @@ def describe(artifact: Artifact) -> dict[str, Any]:
             n = 0
             for f in artifact.path.glob("*.safetensors"):
                 with safe_open(str(f), "np") as st:
-                    for k in st.keys():
+                    names = st.keys()  # a safe_open handle is not iterable itself
+                    for k in names:
                         n += _prod(st.get_slice(k).get_shape())
             out["parameters"] = n
-        except Exception:  # a count is a nicety; never fail info on it
-            pass
+        except Exception as exc:  # noqa: BLE001 - a count is a nicety: info never fails on a file it cannot count
+            log.debug("no parameter count for %s: %s", artifact.path, exc)
     arch = artifact.manifest.task_config.get("architecture")
     if artifact.format == "torch" and isinstance(arch, dict):
         out["architecture"] = arch.get("name")

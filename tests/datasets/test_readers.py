@@ -108,7 +108,7 @@ def test_bad_jsonl_and_empty_and_unknown(tmp_path):
     e.write_text("text,label\n")
     with pytest.raises(DatasetError, match="no rows"):
         load_dataset(str(e), LabeledTextDataset)
-    with pytest.raises(DatasetError, match="Known names: .*stsb-dev"):
+    with pytest.raises(DatasetError, match=r"Known names: .*stsb-dev"):
         load_dataset("stsb-devv", PairDataset)
     with pytest.raises(DatasetError, match="needs a task"):
         load_dataset(str(e))
@@ -157,7 +157,7 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
 
 
 def test_missing_file_in_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(DataNotFoundError, match="sts-dev.csv' is missing"):
+    with pytest.raises(DataNotFoundError, match=r"sts-dev\.csv' is missing"):
         load_dataset("stsb-dev", PairDataset, data_dir_=tmp_path)
 
 

@@ -83,7 +83,7 @@ def test_export_refuses_existing_folder_and_bad_format(tiny_cnn, tmp_path):
 
 
 def test_exported_artifact_detects_tampering(tiny_cnn, tmp_path):
-    art = mp.export(mp.load(tiny_cnn, task="image-classification"), "onnx", tmp_path / "a")
+    mp.export(mp.load(tiny_cnn, task="image-classification"), "onnx", tmp_path / "a")
     with open(tmp_path / "a/model.onnx", "ab") as fh:
         fh.write(b"junk")
     assert Artifact.open(tmp_path / "a").verify() == ["model.onnx"]

@@ -3,11 +3,11 @@ import pytest
 
 import modelpress as mp
 from modelpress.errors import ConfigError, InvalidInputError, UnknownRuntimeError, UnsupportedModelError
-from modelpress.runtimes import RUNTIMES
 
 # fp32 backends agree with eager PyTorch to about 1e-6 relative on these tiny models; the
 # export parity tolerance (1e-3 of the output scale) is the contract we test against.
 from modelpress.export.parity import PARITY_RTOL
+from modelpress.runtimes import RUNTIMES
 
 
 @pytest.mark.parametrize("runtime", sorted(RUNTIMES))

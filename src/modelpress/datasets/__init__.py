@@ -9,20 +9,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modelpress.errors import DatasetError
-from modelpress.locations import data_dir
 from modelpress.datasets.base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
 from modelpress.datasets.files import read_file
 from modelpress.datasets.hub import read_hub
 from modelpress.datasets.local import NAMED
+from modelpress.errors import DatasetError
+from modelpress.locations import data_dir
 
 __all__ = [
+    "NAMED",
     "Dataset",
     "ImageDataset",
     "LabeledTextDataset",
     "PairDataset",
     "TextCorpus",
-    "NAMED",
     "load_dataset",
 ]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.errors import DatasetError
 from modelpress.datasets.base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
+from modelpress.errors import DatasetError
 
 ALIASES = {"text": ["text", "sentence", "question", "content"], "label": ["label", "labels", "target", "class"]}
 

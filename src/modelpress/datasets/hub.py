@@ -6,9 +6,9 @@ Spec: ``hf:NAME[/CONFIG]:SPLIT`` with the columns named as for user files, e.g.
 
 from __future__ import annotations
 
-from modelpress.errors import DatasetError, require
 from modelpress.datasets.base import Dataset, LabeledTextDataset, PairDataset, TextCorpus
 from modelpress.datasets.files import ALIASES, _labels
+from modelpress.errors import DatasetError, require
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:

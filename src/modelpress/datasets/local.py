@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import DataNotFoundError, DatasetError
 from modelpress.datasets.base import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
+from modelpress.errors import DataNotFoundError, DatasetError
 
 TREC_COARSE = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 MNIST_LABELS = [str(i) for i in range(10)]

@@ -1,8 +1,9 @@
 """ONNX export with the ``torch.onnx`` dynamo exporter (legacy TorchScript exporter as fallback).
 
 Batch and sequence axes stay dynamic. The export is run next to its source on real sample
-inputs of two shapes before the folder is renamed into place; a mismatch raises
-:class:`~modelpress.errors.ParityError` and nothing is written.
+inputs of two shapes before the folder is renamed into place, on the runner that will serve it
+(ONNX Runtime, with its serving options) against the source on the PyTorch runner; a mismatch
+raises :class:`~modelpress.errors.ParityError` and nothing is written.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.artifacts import Artifact, Manifest
-from modelpress.errors import ExportError, require
-from modelpress.locations import find_data_dir
+from modelpress.errors import ExportError
+from modelpress.export.cache import cached
 from modelpress.export.parity import check_parity, parity_batches
+from modelpress.locations import find_data_dir
+from modelpress.runtimes import create_runner
+from modelpress.runtimes.torch import TorchRunner, load_torch_module
+from modelpress.tasks import task_for
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
@@ -53,7 +58,7 @@ def torch_to_onnx(module: Any, args: tuple, path: Path, sig, *, opset: int = DEF
                 )
             program.save(str(path), external_data=_needs_external(module))
             return "dynamo"
-        except Exception as exc:  # the dynamo exporter raises many types; fall back and say why
+        except Exception as exc:  # noqa: BLE001 - the dynamo exporter raises many types; fall back and say why
             reason = f"the dynamo exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             log.warning("ONNX export: %s; using the legacy exporter", reason)
             for f in path.parent.glob(path.name + "*"):
@@ -82,16 +87,6 @@ def _needs_external(module: Any) -> bool:
     return n > 1_900_000_000  # protobuf's 2 GB limit
 
 
-def _onnx_callable(path: Path, threads: int = 1):
-    ort = require("onnxruntime", "onnx")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    outs = [o.name for o in sess.get_outputs()]
-    return lambda batch: dict(zip(outs, sess.run(outs, {n: batch[n] for n in names}), strict=True))
-
-
 def export_onnx(
     source: Artifact,
     output: str | os.PathLike,
@@ -102,9 +97,6 @@ def export_onnx(
     overwrite: bool = False,
 ) -> Artifact:
     """Export ``source`` (HF folder or torch module) to an ONNX artifact folder at ``output``."""
-    from modelpress.runtimes.torch import TorchRunner, load_torch_module
-    from modelpress.tasks import task_for
-
     if source.format == "onnx":
         raise ExportError(f"'{source.name}' is already ONNX.", hint="Use it directly, or export it to OpenVINO with --format openvino.")
     import torch
@@ -113,17 +105,7 @@ def export_onnx(
     task = task_for(source)
     batches = parity_batches(task, find_data_dir())
     args = tuple(torch.from_numpy(batches[0][n]) for n in sig.input_names)
-    reference = TorchRunner(source, attn_implementation=attn_implementation)
-    reference.module, reference.signature, reference._call, reference._loaded = module, sig, module, True
-
-    def fill(tmp: Path) -> dict[str, Any]:
-        with torch.inference_mode():
-            how = torch_to_onnx(module, args, tmp / "model.onnx", sig, opset=opset, dynamo=dynamo)
-        if task.tokenizer is not None:
-            task.tokenizer.save_pretrained(str(tmp))
-        report = check_parity(reference.run, _onnx_callable(tmp / "model.onnx"), batches)
-        return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "onnx", "exporter": how, "opset": opset}}
-
+    reference = TorchRunner.on_module(source, module, sig)
     cfg = {k: v for k, v in source.manifest.task_config.items() if k != "tokenizer"}
     manifest = Manifest(
         name=source.name,
@@ -134,4 +116,24 @@ def export_onnx(
         task_config=cfg,
         parent=source.content_hash(),
     )
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        with torch.inference_mode():
+            how = torch_to_onnx(module, args, tmp / "model.onnx", sig, opset=opset, dynamo=dynamo)
+        if task.tokenizer is not None:
+            task.tokenizer.save_pretrained(str(tmp))
+        served = create_runner(Artifact(manifest.model_copy(deep=True), tmp), "onnxruntime", threads=1)
+        try:
+            report = check_parity(reference.run, served.run, batches)
+        finally:
+            served.close()
+        return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "onnx", "exporter": how, "opset": opset}}
+
     return Artifact.write(output, manifest, fill, overwrite=overwrite)
+
+
+def as_onnx(artifact: Artifact) -> Artifact:
+    """``artifact`` as ONNX: itself, or its export from the cache (made on first use)."""
+    if artifact.format == "onnx":
+        return artifact
+    return cached(artifact, "onnx", lambda target: export_onnx(artifact, target, overwrite=True))

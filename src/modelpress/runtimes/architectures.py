@@ -52,7 +52,7 @@ def describe_module(module: Any) -> dict[str, Any]:
     if name not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"A {type(module).__name__} is not a registered architecture, so it cannot be saved as data.",
-            hint=f"Build it with modelpress.zoo.architectures.build_module (known: {', '.join(sorted(ARCHITECTURES))}).",
+            hint=f"Build it with modelpress.runtimes.architectures.build_module (known: {', '.join(sorted(ARCHITECTURES))}).",
         )
     return {"architecture": name, "config": ARCHITECTURES[name][1](module)}
 

@@ -2,28 +2,75 @@
 
 Evaluation, benchmarks and the server all call ``runner.run(batch) -> outputs`` with a dict of
 NumPy arrays named as the artifact's signature says, so what is measured is what is served.
+
+A runner reads some formats as they are (``Runner.formats``). Any other artifact is handed to a
+*converter* first: ``modelpress.export`` registers its export cache (a Hugging Face folder or a
+torch module to ONNX or OpenVINO IR, exported once per content hash). The runtimes never import
+the export package (it sits above them, and checks its exports with runners); ``import
+modelpress`` imports it, so every runner can load every artifact.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 
 from modelpress.artifacts import Artifact, Signature
-from modelpress.errors import ConfigError, InvalidInputError, UnknownRuntimeError
+from modelpress.errors import ConfigError, InvalidInputError, UnknownRuntimeError, UnsupportedModelError
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+Converter = Callable[[Artifact], Artifact]
+
+# target format -> the function that makes an artifact a runner can load: "onnx" and "openvino"
+# (an export, registered by modelpress.export).
+CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(target: str, converter: Converter) -> Converter:
+    """Make ``converter`` the way to turn an artifact into ``target`` (see the module docstring)."""
+    CONVERTERS[target] = converter
+    return converter
+
+
+def convert(artifact: Artifact, target: str, runtime: str) -> Artifact:
+    """``artifact`` as ``target`` through the registered converter (a clear error when there is none)."""
+    converter = CONVERTERS.get(target)
+    if converter is None:
+        raise UnsupportedModelError(
+            f"The {runtime} runtime cannot load a '{artifact.format}' artifact as it is, and nothing that converts it to "
+            f"'{target}' is registered.",
+            hint=f"import modelpress (it registers the exporters), or export it first: modelpress export MODEL --format {target} -o DIR",
+        )
+    return converter(artifact)
+
+
+def runtime_of(artifact: Artifact) -> str:
+    """The runtime an artifact is meant to run on: the one its manifest records, else the one its format needs.
+
+    An optimization step records its runtime in ``manifest.step["runtime"]`` (the tuner's ONNX
+    Runtime variant: ``onnxruntime``); an ONNX file runs on ``onnxruntime``, an OpenVINO IR on
+    ``openvino``; everything else on ``torch``.
+    """
+    recorded = (artifact.manifest.step or {}).get("runtime")
+    if isinstance(recorded, str) and recorded in RUNTIMES:
+        return recorded
+    return {"onnx": "onnxruntime", "openvino": "openvino"}.get(artifact.format, "torch")
+
+
 class Runner(ABC):
     """One loaded model on one backend."""
 
     name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]  # the artifact formats it loads as they are; others are converted
+    target_format: ClassVar[str | None] = None  # what it converts the others to (see :func:`convert`); None: it cannot
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -81,6 +128,17 @@ class Runner(ABC):
             raise InvalidInputError(f"Inputs have different batch sizes: {sorted(sizes)}.")
         return out
 
+    def loadable(self) -> Artifact:
+        """The artifact this runner loads: its own, or its conversion to ``target_format``."""
+        if self.artifact.format in self.formats:
+            return self.artifact
+        if self.target_format is None:
+            raise UnsupportedModelError(
+                f"The {self.name} runtime cannot load a '{self.artifact.format}' artifact.",
+                hint=f"It loads {', '.join(self.formats)}; use the runtime of the artifact's format (e.g. --runtime onnxruntime for ONNX).",
+            )
+        return convert(self.artifact, self.target_format, self.name)
+
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.name, "threads": self.threads, **{k: v for k, v in self.options.items() if v is not None}}
 
@@ -99,14 +157,18 @@ def register_runtime(cls: type[Runner]) -> type[Runner]:
     return cls
 
 
-def create_runner(artifact: Artifact, runtime: str = "torch", *, threads: int | None = None, **options: Any) -> Runner:
+def create_runner(artifact: Artifact, runtime: str | None = None, *, threads: int | None = None, **options: Any) -> Runner:
     """A runner for ``artifact`` on ``runtime`` (torch, onnxruntime, openvino).
+
+    ``runtime=None``: the runtime the artifact's manifest records (:func:`runtime_of`), else torch.
 
     An artifact made by an optimization step may carry runtime options (e.g. OpenVINO's bf16
     precision hint) in ``manifest.task_config["runtime_options"][runtime]``; they are the
     defaults here, and ``options`` passed explicitly override them. So evaluation, benchmarks and
     the server all run a variant exactly as it was made.
     """
+    if runtime is None:
+        runtime = runtime_of(artifact)
     if runtime not in RUNTIMES:
         raise UnknownRuntimeError(
             f"Unknown runtime '{runtime}'.", hint=f"Known runtimes: {', '.join(sorted(RUNTIMES))}. Example: --runtime onnxruntime"

@@ -1,21 +1,51 @@
-"""OpenVINO runner. ``precision`` sets the inference precision hint.
+"""OpenVINO runner, and the one place OpenVINO models are compiled. ``precision`` sets the inference precision hint.
 
 OpenVINO runs in bf16 by default on CPUs with AVX512_BF16, which moves hidden states by about
 1e-2; modelpress asks for ``f32`` unless told otherwise, so an OpenVINO model means the same as
 its source. Pass ``precision="bf16"`` (or use the Precision technique) for the faster mode.
+
+:func:`compile_model` is what the runner and every other user of OpenVINO in modelpress (the
+quantizers' compile check, the sensitivity scan) compile with, so a model is checked with the
+options it is served with.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 
 from modelpress.errors import ConfigError, require
 from modelpress.runtimes.base import Runner, register_runtime
-from modelpress.runtimes.onnxruntime import exported
 
 PRECISIONS = ("f32", "bf16", "f16")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+def compile_config(threads: int | None = None, *, precision: str = "f32", performance_hint: str = "LATENCY") -> dict[str, Any]:
+    """The CPU plugin's settings: precision hint, performance hint, and ``threads`` (the plugin's choice when None)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown OpenVINO precision '{precision}'.", hint=f"Use one of {', '.join(PRECISIONS)}, e.g. precision='bf16'.")
+    performance_hint = str(performance_hint).upper()
+    if performance_hint not in PERFORMANCE_HINTS:
+        raise ConfigError(
+            f"Unknown OpenVINO performance hint '{performance_hint}'.",
+            hint=f"Use one of {', '.join(PERFORMANCE_HINTS)}, e.g. performance_hint='THROUGHPUT'.",
+        )
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": performance_hint}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+def compile_model(model: Any, threads: int | None = None, *, precision: str = "f32", performance_hint: str = "LATENCY") -> Any:
+    """A compiled CPU model from a model in memory or a path to an IR / ONNX file."""
+    ov = require("openvino", "openvino")
+    core = ov.Core()
+    if not hasattr(model, "get_ordered_ops"):  # a path, not an ov.Model
+        model = core.read_model(str(model))
+    return core.compile_model(model, "CPU", compile_config(threads, precision=precision, performance_hint=performance_hint))
 
 
 @register_runtime
@@ -23,23 +53,15 @@ class OpenVINORunner(Runner):
     """Options: ``precision`` (f32, bf16, f16), ``performance_hint`` (LATENCY, THROUGHPUT)."""
 
     name = "openvino"
+    formats = ("openvino", "onnx")
+    target_format = "openvino"
 
     def _load(self) -> None:
-        ov = require("openvino", "openvino")
         precision = self.options.get("precision") or "f32"
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                f"Unknown OpenVINO precision '{precision}'.", hint=f"Use one of {', '.join(PRECISIONS)}, e.g. precision='bf16'."
-            )
-        art = self.loaded_artifact = exported(self.artifact, "openvino")
-        core = ov.Core()
-        model = core.read_model(str(art.model_file))
-        config = {
-            "INFERENCE_NUM_THREADS": self.threads,
-            "PERFORMANCE_HINT": self.options.get("performance_hint", "LATENCY"),
-            "INFERENCE_PRECISION_HINT": precision,
-        }
-        self.compiled = core.compile_model(model, "CPU", config)
+        performance_hint = self.options.get("performance_hint") or "LATENCY"
+        compile_config(precision=precision, performance_hint=performance_hint)  # bad options fail before any export
+        art = self.loaded_artifact = self.loadable()
+        self.compiled = compile_model(art.model_file, self.threads, precision=precision, performance_hint=performance_hint)
         self.signature = self.signature or art.manifest.signature
         self._inputs = [p.get_any_name() for p in self.compiled.inputs]
         self._outputs = [p.get_any_name() for p in self.compiled.outputs]
@@ -51,3 +73,8 @@ class OpenVINORunner(Runner):
             req = self._local.req = self.compiled.create_infer_request()
         req.infer({n: batch[n] for n in self._inputs})
         return {n: req.get_output_tensor(i).data.copy() for i, n in enumerate(self._outputs)}
+
+    def close(self) -> None:
+        self.compiled = None  # the compiled model and its infer requests go with their last references
+        self._local = threading.local()
+        super().close()

@@ -26,27 +26,60 @@ from typing import Any
 import numpy as np
 
 from modelpress.artifacts import Artifact, Signature
-from modelpress.errors import ConfigError, TaskMismatchError, UnsupportedModelError
+from modelpress.errors import ArtifactError, ConfigError, TaskMismatchError, UnsupportedModelError
 from modelpress.runtimes.base import Runner, register_runtime
+from modelpress.tasks import task_for
 
 # The weights of a torch-module artifact stored as a folder (its code is never stored).
 MODULE_WEIGHTS = "model.safetensors"
 OPTIONS = ("compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation")
 
 
+def module_from_folder(artifact: Artifact) -> Any | None:
+    """The module of a format-"torch" artifact folder, rebuilt from its architecture and weights.
+
+    None when the manifest names no architecture (a module whose code only the user has: attach
+    it with ``art.module = MyNet()``). No pickled code runs: the architecture is data and the
+    weights are safetensors.
+    """
+    spec = artifact.manifest.task_config.get("architecture")
+    if artifact.format != "torch" or artifact.path is None or spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("config", {}), dict):
+        raise ArtifactError(
+            f"The manifest of '{artifact.path}' has an invalid task_config.architecture: {spec!r}.",
+            hint='It must look like {"name": "mnist-cnn", "config": {"conv_channels": [16, 32], "hidden": [128]}}.',
+        )
+    from modelpress.runtimes.architectures import build_module
+
+    weights = artifact.path / MODULE_WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(
+            f"'{artifact.path}' is a torch artifact without its weights file {MODULE_WEIGHTS}.", hint="Rebuild or re-export the artifact."
+        )
+    module = build_module(spec["name"], spec.get("config", {}))
+    from safetensors.torch import load_model
+
+    try:
+        load_model(module, str(weights), strict=True)
+    except RuntimeError as exc:  # missing or unexpected keys, or shapes that differ from the architecture
+        raise ArtifactError(
+            f"The weights in '{weights}' do not fit the architecture {spec['name']} {spec.get('config', {})}: "
+            f"{str(exc).splitlines()[0][:300]}",
+            hint="Save the architecture from the module itself (runtimes.architectures.describe_module) after changing its layers.",
+        ) from exc
+    return module.eval()
+
+
 def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = None) -> tuple[Any, Signature]:
     """The artifact as a torch module with the task's positional signature, in eval mode."""
     from transformers.utils import logging as hf_logging
-
-    from modelpress.tasks import task_for
 
     hf_logging.disable_progress_bar()
     task = task_for(artifact)
     if artifact.format == "torch":
         if artifact.module is None:
-            from modelpress.sources import torch_module_from_folder
-
-            artifact.module = torch_module_from_folder(artifact)  # a registered architecture, rebuilt from data
+            artifact.module = module_from_folder(artifact)  # a registered architecture, rebuilt from data
         if artifact.module is None:
             raise UnsupportedModelError(
                 f"Artifact '{artifact.name}' has format 'torch' but no module in memory (a torch module's code is never "
@@ -97,6 +130,7 @@ class TorchRunner(Runner):
     """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``."""
 
     name = "torch"
+    formats = ("hf", "torch")
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
@@ -111,6 +145,13 @@ class TorchRunner(Runner):
         self.freezing = bool(options.get("freezing", True))
         self.input_dtype: Any = None  # floating inputs are cast to the model's dtype (bf16, fp16)
         self._compiled = False
+
+    @classmethod
+    def on_module(cls, artifact: Artifact, module: Any, signature: Signature, *, threads: int | None = None) -> TorchRunner:
+        """An eager runner, already loaded, on a module :func:`load_torch_module` returned (no second copy of the weights)."""
+        runner = cls(artifact, threads=threads)
+        runner.module, runner.signature, runner._call, runner._loaded = module, signature, module, True
+        return runner
 
     def _specs(self) -> list[dict[str, Any]]:
         from modelpress.runtimes.torch_transforms import normalize_transforms

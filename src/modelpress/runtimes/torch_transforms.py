@@ -115,7 +115,8 @@ def _check_spec(item: Any, index: int) -> dict[str, Any]:
             )
         if bits == 4 and not spec["symmetric"] and group not in INT4_PACKED_GROUPS:
             raise ConfigError(
-                f"Asymmetric 4-bit weights on torch use torchao's packed CPU kernel, which takes group sizes {INT4_PACKED_GROUPS}; got {group}.",
+                f"Asymmetric 4-bit weights on torch use torchao's packed CPU kernel, which takes group sizes {INT4_PACKED_GROUPS}; "
+                f"got {group}.",
                 hint="Use group_size 32, 64, 128 or 256, or symmetric: true (per channel allowed).",
             )
     return spec

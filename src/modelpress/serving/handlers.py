@@ -3,10 +3,11 @@
 A :class:`Handler` has four hooks, in the order a request meets them:
 
 * ``decode(inputs) -> Decoded``: task inputs (texts, images) of one request to rows, checked
-  and preprocessed one by one (text is tokenized here, without padding, so the batcher knows
-  each row's length). Runs on the event loop: cheap, and every bad input fails here, alone.
+  and preprocessed one by one (text is tokenized here by the task's own encoder, without
+  padding, so the batcher knows each row's length). Runs on the event loop: cheap, and every
+  bad input fails here, alone.
 * ``collate(rows) -> batch``: rows from many requests to one model batch (text is padded to the
-  batch's longest row). Runs in a worker thread, like the next two.
+  batch's longest row by the same encoder). Runs in a worker thread, like the next two.
 * ``predict(batch) -> outputs``: the runner, exactly as evaluation and benchmarks run it.
 * ``split(outputs, batch) -> list``: one result per row (the task's postprocess).
 
@@ -23,7 +24,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from modelpress.errors import ConfigError, InvalidInputError
-from modelpress.tasks.text import text_input_specs
 
 MAX_INPUTS_PER_REQUEST = 2048  # rows one request may carry (OpenAI's limit for embeddings)
 
@@ -122,43 +122,23 @@ def _check_count(n: int) -> None:
 class TextHandler(Handler):
     """Text tasks: tokenize each request alone (no padding), pad each batch to its longest row.
 
-    The result equals ``task.preprocess(texts)`` for the same texts (a test checks it); the
-    tokenizer's fast backend is called directly, which costs half of the Python wrapper.
+    Both halves are the task's own encoder (``task.encoder``, :class:`modelpress.tasks.text.TextEncoder`),
+    so a batch equals ``task.preprocess(texts)`` for the same texts (a test checks it).
     """
 
     kind = "text"
 
     def __init__(self, task: Any, runner: Any, *, pad_to_length: int | None = None, **kwargs: Any) -> None:
         super().__init__(task, runner, **kwargs)
-        tok = task.tokenizer
-        if tok is None:
+        if getattr(task, "tokenizer", None) is None:
             raise ConfigError(
                 f"The {self.task_name} model has no tokenizer, so it cannot take text.", hint="Serve a folder with tokenizer files."
             )
-        self.tokenizer = tok
-        self.max_length = int(task.max_length)
+        self.encoder = task.encoder
+        self.tokenizer = self.encoder.tokenizer
+        self.max_length = self.encoder.max_length
         self.pad_to_length = pad_to_length
-        self.names = [s.name for s in text_input_specs(tok)]
-        self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else 0
-        self.left = getattr(tok, "padding_side", "right") == "left"
-        self.vocab_size = len(tok)
-        self._fast = None
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            from tokenizers import Tokenizer
-
-            fast = Tokenizer.from_str(backend.to_str())  # a copy: the task's tokenizer keeps its settings
-            fast.no_padding()
-            fast.enable_truncation(self.max_length)
-            self._fast = fast
-
-    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        if self._fast is not None:
-            encs = [self._fast.encode(texts[0])] if len(texts) == 1 else self._fast.encode_batch(texts)
-            return [(e.ids, e.type_ids) for e in encs]
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        types = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
-        return list(zip(enc["input_ids"], types, strict=True))
+        self.vocab_size = self.encoder.vocab_size
 
     def decode(self, inputs: Any) -> Decoded:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -175,7 +155,7 @@ class TextHandler(Handler):
                     f"(and reads only its first {self.max_length} tokens).",
                     hint="Send shorter texts, or raise max_text_chars in the model's serve config.",
                 )
-        rows = self._encode(texts)
+        rows = self.encoder.encode(texts)
         lengths = [len(ids) for ids, _ in rows]
         return Decoded(rows, lengths, sum(lengths))
 
@@ -197,20 +177,7 @@ class TextHandler(Handler):
         return Decoded(rows, lengths, sum(lengths))
 
     def collate(self, rows: list[Any]) -> dict[str, np.ndarray]:
-        longest = max(len(ids) for ids, _ in rows)
-        width = max(longest, self.pad_to_length or 0)
-        n = len(rows)
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        types = np.zeros((n, width), dtype=np.int64)
-        for i, (row_ids, row_types) in enumerate(rows):
-            k = len(row_ids)
-            cols = slice(width - k, width) if self.left else slice(0, k)
-            ids[i, cols] = row_ids
-            mask[i, cols] = 1
-            types[i, cols] = row_types
-        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: batch[name] for name in self.names}
+        return self.encoder.collate(rows, pad_to=self.pad_to_length)
 
     def inputs_info(self) -> list[TensorInfo]:
         return [TensorInfo("text", "BYTES", (-1,))]

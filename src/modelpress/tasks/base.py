@@ -11,18 +11,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from modelpress.artifacts import Signature
-from modelpress.errors import DatasetError, TaskMismatchError, UnknownTaskError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from modelpress.artifacts import Artifact
-    from modelpress.runtimes.base import Runner
+from modelpress.artifacts import Artifact, Signature
+from modelpress.errors import ConfigError, DatasetError, TaskMismatchError, UnknownTaskError
 
 Progress = Callable[[int], None]  # called with how many items were just done
+
+
+class Runner(Protocol):
+    """What a task needs of a model: ``run(batch) -> outputs`` (NumPy arrays named as the signature says).
+
+    Every :class:`modelpress.runtimes.Runner` is one; tasks never import the runtimes, so this
+    structural type is all they know of them.
+    """
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 def _noop(_: int) -> None:
@@ -30,13 +36,24 @@ def _noop(_: int) -> None:
 
 
 class Task(ABC):
-    """Base class of the tasks. Subclasses set ``name`` and ``dataset_kind``."""
+    """Base class of the tasks. Subclasses set ``name`` and ``dataset_kind``.
+
+    Fidelity (how closely a variant follows the original model) is the task's too:
+    ``agreement_metric`` names the one number that says it (the gate's ``--min-agreement``, the
+    tuner's quality axis and the shadow statistics all read it from here), ``agreement_metrics``
+    every number :meth:`agreement` reports, and :meth:`agreement_rows` measures it row by row on
+    two models' results for the same inputs (what a shadow copy in the server compares). The
+    mean of :meth:`agreement_rows` over a dataset's rows is ``agreement_metric`` of
+    :meth:`agreement` on it.
+    """
 
     name: ClassVar[str]
     dataset_kind: ClassVar[type]
     default_dataset: ClassVar[str]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    agreement_metric: ClassVar[str]
+    agreement_metrics: ClassVar[tuple[str, ...]]
 
     def __init__(self, config: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
         self.config: dict[str, Any] = dict(config or {})
@@ -94,8 +111,27 @@ class Task(ABC):
         """Score the model behind ``runner`` on ``dataset``."""
 
     def agreement(self, runner: Runner, reference: Runner, dataset: Any, *, batch_size: int = 32) -> dict[str, float]:
-        """How closely ``runner`` follows ``reference`` (the original model) on ``dataset``."""
+        """How closely ``runner`` follows ``reference`` (the original model) on ``dataset``.
+
+        The keys are ``agreement_metrics``; ``agreement_metric`` is among them.
+        """
         raise TaskMismatchError(f"Task '{self.name}' has no agreement measure.")
+
+    @classmethod
+    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+        """One agreement value per row: ``original`` and ``variant`` are two models' results
+        (what :meth:`postprocess` returns, one per input) for the same inputs, in order.
+        """
+        raise TaskMismatchError(f"Task '{cls.name}' has no agreement measure.")
+
+    @staticmethod
+    def check_rows(original: Sequence[Any], variant: Sequence[Any]) -> None:
+        """Both sides answered the same number of rows (the shared check of :meth:`agreement_rows`)."""
+        if len(original) != len(variant):
+            raise ConfigError(
+                f"The primary answered {len(original)} rows and the candidate {len(variant)}.",
+                hint="Compare the two models' results for the same inputs, one result per input.",
+            )
 
     def eval_size(self, dataset: Any) -> int:
         """How many items evaluate() will process (for progress bars)."""

@@ -6,6 +6,11 @@ scored with a sliding window of ``context`` tokens moved by ``stride`` tokens; e
 the first is predicted exactly once, with up to ``context - stride`` tokens of earlier text
 as its left context (the method of the Hugging Face perplexity guide). Defaults: ``context`` =
 the model's maximum positions (capped at 1024), ``stride`` = context / 2.
+
+Fidelity (``agreement_metric``): ``top1_agreement``, the share of positions at which a variant's
+most likely next token is the original's (greedy decoding follows the original exactly as long as
+they agree). Offline it is counted over the positions of a corpus, in the server over the next
+token after each request (``postprocess``'s ``next_token_id``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import TextCorpus
 from modelpress.errors import ConfigError
 from modelpress.tasks.base import Progress, Task, _noop, register_task
-from modelpress.tasks.text import check_texts, real_sentences
+from modelpress.tasks.text import TextEncoder, check_texts, real_sentences, text_encoder
 
 MAX_DEFAULT_CONTEXT = 1024
 
@@ -61,6 +66,8 @@ class CausalLMTask(Task):
     default_dataset = "tinystories"
     primary_metric = "perplexity"
     higher_is_better = False
+    agreement_metric = "top1_agreement"
+    agreement_metrics = ("top1_agreement",)
 
     @classmethod
     def auto_model_class(cls):
@@ -110,17 +117,17 @@ class CausalLMTask(Task):
         ids = list(self.tokenizer(text)["input_ids"])
         bos = self.config.get("bos_token_id")
         if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+            ids = [bos, *ids]
         return ids
 
-    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
+    @property
+    def encoder(self) -> TextEncoder:
+        """Texts to model inputs, cut to ``context`` tokens (padded with EOS when the tokenizer has no pad token)."""
         self._ensure_pad()
-        texts = check_texts(inputs)
-        if seq_len is not None:
-            enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-        else:
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context, return_tensors="np")
-        return {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
+        return text_encoder(self, self.context, ["input_ids", "attention_mask"])
+
+    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
+        return self.encoder(check_texts(inputs), seq_len)
 
     def postprocess(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """The next token after each input (greedy), with its log-probability."""
@@ -178,7 +185,7 @@ class CausalLMTask(Task):
                 by_len: dict[int, list[tuple[int, int, int]]] = {}
                 for w in group:
                     by_len.setdefault(w[1] - w[0], []).append(w)
-                for length, ws in by_len.items():
+                for ws in by_len.values():
                     x = np.stack([arr[b:e] for b, e, _ in ws])
                     logits = runner.run({"input_ids": x, "attention_mask": np.ones_like(x)})["logits"]
                     for row, (b, e, first) in zip(logits, ws, strict=True):
@@ -211,3 +218,18 @@ class CausalLMTask(Task):
                 if total >= max_tokens:
                     return {"top1_agreement": same / total}
         return {"top1_agreement": same / max(total, 1)}
+
+    @classmethod
+    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+        """1.0 where both results (``postprocess`` dicts) predict the same next token, else 0.0."""
+        cls.check_rows(original, variant)
+        rows = []
+        for o, v in zip(original, variant, strict=True):
+            if not (isinstance(o, dict) and isinstance(v, dict) and "next_token_id" in o and "next_token_id" in v):
+                keys = sorted(o) if isinstance(o, dict) else type(o).__name__
+                raise ConfigError(
+                    f"The causal-lm results cannot be compared: they have no next_token_id (got {keys}).",
+                    hint='Compare postprocess() results, e.g. [{"next_token_id": 42, "next_token": " the", "logprob": -0.3}].',
+                )
+            rows.append(float(o["next_token_id"] == v["next_token_id"]))
+        return np.asarray(rows, dtype=np.float64)

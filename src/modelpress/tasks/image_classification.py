@@ -1,4 +1,8 @@
-"""Image classification: uint8 images -> normalised float tensors -> logits -> labels; accuracy."""
+"""Image classification: uint8 images -> normalised float tensors -> logits -> labels; accuracy.
+
+Fidelity (``agreement_metric``): ``label_agreement``, the share of images on which a variant
+predicts the original's label (as for text classification).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import ImageDataset
 from modelpress.errors import InvalidInputError
 from modelpress.tasks.base import Progress, Task, _noop, register_task
-from modelpress.tasks.text_classification import classification_metrics, softmax
+from modelpress.tasks.text_classification import classification_metrics, label_agreement_rows, softmax
 
 # MNIST's pixel mean and standard deviation (of x / 255), the usual normalisation for it.
 MNIST_DEFAULTS = {"mean": [0.1307], "std": [0.3081], "channels": 1, "height": 28, "width": 28, "labels": [str(i) for i in range(10)]}
@@ -25,6 +29,8 @@ class ImageClassificationTask(Task):
     dataset_kind = ImageDataset
     default_dataset = "mnist-test"
     primary_metric = "accuracy"
+    agreement_metric = "label_agreement"
+    agreement_metrics = ("label_agreement",)
 
     def __init__(self, config: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
         merged = dict(MNIST_DEFAULTS)
@@ -124,6 +130,11 @@ class ImageClassificationTask(Task):
         a = self.predict_ids(runner, dataset.images, batch_size=batch_size)
         b = self.predict_ids(reference, dataset.images, batch_size=batch_size)
         return {"label_agreement": float((a == b).mean())}
+
+    @classmethod
+    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+        cls.check_rows(original, variant)
+        return label_agreement_rows(cls.name, original, variant)
 
     def evaluate(self, runner: Any, dataset: ImageDataset, *, batch_size: int = 256, progress: Progress = _noop) -> dict[str, float]:
         self.check_dataset(dataset)

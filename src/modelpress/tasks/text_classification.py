@@ -1,4 +1,9 @@
-"""Text classification: logits -> softmax -> labels; accuracy (and macro-F1 for >2 classes)."""
+"""Text classification: logits -> softmax -> labels; accuracy (and macro-F1 for >2 classes).
+
+Fidelity (``agreement_metric``): ``label_agreement``, the share of inputs on which a variant
+predicts the original's label; what a classifier's user sees is the label, so that is what must
+not change (the scores may move a little without changing one answer).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import numpy as np
 
 from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import LabeledTextDataset
-from modelpress.errors import TaskMismatchError
+from modelpress.errors import ConfigError, TaskMismatchError
 from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
-from modelpress.tasks.text import check_texts, real_sentences, text_input_specs, token_lengths, tokenize, tokenizer_max_length
+from modelpress.tasks.text import TextEncoder, check_texts, real_sentences, text_encoder, text_input_specs, tokenizer_max_length
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -33,6 +38,20 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
             f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
         out["macro_f1"] = float(np.mean(f1s))
     return out
+
+
+def label_agreement_rows(task: str, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+    """1.0 where both results (``postprocess`` dicts) hold the same ``label_id``, else 0.0."""
+    rows = []
+    for o, v in zip(original, variant, strict=True):
+        if not (isinstance(o, dict) and isinstance(v, dict) and "label_id" in o and "label_id" in v):
+            keys = sorted(o) if isinstance(o, dict) else type(o).__name__
+            raise ConfigError(
+                f"The {task} results cannot be compared: they have no label_id (got {keys}).",
+                hint='Compare postprocess() results, e.g. [{"label": "positive", "label_id": 1, "scores": [...]}].',
+            )
+        rows.append(float(o["label_id"] == v["label_id"]))
+    return np.asarray(rows, dtype=np.float64)
 
 
 def map_labels(model_labels: list[str], dataset: Any) -> np.ndarray:
@@ -57,6 +76,8 @@ class TextClassificationTask(Task):
     dataset_kind = LabeledTextDataset
     default_dataset = "sst2-dev"
     primary_metric = "accuracy"
+    agreement_metric = "label_agreement"
+    agreement_metrics = ("label_agreement",)
 
     @classmethod
     def auto_model_class(cls):
@@ -87,9 +108,13 @@ class TextClassificationTask(Task):
 
         return EncoderOutput(hf_model, "logits")
 
+    @property
+    def encoder(self) -> TextEncoder:
+        """Texts to model inputs (the server tokenizes and pads with this too)."""
+        return text_encoder(self, self.max_length, [s.name for s in text_input_specs(self.tokenizer)])
+
     def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
-        names = [s.name for s in text_input_specs(self.tokenizer)]
-        return tokenize(self.tokenizer, check_texts(inputs), self.max_length, names, seq_len)
+        return self.encoder(check_texts(inputs), seq_len)
 
     def postprocess(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         probs = softmax(outputs["logits"])
@@ -103,7 +128,7 @@ class TextClassificationTask(Task):
         return self.preprocess(self.sample_raw(batch_size, data_dir), seq_len=seq_len)
 
     def predict_ids(self, runner: Any, texts: list[str], *, batch_size: int = 32, progress: Progress = _noop) -> np.ndarray:
-        lengths = token_lengths(self.tokenizer, texts, self.max_length)
+        lengths = self.encoder.lengths(texts)
         pred = np.zeros(len(texts), dtype=np.int64)
         for idx in batched_by_length(texts, lengths, batch_size):
             batch = self.preprocess([texts[i] for i in idx])
@@ -122,3 +147,8 @@ class TextClassificationTask(Task):
         a = self.predict_ids(runner, dataset.texts, batch_size=batch_size)
         b = self.predict_ids(reference, dataset.texts, batch_size=batch_size)
         return {"label_agreement": float((a == b).mean())}
+
+    @classmethod
+    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+        cls.check_rows(original, variant)
+        return label_agreement_rows(cls.name, original, variant)
