@@ -55,11 +55,6 @@ class ShipResult:
         return {**self.__dict__, "ok": self.ok}
 
 
-def _runtime_of(artifact: Any) -> str:
-    step = artifact.manifest.step or {}
-    return str(step.get("runtime") or "torch")
-
-
 def _optimize(name: str, source: Any, recipe: Any, tune: bool, options: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     """(original ref, candidate ref, candidate runtime, report) or GateFailedError."""
     from modelpress.optimize.api import optimize, tune as run_tune
@@ -95,7 +90,6 @@ def _optimize(name: str, source: Any, recipe: Any, tune: bool, options: dict[str
 class Production:
     ref: str
     version: str
-    runtime: str
 
 
 def _production(registry: Any, name: str, original_ref: str) -> Production:
@@ -110,11 +104,14 @@ def _production(registry: Any, name: str, original_ref: str) -> Production:
             mv = reg.promote(
                 original_ref, "production", who="modelpress-ship", why="first ship: the original serves while its variant is rolled out"
             )
-        return Production(mv.ref, str(mv.version), _runtime_of(mv.artifact()))
+        return Production(mv.ref, str(mv.version))
 
 
 def ensure_served(name: str, production: Production, url: str, api_key: str | None) -> None:
-    """Make the server serve ``production`` as NAME, loading it (repository extension) unless it does already."""
+    """Make the server serve ``production`` as NAME, loading it (repository extension) unless it does already.
+
+    The server loads it on the runtime its manifest records.
+    """
     label = production.version
     try:
         meta = call("GET", url, f"/v2/models/{name}", api_key)
@@ -122,7 +119,7 @@ def ensure_served(name: str, production: Production, url: str, api_key: str | No
             return
     except RolloutNotFoundError:  # 404: not served
         pass
-    params = {"source": f"{name}@production", "version": label, "runtime": production.runtime}
+    params = {"source": f"{name}@production", "version": label}
     call("POST", url, f"/v2/repository/models/{name}/load", api_key, {"parameters": params})
 
 
@@ -144,7 +141,7 @@ def follow(
             if key not in seen:
                 seen.add(key)
                 on_event(e)
-        if doc.get("status") not in ("running", "paused"):
+        if doc.get("status") not in ("loading", "running", "paused"):
             return doc
         if time.monotonic() > deadline:
             raise ModelpressRuntimeError(
@@ -223,8 +220,7 @@ def ship(
     spec: dict[str, Any] = {
         "candidate": candidate_ref.split(":")[-1],
         "strategy": "shadow-then-canary",
-        "window_s": window_s,
-        "runtime": runtime,
+        "window_s": window_s,  # the server loads the candidate on the runtime its manifest records
         **(rollout or {}),
     }
     if steps is not None:
@@ -245,14 +241,19 @@ def ship(
     return result
 
 
-def serve_foreground(source: str, runtime: str, name: str, *, port: int = 8000, announce: Callable[[str], None] = print) -> None:
-    """Serve one model (a registry ref or folder) on 127.0.0.1 until Ctrl-C, printing its dashboard and model URLs."""
-    from modelpress.serving.app import serve
+def serve_foreground(source: str, runtime: str | None, name: str, *, port: int = 8000, announce: Callable[[str], None] = print) -> None:
+    """Serve one model (a registry ref or folder) on 127.0.0.1 until Ctrl-C, printing its dashboard and model URLs.
+
+    ``runtime``: None runs it on the runtime its manifest records.
+    """
+    from modelpress.rollout import serve
     from modelpress.serving.config import ServerConfig
 
     cfg = ServerConfig.from_models([source], runtime=runtime, name=name).model_copy(update={"port": port})
     base = f"http://127.0.0.1:{port}"
-    announce(f"serving {source} ({runtime}) as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)")
+    announce(
+        f"serving {source}{f' ({runtime})' if runtime else ''} as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)"
+    )
     try:
         serve(cfg)
     except KeyboardInterrupt:  # Ctrl-C is how this ends: in-flight requests have finished by now

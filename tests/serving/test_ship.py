@@ -38,14 +38,15 @@ def _pairs_file(tmp_path):
 @contextlib.contextmanager
 def live_server(**settings: Any) -> Iterator[str]:
     """A real ModelServer behind uvicorn on a loopback socket, in a thread; yields its URL."""
-    from modelpress.serving.app import ModelServer, _uvicorn_server
+    from modelpress.rollout import RolloutServer
+    from modelpress.serving.app import _uvicorn_server
     from modelpress.serving.config import ServerConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = ServerConfig(access_log=False, port=port, log_level="warning", **settings)
-    server = ModelServer(cfg)
+    server = RolloutServer(cfg)
     uv = _uvicorn_server(server, cfg, lifespan="on")
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -56,6 +56,8 @@ def print_status(doc: dict[str, Any]) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    if doc.get("status") == "loading":
+        out.print(f"  version {doc.get('candidate')} is loading; the first step begins once it is ready", highlight=False)
     win = doc.get("window") or {}
     for who in ("candidate", "baseline"):
         w = win.get(who)

@@ -1,4 +1,4 @@
-"""The ``modelpress serve`` command (it calls modelpress.serving.app.serve)."""
+"""The ``modelpress serve`` command: the model server with rollouts and the dashboard (:func:`modelpress.rollout.serve`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ def register_commands(app: typer.Typer) -> None:
         host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
         port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8000).")] = None,
         runtime: Annotated[
-            str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (for every model named on the command line).")
-        ] = "torch",
+            str | None,
+            typer.Option(
+                "--runtime",
+                "-r",
+                help="torch, onnxruntime, openvino (for every model named on the command line; default: the runtime each one's manifest records, else torch).",
+            ),
+        ] = None,
         threads: Annotated[
             int | None, typer.Option("--threads", help="Threads per model instance (default: all cores / instances).")
         ] = None,
@@ -76,6 +81,6 @@ def register_commands(app: typer.Typer) -> None:
         if api_key:
             update.update(api_key=api_key, protect_inference=protect_inference or cfg.protect_inference)
         cfg = validated(ServerConfig, {**cfg.model_dump(), **update}, "the serve options")
-        from modelpress.serving.app import serve as run_server
+        from modelpress.rollout import serve as run_server
 
         run_server(cfg)

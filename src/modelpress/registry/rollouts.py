@@ -16,7 +16,8 @@ transaction, so a server killed at any instant finds both or neither when it res
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
 
@@ -26,8 +27,16 @@ from modelpress.registry.db import DeploymentRow, ModelRow, RolloutEventRow, Ver
 from modelpress.registry.names import Ref, validate_name
 from modelpress.registry.records import iso
 
-if TYPE_CHECKING:
-    from modelpress.registry.api import Registry
+T = TypeVar("T")
+
+
+class Sessions(Protocol):
+    """What this module needs of a :class:`~modelpress.registry.api.Registry`: a read and a write transaction
+    (a protocol, so that the registry, which offers ``reg.rollouts``, and this module do not import each other)."""
+
+    def _read(self, fn: Callable[[Any], T]) -> T: ...
+
+    def _write(self, fn: Callable[[Any], T]) -> T: ...
 
 
 def _deployment_json(s: Any, row: DeploymentRow) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def _check_json(value: Any, what: str) -> dict[str, Any]:
 class Rollouts:
     """The deployment and rollout-event API of one :class:`Registry` (``reg.rollouts``)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Sessions) -> None:
         self.reg = registry
 
     def _row(self, s: Any, name: str, *, lock: bool = False) -> DeploymentRow | None:

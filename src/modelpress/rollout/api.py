@@ -3,7 +3,7 @@
 | method and path | does |
 |---|---|
 | ``GET /rollouts`` | every rollout on this server |
-| ``POST /rollouts/{model}/start`` | start one; body: a :class:`~modelpress.rollout.controller.RolloutSpec` as JSON |
+| ``POST /rollouts/{model}/start`` | start one; body: a :class:`~modelpress.rollout.spec.RolloutSpec` as JSON |
 | ``GET /rollouts/{model}`` | status: phase, step, weights, the current window's numbers, recent decisions |
 | ``POST /rollouts/{model}/pause``, ``/resume``, ``/abort``, ``/promote`` | act by hand |
 | ``POST /rollouts/{model}/rollback`` | instant rollback of live traffic (``{"why": "..."}`` optional) |
@@ -33,10 +33,10 @@ SPEC_EXAMPLE = (
 FEEDBACK_EXAMPLE = '{"request_id": "9f2c41d0a1b2c3d4", "value": 1.0, "metric": "clicked"}'
 
 
-def _server(request: Request) -> Any:
-    server = request.app.state.server
-    server.check_management_key(request)
-    return server
+def _extension(request: Request) -> Any:
+    """The server's :class:`~modelpress.rollout.extension.RolloutExtension`, once the API key checks out."""
+    request.app.state.server.check_management_key(request)
+    return request.app.state.rollouts
 
 
 async def _body(request: Request, example: str, *, required: bool = True) -> dict[str, Any]:
@@ -51,69 +51,68 @@ async def _body(request: Request, example: str, *, required: bool = True) -> dic
 
 @router.get("/rollouts", summary="Every rollout on this server (API key)")
 async def list_rollouts(request: Request) -> Response:
-    return json_response(_server(request).rollouts.describe_all())
+    return json_response(_extension(request).rollouts.describe_all())
 
 
 @router.post("/rollouts/{model}/start", summary="Start a rollout (API key)")
 async def start(request: Request, model: str) -> Response:
-    server = _server(request)
+    ext = _extension(request)
     spec = await _body(request, SPEC_EXAMPLE)
-    return json_response(await server.rollouts.start(model, spec), 201)
+    return json_response(await ext.rollouts.start(model, spec), 201)
 
 
 @router.get("/rollouts/{model}", summary="A rollout's status (API key)")
 async def status(request: Request, model: str) -> Response:
-    return json_response(_server(request).rollouts.status(model))
+    return json_response(_extension(request).rollouts.status(model))
 
 
 @router.post("/rollouts/{model}/pause", summary="Pause: keep the split, stop deciding (API key)")
 async def pause(request: Request, model: str) -> Response:
-    return json_response(await _server(request).rollouts.pause(model))
+    return json_response(await _extension(request).rollouts.pause(model))
 
 
 @router.post("/rollouts/{model}/resume", summary="Resume a paused rollout (API key)")
 async def resume(request: Request, model: str) -> Response:
-    return json_response(await _server(request).rollouts.resume(model))
+    return json_response(await _extension(request).rollouts.resume(model))
 
 
 @router.post("/rollouts/{model}/abort", summary="Abort: all traffic back to the baseline (API key)")
 async def abort(request: Request, model: str) -> Response:
-    server = _server(request)
+    ext = _extension(request)
     why = (await _body(request, '{"why": "latency looks off"}', required=False)).get("why")
-    return json_response(await server.rollouts.abort(model, str(why) if why else "aborted by hand"))
+    return json_response(await ext.rollouts.abort(model, str(why) if why else "aborted by hand"))
 
 
 @router.post("/rollouts/{model}/promote", summary="Promote the candidate now (API key)")
 async def promote(request: Request, model: str) -> Response:
-    return json_response(await _server(request).rollouts.promote(model))
+    return json_response(await _extension(request).rollouts.promote(model))
 
 
 @router.post("/rollouts/{model}/rollback", summary="Instant rollback of live traffic to the previous production version (API key)")
 async def rollback(request: Request, model: str) -> Response:
-    server = _server(request)
+    ext = _extension(request)
     why = (await _body(request, '{"why": "p99 doubled"}', required=False)).get("why")
-    return json_response(await server.rollouts.rollback(model, str(why) if why else None))
+    return json_response(await ext.rollouts.rollback(model, str(why) if why else None))
 
 
 @router.get("/rollouts/{model}/report", summary="A/B analysis of the candidate against its baseline (API key)")
 async def report(request: Request, model: str) -> Response:
-    server = _server(request)
-    return json_response(await server.rollouts.report(model))
+    return json_response(await _extension(request).rollouts.report(model))
 
 
 @router.get("/rollouts/{model}/events", summary="Every recorded decision of the deployment (API key)")
 async def events(request: Request, model: str) -> Response:
-    server = _server(request)
-    ro = server.rollouts.get(model)
-    if server.rollouts.store_for(ro) is None:
+    manager = _extension(request).rollouts
+    ro = manager.get(model)
+    if manager.store_for(ro) is None:
         return json_response(list(ro.events))
-    rows = await asyncio.to_thread(server.rollouts.registry().rollouts.events, model)
+    rows = await asyncio.to_thread(manager.registry().rollouts.events, model)
     return json_response([r["decision"] | {"recorded_at": r["at"]} for r in rows])
 
 
 @router.post("/feedback", summary="Report numeric outcomes of answered requests, by request id (API key)")
 async def feedback(request: Request) -> Response:
-    server = _server(request)
+    ext = _extension(request)
     doc = await _body(request, FEEDBACK_EXAMPLE)
     items = doc.get("outcomes", [doc]) if "outcomes" in doc else [doc]
     if not isinstance(items, list) or not items:
@@ -122,6 +121,6 @@ async def feedback(request: Request) -> Response:
     for item in items:
         if not isinstance(item, dict) or "request_id" not in item or "value" not in item:
             raise InvalidInputError("Each outcome needs 'request_id' and 'value'.", hint=f"Example: {FEEDBACK_EXAMPLE}")
-        model, version = server.observations.feedback(str(item["request_id"]), item["value"], str(item.get("metric", "outcome")))
+        model, version = ext.observations.feedback(str(item["request_id"]), item["value"], str(item.get("metric", "outcome")))
         recorded.append({"request_id": item["request_id"], "model": model, "version": version})
     return json_response({"recorded": recorded})

@@ -1,123 +1,36 @@
-"""Routers and traffic policies: which loaded version of a model answers a request.
+"""The rollout's traffic policies: weighted and sticky splits, shadows, and their JSON form.
 
-Each served model name has one :class:`Router` holding its loaded versions and one
-:class:`TrafficPolicy`. A policy looks at the loaded versions and the request's context and
-returns a :class:`Decision`: the version that answers, and (for policies that mirror traffic)
-versions that get a copy whose answer the client never waits for.
+The router, the request context and the ``single`` policy are the server's
+(:mod:`modelpress.serving.routing`); a rollout steers a router with the policies here:
 
-* :class:`SinglePolicy`: all traffic to one version.
 * :class:`SplitPolicy`: weighted A/B. Random (seeded when asked), or sticky: the request's key
   (``RequestContext.key``, else a header such as ``x-user-id``) is hashed to one of
   :data:`BUCKETS` stable buckets, and each version owns a contiguous range of buckets in the
   order the weights are given. A canary listed first keeps its users as its share grows.
 * :class:`ShadowPolicy`: the primary answers; a fraction of requests is also sent to a
-  candidate by :class:`Mirror`, in a background task started once the primary has answered.
-  The candidate's errors and latency are recorded and its outputs compared with the primary's
-  (:func:`modelpress.rollout.analysis.agreement`), never delaying or failing the client.
+  candidate by the server's :class:`~modelpress.serving.routing.Mirror`, in a background task
+  started once the primary has answered. The candidate's errors and latency are recorded and its
+  outputs compared with the primary's (:class:`modelpress.rollout.shadow.ShadowRecorder`), never
+  delaying or failing the client.
 
-Swapping the policy is one assignment on the event loop, so it is atomic for requests: each
-request is routed either before or after it, and a version taken out of the router keeps
-serving what it already queued until its batcher drains. Policies round-trip through JSON
-(:meth:`TrafficPolicy.describe` and :func:`policy_from_json`), which is how the rollout
-controller stores them in the registry.
+Policies round-trip through JSON (:meth:`TrafficPolicy.describe` and :func:`policy_from_json`),
+which is how the rollout controller stores them in the registry.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import math
 import random
-import time
-from abc import ABC, abstractmethod
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-from modelpress.errors import ConfigError, ModelNotReadyError, UnknownServedModelError
+from modelpress.errors import ConfigError
+from modelpress.serving.routing import Decision, RequestContext, Router, SinglePolicy, TrafficPolicy, check_label
 
-log = logging.getLogger("modelpress.serving")
-
-V = TypeVar("V")  # a loaded version (serving.repository.LoadedVersion); routers do not need to know more
 BUCKETS = 10_000  # sticky routing: keys hash to this many buckets (shares in steps of 0.01 %)
 DEFAULT_STICKY_HEADER = "x-user-id"
-MAX_SHADOW_INFLIGHT = 256  # mirrored requests running at once per server; more are dropped (counted), never queued
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    """What a policy may look at: request id, protocol, headers (lower-case names), a routing key."""
-
-    request_id: str = ""
-    protocol: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    key: str | None = None  # e.g. a user id, for sticky routing
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The version that answers, plus versions that get a mirrored copy (none for ``single``)."""
-
-    primary: str
-    mirrors: tuple[str, ...] = ()
-
-
-class TrafficPolicy(ABC):
-    """Chooses versions for requests. Subclasses set ``name`` and implement ``choose``."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def choose(self, versions: Mapping[str, Any], ctx: RequestContext) -> Decision:
-        """The decision for one request, among ``versions`` (label -> loaded version)."""
-
-    @abstractmethod
-    def targets(self) -> set[str]:
-        """Every version label this policy may send traffic to (they must stay loaded)."""
-
-    @property
-    @abstractmethod
-    def main(self) -> str:
-        """The version most traffic goes to (what metadata reports as the default)."""
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": self.name}
-
-    def weights(self) -> dict[str, float]:
-        """Percent of answered traffic per version (mirrors excluded)."""
-        return {self.main: 100.0}
-
-
-class SinglePolicy(TrafficPolicy):
-    """All traffic to one version."""
-
-    name = "single"
-
-    def __init__(self, version: str) -> None:
-        self.version = str(version)
-        self._decision = Decision(self.version)
-
-    def choose(self, versions: Mapping[str, Any], ctx: RequestContext) -> Decision:
-        return self._decision
-
-    def targets(self) -> set[str]:
-        return {self.version}
-
-    @property
-    def main(self) -> str:
-        return self.version
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": self.name, "version": self.version}
-
-
-def _check_label(label: Any, what: str) -> str:
-    text = str(label).strip()
-    if not text:
-        raise ConfigError(f"The {what} version label is empty.", hint="Name a loaded version, e.g. '2'.")
-    return text
 
 
 class SplitPolicy(TrafficPolicy):
@@ -148,7 +61,7 @@ class SplitPolicy(TrafficPolicy):
                 raise ConfigError(
                     f"The weight of version '{label}' is {w!r}; a weight is a finite number >= 0.", hint="Example: {'2': 10, '1': 90}"
                 )
-            clean[_check_label(label, "split")] = float(w)
+            clean[check_label(label, "split")] = float(w)
         total = sum(clean.values())
         if total <= 0:
             raise ConfigError(
@@ -222,7 +135,7 @@ class ShadowPolicy(TrafficPolicy):
                 f"The shadow fraction is {fraction!r}; it is a share of requests in (0, 1].",
                 hint="Example: ShadowPolicy('1', '2', fraction=0.25)",
             )
-        self.primary, self.candidate = _check_label(primary, "primary"), _check_label(candidate, "shadow candidate")
+        self.primary, self.candidate = check_label(primary, "primary"), check_label(candidate, "shadow candidate")
         if self.primary == self.candidate:
             raise ConfigError(
                 f"The shadow candidate is the primary itself (version '{self.primary}').", hint="Mirror to another loaded version."
@@ -278,119 +191,15 @@ def policy_from_json(data: Mapping[str, Any]) -> TrafficPolicy:
     raise ConfigError(f"'{kind}' is not a traffic policy.", hint="Known: single, split, shadow.")
 
 
-class Router(Generic[V]):
-    """The loaded versions of one model name and the policy that routes between them."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.versions: dict[str, V] = {}
-        self.policy: TrafficPolicy | None = None
-
-    def add(self, label: str, version: V) -> None:
-        self.versions[str(label)] = version
-
-    def remove(self, label: str) -> V:
-        label = str(label)
-        if label not in self.versions:
-            raise UnknownServedModelError(f"Model '{self.name}' has no version '{label}' loaded.", hint=self._versions_hint())
-        if self.policy is not None and label in self.policy.targets():
-            raise ConfigError(
-                f"Version '{label}' of model '{self.name}' still receives traffic ({self.policy.describe()}).",
-                hint="Route its traffic to another version first (load another version as the default), or unload the whole model.",
-            )
-        return self.versions.pop(label)
-
-    def set_policy(self, policy: TrafficPolicy) -> None:
-        missing = sorted(policy.targets() - set(self.versions))
-        if missing:
-            raise ConfigError(
-                f"The {policy.name} policy for model '{self.name}' routes to version(s) {', '.join(missing)}, which are not loaded.",
-                hint=self._versions_hint(),
-            )
-        self.policy = policy
-
-    @property
-    def default_version(self) -> str | None:
-        """The version most requests without one go to; None before any policy."""
-        if self.policy is None:
-            return None
-        return self.policy.main
-
-    def route(self, ctx: RequestContext, version: str | None = None) -> tuple[V, Decision]:
-        """The version that answers (``version`` when the client named one) and the decision."""
-        if version:
-            found = self.versions.get(version)
-            if found is None:
-                raise UnknownServedModelError(f"Model '{self.name}' has no version '{version}' loaded.", hint=self._versions_hint())
-            return found, Decision(version)
-        if self.policy is None:
-            raise ModelNotReadyError(f"Model '{self.name}' is still loading.", hint="Retry in a moment, or poll /v2/models/{name}/ready.")
-        decision = self.policy.choose(self.versions, ctx)
-        return self.versions[decision.primary], decision
-
-    def _versions_hint(self) -> str:
-        have = ", ".join(sorted(self.versions)) or "none"
-        return f"Loaded versions of '{self.name}': {have}. Example: /v2/models/{self.name}/versions/{next(iter(sorted(self.versions)), '1')}/infer"
-
-
-class Mirror:
-    """Runs mirrored (shadow) copies of requests in background tasks the client never waits for.
-
-    ``send`` only creates tasks; each task decodes the request for the candidate, runs it
-    through the candidate's batcher, and records the outcome in ``observations`` (latency,
-    error, agreement with the primary's results). At most ``max_inflight`` copies run at once;
-    beyond that a copy is dropped and counted (a slow candidate never builds a backlog).
-    """
-
-    def __init__(self, observations: Any, max_inflight: int = MAX_SHADOW_INFLIGHT, metrics: Any = None) -> None:
-        self.observations = observations
-        self.metrics = metrics  # a serving.metrics.Metrics: shadow copies also become Prometheus series
-        self.max_inflight = max_inflight
-        self.dropped = 0
-        self._tasks: set[asyncio.Task] = set()
-
-    def send(self, router: Router, decision: Decision, decode: Callable[[Any], Any], primary: Any, primary_results: list[Any]) -> None:
-        for label in decision.mirrors:
-            lv = router.versions.get(label)
-            if lv is None or len(self._tasks) >= self.max_inflight or not lv.batcher.accepting:
-                self.dropped += 1
-                self.observations.shadow_dropped(router.name, label)
-                if self.metrics is not None:
-                    self.metrics.observe_shadow(router.name, label, "dropped")
-                continue
-            task = asyncio.get_running_loop().create_task(self._shadow(lv, decode, primary, primary_results))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _shadow(self, lv: Any, decode: Callable[[Any], Any], primary: Any, primary_results: list[Any]) -> None:
-        from modelpress.rollout.analysis import agreement
-
-        started = time.perf_counter()
-        try:
-            decoded = decode(lv.handler)
-            results, _ = await lv.infer(decoded=decoded)
-        except Exception as exc:  # a failing candidate is what shadowing is for: record it, tell no client
-            self.observations.shadow(lv.name, lv.version, time.perf_counter() - started, ok=False, error=type(exc).__name__)
-            if self.metrics is not None:
-                self.metrics.observe_shadow(lv.name, lv.version, "error")
-            return
-        seconds = time.perf_counter() - started
-        try:
-            agree = agreement(primary.task, primary_results, results)
-        except Exception as exc:  # outputs that cannot be compared (other shapes): record it as disagreement
-            log.warning(
-                "shadow outputs of %s:%s cannot be compared with %s:%s (%r)", lv.name, lv.version, primary.name, primary.version, exc
-            )
-            agree = 0.0
-        self.observations.shadow(lv.name, lv.version, seconds, ok=True, agreement=agree)
-        if self.metrics is not None:
-            self.metrics.observe_shadow(lv.name, lv.version, "ok", agree)
-
-    @property
-    def inflight(self) -> int:
-        return len(self._tasks)
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Wait for the mirrored copies in flight (tests; a server closing)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+__all__ = [
+    "BUCKETS",
+    "DEFAULT_STICKY_HEADER",
+    "Decision",
+    "RequestContext",
+    "Router",
+    "ShadowPolicy",
+    "SinglePolicy",
+    "SplitPolicy",
+    "TrafficPolicy",
+    "policy_from_json",
+]

@@ -12,6 +12,11 @@ Router (policy) -> Batcher -> Runner in a worker thread -> handler.split -> code
 is loaded and warmed up before the server reports ready. On SIGTERM the server stops
 accepting connections, reports not ready, lets in-flight requests finish within
 ``drain_timeout_s``, drains the batchers, and exits.
+
+Rollouts (canary, shadow, A/B), their management API and the dashboard are an extension from
+the package above (:mod:`modelpress.rollout`): ``modelpress.rollout.RolloutServer(config)`` is
+this server with them, and ``modelpress.rollout.serve(config)`` what ``modelpress serve`` runs.
+Any :class:`~modelpress.serving.extensions.ServerExtension` plugs in the same way.
 """
 
 from __future__ import annotations
@@ -20,38 +25,56 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from starlette.responses import Response
 
-from modelpress.errors import ModelNotReadyError, ModelpressError
-from modelpress.rollout.analysis import Observations
+from modelpress.errors import ConfigError, ModelNotReadyError, ModelpressError, ModelpressRuntimeError, UserInputError
 from modelpress.serving.auth import check_key, key_from_headers
 from modelpress.serving.config import ModelConfig, ServerConfig
+from modelpress.serving.extensions import RequestObserver, ServerExtension
 from modelpress.serving.http import ServingMiddleware, error_response, info_of, protocol_of
 from modelpress.serving.metrics import Metrics
 from modelpress.serving.repository import LoadedVersion, ModelRepository
-from modelpress.rollout.controller import RolloutManager
-from modelpress.rollout.routing import Mirror, RequestContext
+from modelpress.serving.routing import Mirror, RequestContext
 
 log = logging.getLogger("modelpress.serving")
+THREAD_START_TIMEOUT_S = 600.0  # in_thread(): loading and warming up every configured model must end within this
 
 
 class ModelServer:
     """Loaded models (a :class:`ModelRepository`), their metrics, and the ASGI app serving them."""
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(self, config: ServerConfig | None = None, *, extensions: Sequence[ServerExtension] = ()) -> None:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.repository = ModelRepository(self.config, self.metrics)
-        self.observations = Observations()  # per-version requests, shadow copies, feedback (rollouts, dashboard)
-        self.mirror = Mirror(self.observations, metrics=self.metrics)
-        self.rollouts = RolloutManager(self)
+        self.mirror = Mirror()  # runs the shadow copies a policy asks for; extensions observe them
+        self.request_observers: list[RequestObserver] = []  # told of every answered or failed request
+        self.extensions: dict[str, ServerExtension] = {}
         self.started = False
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the models run on, once started
         self.app = create_app(self)
+        for extension in extensions:
+            self.add_extension(extension)
+
+    def add_extension(self, extension: ServerExtension) -> ServerExtension:
+        """Plug ``extension`` in: attach it, include its routes. Only before the server starts."""
+        if self.started:
+            raise ConfigError(
+                f"The server has started; the extension '{extension.name}' cannot be added now.",
+                hint="Pass it when building the server: ModelServer(config, extensions=[...]).",
+            )
+        if extension.name in self.extensions:
+            raise ConfigError(f"The server already has an extension named '{extension.name}'.", hint="Add each extension once.")
+        self.extensions[extension.name] = extension
+        extension.attach(self)
+        for router in extension.routers():
+            self.app.include_router(router)
+        return extension
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -63,12 +86,14 @@ class ModelServer:
         self.loop = asyncio.get_running_loop()
         for cfg in self.config.models:
             await self.repository.load(cfg)
-        await self.rollouts.resume_all()  # rollouts the registry says were running here pick up where they were
+        for extension in self.extensions.values():
+            await extension.start()  # e.g. rollouts the registry says were running here pick up where they were
 
     async def stop(self, timeout: float | None = None) -> None:
         """Report not ready, drain every batcher within ``timeout`` (default: drain_timeout_s), close."""
         self.draining = True
-        await self.rollouts.close()
+        for extension in self.extensions.values():
+            await extension.stop()
         await self.repository.close(self.config.drain_timeout_s if timeout is None else timeout)
         self.started = False
 
@@ -104,16 +129,27 @@ class ModelServer:
             lv, decision = self.repository.route(model, version, ctx)
             info.model, info.version = lv.name, lv.version
             decoded = decode(lv.handler)
+            started = time.perf_counter()
             try:
-                with self.observations.timing(lv.name, lv.version, info.request_id):
-                    results, decoded = await lv.infer(decoded=decoded)
-                if decision.mirrors:  # shadow copies run in background tasks: the client does not wait
-                    self.mirror.send(self.repository.routers[model], decision, decode, lv, results)
-                return lv, results, decoded
+                results, decoded = await lv.infer(decoded=decoded)
             except ModelNotReadyError:
                 if attempt or version is not None or lv.batcher.accepting:
                     raise
+                continue
+            except UserInputError:  # the client's fault, not the version's: not observed
+                raise
+            except BaseException:
+                self._observe(lv, time.perf_counter() - started, False, None)
+                raise
+            self._observe(lv, time.perf_counter() - started, True, info.request_id)
+            if decision.mirrors:  # shadow copies run in background tasks: the client does not wait
+                self.mirror.send(self.repository.routers[model], decision, decode, lv, results)
+            return lv, results, decoded
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _observe(self, lv: LoadedVersion, seconds: float, ok: bool, request_id: str | None) -> None:
+        for observer in self.request_observers:
+            observer(lv.name, lv.version, seconds, ok, request_id)
 
     def repository_index(self) -> list[dict[str, Any]]:
         rows = []
@@ -146,9 +182,15 @@ class ModelServer:
         uv = _uvicorn_server(self, self.config.model_copy(update={"host": "127.0.0.1", "port": port}), lifespan="on")
         thread = threading.Thread(target=uv.run, name="modelpress-server", daemon=True)
         thread.start()
+        deadline = time.monotonic() + THREAD_START_TIMEOUT_S
         while not uv.started:
             if not thread.is_alive():
-                raise RuntimeError("The server thread stopped during startup (see the log above).")
+                raise ModelpressRuntimeError("The server thread stopped during startup.", hint="Read the log above for the error.")
+            if time.monotonic() > deadline:
+                uv.should_exit = True
+                raise ModelpressRuntimeError(
+                    f"The server did not start within {THREAD_START_TIMEOUT_S:.0f} s.", hint="Check the models load (see the log above)."
+                )
             thread.join(0.02)
         running = BackgroundServer(
             f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", uv, thread, self.config.drain_timeout_s + 10
@@ -178,10 +220,7 @@ def create_app(server: ModelServer) -> Any:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from modelpress import __version__
-    from modelpress.rollout import api as rollout_api
-    from modelpress.rollout.dashboard import router as dashboard_router
-    from modelpress.serving.http import error_body
+    from modelpress.serving.http import error_body, modelpress_version
     from modelpress.serving.protocols import kserve_v2, openai, sagemaker
 
     @contextlib.asynccontextmanager
@@ -194,7 +233,7 @@ def create_app(server: ModelServer) -> Any:
 
     app = FastAPI(
         title="modelpress",
-        version=__version__,
+        version=modelpress_version(),
         summary="KServe v2, OpenAI-compatible and SageMaker endpoints over dynamically batched models.",
         lifespan=lifespan,
     )
@@ -202,8 +241,6 @@ def create_app(server: ModelServer) -> Any:
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
     app.include_router(sagemaker.router)
-    app.include_router(rollout_api.router)
-    app.include_router(dashboard_router)
 
     @app.get("/metrics", tags=["Observability"], summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -52,7 +52,7 @@ class ModelConfig(BaseModel):
     name: str | None = None  # served name (default: the registry name, else the artifact's name)
     version: str | None = None  # served version label (default: the registry version, else "1")
     task: str | None = None
-    runtime: str = "torch"
+    runtime: str | None = None  # torch, onnxruntime, openvino; None: the runtime the artifact's manifest records, else torch
     threads: int | None = Field(None, ge=1)  # per instance (default: the cores divided among instances)
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchConfig = Field(default_factory=BatchConfig)

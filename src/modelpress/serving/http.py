@@ -73,6 +73,16 @@ def protocol_of(path: str) -> str:
     return "other"
 
 
+def modelpress_version() -> str:
+    """The installed modelpress version (what the server reports; read from the package metadata, not the package)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("modelpress")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+        return "unknown"
+
+
 # -- JSON ----------------------------------------------------------------------------------
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=_JSON_OPTS)

@@ -21,7 +21,7 @@ from modelpress.serving.batching import Batcher
 from modelpress.serving.config import ModelConfig, ServerConfig, validated
 from modelpress.serving.handlers import Handler, handler_for
 from modelpress.serving.metrics import Metrics
-from modelpress.rollout.routing import Decision, RequestContext, Router, SinglePolicy
+from modelpress.serving.routing import Decision, RequestContext, Router, SinglePolicy
 
 log = logging.getLogger("modelpress.serving")
 
@@ -49,7 +49,7 @@ class LoadedVersion:
 
     @property
     def runtime(self) -> str:
-        return getattr(self.handler.runner, "name", self.config.runtime)
+        return getattr(self.handler.runner, "name", self.config.runtime or "torch")
 
     async def infer(self, inputs: Any = None, *, decoded: Any = None) -> tuple[list[Any], Any]:
         """Results for one request's task inputs (or already decoded rows), and the decoded rows."""
@@ -240,14 +240,21 @@ class ModelRepository:
         return [f"{v.name}:{v.version}" for v in gone]
 
     def config_for(self, name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
-        """The config to load ``name`` with: the known one (or ``NAME@production`` from the registry), updated."""
+        """The config to load ``name`` with: the known one (or ``NAME@production`` from the registry), updated.
+
+        A new load gets the source's version unless told; a new source runs on the runtime its
+        own manifest records unless ``overrides`` name one (another version of a model may be an
+        ONNX or OpenVINO variant of a torch original).
+        """
+        overrides = dict(overrides or {})
         base = self.known.get(name) or next((m for m in self.config.models if m.name == name), None)
-        data: dict[str, Any] = (
-            base.model_dump(exclude={"version"}) if base is not None else {}
-        )  # a new load gets the source's version unless told
-        data.update(overrides or {})
+        data: dict[str, Any] = base.model_dump(exclude={"version"}) if base is not None else {}
+        if "source" in overrides and overrides["source"] != data.get("source") and "runtime" not in overrides:
+            data.pop("runtime", None)
+            data.pop("runtime_options", None)
+        data.update(overrides)
         if "source" not in data:
-            if self.config.registry is None and not _registry_exists():
+            if self.config.registry is None and not registry_exists():
                 raise ConfigError(
                     f"The server does not know where to load '{name}' from.",
                     hint='Pass its source: {"parameters": {"config": "{\\"source\\": \\"path/or/NAME@production\\"}"}} (tritonclient: load_model(name, config=...)).',
@@ -275,7 +282,7 @@ class ModelRepository:
         )
 
 
-def _registry_exists() -> bool:
+def registry_exists() -> bool:
     from modelpress.locations import home_dir
 
     return (home_dir() / "registry.db").is_file()

@@ -53,17 +53,21 @@ def _number(raw: str | None, default: float, name: str, low: float, high: float)
     return value
 
 
-def dashboard_data(server: Any, span_s: float = 300.0, bucket_s: float | None = None) -> dict[str, Any]:
-    """What the page draws: per model its policy, split and rollout, per version totals and series."""
+def dashboard_data(extension: Any, span_s: float = 300.0, bucket_s: float | None = None) -> dict[str, Any]:
+    """What the page draws: per model its policy, split and rollout, per version totals and series.
+
+    ``extension``: the server's :class:`~modelpress.rollout.extension.RolloutExtension`.
+    """
     import time
 
     bucket = bucket_s or max(1.0, span_s / MAX_POINTS)
-    obs = server.observations
-    since = time.monotonic() - span_s
-    rollouts = server.rollouts.describe_all()
+    obs = extension.observations
+    repository = extension.server.repository
+    since = obs.clock() - span_s
+    rollouts = extension.rollouts.describe_all()
     models = []
-    for name in server.repository.names():
-        router_ = server.repository.routers[name]
+    for name in repository.names():
+        router_ = repository.routers[name]
         policy = router_.policy
         labels = sorted(set(router_.versions) | set(obs.versions_of(name)), key=lambda v: (len(v), v))
         versions = []
@@ -102,4 +106,4 @@ async def data(request: Request) -> Response:
     span = _number(request.query_params.get("span"), 300.0, "span", 1.0, MAX_SPAN_S)
     bucket = request.query_params.get("bucket")
     bucket_s = _number(bucket, 1.0, "bucket", 0.1, MAX_SPAN_S) if bucket is not None else None
-    return json_response(dashboard_data(request.app.state.server, span, bucket_s), headers={"cache-control": "no-store"})
+    return json_response(dashboard_data(request.app.state.rollouts, span, bucket_s), headers={"cache-control": "no-store"})

@@ -20,9 +20,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from modelpress import __version__
 from modelpress.errors import ConfigError, InvalidInputError, ModelpressError, UnknownServedModelError
-from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads, modelpress_version
 from modelpress.serving.protocols.tensors import EXAMPLE, InferRequest, encode_response, parse_request
 
 router = APIRouter(tags=["KServe v2"])
@@ -57,7 +56,7 @@ def _fail(exc: Exception) -> Response:
 # -- health and metadata ---------------------------------------------------------------------
 @router.get("/v2", summary="Server metadata")
 async def server_metadata() -> Response:
-    return json_response({"name": "modelpress", "version": __version__, "extensions": EXTENSIONS})
+    return json_response({"name": "modelpress", "version": modelpress_version(), "extensions": EXTENSIONS})
 
 
 @router.get("/v2/health/live", summary="Liveness")
