@@ -7,10 +7,11 @@ behind a running batch and then assert exactly which batches the runner saw.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,6 +19,25 @@ import pytest
 pytest.importorskip("fastapi")
 
 GATE_TIMEOUT_S = 10  # a gated runner never blocks a test for longer than this
+POLL_S = 0.005  # how often the waits below look again
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` on the event loop until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(POLL_S)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """:func:`wait_for` for a thread (blocking)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(POLL_S)
 
 
 class RecordingRunner:
@@ -83,9 +103,9 @@ async def add_model(
 async def client_for(server: Any) -> AsyncIterator[Any]:
     import httpx
 
-    async with server.running():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(server.app), base_url="http://modelpress.test", timeout=30) as client:
-            yield client
+    transport = httpx.ASGITransport(server.app)
+    async with server.running(), httpx.AsyncClient(transport=transport, base_url="http://modelpress.test", timeout=30) as client:
+        yield client
 
 
 def text_request(texts: list[str], name: str = "text") -> dict[str, Any]:

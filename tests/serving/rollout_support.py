@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .conftest import text_request
+from .conftest import text_request, wait_for
+
+__all__ = ["FAIL_TEXT", "FaultyRunner", "Traffic", "fail_token_of", "load_version", "steady_traffic", "wait_for"]
 
 FAIL_TEXT = "zebra zebra zebra"  # requests holding this text fail on a FaultyRunner set to fail on it
 
@@ -135,11 +137,3 @@ async def steady_traffic(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)

@@ -34,6 +34,16 @@ class Work:
         return [2 * r for r in rows]
 
 
+class FakeClock:
+    """The batcher's clock, moved by the test: real time passing changes nothing."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def wait_until(cond, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -44,10 +54,9 @@ async def wait_until(cond, timeout: float = 5.0) -> None:
 
 async def test_lone_request_dispatches_at_once_without_the_queue_delay():
     work = Work()
-    b = Batcher(work, BatchConfig(max_queue_delay_ms=2000)).start()
-    t0 = time.perf_counter()
-    assert await b.infer([1, 2, 3]) == [2, 4, 6]
-    assert time.perf_counter() - t0 < 0.5  # far below the 2 s delay: an idle batcher does not wait
+    b = Batcher(work, BatchConfig(max_queue_delay_ms=2000), clock=FakeClock()).start()
+    # the clock never moves: a batcher that waited for the 2 s delay would wait forever
+    assert await asyncio.wait_for(b.infer([1, 2, 3]), HOLD_S) == [2, 4, 6]
     assert work.batches == [[1, 2, 3]]
     await b.close()
 
@@ -98,17 +107,48 @@ async def test_bucketing_groups_rows_of_similar_length_and_keeps_the_oldest_firs
 
 
 async def test_waits_up_to_the_queue_delay_for_more_rows_while_another_batch_runs():
+    clock = FakeClock()
     work = Work()
-    b = Batcher(work, BatchConfig(max_batch_size=8, max_queue_delay_ms=300, instances=2)).start()
+    b = Batcher(work, BatchConfig(max_batch_size=8, max_queue_delay_ms=300, instances=2), clock=clock).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0]))
     await wait_until(work.entered.is_set)
     second = asyncio.ensure_future(b.infer([1]))  # a worker is free, but one batch runs: wait for company
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # real time passes, the clock does not: the row keeps waiting
+    assert work.batches == [[0]] and b.depth == 1
+    clock.now += 0.299
     third = asyncio.ensure_future(b.infer([2]))
+    await asyncio.sleep(0.1)
+    assert work.batches == [[0]] and b.depth == 2  # 299 ms: still within the delay
+    clock.now += 0.001  # the oldest row has waited 300 ms: the batch goes with what it has
+    await wait_until(lambda: len(work.batches) == 2)
+    assert work.batches == [[0], [1, 2]]
     work.gate.set()
     await asyncio.gather(first, second, third)
-    assert work.batches == [[0], [1, 2]]
+    await b.close()
+
+
+async def test_retry_after_is_the_queue_over_the_measured_throughput():
+    clock = FakeClock()
+    work = Work()
+
+    def half_a_second(rows: list[int]) -> list[int]:
+        clock.now += 0.5  # every batch takes 0.5 s on the batcher's clock
+        return work(rows)
+
+    b = Batcher(half_a_second, BatchConfig(max_queue_size=50), clock=clock).start()
+    assert b.retry_after() == 1  # nothing measured yet
+    assert await b.infer(list(range(10))) == [2 * i for i in range(10)]  # 10 rows in 0.5 s: 20 rows/s
+    work.gate.clear()
+    first = asyncio.ensure_future(b.infer([0]))
+    await wait_until(lambda: len(work.batches) == 2)
+    queued = asyncio.ensure_future(b.infer(list(range(50))))
+    await wait_until(lambda: b.depth == 50)
+    with pytest.raises(ServerOverloadedError) as info:
+        b.submit([1])
+    assert info.value.retry_after_s == 3  # 50 rows at 20 rows/s: 2.5 s, rounded up
+    work.gate.set()
+    await asyncio.gather(first, queued)
     await b.close()
 
 
@@ -134,7 +174,7 @@ async def test_timeout_answers_and_the_timed_out_rows_never_run():
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0], timeout=5))
     await wait_until(work.entered.is_set)
-    with pytest.raises(RequestTimeoutError, match="did not answer within 0.1 s"):
+    with pytest.raises(RequestTimeoutError, match=r"did not answer within 0\.1 s"):
         await b.infer([7])
     work.gate.set()
     assert await first == [0]

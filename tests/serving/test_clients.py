@@ -10,7 +10,7 @@ import pytest
 
 from modelpress.serving.config import ModelConfig
 
-from .conftest import make_server
+from .conftest import make_server, wait_until
 
 API_KEY = "client-key-123456"
 # MiniLM served must give what sentence-transformers gives (same weights, fp32 torch on both
@@ -98,7 +98,7 @@ def test_hot_swap_under_concurrent_tritonclient_traffic_fails_no_request(served,
         while not stop.is_set() or not seen or seen[-1] != "2":
             try:
                 seen.append(client.infer("enc", [inp]).get_response()["model_version"])
-            except Exception as exc:  # any failure is what this test is about
+            except Exception as exc:  # noqa: BLE001  (any failure is what this test is about)
                 failures.append(repr(exc))
             if len(seen) > 5000:
                 break
@@ -106,8 +106,7 @@ def test_hot_swap_under_concurrent_tritonclient_traffic_fails_no_request(served,
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     for t in threads:
         t.start()
-    while len(seen) < 10 and not failures:  # traffic flows before the swap starts
-        threading.Event().wait(0.01)
+    wait_until(lambda: len(seen) >= 10 or bool(failures), 60, "traffic before the swap")  # traffic flows before the swap starts
     try:
         client = httpclient.InferenceServerClient(host, network_timeout=120)
         client.load_model(

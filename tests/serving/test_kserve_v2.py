@@ -9,7 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
-from .conftest import add_model, client_for, make_server, text_request
+from .conftest import add_model, client_for, make_server, text_request, wait_for
+
+WAIT_S = 10  # a queued request reaches the batcher in milliseconds; this only bounds a hung test
 
 pytestmark = pytest.mark.anyio
 API_KEY = "test-key-123456"
@@ -147,11 +149,9 @@ async def test_concurrent_requests_are_batched_together(tiny_encoder):
         runner.gate.clear()
         lv = server.repository.get("enc")
         first = asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request(["first"])))
-        while not runner.entered.is_set():
-            await asyncio.sleep(0.005)
+        await wait_for(runner.entered.is_set, WAIT_S, "the first batch to run")
         rest = [asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request([f"sentence number {i}"]))) for i in range(12)]
-        while lv.batcher.depth < 12:
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: lv.batcher.depth == 12, WAIT_S, "twelve queued rows")
         runner.gate.set()
         responses = await asyncio.gather(first, *rest)
         assert all(r.status_code == 200 for r in responses)
@@ -167,11 +167,9 @@ async def test_full_queue_is_429_with_retry_after_and_timeout_is_504(tiny_encode
         runner = await add_model(server, str(tiny_encoder), "enc", record=True, max_queue_size=2, timeout_s=0.3)
         runner.gate.clear()
         first = asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request(["a"])))
-        while not runner.entered.is_set():
-            await asyncio.sleep(0.005)
+        await wait_for(runner.entered.is_set, WAIT_S, "the first batch to run")
         waiting = asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request(["b", "c"])))
-        while server.repository.get("enc").batcher.depth < 2:
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: server.repository.get("enc").batcher.depth == 2, WAIT_S, "two queued rows")
         full = await c.post("/v2/models/enc/infer", json=text_request(["d"]))
         assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
         assert "rows queued" in full.json()["error"]

@@ -12,7 +12,7 @@ import pytest
 from modelpress.errors import ConfigError
 from modelpress.serving.config import BatchConfig, ModelConfig, ServerConfig, load_config
 
-from .conftest import add_model, client_for, make_server, text_request
+from .conftest import add_model, client_for, make_server, text_request, wait_for
 
 
 @pytest.mark.anyio
@@ -31,8 +31,7 @@ async def test_hot_swap_in_process_under_concurrent_traffic_fails_nothing(tiny_e
                 versions.append(r.json().get("model_version", "?"))
 
         clients = [asyncio.ensure_future(traffic()) for _ in range(4)]
-        while len(statuses) < 8:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(statuses) >= 8, 30, "traffic before the swap")
         await server.repository.load(ModelConfig(source=str(tiny_encoder), name="enc", version="2", threads=1))
         swapped.set()
         await asyncio.wait_for(asyncio.gather(*clients), 30)

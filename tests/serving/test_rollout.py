@@ -363,14 +363,14 @@ def _wait_ready(url: str, proc, log_path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+            raise AssertionError(f"the server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {open(log_path).read()[-3000:]}")
+    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log_path.read_text()[-3000:]}")
 
 
 @pytest.mark.slow

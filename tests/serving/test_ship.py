@@ -18,6 +18,7 @@ from .conftest import text_request
 KEY = "ship-test-key-1234"
 WINDOW_S = 0.3  # short analysis windows: the whole rollout takes a few seconds
 START_TIMEOUT_S = 30
+SERVED_TIMEOUT_S = 300  # the clients wait this long for ship to have the model served (it optimizes first)
 INT8_RECIPE = {
     "gate": {"spearman": {"min_value": -1.0}},
     "steps": [{"technique": "dynamic-int8", "runtime": "onnxruntime", "fuse": False}],
@@ -72,7 +73,11 @@ def steady_clients(url: str, model: str, clients: int = 3) -> Iterator[dict[str,
 
     def one(c: int) -> None:
         with httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + SERVED_TIMEOUT_S
             while not stop.is_set() and client.get(f"/v2/models/{model}/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    seen["errors"].append(f"{model} was not served within {SERVED_TIMEOUT_S} s")
+                    return
                 time.sleep(0.02)
             i = 0
             while not stop.is_set():

@@ -15,11 +15,15 @@ blocks on the model:
   with a Retry-After estimated from the recent throughput; each request has a timeout
   (:class:`RequestTimeoutError`, 504), after which its rows are dropped from the queue;
 * a batch that raises is run again row by row, so one bad input fails only its own request.
+
+Queue times, the delay deadline and the throughput behind Retry-After are read from ``clock``
+(default :func:`time.monotonic`): a test can hold the clock still, or move it past a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -36,12 +40,13 @@ log = logging.getLogger("modelpress.serving")
 BatchObserver = Callable[[int, list[float], float], None]  # (rows, queue seconds per row, run seconds)
 _RATE_SMOOTHING = 0.2  # weight of the newest batch in the rows-per-second estimate behind Retry-After
 _MAX_RETRY_AFTER_S = 60
+WAIT_SLICE_S = 0.05  # a batch waiting for company looks at the clock at least this often (delays are usually shorter)
 
 
 class _Pending:
     """One request's rows in flight: its future, the results so far, how many rows are left."""
 
-    __slots__ = ("future", "results", "remaining", "queued")
+    __slots__ = ("future", "queued", "remaining", "results")
 
     def __init__(self, future: asyncio.Future, n: int) -> None:
         self.future = future
@@ -60,8 +65,10 @@ class Batcher:
         *,
         name: str = "model",
         observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.work = work
+        self.clock = clock
         self.config = config or BatchConfig()
         self.name = name
         self.observer = observer
@@ -115,10 +122,8 @@ class Batcher:
         self.accepting = False
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
-            except asyncio.CancelledError:
-                pass
             self._dispatcher = None
         error = ModelNotReadyError(f"Model '{self.name}' was unloaded before this request ran.", hint="Send it again.")
         while self._queue:
@@ -158,7 +163,7 @@ class Batcher:
                 hint="Retry after the time in the Retry-After header, or raise max_queue_size / instances in the model's serve config.",
             )
         pending = _Pending(self._loop.create_future(), n)
-        now = time.perf_counter()
+        now = self.clock()
         q = self._queue
         if lengths is None:
             for i, row in enumerate(rows):
@@ -206,15 +211,13 @@ class Batcher:
             if self._running and delay > 0 and len(q) < max_bs:
                 deadline = q[0][4] + delay
                 while len(q) < max_bs:
-                    remaining = deadline - time.perf_counter()
+                    remaining = deadline - self.clock()
                     if remaining <= 0:
                         break
                     self._arrived.clear()
-                    try:
-                        async with asyncio.timeout(remaining):
+                    with contextlib.suppress(TimeoutError):  # then the clock says whether the deadline has passed
+                        async with asyncio.timeout(min(remaining, WAIT_SLICE_S)):
                             await self._arrived.wait()
-                    except TimeoutError:
-                        break
             rows = self._take(max_bs)
             if not rows:
                 if not q:
@@ -248,7 +251,7 @@ class Batcher:
         return batch
 
     async def _run(self, rows: list[tuple[_Pending, int, Any, int, float]]) -> None:
-        started = time.perf_counter()
+        started = self.clock()
         try:
             results = await self._loop.run_in_executor(self._pool, self._work_isolated, [r[2] for r in rows])
         except BaseException as exc:  # the pool was shut down, or the task was cancelled at close
@@ -259,7 +262,7 @@ class Batcher:
         self._finish(rows, results, started)
 
     def _finish(self, rows: list[tuple[_Pending, int, Any, int, float]], results: list[Any], started: float) -> None:
-        seconds = time.perf_counter() - started
+        seconds = self.clock() - started
         self._running -= 1
         self._freed.set()
         for (pending, i, _row, _len, _t), result in zip(rows, results, strict=True):
@@ -287,7 +290,7 @@ class Batcher:
         """Run one batch; when it raises, run its rows one by one so only the bad row fails."""
         try:
             results = self.work(rows)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (whatever the model raised answers the request that caused it)
             if len(rows) == 1:
                 return [exc]
             log.warning("batch of %d rows for %s failed (%r); running its rows one by one", len(rows), self.name, exc)
@@ -295,7 +298,7 @@ class Batcher:
             for row in rows:
                 try:
                     results.extend(self.work([row]))
-                except Exception as one:
+                except Exception as one:  # noqa: BLE001  (one bad row fails only its own request)
                     results.append(one)
             return results
         if len(results) != len(rows):
