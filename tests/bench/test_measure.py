@@ -1,7 +1,10 @@
+import time
+
+import numpy as np
 import pytest
 
 import modelpress as mp
-from modelpress.bench.measure import BenchConfig, machine_info, percentiles, ratios
+from modelpress.bench.measure import BenchConfig, machine_info, percentiles, ratios, speed_record, time_interleaved
 from modelpress.bench.report import bench_table
 from modelpress.errors import ConfigError
 
@@ -63,3 +66,79 @@ def test_bad_config_and_baseline():
 def test_machine_info_has_cpu_and_flags():
     info = machine_info()
     assert "cpu" in info and isinstance(info["flags"], list)
+
+
+class _Task:
+    """A task with no model behind it: one input row per item."""
+
+    def uses_tokenizer(self):
+        return False
+
+    def sample_raw(self, n, _data_dir):
+        return list(range(n))
+
+    def preprocess(self, rows, **_):
+        return {"x": np.zeros((len(rows), 1), dtype=np.float32)}
+
+    def sample_inputs(self, bs, seq_len=None, data_dir=None):
+        return {"x": np.zeros((bs, 1), dtype=np.float32)}
+
+
+class _Runner:
+    """Sleeps ``ms`` per call and logs who ran, so the order and the ratios are known."""
+
+    def __init__(self, name, ms, log):
+        self.name, self.ms, self.log = name, ms, log
+
+    def load(self):
+        return self
+
+    def run(self, batch):
+        self.log.append(self.name)
+        time.sleep(self.ms / 1000.0)
+        return {}
+
+
+def test_interleaved_rounds_alternate_the_order_and_report_median_and_spread():
+    log = []
+    cfg = BenchConfig(batch_sizes=[4], seq_lens=[8], seconds=0.06, rounds=4, latency_calls=8, warmup=1, min_iters=2)
+    slow, fast = _Runner("slow", 4, log), _Runner("fast", 1, log)
+    base, var = time_interleaved([slow, fast], _Task(), cfg, progress=log.append)  # progress logs "round k of 4"
+    rounds = [[]]
+    for entry in log[log.index("round 1 of 4") + 1 :]:
+        if entry.startswith("round"):
+            rounds.append([])
+        else:
+            rounds[-1].append(entry)
+    # each round runs both; the order alternates (ABBA), so a drift in the machine's speed hits both alike
+    assert [r[0] for r in rounds] == ["slow", "fast", "slow", "fast"]
+    # in a round, one runner's calls, then the other's (each runner's calls contiguous)
+    assert all(set(r) == {"slow", "fast"} and r == sorted(r, key=r.index) for r in rounds)
+    for t in (base, var):
+        (row,) = t["throughput"]
+        assert len(row["rounds"]) == 4 and row["spread"][0] <= row["items_per_s"] <= row["spread"][1]
+        assert len(t["latency_ms"]["p50_rounds"]) == 4
+    rec = speed_record(base, var, runtime="torch", threads=1, rounds=4)
+    assert rec["throughput_ratio"] > 1.5 and rec["latency_ratio"] > 1.5  # 4 ms against 1 ms per call
+    lo, hi = rec["throughput_ratio_range"]
+    assert lo <= rec["throughput_ratio"] <= hi
+
+
+def test_ratios_of_interleaved_results_are_medians_of_per_round_ratios():
+    base = {
+        "latency_ms": {"p50": 10, "p90": 20, "p99": 30, "mean": 12, "p50_rounds": [10, 30, 10]},
+        "throughput": [{"batch": 1, "seq_len": None, "items_per_s": 100, "rounds": [100, 50, 100]}],
+        "memory_mb": {"rise": 0},
+        "size_bytes": 0,
+    }
+    var = {
+        "latency_ms": {"p50": 5, "p90": 10, "p99": 10, "mean": 6, "p50_rounds": [5, 10, 5]},
+        "throughput": [{"batch": 1, "seq_len": None, "items_per_s": 200, "rounds": [200, 150, 200]}],
+        "memory_mb": {"rise": 0},
+        "size_bytes": 0,
+    }
+    r = ratios(var, base)
+    # per round: 2x, 3x, 2x -> median 2 (a ratio of medians would say 200/100 = 2 too, but the range shows round 2)
+    assert r["throughput_speedup"][0]["speedup"] == 2.0 and r["throughput_speedup"][0]["range"] == [2.0, 3.0]
+    assert r["latency_speedup"]["p50"] == 2.0 and r["latency_p50_speedup_range"] == [2.0, 3.0]
+    assert r["memory_fraction"] is None and r["size_fraction"] is None

@@ -229,6 +229,7 @@ def run_recipe(
     step side by side with the original (:class:`~modelpress.optimize.step.Speed`).
     """
     from modelpress.api import as_artifact
+    from modelpress.optimize.search.sensitivity import auto_exclude
 
     if isinstance(recipe, str | os.PathLike) and not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe)
@@ -271,6 +272,7 @@ def run_recipe(
             index=i,
             overwrite=overwrite,
             rejected_dir=out_dir / "rejected",
+            retry=auto_exclude,
         )
         results.append(step)
         bar(1)
@@ -295,7 +297,7 @@ def run_step(
     limit: int | None = None,
     threads: int | None = None,
     max_drop: float = 0.01,
-    gate: GateConfig | None = None,
+    gate: GateConfig | dict[str, Any] | None = None,
     runtime: str | None = None,
     task_options: dict[str, Any] | None = None,
     speed: Speed | None = None,
@@ -318,7 +320,7 @@ def run_step(
     original = as_artifact(model, task)
     pipe = _pipeline(
         original,
-        gate or GateConfig.for_task(original.task, max_drop=max_drop),
+        parse_gate(gate) if gate is not None else GateConfig.for_task(original.task, max_drop=max_drop),
         data=data,
         data_dir=data_dir,
         limit=limit,

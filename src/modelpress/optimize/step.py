@@ -21,20 +21,22 @@ Manifests written before this shape (no ``speed`` key, or prune's older speed re
 
 from __future__ import annotations
 
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from modelpress._fs import atomic_write_text, replace_folder
 from modelpress.artifacts import MANIFEST_NAME, Artifact
-from modelpress.errors import ModelpressError, OptimizationError
-from modelpress.optimize.configs import Calibration, TechniqueConfig
+from modelpress.errors import ModelpressError
+from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.gate import GateConfig, GateResult, check, flat_metrics
 from modelpress.progress import ProgressFactory, no_progress
 
 RECORD_KEYS = ("evaluation", "gate", "shippable", "speed")
+# (pipeline, source, config, target, variant, its evaluation, its verdict, runtime) -> (variant, evaluation, verdict, layers kept in float)
+Retry = Callable[..., tuple[Artifact, dict[str, Any], GateResult, list[str]]]
 
 
 @dataclass
@@ -256,6 +258,7 @@ class Pipeline:
         rejected_dir: Path | None = None,
         register: bool = True,
         errors: Literal["record", "raise"] = "record",
+        retry: Retry | None = None,
     ) -> StepResult:
         """Apply ``cfg`` to ``source`` (default: the original) into ``target``, then evaluate (on
         ``runtime``, default the config's), gate, time, record and register it.
@@ -263,6 +266,9 @@ class Pipeline:
         A variant that breaks the gate is marked ``shippable: false`` and moved to
         ``rejected_dir`` when one is given (else left where it is); it is never registered.
         ``errors``: a technique or evaluation error is recorded in the result, or raised.
+        ``retry``: called when the gate fails and the config asks for it (``auto_exclude``), to
+        make and judge better variants (recipes pass
+        :func:`modelpress.optimize.search.sensitivity.auto_exclude`).
         """
         source = source or self.original
         runtime = runtime or cfg.runtime
@@ -274,8 +280,8 @@ class Pipeline:
             art = self.apply(source, cfg, target, overwrite=overwrite)
             advance(1)
             evaluation, verdict = self.judge(art, runtime)
-            if not verdict.passed and cfg.auto_exclude > 0:
-                art, evaluation, verdict, res.excluded = self._auto_exclude(source, cfg, target, art, evaluation, verdict, runtime)
+            if not verdict.passed and cfg.auto_exclude > 0 and retry is not None:
+                art, evaluation, verdict, res.excluded = retry(self, source, cfg, target, art, evaluation, verdict, runtime)
             speed = self.measure(art, runtime)
         except ModelpressError as exc:
             if errors == "raise":
@@ -294,39 +300,6 @@ class Pipeline:
         res.path = str(art.path)
         res.seconds = time.perf_counter() - t0
         return res
-
-    def _auto_exclude(
-        self,
-        source: Artifact,
-        cfg: TechniqueConfig,
-        target: Path,
-        art: Artifact,
-        evaluation: dict[str, Any],
-        verdict: GateResult,
-        runtime: str,
-    ) -> tuple[Artifact, dict[str, Any], GateResult, list[str]]:
-        """Keep the most sensitive layers in float (1, 2, 4, ... up to ``auto_exclude``) until the gate passes."""
-        from modelpress.optimize.handlers import calibration_batches
-        from modelpress.optimize.search.sensitivity import layer_sensitivity
-
-        batches, _ = calibration_batches(source, Calibration(samples=32, batch_size=8), self.data_dir)
-        ranked = [name for name, _score in layer_sensitivity(source, cfg, batches)]
-        if not ranked:
-            return art, evaluation, verdict, []
-        k = 1
-        excluded: list[str] = []
-        while k <= min(cfg.auto_exclude, len(ranked)):
-            excluded = ranked[:k]
-            trial = cfg.excluding(excluded)
-            shutil.rmtree(art.path, ignore_errors=True)
-            art = self.apply(source, trial, target, overwrite=True)
-            evaluation, verdict = self.judge(art, runtime)
-            if verdict.passed or k == min(cfg.auto_exclude, len(ranked)):
-                break
-            k = min(k * 2, cfg.auto_exclude, len(ranked))
-        if not art.path.exists():  # pragma: no cover - defensive
-            raise OptimizationError("The auto-exclusion retry left no artifact.")
-        return art, evaluation, verdict, excluded
 
 
 def step_metrics(evaluation: dict[str, Any] | None, speed: dict[str, Any] | None) -> dict[str, Any]:

@@ -48,8 +48,6 @@ DISTILL_VERSION = 1  # part of the cache key: bump when the training changes wha
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-
-
 # -- the student -----------------------------------------------------------------------------
 def layer_plan(n_teacher: int, layers: int | list[int] | None) -> list[int]:
     """The teacher layers the student keeps, in order (see the module docstring)."""

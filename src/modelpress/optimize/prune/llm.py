@@ -41,6 +41,7 @@ from modelpress.optimize.configs.prune import LLMCalibration, SparseGPT, Wanda  
 from modelpress.optimize.handlers import StepContext, calibration_batches, register_handler
 from modelpress.optimize.prune.magnitude import (
     load_trainable,
+    token_stream,
     nm_mask,
     prunable_layers,
     smallest,
@@ -52,8 +53,6 @@ from modelpress.progress import ProgressFactory, no_progress
 
 DEFAULT_CORPUS = "tinyshakespeare-train"
 DAMP_RETRIES = 4  # a Hessian that is not positive definite gets 10x more damping, up to this many times
-
-
 
 
 # -- the two algorithms on one weight ---------------------------------------------------------------
@@ -135,31 +134,6 @@ def reconstruction_error(weight: Any, pruned: Any, hessian: Any) -> float:
 
 
 # -- calibration ---------------------------------------------------------------------------------
-CHUNK_CHARS = 8192  # a long text is tokenized in line-aligned pieces (one megabyte in one call is slow and warns)
-
-
-def _chunks(text: str) -> list[str]:
-    out, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + CHUNK_CHARS)
-        end = len(text) if end < 0 else end + 1
-        out.append(text[start:end])
-        start = end
-    return out
-
-
-def token_stream(task: Any, corpus: Any) -> np.ndarray:
-    """Every document of ``corpus`` tokenized (BOS first, as the task scores it), end to end."""
-    bos = task.config.get("bos_token_id")
-    parts = []
-    for doc in corpus.documents:
-        if not doc:
-            continue
-        if bos is not None:
-            parts.append(np.asarray([bos], dtype=np.int64))
-        for ids in task.tokenizer(_chunks(doc), add_special_tokens=False, verbose=False)["input_ids"]:
-            parts.append(np.asarray(ids, dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def calibration_token_batches(source: Artifact, calib: LLMCalibration, data_dir: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:

@@ -40,6 +40,34 @@ from modelpress.progress import ProgressFactory, no_progress
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+# -- text as one token stream (causal-lm fine-tuning here, SparseGPT/Wanda calibration in llm.py) --
+CHUNK_CHARS = 8192  # a long text is tokenized in line-aligned pieces (one megabyte in one call is slow and warns)
+
+
+def _chunks(text: str) -> list[str]:
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def token_stream(task: Any, corpus: Any) -> np.ndarray:
+    """Every document of ``corpus`` tokenized (BOS first, as the task scores it), end to end."""
+    bos = task.config.get("bos_token_id")
+    parts = []
+    for doc in corpus.documents:
+        if not doc:
+            continue
+        if bos is not None:
+            parts.append(np.asarray([bos], dtype=np.int64))
+        for ids in task.tokenizer(_chunks(doc), add_special_tokens=False, verbose=False)["input_ids"]:
+            parts.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 # -- which layers ------------------------------------------------------------------------------
 def _layer_classes(types: list[str]) -> tuple[type, ...]:
     from torch import nn
@@ -309,8 +337,6 @@ def _batches(source: Artifact, ft: FineTune, ctx: StepContext) -> Callable[[int]
     ds = load_dataset(name, task.dataset_kind, data_dir_=ctx.data_dir)
     rng = np.random.default_rng(ft.seed)
     if isinstance(ds, TextCorpus):
-        from modelpress.optimize.prune.llm import token_stream
-
         ids = token_stream(task, ds)
         if len(ids) <= ft.seq_len + 1:
             raise OptimizationError(

@@ -26,7 +26,7 @@ def pareto_plot(result: Any) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modelpress.optimize.search.tune import FIDELITY, fidelity
+    from modelpress.optimize.search.front import FIDELITY, fidelity
 
     pts = [p for p in result.points if p.status == "measured" and fidelity(p, result.task) is not None and p.throughput]
     fig, ax = plt.subplots(figsize=(8.5, 5.2))

@@ -330,3 +330,45 @@ def _ov_scan(
 
 register_sensitivity("onnxruntime", _ort_layers, _ort_scan)
 register_sensitivity("openvino", _ov_layers, _ov_scan)
+
+
+# -- a recipe step that breaks the gate: keep its most sensitive layers in float ------------------
+def auto_exclude(
+    pipe: Any,
+    source: Artifact,
+    cfg: TechniqueConfig,
+    target: Path,
+    art: Artifact,
+    evaluation: dict[str, Any],
+    verdict: Any,
+    runtime: str,
+) -> tuple[Artifact, dict[str, Any], Any, list[str]]:
+    """Keep the most sensitive layers in float (1, 2, 4, ... up to ``cfg.auto_exclude``) until the gate passes.
+
+    ``pipe`` is the :class:`modelpress.optimize.step.Pipeline` the step runs in: each trial is
+    applied and judged by it. Returns the last variant, its evaluation and verdict, and the
+    layers kept in float.
+    """
+    import shutil
+
+    from modelpress.optimize.configs import Calibration
+    from modelpress.optimize.handlers import calibration_batches
+
+    batches, _ = calibration_batches(source, Calibration(samples=32, batch_size=8), pipe.data_dir)
+    ranked = [name for name, _score in layer_sensitivity(source, cfg, batches)]
+    if not ranked:
+        return art, evaluation, verdict, []
+    k = 1
+    excluded: list[str] = []
+    while k <= min(cfg.auto_exclude, len(ranked)):
+        excluded = ranked[:k]
+        trial = cfg.excluding(excluded)
+        shutil.rmtree(art.path, ignore_errors=True)
+        art = pipe.apply(source, trial, target, overwrite=True)
+        evaluation, verdict = pipe.judge(art, runtime)
+        if verdict.passed or k == min(cfg.auto_exclude, len(ranked)):
+            break
+        k = min(k * 2, cfg.auto_exclude, len(ranked))
+    if art.path is None or not art.path.exists():  # pragma: no cover - defensive
+        raise OptimizationError("The auto-exclusion retry left no artifact.")
+    return art, evaluation, verdict, excluded
