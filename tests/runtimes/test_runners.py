@@ -92,3 +92,29 @@ def test_torch_compile_option(tiny_cnn):
     art = mp.load(tiny_cnn, task="image-classification")
     r = mp.create_runner(art, "torch", compile=True)
     assert r.describe()["compile"] is True
+
+
+def test_the_default_runtime_is_the_one_the_manifest_records(tiny_cnn, tmp_path):
+    from modelpress.artifacts import Artifact
+    from modelpress.runtimes import runtime_of
+
+    art = mp.load(tiny_cnn, task="image-classification")
+    assert runtime_of(art) == "torch" and mp.create_runner(art).name == "torch"
+    mp.export(art, "onnx", tmp_path / "o")
+    onnx_art = mp.load(tmp_path / "o")
+    assert mp.create_runner(onnx_art).name == "onnxruntime"  # an ONNX file runs on ONNX Runtime, without being told
+    assert mp.create_runner(onnx_art, "openvino").name == "openvino"  # a runtime given explicitly wins
+    # a variant records the runtime its step was made for
+    step = {"technique": "dynamic-int8", "runtime": "openvino"}
+    variant = Artifact(onnx_art.manifest.model_copy(update={"step": step}), onnx_art.path)
+    assert runtime_of(variant) == "openvino" and mp.create_runner(variant).name == "openvino"
+    unknown = Artifact(onnx_art.manifest.model_copy(update={"step": {"technique": "x", "runtime": "tensorrt"}}), onnx_art.path)
+    assert runtime_of(unknown) == "onnxruntime"  # a runtime this install does not know: the format decides
+    # the verbs use it too
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(4) % 10)
+    res = mp.evaluate(variant, data=str(tmp_path / "d.npz"), reference=art)
+    assert res["runtime"] == "openvino" and res["reference"]["runtime"] == "torch"
+    assert res["agreement"]["label_agreement"] == 1.0
+    cfg = mp.BenchConfig(batch_sizes=[1], seconds=0.05, latency_calls=3, min_iters=1, warmup=1, rounds=1)
+    assert [r["runtime"] for r in mp.bench(variant, config=cfg)["results"]] == ["openvino"]

@@ -1,4 +1,4 @@
-"""Handlers: per-request tokenizing + per-batch padding equals the task's own preprocessing."""
+"""Handlers: per-request tokenizing + per-batch padding (the task's own encoder) equals the task's preprocessing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def encoder(tiny_encoder):
 def test_rows_padded_per_batch_equal_the_task_preprocessing(encoder):
     task, runner = encoder
     h = TextHandler(task, runner)
+    assert h.encoder is task.encoder  # one encoder: the server tokenizes and pads with the task's own
     decoded = h.decode(TEXTS)
     assert decoded.lengths == [len(ids) for ids, _ in decoded.rows]
     assert decoded.tokens == sum(decoded.lengths)
