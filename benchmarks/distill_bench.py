@@ -32,11 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+from _procs import LOAD_LOG, load_section
 from rich.console import Console
 from rich.table import Table
 
 import modelpress as mp
-from _procs import LOAD_LOG, load_section
 from modelpress.bench.measure import machine_info
 from modelpress.cli import progress_bars
 from modelpress.locations import find_data_dir
@@ -81,7 +81,9 @@ def timed(
         finally:
             for r in runners:
                 r.close()
-        out[t] = {label: {row["batch"]: row["items_per_s"] for row in tm["throughput"]} for (label, *_), tm in zip(rows, timings, strict=True)}
+        out[t] = {
+            label: {row["batch"]: row["items_per_s"] for row in tm["throughput"]} for (label, *_), tm in zip(rows, timings, strict=True)
+        }
     return out
 
 

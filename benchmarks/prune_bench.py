@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _procs import LOAD_LOG, load_section
 from rich.console import Console
 from rich.table import Table
 
 import modelpress as mp
-from _procs import LOAD_LOG, load_section
 from modelpress.bench.measure import SPEED_ROUNDS, BenchConfig, compare_speed, machine_info
 from modelpress.locations import find_data_dir
 from modelpress.optimize.techniques import apply_technique

@@ -113,7 +113,7 @@ def rss_mb(pid: int) -> float:
     return sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20
 
 
-def start_ours(runtime: str, tmp: Path, procs: Procs) -> tuple[subprocess.Popen, int]:
+def start_ours(runtime: str, tmp: Path, procs: Procs, load_test: bool) -> tuple[subprocess.Popen, int]:
     batching = {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS}
     models = [
         {"source": "minilm", "name": "minilm", "runtime": runtime, "threads": THREADS, "batching": batching},
@@ -124,14 +124,17 @@ def start_ours(runtime: str, tmp: Path, procs: Procs) -> tuple[subprocess.Popen,
             "threads": THREADS,
             "batching": {**batching, "bucketing": False, "pad_to_length": 128},
         },
-        {
-            "source": "minilm",
-            "name": "minilm-q128",
-            "runtime": runtime,
-            "threads": THREADS,
-            "batching": {**batching, "max_queue_size": 128},
-        },
     ]
+    if load_test:  # the overload test's model: a queue of 128 rows
+        models.append(
+            {
+                "source": "minilm",
+                "name": "minilm-q128",
+                "runtime": runtime,
+                "threads": THREADS,
+                "batching": {**batching, "max_queue_size": 128},
+            }
+        )
     port = free_port()
     cfg = tmp / "serve.json"
     cfg.write_text(json.dumps({"models": models, "access_log": False, "log_level": "warning"}))
@@ -174,6 +177,11 @@ def served(port: int, model: str, bodies: list[bytes], concurrency: int) -> dict
             model_busy=d["seconds"] * result["rps"] / d["rows"],
         )
     return result
+
+
+def in_process_items(bs: int, requests: int) -> int:
+    """Items per in-process throughput figure: 128 below batch 32, 256 from it (fewer only for runs of fewer requests)."""
+    return min(128 if bs < 32 else 256, max(bs, requests))
 
 
 def our_bodies(texts: list[str], model: str) -> list[bytes]:
@@ -223,7 +231,7 @@ def main() -> int:
         print("in process ...", flush=True)
         local = InProcess(texts, args.runtime)
         print("modelpress serve ...", flush=True)
-        proc, port = start_ours(args.runtime, tmp, procs)
+        proc, port = start_ours(args.runtime, tmp, procs, load_test=bool(args.load_requests))
         peer_ports = {}
         if peers:
             py = peer_python(peers)
@@ -241,7 +249,7 @@ def main() -> int:
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", flush=True)
                 one: dict[str, Any] = {"in_process": {"latency_ms": percentiles(local.latency(per_round_c1))}}
-                one["in_process"]["throughput"] = {bs: local.throughput(bs, 128 if bs < 32 else 256) for bs in (1, 8, 32, 64)}
+                one["in_process"]["throughput"] = {bs: local.throughput(bs, in_process_items(bs, args.requests)) for bs in (1, 8, 32, 64)}
                 one["c1"] = served(port, "minilm", ours_bodies["minilm"][:per_round_c1], 1)
                 one["c64"] = served(port, "minilm", ours_bodies["minilm"][:per_round_c64], 64)
                 one["c64_pad128"] = served(port, "minilm-pad128", ours_bodies["minilm-pad128"][:per_round_c64], 64)

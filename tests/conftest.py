@@ -24,13 +24,13 @@ def _no_stray_processes():
     """The session fails when a process the tests started is still running at its end.
 
     Every child inherits a mark in its environment; at the end, the descendants of this process,
-    the marked processes and the members of the groups ``_procs.popen_group`` created are listed
+    the marked processes and the members of the groups ``_processes.popen_group`` created are listed
     (those alive before the session, the machine's services, never count), given a few seconds to
     finish a shutdown in progress, and then reported as an error and ended.
     """
     import uuid
 
-    from ._procs import MARK_ENV, describe, end, snapshot, strays
+    from ._processes import MARK_ENV, describe, end, snapshot, strays
 
     before = snapshot()
     mark = os.environ[MARK_ENV] = uuid.uuid4().hex

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ._procs import MARK_ENV, alive, end, marked, run_group, snapshot, strays
+from ._processes import MARK_ENV, alive, end, marked, run_group, snapshot, strays
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
