@@ -145,8 +145,10 @@ def follow(
             return doc
         if time.monotonic() > deadline:
             raise ModelpressRuntimeError(
-                f"The rollout of '{name}' is still {doc.get('status')} after {timeout_s:.0f} s (phase {doc.get('phase')}); it keeps running on the server.",
-                hint=f"Windows wait for --min-requests candidate requests: send traffic, or follow it with: modelpress rollout status {name}",
+                f"The rollout of '{name}' is still {doc.get('status')} after {timeout_s:.0f} s (phase {doc.get('phase')}); "
+                "it keeps running on the server.",
+                hint="Windows wait for --min-requests candidate requests: send traffic, "
+                f"or follow it with: modelpress rollout status {name}",
             )
         time.sleep(poll_s)
 
@@ -251,9 +253,8 @@ def serve_foreground(source: str, runtime: str | None, name: str, *, port: int =
 
     cfg = ServerConfig.from_models([source], runtime=runtime, name=name).model_copy(update={"port": port})
     base = f"http://127.0.0.1:{port}"
-    announce(
-        f"serving {source}{f' ({runtime})' if runtime else ''} as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)"
-    )
+    on = f" ({runtime})" if runtime else ""
+    announce(f"serving {source}{on} as {name}: dashboard {base}/dashboard, model {base}/v2/models/{name} (Ctrl-C to stop)")
     try:
         serve(cfg)
     except KeyboardInterrupt:  # Ctrl-C is how this ends: in-flight requests have finished by now

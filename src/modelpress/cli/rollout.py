@@ -11,31 +11,23 @@ Every command takes ``--url`` (default ``$MODELPRESS_URL``, else http://127.0.0.
 
 from __future__ import annotations
 
-import json
-import re
-import sys
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from modelpress.errors import ConfigError, ModelpressRuntimeError, RolloutConflictError, RolloutNotFoundError, UnauthorizedError
+from modelpress.cli.common import console, emit_json, handle_errors, out
 from modelpress.rollout.client import DEFAULT_URL, call
-from modelpress.units import parse_duration, parse_percentages as parse_steps
+from modelpress.units import parse_duration
 from modelpress.units import parse_fraction as parse_rate
+from modelpress.units import parse_percentages as parse_steps
 
 WIDE = 140  # columns for tables when stdout is not a terminal
-console = Console(stderr=True)
-out = Console()
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="MODELPRESS_URL", help="The server's base URL.")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="The server's API key (header X-API-Key).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")]
 NameArg = Annotated[str, typer.Argument(help="The served model name.")]
-
-
-def _emit(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _pct(v: Any) -> str:
@@ -51,8 +43,9 @@ def print_status(doc: dict[str, Any]) -> None:
     phases = doc.get("phases") or []
     weights = ", ".join(f"{k}: {w:g}%" for k, w in (doc.get("weights") or {}).items())
     out.print(
-        f"{doc.get('model')}: {spec.get('strategy', '')} rollout {doc.get('baseline')} -> {doc.get('candidate')} is [bold]{doc.get('status')}[/bold]; "
-        f"phase {doc.get('phase')}, step {doc.get('step', 0) + 1}/{len(phases) or 1}; traffic {weights or '-'}",
+        f"{doc.get('model')}: {spec.get('strategy', '')} rollout {doc.get('baseline')} -> {doc.get('candidate')} "
+        f"is [bold]{doc.get('status')}[/bold]; phase {doc.get('phase')}, step {doc.get('step', 0) + 1}/{len(phases) or 1}; "
+        f"traffic {weights or '-'}",
         highlight=False,
         soft_wrap=True,
     )
@@ -63,7 +56,8 @@ def print_status(doc: dict[str, Any]) -> None:
         w = win.get(who)
         if w:
             out.print(
-                f"  window {who}: {w['requests']} requests, errors {_pct(w['error_rate'])}, p50 {_ms(w['p50_ms'])} ms, p99 {_ms(w['p99_ms'])} ms"
+                f"  window {who}: {w['requests']} requests, errors {_pct(w['error_rate'])}, "
+                f"p50 {_ms(w['p50_ms'])} ms, p99 {_ms(w['p99_ms'])} ms"
                 + (f", agreement {w['agreement']:.4f}" if w.get("agreement") is not None else ""),
                 highlight=False,
                 soft_wrap=True,
@@ -99,23 +93,21 @@ def print_report(doc: dict[str, Any]) -> None:
     for t in doc["tests"]:
         p = t["p_value"]
         verdict = "significant" if t["significant"] else "not significant"
-        out.print(
-            f"  {t['metric']}: {t['method']}, candidate - baseline = {t['difference'] if t['difference'] is not None else '-':.4g}, p = {p if p is not None else float('nan'):.4g} -> {verdict}"
-            if t["difference"] is not None
-            else f"  {t['metric']}: {t['method']} -> not enough data",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if t["difference"] is None:
+            line = f"  {t['metric']}: {t['method']} -> not enough data"
+        else:
+            p_text = f"{p if p is not None else float('nan'):.4g}"
+            line = f"  {t['metric']}: {t['method']}, candidate - baseline = {t['difference']:.4g}, p = {p_text} -> {verdict}"
+        out.print(line, highlight=False, soft_wrap=True)
     out.print(
-        f"[bold]{'The difference is significant' if doc['significant'] else 'No significant difference'}[/bold] at alpha = {doc['alpha']:g}.",
+        f"[bold]{'The difference is significant' if doc['significant'] else 'No significant difference'}[/bold] "
+        f"at alpha = {doc['alpha']:g}.",
         highlight=False,
         soft_wrap=True,
     )
 
 
 def register_commands(app: typer.Typer) -> None:
-    from modelpress.cli.registry import handle_errors
-
     rollout = typer.Typer(
         name="rollout", help="Canary, shadow, blue-green and A/B rollouts on a running server.", no_args_is_help=True, add_completion=False
     )
@@ -147,6 +139,10 @@ def register_commands(app: typer.Typer) -> None:
         source: Annotated[
             str | None, typer.Option("--source", help="Where to load the candidate from when not loaded (default NAME:CANDIDATE).")
         ] = None,
+        runtime: Annotated[
+            str | None,
+            typer.Option("--runtime", help="The runtime to load the candidate on (default: the one its manifest records, else torch)."),
+        ] = None,
         promote: Annotated[
             bool, typer.Option("--promote/--no-promote", help="Promote the candidate to production in the registry at the end.")
         ] = True,
@@ -169,23 +165,23 @@ def register_commands(app: typer.Typer) -> None:
         }
         if steps is not None:
             body["steps"] = parse_steps(steps)
-        for key, value in (("baseline", baseline), ("source", source)):
+        for key, value in (("baseline", baseline), ("source", source), ("runtime", runtime)):
             if value is not None:
                 body[key] = value
         doc = call("POST", url, f"/rollouts/{name}/start", api_key, body)
-        _emit(doc) if as_json else print_status(doc)
+        emit_json(doc) if as_json else print_status(doc)
 
     @rollout.command()
     @handle_errors
     def status(name: NameArg, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
         """Phase, step, traffic split, the current window's numbers and the latest decisions."""
         doc = call("GET", url, f"/rollouts/{name}", api_key)
-        _emit(doc) if as_json else print_status(doc)
+        emit_json(doc) if as_json else print_status(doc)
 
     def _action(verb: str, doc_line: str) -> None:
         def command(name: NameArg, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
             doc = call("POST", url, f"/rollouts/{name}/{verb}", api_key)
-            _emit(doc) if as_json else print_status(doc)
+            emit_json(doc) if as_json else print_status(doc)
 
         command.__doc__ = doc_line
         rollout.command(verb)(handle_errors(command))
@@ -200,7 +196,7 @@ def register_commands(app: typer.Typer) -> None:
     def report(name: NameArg, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
         """The A/B analysis: counts, error rates, latency with CIs, and whether the difference is significant."""
         doc = call("GET", url, f"/rollouts/{name}/report", api_key)
-        _emit(doc) if as_json else print_report(doc)
+        emit_json(doc) if as_json else print_report(doc)
 
     @app.command("rollback")
     @handle_errors
@@ -214,7 +210,7 @@ def register_commands(app: typer.Typer) -> None:
         """Instant rollback on a running server: live traffic goes back to the previous production version."""
         doc = call("POST", url, f"/rollouts/{name}/rollback", api_key, {"why": why} if why else None)
         if as_json:
-            _emit(doc)
+            emit_json(doc)
             return
         where = (
             f"; the registry has {doc['production']} in production again"

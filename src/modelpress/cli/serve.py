@@ -26,7 +26,8 @@ def register_commands(app: typer.Typer) -> None:
             typer.Option(
                 "--runtime",
                 "-r",
-                help="torch, onnxruntime, openvino (for every model named on the command line; default: the runtime each one's manifest records, else torch).",
+                help="torch, onnxruntime, openvino (for every model named on the command line; "
+                "default: the runtime each one's manifest records, else torch).",
             ),
         ] = None,
         threads: Annotated[

@@ -78,7 +78,8 @@ def register_commands(app: typer.Typer) -> None:
             )
         else:
             console.print(
-                f"[red]{name}: the rollout of {res.candidate_ref} ended {res.status}[/red]: {res.rollout.get('reason', '')}; {res.baseline_ref} still serves.",
+                f"[red]{name}: the rollout of {res.candidate_ref} ended {res.status}[/red]: "
+                f"{res.rollout.get('reason', '')}; {res.baseline_ref} still serves.",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -27,4 +27,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'modelpress.rollout' has no attribute '{name}'")
 
 
-__all__ = sorted(_LAZY)
+__all__ = ["RolloutExtension", "RolloutServer", "serve", "with_rollouts"]

@@ -99,9 +99,11 @@ def alert_rules(models: Any, thresholds: AlertThresholds | dict[str, Any] | None
         rules = [
             {
                 "alert": "ModelpressHighErrorRate",
-                "expr": f'{by} (rate({REQUESTS}{{{sel},status=~"{FAILED_STATUS}"}}[{w}])) / {by} (rate({REQUESTS}{{{sel}}}[{w}])) > {th.max_error_rate:g}',
+                "expr": f'{by} (rate({REQUESTS}{{{sel},status=~"{FAILED_STATUS}"}}[{w}]))'
+                f" / {by} (rate({REQUESTS}{{{sel}}}[{w}])) > {th.max_error_rate:g}",
                 "summary": "{{ $labels.model }}:{{ $labels.version }} fails {{ $value | humanizePercentage }} of its requests",
-                "description": f"More than {100 * th.max_error_rate:g}% of requests answered 5xx or 429 over {w}. During a rollout: modelpress rollout status {name}; to go back: modelpress rollback {name}.",
+                "description": f"More than {100 * th.max_error_rate:g}% of requests answered 5xx or 429 over {w}. "
+                f"During a rollout: modelpress rollout status {name}; to go back: modelpress rollback {name}.",
             },
             {
                 "alert": "ModelpressHighP99Latency",
@@ -113,13 +115,16 @@ def alert_rules(models: Any, thresholds: AlertThresholds | dict[str, Any] | None
                 "alert": "ModelpressQueueSaturated",
                 "expr": f"max by (model, version) ({QUEUE_DEPTH}{{{sel}}}) / {max_queue} > {th.max_queue_fill:g}",
                 "summary": "{{ $labels.model }}:{{ $labels.version }} queue is {{ $value | humanizePercentage }} full",
-                "description": f"More than {100 * th.max_queue_fill:g}% of max_queue_size ({max_queue} rows) is waiting; beyond it requests answer 429. Add instances or lower the load.",
+                "description": f"More than {100 * th.max_queue_fill:g}% of max_queue_size ({max_queue} rows) is waiting; "
+                "beyond it requests answer 429. Add instances or lower the load.",
             },
             {
                 "alert": "ModelpressShadowDisagreement",
-                "expr": f"{by} (rate({SHADOW_AGREEMENT_SUM}{{{sel}}}[{w}])) / {by} (rate({SHADOW_AGREEMENT_COUNT}{{{sel}}}[{w}])) < {th.min_agreement:g}",
+                "expr": f"{by} (rate({SHADOW_AGREEMENT_SUM}{{{sel}}}[{w}]))"
+                f" / {by} (rate({SHADOW_AGREEMENT_COUNT}{{{sel}}}[{w}])) < {th.min_agreement:g}",
                 "summary": "shadow {{ $labels.model }}:{{ $labels.version }} agrees {{ $value }} with the primary",
-                "description": f'Mean agreement of shadow copies (embedding cosine, label or top-1 token agreement) is below {th.min_agreement:g} over {w}; failed copies: {SHADOW_REQUESTS}{{status="error"}}.',
+                "description": "Mean agreement of shadow copies (embedding cosine, label or top-1 token agreement) "
+                f'is below {th.min_agreement:g} over {w}; failed copies: {SHADOW_REQUESTS}{{status="error"}}.',
             },
         ]
         groups.append(

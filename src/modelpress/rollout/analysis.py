@@ -111,7 +111,7 @@ def _version_summary(w: WindowStats, seed: int) -> dict[str, Any]:
     lo, hi = proportion_ci(w.errors, w.n)
     out["error_rate_ci"] = [round(lo, 6), round(hi, 6)] if w.n else None
     for name, q in (("p50", "p50"), ("p99", "p99")):
-        est, low, high = bootstrap_ci(w.latencies, q, seed=seed) if w.latencies.size else (float("nan"),) * 3
+        _estimate, low, high = bootstrap_ci(w.latencies, q, seed=seed) if w.latencies.size else (float("nan"),) * 3
         out[f"{name}_ms_ci"] = [round(low * 1000, 3), round(high * 1000, 3)] if math.isfinite(low) else None
     return out
 

@@ -23,7 +23,8 @@ def call(method: str, url: str, path: str, api_key: str | None, body: dict[str, 
     except httpx.HTTPError as exc:
         raise ModelpressRuntimeError(
             f"Cannot reach the modelpress server at {url} ({type(exc).__name__}: {exc}).",
-            hint="Start it (modelpress serve NAME@production --api-key KEY) or pass --url. To change only the registry: modelpress registry rollback NAME",
+            hint="Start it (modelpress serve NAME@production --api-key KEY) or pass --url. "
+            "To change only the registry: modelpress registry rollback NAME",
         ) from None
     try:
         doc = r.json()

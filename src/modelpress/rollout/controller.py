@@ -190,9 +190,11 @@ class RolloutManager:
 
     def _check_source(self, model: str, label: str, source: str | None) -> None:
         if source is None:
+            config = f'{{"parameters": {{"config": "{{\\"source\\": \\"FOLDER\\", \\"version\\": \\"{label}\\"}}"}}}}'
             raise ConfigError(
-                f"Version '{label}' of '{model}' is not loaded, and '{model}' is not served from the registry, so there is nowhere to load it from.",
-                hint=f'Load it first (POST /v2/repository/models/{model}/load with {{"parameters": {{"config": "{{\\"source\\": \\"FOLDER\\", \\"version\\": \\"{label}\\"}}"}}}}), or pass "source".',
+                f"Version '{label}' of '{model}' is not loaded, and '{model}' is not served from the registry, "
+                "so there is nowhere to load it from.",
+                hint=f'Load it first (POST /v2/repository/models/{model}/load with {config}), or pass "source".',
             )
 
     async def ensure_loaded(self, model: str, label: str, source: str | None, runtime: str | None = None) -> Any:
@@ -258,7 +260,7 @@ class RolloutManager:
         event = ro.event(action, reasons=reasons, numbers=numbers)
         try:
             await self.persist(ro, event, updates=updates)
-        except Exception:  # noqa: BLE001  (the traffic already moved back: that stands even when the registry cannot record it now)
+        except Exception:  # the traffic already moved back: that stands even when the registry cannot record it now
             log.exception("rollout of %s: the %s could not be recorded in the registry", ro.model, action)
             ro.state.update(updates)
             ro.events.append(event)
@@ -273,7 +275,7 @@ class RolloutManager:
             return
         try:
             await self.repository.unload(model, label)
-        except Exception:  # noqa: BLE001  (racing another unload: the version is gone either way)
+        except Exception:  # racing another unload: the version is gone either way
             log.exception("unloading %s:%s after its rollout failed", model, label)
 
     # operations ------------------------------------------------------------------------------------
@@ -342,7 +344,7 @@ class RolloutManager:
                 return []
         try:
             deployments = await asyncio.to_thread(lambda: self.registry().rollouts.list())
-        except Exception:  # noqa: BLE001  (a registry that cannot be read leaves nothing to resume; the server still serves)
+        except Exception:  # a registry that cannot be read leaves nothing to resume; the server still serves
             log.exception("could not read the rollouts to resume from the registry")
             return []
         resumed = []
@@ -354,7 +356,7 @@ class RolloutManager:
             try:
                 await self._resume_one(name, state)
                 resumed.append(name)
-            except Exception:  # noqa: BLE001  (one rollout that cannot resume must not stop the others or the server)
+            except Exception:  # one rollout that cannot resume must not stop the others or the server
                 log.exception("could not resume the rollout of %s", name)
         return resumed
 
@@ -392,8 +394,10 @@ class RolloutManager:
         for t in tasks:
             try:
                 await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001  (stopping: a watcher's last error was logged already)
-                pass
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # stopping: the error is logged, the state stays as recorded
+                log.exception("a rollout watcher ended with an error")
         self.rollouts.clear()
         if self._registry is not None:
             self._registry.close()

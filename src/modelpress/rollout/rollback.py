@@ -34,7 +34,8 @@ async def rollback_live(manager: Any, model: str, why: str | None = None) -> dic
     prod, target = await asyncio.to_thread(manager.registry().rollouts.rollback_target, reg_model)
     if str(prod) != current:
         raise RolloutConflictError(
-            f"'{model}' serves version {current}, but the registry's production version is {prod}; a rollback would not move traffic off what it serves.",
+            f"'{model}' serves version {current}, but the registry's production version is {prod}; "
+            "a rollback would not move traffic off what it serves.",
             hint=f"Load {reg_model}@production first, or use `modelpress registry rollback {reg_model}` to change the registry alone.",
         )
     label = str(target)

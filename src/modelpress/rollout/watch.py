@@ -146,7 +146,7 @@ class Rollout:
                 await self.check()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001  (a registry hiccup must not kill the watcher: log it, try next tick)
+            except Exception:  # a registry hiccup must not kill the watcher: log it, try next tick
                 log.exception("rollout of %s: the window check failed", self.model)
 
     def window_stats(self) -> tuple[WindowStats, WindowStats, bool]:

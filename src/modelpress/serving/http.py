@@ -45,7 +45,7 @@ _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 class RequestInfo:
     """Per-request facts the middleware reports: filled in by the endpoint that answers."""
 
-    __slots__ = ("request_id", "protocol", "model", "version")
+    __slots__ = ("model", "protocol", "request_id", "version")
 
     def __init__(self, request_id: str, protocol: str) -> None:
         self.request_id = request_id

@@ -17,6 +17,7 @@ Series (all prefixed ``modelpress_``):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -99,10 +100,8 @@ class Metrics:
     def forget_version(self, model: str, version: str) -> None:
         """Drop the gauges of an unloaded version (its counters and histograms stay, as Prometheus expects)."""
         for gauge in (self.inflight, self.queue_depth, self.load_seconds):
-            try:
+            with contextlib.suppress(KeyError):  # never set for this version
                 gauge.remove(model, version)
-            except KeyError:
-                pass
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

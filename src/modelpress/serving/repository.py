@@ -257,7 +257,8 @@ class ModelRepository:
             if self.config.registry is None and not registry_exists():
                 raise ConfigError(
                     f"The server does not know where to load '{name}' from.",
-                    hint='Pass its source: {"parameters": {"config": "{\\"source\\": \\"path/or/NAME@production\\"}"}} (tritonclient: load_model(name, config=...)).',
+                    hint='Pass its source: {"parameters": {"config": "{\\"source\\": \\"path/or/NAME@production\\"}"}} '
+                    "(tritonclient: load_model(name, config=...)).",
                 )
             data["source"] = f"{name}@production"
         data["name"] = name

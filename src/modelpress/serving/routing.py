@@ -162,7 +162,8 @@ class Router(Generic[V]):
 
     def versions_hint(self) -> str:
         have = ", ".join(sorted(self.versions)) or "none"
-        return f"Loaded versions of '{self.name}': {have}. Example: /v2/models/{self.name}/versions/{next(iter(sorted(self.versions)), '1')}/infer"
+        example = next(iter(sorted(self.versions)), "1")
+        return f"Loaded versions of '{self.name}': {have}. Example: /v2/models/{self.name}/versions/{example}/infer"
 
 
 class MirrorObserver(Protocol):
@@ -216,7 +217,7 @@ class Mirror:
         try:
             decoded = decode(lv.handler)
             results, _ = await lv.infer(decoded=decoded)
-        except Exception as exc:  # a failing candidate is what shadowing is for: record it, tell no client
+        except Exception as exc:  # noqa: BLE001  (a failing candidate is what shadowing is for: record it, tell no client)
             self._tell("failed", lv, time.perf_counter() - started, exc)
             return
         self._tell("answered", primary, primary_results, lv, results, time.perf_counter() - started)

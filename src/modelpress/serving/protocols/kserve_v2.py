@@ -47,9 +47,8 @@ def _server(request: Request) -> Any:
     return request.app.state.server
 
 
-def _fail(exc: Exception) -> Response:
-    if not isinstance(exc, ModelpressError):
-        raise exc
+def _fail(exc: ModelpressError) -> Response:
+    """The kserve_v2 error answer of a modelpress error (anything else reaches the app's handlers)."""
     return error_response(exc, "kserve_v2")
 
 
@@ -91,7 +90,7 @@ def _metadata(server: Any, model: str, version: str | None) -> dict[str, Any]:
 async def model_metadata(request: Request, model: str) -> Response:
     try:
         return json_response(_metadata(_server(request), model, None))
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -99,7 +98,7 @@ async def model_metadata(request: Request, model: str) -> Response:
 async def model_version_metadata(request: Request, model: str, version: str) -> Response:
     try:
         return json_response(_metadata(_server(request), model, version))
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -127,14 +126,15 @@ async def model_version_ready(request: Request, model: str, version: str) -> Res
     return _ready(request, model, version)
 
 
+def _triton_tensor(t: Any) -> dict[str, Any]:
+    """A tensor as Triton's model configuration describes it (dims without the batch axis)."""
+    return {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}", "dims": list(t.shape[1:]) or [1]}
+
+
 def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any]:
     lv = server.repository.get(model, version)
     b = lv.config.batching
-    tensor = lambda t: {
-        "name": t.name,
-        "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
-        "dims": [d for d in t.shape[1:]] or [1],
-    }  # noqa: E731
+    tensor = _triton_tensor
     return {
         "name": model,
         "platform": f"modelpress_{lv.runtime}",
@@ -154,7 +154,7 @@ def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any
 async def model_config(request: Request, model: str) -> Response:
     try:
         return json_response(_model_config(_server(request), model, None))
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -162,7 +162,7 @@ async def model_config(request: Request, model: str) -> Response:
 async def model_version_config(request: Request, model: str, version: str) -> Response:
     try:
         return json_response(_model_config(_server(request), model, version))
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -171,7 +171,8 @@ def _task_inputs(kind: str, req: InferRequest, expected: list[str]) -> Any:
     """The task inputs (texts or an image array) in a decoded infer request."""
     if len(req.inputs) != 1:
         raise InvalidInputError(
-            f"This model takes one input ({', '.join(expected)}); the request has {len(req.inputs)} ({', '.join(t.name for t in req.inputs)}).",
+            f"This model takes one input ({', '.join(expected)}); "
+            f"the request has {len(req.inputs)} ({', '.join(t.name for t in req.inputs)}).",
             hint=f"Example: {EXAMPLE}",
         )
     t = req.inputs[0]
@@ -209,7 +210,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         )
         payload, headers = encode_response(lv.name, lv.version, req, lv.handler.tensors(results))
         return Response(payload, headers=headers)
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -244,7 +245,7 @@ async def repository_index(request: Request) -> Response:
         if doc.get("ready"):
             rows = [r for r in rows if r["state"] == "READY"]
         return json_response(rows)
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -278,7 +279,7 @@ async def repository_load(request: Request, model: str) -> Response:
                 raise
             raise ConfigError(f"Loading '{model}' from '{cfg_obj.source}' failed: {exc.message}", hint=exc.hint) from None
         return Response(b"", media_type="application/json")
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -291,8 +292,8 @@ async def repository_unload(request: Request, model: str) -> Response:
         version = params.get("version") if isinstance(params, dict) else None
         await server.repository.unload(model, str(version) if version is not None else None)
         return Response(b"", media_type="application/json")
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
-__all__ = ["router", "dumps"]
+__all__ = ["dumps", "router"]

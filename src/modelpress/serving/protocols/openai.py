@@ -44,9 +44,8 @@ _embeddings_doc = {
 }
 
 
-def _fail(exc: Exception) -> Response:
-    if not isinstance(exc, ModelpressError):
-        raise exc
+def _fail(exc: ModelpressError) -> Response:
+    """The openai error answer of a modelpress error (anything else reaches the app's handlers)."""
     return error_response(exc, "openai")
 
 
@@ -66,7 +65,7 @@ async def list_models(request: Request) -> Response:
             except ModelpressError:
                 continue  # still loading
         return json_response({"object": "list", "data": data})
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -76,7 +75,7 @@ async def get_model(request: Request, model: str) -> Response:
     try:
         server.check_inference_key(request)
         return json_response(_model_object(server.repository.get(model)))
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
 
 
@@ -147,5 +146,5 @@ async def embeddings(request: Request) -> Response:
             )
         usage = {"prompt_tokens": decoded.tokens, "total_tokens": decoded.tokens}
         return Response(dumps({"object": "list", "data": data, "model": lv.name, "usage": usage}), media_type="application/json")
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)

@@ -22,9 +22,8 @@ EXAMPLE = '{"inputs": ["A man is playing a guitar."]}'
 TARGET_HEADER = "x-amzn-sagemaker-target-model"
 
 
-def _fail(exc: Exception) -> Response:
-    if not isinstance(exc, ModelpressError):
-        raise exc
+def _fail(exc: ModelpressError) -> Response:
+    """The sagemaker error answer of a modelpress error (anything else reaches the app's handlers)."""
     return error_response(exc, "sagemaker")
 
 
@@ -70,5 +69,5 @@ async def invocations(request: Request) -> Response:
         if lv.task == "embedding":
             return Response(dumps({"embeddings": np.stack(results)}), media_type="application/json")
         return Response(dumps({"predictions": results}), media_type="application/json")
-    except Exception as exc:
+    except ModelpressError as exc:
         return _fail(exc)
