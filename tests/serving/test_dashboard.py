@@ -23,6 +23,7 @@ import pytest
 from modelpress.rollout.routing import ShadowPolicy
 from modelpress.serving.routing import SinglePolicy
 
+from .._processes import run_group
 from .conftest import client_for, make_server, text_request
 from .rollout_support import load_version
 
@@ -104,7 +105,7 @@ class _Elements(HTMLParser):
 
 def _render(chromium: str, url: str) -> _Elements:
     with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
-        done = subprocess.run(
+        done = run_group(  # Chromium's helper processes end with it, also on a timeout
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}", "--dump-dom", url],
             capture_output=True,
             text=True,

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 
-import numpy as np
 import pytest
 
-from modelpress.errors import ConfigError
-from modelpress.rollout.analysis import WindowStats, evaluate
-from modelpress.rollout.spec import ACTIVE, RolloutSpec, parse_spec, phases_of
+from modelpress.rollout.spec import ACTIVE
 from modelpress.serving.config import ModelConfig
 from modelpress.serving.routing import SinglePolicy
 
-from .conftest import client_for, make_server, text_request
+from .conftest import client_for, make_server, registry_at, text_request
 from .rollout_support import FAIL_TEXT, fail_token_of, load_version, steady_traffic, wait_for
 
 KEY = "test-key-123456"
@@ -23,77 +18,6 @@ AUTH = {"x-api-key": KEY}
 ROLLOUT_TIMEOUT_S = 60  # a rollout of 0.2-0.6 s windows ends in seconds; this only bounds a hung one
 # How many windows a decision takes is tested on a fake clock (test_rollout_windows.py); the tests
 # here hold a real server under real traffic to what clients see.
-
-
-def _stats(n: int, errors: int = 0, latency_s: float = 0.01, agreement: float = float("nan")) -> WindowStats:
-    lat = np.full(n - errors, latency_s)
-    w = WindowStats(n=n, errors=errors, latencies=lat, agreement=agreement, n_agreement=n if agreement == agreement else 0)
-    if lat.size:
-        w.p50 = w.p99 = latency_s
-    return w
-
-
-def test_evaluate_passes_breaches_and_waits_on_thresholds():
-    spec = RolloutSpec(candidate="2", max_error_rate=0.01, max_p99_ratio=1.2, min_agreement=0.99, min_requests=20)
-    base = _stats(200, latency_s=0.010)
-    assert evaluate(spec, _stats(100, latency_s=0.011), base).action == "pass"
-    v = evaluate(spec, _stats(100, errors=5, latency_s=0.011), base)
-    assert v.action == "breach" and "error rate 5.00% > 1.00%" in v.reasons[0] and v.numbers["candidate"]["errors"] == 5
-    v = evaluate(spec, _stats(100, latency_s=0.030), base)
-    assert v.action == "breach" and "3.00x the baseline" in v.reasons[0] and v.numbers["p99_ratio"] == pytest.approx(3.0)
-    assert evaluate(spec, _stats(10, errors=5), base).action == "wait"  # too few requests to judge
-    # at 100 % the baseline has no traffic: the p99 it had in earlier windows is the reference
-    v = evaluate(spec, _stats(100, latency_s=0.030), WindowStats(), reference_p99=0.010)
-    assert v.action == "breach" and v.numbers["baseline_p99_ms"] == pytest.approx(10.0)
-    # shadow windows also hold agreement; mid-window only a clear error-rate breach counts
-    assert evaluate(spec, _stats(100, agreement=0.95), base, shadow=True).reasons == ["agreement 0.9500 < 0.99"]
-    assert evaluate(spec, _stats(100, agreement=0.999), base, shadow=True).action == "pass"
-    assert evaluate(spec, _stats(30, errors=1), base, early=True).action == "wait"  # 3.3 %, but its 95 % lower bound is below 1 %
-    assert evaluate(spec, _stats(30, errors=6), base, early=True).action == "breach"
-
-
-def test_specs_and_phases():
-    assert RolloutSpec(candidate="2").steps == [5, 25, 50, 100]
-    assert RolloutSpec(candidate="2", steps=[10, 50]).steps == [10, 50, 100]  # a canary always ends at 100 %
-    assert RolloutSpec(candidate="2", strategy="ab").steps == [50]
-    assert [p["phase"] for p in phases_of(RolloutSpec(candidate="2", strategy="shadow-then-canary", shadow_windows=2, steps=[50]))] == [
-        "shadow",
-        "shadow",
-        "canary",
-        "canary",
-    ]
-    assert [(p["phase"], p["weight"]) for p in phases_of(RolloutSpec(candidate="2", strategy="blue-green"))] == [
-        ("shadow", 0.0),
-        ("switch", 100.0),
-    ]
-    for bad, message in [
-        ({"candidate": "2", "steps": [50, 25]}, "steps must increase"),
-        ({"candidate": "2", "steps": [0, 50]}, r"in \(0, 100\]"),
-        ({"candidate": "2", "strategy": "ab", "steps": [10, 20]}, "ab rollout holds one split"),
-        ({"candidate": "2", "strategy": "linear"}, "strategy"),
-        ({"candidate": "2", "windw_s": 3}, "windw_s"),
-    ]:
-        with pytest.raises(ConfigError, match=message):
-            parse_spec(bad)
-
-
-@pytest.fixture
-def registry_url(tmp_path, tiny_encoder) -> str:
-    """A registry with tiny-enc:1 in production and tiny-enc:2 (the same weights) as a candidate."""
-    import modelpress as mp
-    from modelpress.registry.api import Registry
-
-    url = str(tmp_path / "reg.db")
-    with Registry(url) as reg:
-        reg.register(mp.load(str(tiny_encoder)), "tiny-enc", stage="production")
-        reg.register(mp.load(str(tiny_encoder)), "tiny-enc")
-    return url
-
-
-def _registry(url: str):
-    from modelpress.registry.api import Registry
-
-    return Registry(url)
 
 
 @pytest.mark.anyio
@@ -122,7 +46,7 @@ async def test_canary_of_a_good_candidate_promotes_under_load_with_zero_failed_r
     assert status["status"] == "succeeded", status.get("reason") or status["events"]
     assert seen.failed == 0 and len(seen.statuses) > 100, seen.errors[:3]
     assert set(seen.versions) == {"1", "2"} and seen.versions[-1] == "2"
-    with _registry(registry_url) as reg:
+    with registry_at(registry_url) as reg:
         assert reg.get("tiny-enc@production").version == 2
         history = [e["decision"] for e in reg.rollouts.events("tiny-enc")]
         dep = reg.rollouts.get("tiny-enc")
@@ -242,7 +166,7 @@ async def test_restart_mid_rollout_resumes_from_the_registry_at_the_same_step(re
         async with steady_traffic(c, "tiny-enc", clients=2) as seen:
             await wait_for(lambda: second.rollouts.get("tiny-enc").status not in ACTIVE, ROLLOUT_TIMEOUT_S, "the rest of the canary")
         assert second.rollouts.get("tiny-enc").status == "succeeded" and seen.failed == 0
-    with _registry(registry_url) as reg:
+    with registry_at(registry_url) as reg:
         actions = [e["decision"]["action"] for e in reg.rollouts.events("tiny-enc")]
     assert actions.count("start") == 1 and actions.count("resume") == 1 and actions[-1] == "promote"
     assert actions.count("advance") == 2  # step 1 -> 2 before the restart, 2 -> 3 after: none repeated
@@ -250,7 +174,7 @@ async def test_restart_mid_rollout_resumes_from_the_registry_at_the_same_step(re
 
 @pytest.mark.anyio
 async def test_instant_rollback_under_concurrent_load_fails_nothing_and_records_what_registry_rollback_does(registry_url):
-    with _registry(registry_url) as reg:
+    with registry_at(registry_url) as reg:
         reg.promote("tiny-enc:2", "production")
     server = make_server(registry=registry_url, api_key=KEY, models=[ModelConfig(source="tiny-enc@production", threads=1)])
     async with client_for(server) as c:
@@ -265,7 +189,7 @@ async def test_instant_rollback_under_concurrent_load_fails_nothing_and_records_
         assert set(server.repository.routers["tiny-enc"].versions) == {"1"}  # the version rolled back from drained and unloaded
         r = await c.post("/rollouts/tiny-enc/rollback", headers=AUTH)
         assert r.status_code == 400 and "nothing to roll back to" in r.json()["error"]
-    with _registry(registry_url) as reg:
+    with registry_at(registry_url) as reg:
         last = reg.get("tiny-enc:1").stage_history[-1]
         assert (last["from"], last["to"], last["action"]) == ("archived", "production", "rollback")
         assert reg.get("tiny-enc:2").stage == "archived" and "p99 doubled" in last["why"]
@@ -317,186 +241,6 @@ async def test_management_api_keys_states_feedback_and_report(tiny_encoder):
         assert actions[0] == "start" and actions[-4:] == ["pause", "resume", "pause", "promote"]
         assert "enc" in (await c.get("/rollouts", headers=AUTH)).json()
     await asyncio.sleep(0)
-
-
-# -- a real process killed mid-canary ---------------------------------------------------------
-SERVER_START_TIMEOUT_S = 120  # a fresh interpreter imports torch and loads two tiny models
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_server(registry_url: str, port: int, log_path):
-    import os
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable,
-        "-c",
-        "from modelpress.cli import main; main()",
-        "serve",
-        "tiny-enc@production",
-        "--registry",
-        registry_url,
-        "--port",
-        str(port),
-        "--api-key",
-        KEY,
-        "--threads",
-        "1",
-        "--log-level",
-        "warning",
-    ]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_ready(url: str, proc, log_path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log_path.read_text()[-3000:]}")
-
-
-@pytest.mark.slow
-def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_weights(registry_url, tmp_path):
-    import threading
-
-    import httpx
-
-    port = _free_port()
-    url, log_path = f"http://127.0.0.1:{port}", tmp_path / "server.log"
-    proc = _spawn_server(registry_url, port, log_path)
-    try:
-        _wait_ready(url, proc, log_path)
-        stop = threading.Event()
-
-        def traffic() -> None:
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not stop.is_set():
-                    c.post("/v2/models/tiny-enc/infer", json=text_request(["steady traffic"]))
-
-        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-            # This test is about resuming, not about the SLO checks: the thresholds are loose so a
-            # loaded machine's latency spikes cannot roll the canary back before the kill.
-            spec = {
-                "candidate": "2",
-                "steps": [10, 40, 100],
-                "window_s": 1.5,
-                "min_requests": 3,
-                "max_p99_ratio": 1000.0,
-                "max_error_rate": 0.5,
-            }
-            assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
-            senders = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
-            for t in senders:
-                t.start()
-            deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
-            while (status := c.get("/rollouts/tiny-enc").json())["step"] != 1:
-                assert time.monotonic() < deadline and status["status"] in ("loading", "running"), status
-                time.sleep(0.05)
-            proc.kill()  # SIGKILL, a fraction of a second into the second step's 1.5 s window
-            proc.wait(30)
-            stop.set()
-            for t in senders:
-                t.join(30)
-        assert status["weights"] == {"2": 40.0, "1": 60.0}
-        proc = _spawn_server(registry_url, port, log_path)
-        _wait_ready(url, proc, log_path)
-        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
-            after = c.get("/rollouts/tiny-enc").json()
-            served = c.get("/v2/models/tiny-enc").json()
-        assert after["status"] == "running" and after["step"] == 1 and after["weights"] == status["weights"]
-        assert served["parameters"]["policy"] == status["policy"] and served["versions"] == ["1", "2"]
-        assert [e["action"] for e in after["events"]][-1] == "resume"
-    finally:
-        proc.kill()
-        proc.wait(30)
-
-
-def test_rollout_cli_against_a_running_server(registry_url):
-    import httpx
-    from typer.testing import CliRunner
-
-    from modelpress.cli import app
-    from modelpress.cli.rollout import parse_duration, parse_rate, parse_steps
-
-    assert (parse_duration("200ms"), parse_duration("60s"), parse_duration("5m"), parse_duration("0.5")) == (0.2, 60.0, 300.0, 0.5)
-    assert (parse_rate("1%"), parse_rate("0.02"), parse_steps("5,25,50,100")) == (0.01, 0.02, [5.0, 25.0, 50.0, 100.0])
-    for fn, bad, message in (
-        (parse_duration, "soon", "not a duration"),
-        (parse_rate, "150%", "between 0 and 100%"),
-        (parse_steps, "5,x", "percentages"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            fn(bad)
-    cli = CliRunner()
-    server = make_server(registry=registry_url, api_key=KEY, models=[ModelConfig(source="tiny-enc@production", threads=1)])
-    with server.in_thread() as running:
-        base = ["--url", running.url, "--api-key", KEY]
-        r = cli.invoke(
-            app,
-            [
-                "rollout",
-                "start",
-                "tiny-enc",
-                "--candidate",
-                "2",
-                "--strategy",
-                "canary",
-                "--steps",
-                "50,100",
-                "--window",
-                "200ms",
-                "--max-error-rate",
-                "1%",
-                "--max-p99-ratio",
-                "5",
-                "--min-agreement",
-                "0.99",
-                "--min-requests",
-                "3",
-                *base,
-            ],
-        )
-        assert r.exit_code == 0 and "canary rollout 1 -> 2 is loading" in r.output and "step 1/2" in r.output, r.output
-        assert "version 2 is loading; the first step begins once it is ready" in r.output, r.output
-        with httpx.Client(base_url=running.url, timeout=30) as c:
-            deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
-            while True:
-                c.post("/v2/models/tiny-enc/infer", json=text_request(["cli traffic"]))
-                doc = json.loads(cli.invoke(app, ["rollout", "status", "tiny-enc", "--json", *base]).output)
-                if doc["status"] not in ACTIVE:
-                    break
-                assert time.monotonic() < deadline, doc
-        assert doc["status"] == "succeeded" and doc["promoted"] == "tiny-enc:2"
-        r = cli.invoke(app, ["rollout", "report", "tiny-enc", *base])
-        assert r.exit_code == 0 and "error_rate" in r.output and "significant" in r.output.lower() and "p99 ms" in r.output, r.output
-        r = cli.invoke(app, ["rollback", "tiny-enc", "--why", "cli test", *base])
-        assert r.exit_code == 0 and "now serves version 1; the registry has tiny-enc:1 in production again" in r.output, r.output
-        r = cli.invoke(app, ["rollout", "status", "nope", *base])
-        assert r.exit_code == 2 and "No rollout of 'nope'" in r.output
-        r = cli.invoke(app, ["rollout", "pause", "tiny-enc", "--url", running.url, "--api-key", "wrong-key-00000"])
-        assert r.exit_code == 2 and "API key" in r.output
-    r = cli.invoke(app, ["rollback", "tiny-enc", "--url", "http://127.0.0.1:9", "--api-key", KEY])
-    assert r.exit_code == 2 and "Cannot reach the modelpress server" in r.output and "registry rollback" in r.output
-    with _registry(registry_url) as reg:
-        assert reg.get("tiny-enc@production").version == 1
 
 
 @pytest.mark.anyio
