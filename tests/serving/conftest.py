@@ -113,5 +113,25 @@ def text_request(texts: list[str], name: str = "text") -> dict[str, Any]:
 
 
 @pytest.fixture
+def registry_url(tmp_path, tiny_encoder) -> str:
+    """A registry with tiny-enc:1 in production and tiny-enc:2 (the same weights) as a candidate."""
+    import modelpress as mp
+    from modelpress.registry.api import Registry
+
+    url = str(tmp_path / "reg.db")
+    with Registry(url) as reg:
+        reg.register(mp.load(str(tiny_encoder)), "tiny-enc", stage="production")
+        reg.register(mp.load(str(tiny_encoder)), "tiny-enc")
+    return url
+
+
+def registry_at(url: str) -> Any:
+    """The registry at ``url`` (use it in a with block)."""
+    from modelpress.registry.api import Registry
+
+    return Registry(url)
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -1,4 +1,5 @@
-"""The rollout controller's decisions, window by window, on a fake clock: no model, no traffic, no sleeping.
+"""The rollout controller's decisions, window by window, on a fake clock: no model, no traffic, no sleeping
+(and, at the end, the verdict of one window and the phases of each strategy).
 
 Each test serves fake versions of one model through a stand-in repository, records what the
 versions "did" straight into the Observations at fake times, moves the clock, and asks the
@@ -11,11 +12,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 
 from modelpress.errors import ConfigError, RolloutConflictError
+from modelpress.rollout.analysis import WindowStats, evaluate
 from modelpress.rollout.controller import RolloutManager
 from modelpress.rollout.observations import Observations
+from modelpress.rollout.spec import RolloutSpec, parse_spec, phases_of
 from modelpress.serving.routing import Router, SinglePolicy
 
 from .rollout_support import wait_for
@@ -261,3 +265,56 @@ async def test_aborting_while_the_candidate_loads_unloads_it_once_it_is_ready():
     assert repo.unloaded == ["2"] and set(repo.routers["m"].versions) == {"1"}
     assert repo.routers["m"].policy.describe() == {"policy": "single", "version": "1"}
     assert [e["action"] for e in ro.events] == ["start", "abort"]
+
+
+# -- the verdict of one window, and the phases of each strategy -------------------------------
+def _stats(n: int, errors: int = 0, latency_s: float = 0.01, agreement: float = float("nan")) -> WindowStats:
+    lat = np.full(n - errors, latency_s)
+    w = WindowStats(n=n, errors=errors, latencies=lat, agreement=agreement, n_agreement=n if agreement == agreement else 0)
+    if lat.size:
+        w.p50 = w.p99 = latency_s
+    return w
+
+
+def test_evaluate_passes_breaches_and_waits_on_thresholds():
+    spec = RolloutSpec(candidate="2", max_error_rate=0.01, max_p99_ratio=1.2, min_agreement=0.99, min_requests=20)
+    base = _stats(200, latency_s=0.010)
+    assert evaluate(spec, _stats(100, latency_s=0.011), base).action == "pass"
+    v = evaluate(spec, _stats(100, errors=5, latency_s=0.011), base)
+    assert v.action == "breach" and "error rate 5.00% > 1.00%" in v.reasons[0] and v.numbers["candidate"]["errors"] == 5
+    v = evaluate(spec, _stats(100, latency_s=0.030), base)
+    assert v.action == "breach" and "3.00x the baseline" in v.reasons[0] and v.numbers["p99_ratio"] == pytest.approx(3.0)
+    assert evaluate(spec, _stats(10, errors=5), base).action == "wait"  # too few requests to judge
+    # at 100 % the baseline has no traffic: the p99 it had in earlier windows is the reference
+    v = evaluate(spec, _stats(100, latency_s=0.030), WindowStats(), reference_p99=0.010)
+    assert v.action == "breach" and v.numbers["baseline_p99_ms"] == pytest.approx(10.0)
+    # shadow windows also hold agreement; mid-window only a clear error-rate breach counts
+    assert evaluate(spec, _stats(100, agreement=0.95), base, shadow=True).reasons == ["agreement 0.9500 < 0.99"]
+    assert evaluate(spec, _stats(100, agreement=0.999), base, shadow=True).action == "pass"
+    assert evaluate(spec, _stats(30, errors=1), base, early=True).action == "wait"  # 3.3 %, but its 95 % lower bound is below 1 %
+    assert evaluate(spec, _stats(30, errors=6), base, early=True).action == "breach"
+
+
+def test_specs_and_phases():
+    assert RolloutSpec(candidate="2").steps == [5, 25, 50, 100]
+    assert RolloutSpec(candidate="2", steps=[10, 50]).steps == [10, 50, 100]  # a canary always ends at 100 %
+    assert RolloutSpec(candidate="2", strategy="ab").steps == [50]
+    assert [p["phase"] for p in phases_of(RolloutSpec(candidate="2", strategy="shadow-then-canary", shadow_windows=2, steps=[50]))] == [
+        "shadow",
+        "shadow",
+        "canary",
+        "canary",
+    ]
+    assert [(p["phase"], p["weight"]) for p in phases_of(RolloutSpec(candidate="2", strategy="blue-green"))] == [
+        ("shadow", 0.0),
+        ("switch", 100.0),
+    ]
+    for bad, message in [
+        ({"candidate": "2", "steps": [50, 25]}, "steps must increase"),
+        ({"candidate": "2", "steps": [0, 50]}, r"in \(0, 100\]"),
+        ({"candidate": "2", "strategy": "ab", "steps": [10, 20]}, "ab rollout holds one split"),
+        ({"candidate": "2", "strategy": "linear"}, "strategy"),
+        ({"candidate": "2", "windw_s": 3}, "windw_s"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_spec(bad)
