@@ -77,7 +77,7 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "a").exists()
-    with pytest.raises(ArtifactError, match="no modelpress.json"):
+    with pytest.raises(ArtifactError, match=r"no modelpress\.json"):
         Artifact.open(tmp_path / "a")
 
 

@@ -159,7 +159,7 @@ def bench(
         # Every runner side by side, in interleaved rounds: the ratios to the baseline are per-round ratios.
         results = bench_runners(
             runners,
-            [task_for(a) for a, _ in plan],
+            [tasks[id(a)] for a, _ in plan],
             cfg,
             data_dir=ddir,
             progress=lambda msg: advance(1) if msg.startswith("round") else None,

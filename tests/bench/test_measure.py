@@ -142,3 +142,34 @@ def test_ratios_of_interleaved_results_are_medians_of_per_round_ratios():
     assert r["throughput_speedup"][0]["speedup"] == 2.0 and r["throughput_speedup"][0]["range"] == [2.0, 3.0]
     assert r["latency_speedup"]["p50"] == 2.0 and r["latency_p50_speedup_range"] == [2.0, 3.0]
     assert r["memory_fraction"] is None and r["size_fraction"] is None
+
+
+def test_compare_speed_closes_every_runner_when_timing_fails(monkeypatch):
+    """The runner leak of tune: a runner was left open when benchmarking raised."""
+    import modelpress.runtimes
+    import modelpress.tasks
+    from modelpress.bench.measure import compare_speed
+    from modelpress.errors import ModelpressRuntimeError as RunnerError
+
+    made = []
+
+    class Broken(_Runner):
+        closed = False
+
+        def run(self, batch):
+            if self.name == "variant":
+                raise RunnerError("the variant cannot run")
+            return super().run(batch)
+
+        def close(self):
+            self.closed = True
+
+    def fake_runner(art, runtime, threads=None):
+        made.append(Broken(art, 0, []))
+        return made[-1]
+
+    monkeypatch.setattr(modelpress.runtimes, "create_runner", fake_runner)
+    monkeypatch.setattr(modelpress.tasks, "task_for", lambda _art: _Task())
+    with pytest.raises(RunnerError, match="cannot run"):
+        compare_speed("original", "variant", "torch", config=BenchConfig(batch_sizes=[1], seconds=0.01, rounds=1))
+    assert [r.name for r in made] == ["original", "variant"] and all(r.closed for r in made)

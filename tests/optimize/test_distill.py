@@ -13,8 +13,8 @@ import modelpress
 from modelpress.errors import ConfigError, DatasetError, OptimizationError
 from modelpress.optimize.configs import parse_step
 from modelpress.optimize.distill.distill import Distill, distill, layer_plan, take_layers
-from modelpress.optimize.train.objectives import Objective, TrainData, TrainingSpec
 from modelpress.optimize.train.loop import train
+from modelpress.optimize.train.objectives import Objective, TrainData, TrainingSpec
 
 # the (technique, runtime) pairs this file tests (read by the handler-completeness test)
 COVERED = {("Distill", "torch")}
@@ -37,7 +37,7 @@ def test_layer_plans():
     assert layer_plan(6, [1, 4]) == [1, 4]
     with pytest.raises(OptimizationError, match="cannot take 7"):
         layer_plan(6, 7)
-    with pytest.raises(OptimizationError, match="layers 0..5"):
+    with pytest.raises(OptimizationError, match=r"layers 0\.\.5"):
         layer_plan(6, [0, 6])
 
 
@@ -271,3 +271,22 @@ def test_distill_command_prints_the_gate_table_and_the_speed_ratio(tiny_encoder,
     res = CliRunner().invoke(app, ["distill", str(tiny_encoder), "--layers", "2", "--layer-map", "0,1"])
     assert res.exit_code == 2 and "not both" in res.output
     assert "--json" in CliRunner().invoke(app, ["distill", "--help"]).output
+
+
+def test_the_cache_entry_is_replaced_atomically(tmp_path):
+    """A failed save leaves the old entry as it was (it used to be deleted before the new one was in)."""
+    from modelpress.optimize.distill.distill import store_in_cache
+
+    folder = tmp_path / "cache" / "key"
+    store_in_cache(folder, lambda tmp: (tmp / "weights").write_text("old"))
+
+    def broken(tmp):
+        (tmp / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store_in_cache(folder, broken)
+    assert (folder / "weights").read_text() == "old"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["key"]  # no temporary folder left behind
+    store_in_cache(folder, lambda tmp: (tmp / "weights").write_text("new"))
+    assert (folder / "weights").read_text() == "new" and sorted(p.name for p in folder.parent.iterdir()) == ["key"]

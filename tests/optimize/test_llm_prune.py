@@ -12,7 +12,6 @@ from torch import nn
 import modelpress as mp
 from modelpress.errors import ConfigError, OptimizationError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
-from modelpress.optimize.techniques import apply_technique, handler_for
 from modelpress.optimize.prune.llm import (
     LLMCalibration,
     SparseGPT,
@@ -24,6 +23,7 @@ from modelpress.optimize.prune.llm import (
     wanda_mask,
 )
 from modelpress.optimize.prune.magnitude import load_trainable, smallest
+from modelpress.optimize.techniques import apply_technique, handler_for
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 COVERED = {(cls, rt) for cls in ("SparseGPT", "Wanda") for rt in RUNTIMES}

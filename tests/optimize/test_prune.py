@@ -3,6 +3,7 @@ the handler on Hugging Face folders and torch modules, other runtimes, recipes a
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -14,7 +15,6 @@ import modelpress as mp
 from modelpress.artifacts import hash_folder
 from modelpress.errors import ConfigError
 from modelpress.optimize.configs import parse_step, step_from_json, step_from_yaml
-from modelpress.optimize.techniques import apply_technique, handler_for
 from modelpress.optimize.prune.magnitude import (
     FineTune,
     GradualPruner,
@@ -27,6 +27,7 @@ from modelpress.optimize.prune.magnitude import (
     prunable_layers,
 )
 from modelpress.optimize.prune.sparse_store import pack, size_report, unpack
+from modelpress.optimize.techniques import apply_technique, handler_for
 
 COVERED = {("MagnitudePrune", "torch"), ("MagnitudePrune", "onnxruntime"), ("MagnitudePrune", "openvino")}
 
@@ -101,8 +102,8 @@ def test_gradual_schedule_is_zhu_and_gupta_cubic_and_hits_its_target():
     assert sched.sparsity_at(0, 0.8) == 0.0 and sched.sparsity_at(10, 0.8) == 0.0
     assert sched.sparsity_at(60, 0.8) == pytest.approx(0.8 * (1 - 0.5**3))
     assert sched.sparsity_at(110, 0.8) == 0.8 and sched.sparsity_at(500, 0.8) == 0.8
-    values = [sched.sparsity_at(t, 0.8) for t in range(0, 120)]
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    values = [sched.sparsity_at(t, 0.8) for t in range(120)]
+    assert all(b >= a for a, b in itertools.pairwise(values))
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))

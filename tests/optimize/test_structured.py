@@ -31,7 +31,7 @@ def _mask_inputs(module, keep, size, width=1):
     mask = torch.zeros(size * width)
     for k in keep:
         mask[k * width : (k + 1) * width] = 1.0
-    return module.register_forward_pre_hook(lambda _m, args: (args[0] * mask,) + tuple(args[1:]))
+    return module.register_forward_pre_hook(lambda _m, args: (args[0] * mask, *args[1:]))
 
 
 def test_config_round_trips_and_rejects_bad_values():
@@ -85,7 +85,7 @@ def test_pruned_encoder_loads_evaluates_and_exports_with_parity(tiny_encoder, tm
     batch = runner_batch(loaded)
     out = runner.run(batch)["last_hidden_state"]
     assert out.shape[-1] == 32 and np.isfinite(out).all()
-    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.export import exported
 
     ov = modelpress.export(loaded, "openvino", tmp_path / "ov")  # through the ONNX export, each checked for parity
     for art_ in (exported(loaded, "onnx"), ov):
@@ -171,7 +171,7 @@ def test_cnn_artifact_keeps_its_module_and_exports_with_parity(tiny_cnn, tmp_pat
     assert art.format == "torch" and (art.path / "model.safetensors").is_file()
     assert art.module[0].out_channels == 4 and tiny_cnn[0].out_channels == 8  # the source is untouched
     assert art.manifest.metrics["technique"]["parameters_after"] < art.manifest.metrics["technique"]["parameters_before"]
-    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.export import exported
 
     ov = modelpress.export(art, "openvino", tmp_path / "ov")  # through the ONNX export, each checked for parity
     for art_ in (exported(art, "onnx"), ov):

@@ -152,7 +152,7 @@ def test_static_int8_of_an_in_memory_cnn_keeps_mnist_accuracy(trained_mnist_cnn,
     assert quant >= base - MNIST_ACCURACY_DROP, f"base {base:.4f} | static int8 {quant:.4f} | allowed drop {MNIST_ACCURACY_DROP}"
 
     reopened = mp.load(tmp_path / "v")
-    with pytest.raises(UnsupportedModelError, match="(?s)no module in memory.*art.module = MyNet"):
+    with pytest.raises(UnsupportedModelError, match=r"(?s)no module in memory.*art\.module = MyNet"):
         mp.create_runner(reopened, "torch").load()
     import torch
 
@@ -180,7 +180,7 @@ def test_precision_then_weight_only_chain(tiny_llama, tmp_path):
 def test_unsupported_combinations_fail_clearly(tiny_encoder, tmp_path):
     src = mp.load(tiny_encoder)
     onnx_art = mp.Artifact(mp.Manifest(name="m", task="embedding", format="onnx", model_file="model.onnx"), tmp_path)
-    with pytest.raises(OptimizationError, match="(?s)needs a PyTorch model.*runtime: onnxruntime"):
+    with pytest.raises(OptimizationError, match=r"(?s)needs a PyTorch model.*runtime: onnxruntime"):
         mp.apply_technique(onnx_art, DynamicInt8(runtime="torch"), tmp_path / "x")
     with pytest.raises(
         ConfigError, match=r"(?s)'attention.query' matches no layer.*e\.g\. model\.encoder\.layer\.0\.attention\.self\.query"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert factors[10] == pytest.approx(1.0)
     assert factors[55] == pytest.approx(0.5)
     assert factors[99] == pytest.approx(1 / 90)
-    assert all(b <= a for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert all(b <= a for a, b in itertools.pairwise(factors[10:]))
     flat = TrainConfig(max_steps=100, warmup=0.0, decay="constant", eval_every=None)
     assert {flat.lr_factor(s) for s in range(100)} == {1.0}
 

@@ -99,3 +99,32 @@ def test_budget_spent_leaves_candidates_untried_and_no_pass_raises(tmp_path, dat
             budget_s=600,
             **FAST,
         )
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+def test_run_is_tune_with_registration_and_the_lineage(tmp_path, data_dir):
+    import modelpress as mp
+    from modelpress.registry.api import Registry
+
+    cands = ["torch", {"technique": "test-weight-noise", "sigma": 0.0}]
+    with Registry(home=tmp_path / "home") as reg:
+        job = mp.run("minilm", data="stsb-dev", candidates=cands, budget_s=600, output=tmp_path / "run", registry=reg, **FAST)
+        assert job.tune is not None and job.bench is None and job.chosen is job.tune.chosen
+        assert job.to_json() == job.tune.to_json()
+        assert job.lineage == reg.lineage(job.tune.registered_original)
+    registered = {p.registered for p in job.tune.points if p.registered}
+    assert registered and {c["ref"] for c in job.lineage["root"]["children"]} == registered
+    assert (tmp_path / "run/tune.json").is_file()
+
+
+def test_run_without_a_data_folder_only_benchmarks(tiny_cnn, monkeypatch):
+    import modelpress as mp
+    import modelpress.locations
+
+    monkeypatch.setattr(modelpress.locations, "find_data_dir", lambda _explicit=None: None)
+    art = mp.load(tiny_cnn, task="image-classification")
+    job = mp.run(art, bench_seconds=0.05, threads=1)
+    assert job.tune is None and job.lineage is None and job.chosen is None
+    report = job.to_json()
+    assert [r["runtime"] for r in report["results"]] == ["torch", "onnxruntime", "openvino"] and set(report["ratios"]) == {"1", "2"}

@@ -365,10 +365,11 @@ def compare_speed(
     base_rt = baseline_runtime or runtime
     task = task_for(original)
     same = once_if_same and variant is original and base_rt == runtime
-    runners = [create_runner(original, base_rt, threads=threads)]
-    if not same:
-        runners.append(create_runner(variant, runtime, threads=threads))
-    try:
+    runners: list[Any] = []
+    try:  # every runner made is closed, whatever fails (making the second, loading, timing)
+        runners.append(create_runner(original, base_rt, threads=threads))
+        if not same:
+            runners.append(create_runner(variant, runtime, threads=threads))
         timings = time_interleaved(runners, task, cfg, data_dir=data_dir, latency=latency, progress=progress)
         sizes = [(getattr(r, "loaded_artifact", None) or r.artifact).size_bytes() for r in runners]
     finally:

@@ -2,8 +2,9 @@
 
 Both make one variant with a one-step recipe (:func:`modelpress.optimize.api.compress`), then
 print the gate table (original against variant on the task's metric) and the speed-ups measured
-side by side in the same run (:func:`modelpress.bench.measure.compare_speed`). ``--json`` prints the same as JSON. Exit code 4 when the gate fails (the
-variant stays on disk, marked by the report as not passing).
+side by side in the same run (:func:`modelpress.bench.measure.compare_speed`). ``--json`` prints
+the same as JSON. Exit code 4 when the gate fails (the variant stays on disk, marked by the
+report as not passing).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _show(res: Any, title: str, as_json: bool) -> None:
         if t:
             f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
             out.print(
-                f"training: {t['steps']} steps in {t['seconds']:.0f} s (stopped: {t['stopped']}); held-out metric {f(t['first_metric'])} (untrained) "
+                f"training: {t['steps']} steps in {t['seconds']:.0f} s (stopped: {t['stopped']}); "
+                f"held-out metric {f(t['first_metric'])} (untrained) "
                 f"-> best {f(t['best_metric'])} at step {t['best_step']}" + (" (cached)" if res.technique.get("cached") else "")
             )
         for label, text in speed_rows(res.speed):

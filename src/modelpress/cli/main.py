@@ -25,7 +25,7 @@ from modelpress.cli.common import (
     progress_bars,
     show_third_party_noise,
 )
-from modelpress.errors import ConfigError, ModelpressError
+from modelpress.errors import ConfigError
 
 app = typer.Typer(
     name="modelpress",
@@ -241,7 +241,8 @@ def run(
 
     if find_data_dir(data_dir) is None:
         console.print(
-            "[yellow]No data folder found: quality cannot be measured, so only the benchmark runs (set MODELPRESS_DATA or --data-dir).[/yellow]"
+            "[yellow]No data folder found: quality cannot be measured, so only the benchmark runs "
+            "(set MODELPRESS_DATA or --data-dir).[/yellow]"
         )
 
     def show(p: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,9 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from modelpress.cli.common import DataDirOpt, JsonOpt, TaskOpt, ThreadsOpt, console, emit_json, handle_errors, out, progress_bars
 from modelpress import units
-from modelpress.errors import ConfigError
+from modelpress.cli.common import DataDirOpt, JsonOpt, TaskOpt, ThreadsOpt, console, emit_json, handle_errors, out, progress_bars
 
 
 def parse_fraction(text: str, what: str = "max-drop") -> float:
@@ -158,7 +156,8 @@ def tune(
     min_agreement: Annotated[
         float | None,
         typer.Option(
-            "--min-agreement", help="Also require this agreement with the original (top-10 for embeddings, labels for classifiers)."
+            "--min-agreement",
+            help="Also require this agreement with the original (the task's: mean cosine for embeddings, labels for classifiers).",
         ),
     ] = None,
     budget: Annotated[str, typer.Option("--budget", help="Time for the search: 90s, 5m, 1h.")] = "5m",

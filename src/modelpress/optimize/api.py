@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.artifacts import Artifact
+from modelpress.errors import OptimizationError
 from modelpress.optimize.configs import TechniqueConfig, parse_step, prune_config
 from modelpress.optimize.gate import GateConfig, GateResult
 from modelpress.optimize.recipe import Recipe, RecipeResult, run_recipe, run_step
@@ -124,7 +125,8 @@ def compress(
         progress=progress,
     )
     (step,) = res.steps
-    assert step.artifact is not None and step.gate is not None and step.evaluation is not None
+    if step.artifact is None or step.gate is None or step.evaluation is None:  # pragma: no cover - run_step raises instead
+        raise OptimizationError(f"The step made no variant: {step.error}")
     return CompressResult(step.artifact, res.original, step.evaluation, step.gate, step.speed, step.technique)
 
 
@@ -226,6 +228,7 @@ def run(
     data_dir: str | os.PathLike | None = None,
     progress: ProgressFactory = no_progress,
     on_point: Any = None,
+    **tune_options: Any,
 ) -> RunResult:
     """The main job (``modelpress run``): tune ``model`` against PyTorch eager, register it and its variants.
 
@@ -233,6 +236,7 @@ def run(
     eager (:func:`tune`); with ``register``, the original and every passing variant are recorded
     with their lineage, returned in :attr:`RunResult.lineage`. Without a data folder quality
     cannot be measured, so only the benchmark runs (torch, ONNX Runtime, OpenVINO against torch).
+    ``tune_options``: more settings of :func:`tune` (``data``, ``limit``, ``candidates``, ``name``, ...).
     """
     from modelpress.locations import find_data_dir
 
@@ -267,6 +271,7 @@ def run(
             registry=reg,
             progress=progress,
             on_point=on_point,
+            **tune_options,
         )
         lineage = reg.lineage(res.registered_original) if reg is not None and res.registered_original else None
     finally:

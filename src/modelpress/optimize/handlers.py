@@ -20,6 +20,7 @@ Runtime options travel in ``manifest.task_config["runtime_options"]``, keyed by 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from modelpress.artifacts import Artifact, Manifest, Signature
-from modelpress.errors import OptimizationError, UnknownTechniqueError
+from modelpress.errors import ArtifactError, OptimizationError, UnknownTechniqueError
 from modelpress.optimize.configs import CALIBRATION_DEFAULTS, Calibration, TechniqueConfig, parse_step
 from modelpress.progress import ProgressFactory
 
@@ -140,10 +141,8 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
 
     target = cache_dir("exports") / f"{artifact.content_hash()[:20]}-onnx-eager"
     if target.is_dir():
-        try:
+        with contextlib.suppress(ArtifactError):  # a damaged cache entry is rebuilt below
             return Artifact.open(target)
-        except Exception:  # a damaged cache entry is rebuilt below
-            pass
     return export_onnx(artifact, target, dynamo=False, attn_implementation="eager", overwrite=True)
 
 

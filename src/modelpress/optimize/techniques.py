@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import modelpress.optimize.distill.distill  # noqa: F401  (distillation, runtime torch)
-import modelpress.optimize.prune.llm  # noqa: F401  (SparseGPT and Wanda pruning)
-import modelpress.optimize.prune.magnitude  # noqa: F401  (unstructured and N:M pruning)
-import modelpress.optimize.prune.structured  # noqa: F401  (structured pruning, runtime torch)
-import modelpress.optimize.quantize.onnxruntime  # noqa: F401
-import modelpress.optimize.quantize.openvino  # noqa: F401
+# Each import registers that backend's handlers (distill; SparseGPT and Wanda; magnitude and N:M;
+# structured; ONNX Runtime, OpenVINO and torch quantization).
+import modelpress.optimize.distill.distill
+import modelpress.optimize.prune.llm
+import modelpress.optimize.prune.magnitude
+import modelpress.optimize.prune.structured
+import modelpress.optimize.quantize.onnxruntime
+import modelpress.optimize.quantize.openvino
 import modelpress.optimize.quantize.torch  # noqa: F401
 from modelpress.artifacts import Artifact
 from modelpress.optimize.configs import TechniqueConfig, parse_step

@@ -35,9 +35,8 @@ class Distill(TechniqueConfig):
     def _layers(cls, value: int | list[int] | None) -> int | list[int] | None:
         if isinstance(value, int) and value < 1:
             raise ValueError(f"layers must be at least 1, got {value}; e.g. layers: 3")
-        if isinstance(value, list):
-            if not value or any(i < 0 for i in value) or sorted(set(value)) != value:
-                raise ValueError(f"layers must list teacher layer indices in increasing order, e.g. [0, 3, 5]; got {value}")
+        if isinstance(value, list) and (not value or any(i < 0 for i in value) or sorted(set(value)) != value):
+            raise ValueError(f"layers must list teacher layer indices in increasing order, e.g. [0, 3, 5]; got {value}")
         return value
 
     def label(self) -> str:

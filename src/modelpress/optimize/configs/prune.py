@@ -124,7 +124,8 @@ class MagnitudePrune(PruneConfig):
             steps = (self.fine_tune or FineTune()).steps
             if self.schedule.end_step > steps:
                 raise ValueError(
-                    f"schedule.end_step {self.schedule.end_step} is after the last fine-tuning step {steps}: raise fine_tune.steps or lower end_step"
+                    f"schedule.end_step {self.schedule.end_step} is after the last fine-tuning step {steps}: "
+                    "raise fine_tune.steps or lower end_step"
                 )
         elif self.fine_tune is not None:
             raise ValueError("fine_tune runs with a gradual schedule: add schedule: {end_step: 100} (or drop fine_tune)")

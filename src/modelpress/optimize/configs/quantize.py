@@ -63,7 +63,8 @@ class StaticInt8(TechniqueConfig):
     def check(self) -> None:
         if self.runtime != "onnxruntime" and self.method != "minmax":
             raise ValueError(
-                f"method '{self.method}' is an ONNX Runtime calibration method; {self.runtime} calibrates with min/max statistics (drop 'method')"
+                f"method '{self.method}' is an ONNX Runtime calibration method; "
+                f"{self.runtime} calibrates with min/max statistics (drop 'method')"
             )
         _check_precision_hint(self)
 

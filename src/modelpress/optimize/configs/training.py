@@ -35,13 +35,14 @@ class TrainConfig(StrictModel):
     def _budget(self) -> TrainConfig:
         if self.eval_every is not None and self.eval_every > self.max_steps:
             raise ValueError(
-                f"eval_every ({self.eval_every}) is larger than max_steps ({self.max_steps}): no evaluation would run; e.g. eval_every: {max(1, self.max_steps // 5)}"
+                f"eval_every ({self.eval_every}) is larger than max_steps ({self.max_steps}): no evaluation would run; "
+                f"e.g. eval_every: {max(1, self.max_steps // 5)}"
             )
         return self
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.max_steps))
+        return round(self.warmup * self.max_steps)
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier for the update that follows ``step`` completed steps."""

@@ -124,7 +124,8 @@ def student_from_config(teacher: Any, overrides: dict[str, Any], task: Any) -> A
         setattr(config, key, value)
     if task.name == "embedding" and config.hidden_size != teacher.config.hidden_size:
         raise OptimizationError(
-            f"An embedding student is trained to match its teacher's embeddings, so it needs the teacher's hidden_size ({teacher.config.hidden_size}), not {config.hidden_size}.",
+            "An embedding student is trained to match its teacher's embeddings, so it needs the teacher's "
+            f"hidden_size ({teacher.config.hidden_size}), not {config.hidden_size}.",
             hint="Shrink it with num_hidden_layers or intermediate_size instead.",
         )
     torch.manual_seed(0)

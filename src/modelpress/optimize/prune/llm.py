@@ -29,6 +29,7 @@ are left out of the statistics).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -37,16 +38,16 @@ import numpy as np
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
 from modelpress.optimize.configs.base import Calibration
-from modelpress.optimize.configs.prune import LLMCalibration, SparseGPT, Wanda  # noqa: F401  (their home is configs)
+from modelpress.optimize.configs.prune import LLMCalibration, SparseGPT, Wanda
 from modelpress.optimize.handlers import StepContext, calibration_batches, register_handler
 from modelpress.optimize.prune.magnitude import (
     load_trainable,
-    token_stream,
     nm_mask,
     prunable_layers,
     smallest,
     smallest_per_row,
     sparsity_report,
+    token_stream,
     write_pruned,
 )
 from modelpress.progress import ProgressFactory, no_progress
@@ -62,8 +63,8 @@ def wanda_mask(weight: Any, feature_sq_norms: Any, sparsity: float, nm: tuple[in
     if nm is not None:
         return nm_mask(scores, *nm)
     if group == "layer":
-        return smallest(scores, int(round(weight.numel() * sparsity)))
-    return smallest_per_row(scores, int(round(weight.shape[1] * sparsity)))
+        return smallest(scores, round(weight.numel() * sparsity))
+    return smallest_per_row(scores, round(weight.shape[1] * sparsity))
 
 
 def sparsegpt_prune_(
@@ -78,7 +79,7 @@ def sparsegpt_prune_(
     import torch
 
     W = weight.detach().to(torch.float64).clone()
-    rows, cols = W.shape
+    _rows, cols = W.shape
     H = hessian.detach().to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -105,7 +106,7 @@ def sparsegpt_prune_(
         Err1 = torch.zeros_like(W1)
         M1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:  # adaptive mask selection: the block's lowest w^2 / U_jj^2
-            M1 = smallest(W1**2 / d.reshape(1, -1) ** 2, int(round(W1.numel() * sparsity)))
+            M1 = smallest(W1**2 / d.reshape(1, -1) ** 2, round(W1.numel() * sparsity))
         for j in range(i2 - i1):
             if nm is not None and j % nm[1] == 0:
                 M1[:, j : j + nm[1]] = nm_mask(W1[:, j : j + nm[1]] ** 2 / d[j : j + nm[1]].reshape(1, -1) ** 2, *nm)
@@ -176,9 +177,11 @@ def decoder_blocks(model: Any) -> tuple[str, Any]:
 
     best: tuple[str, Any] | None = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(any(isinstance(s, nn.Linear) for s in child.modules()) for child in mod):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
+        is_stack = (
+            isinstance(mod, nn.ModuleList) and len(mod) and all(any(isinstance(s, nn.Linear) for s in child.modules()) for child in mod)
+        )
+        if is_stack and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
     if best is None:
         raise OptimizationError(
             f"{type(model).__name__} has no list of decoder layers with linear layers in them.",
@@ -204,10 +207,8 @@ def _capture(model: Any, first: Any, batches: list[dict[str, np.ndarray]]) -> li
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for b in batches:
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"]), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return captured
@@ -242,10 +243,10 @@ def prune_causal_lm(
         token_masks = [torch.from_numpy(b["attention_mask"]).reshape(-1).bool() for b in batches]
         for i, block in enumerate(blocks):
             layers = in_blocks[i]
-            stats = {name: None for name in layers}
+            stats = dict.fromkeys(layers)
             current = {"mask": None}
 
-            def make_hook(name: str):  # noqa: ANN202
+            def make_hook(name: str, stats: dict[str, Any] = stats, current: dict[str, Any] = current) -> Any:
                 def hook(mod: Any, inputs: tuple) -> None:
                     x = inputs[0].reshape(-1, inputs[0].shape[-1])[current["mask"]].to(torch.float64)
                     s = (x.T @ x) if isinstance(config, SparseGPT) else (x * x).sum(0)

@@ -118,7 +118,8 @@ def prunable_layers(model: Any, config: PruneConfig, layer_types: list[str] | No
             )
     if not found:
         raise OptimizationError(
-            f"No layer to prune: the model has no {'/'.join(getattr(config, 'layer_types', ['linear']))} layers left after exclude={config.exclude}.",
+            f"No layer to prune: the model has no {'/'.join(getattr(config, 'layer_types', ['linear']))} layers "
+            f"left after exclude={config.exclude}.",
             hint="Check exclude (a regular expression matches anywhere in a module path), or layer_types.",
         )
     return found

@@ -85,7 +85,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     arrays = {}
     with safe_open(str(path), framework="np") as fh:
         meta = fh.metadata() or {}
-        for key in fh.keys():
+        for key in fh.keys():  # noqa: SIM118  (a safetensors handle is not a dict: it has keys(), no __iter__)
             arrays[key] = fh.get_tensor(key)
     return arrays, meta
 

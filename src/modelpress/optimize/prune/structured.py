@@ -19,8 +19,8 @@
 
 The pruned model is saved through the normal paths (a Hugging Face folder with its new shapes;
 a torch-format folder with ``model.safetensors`` and, for zoo architectures, the new channel
-counts in the manifest's ``task_config["architecture"]``, from which ``modelpress.load`` rebuilds it) and then, with ``finetune``, trained to
-recover (:mod:`.objectives`: cross-entropy plus distillation from the unpruned model, or the
+counts in the manifest's ``task_config["architecture"]``, from which ``modelpress.load`` rebuilds
+it) and then, with ``finetune``, trained to recover (:mod:`.objectives`: cross-entropy plus distillation from the unpruned model, or the
 unpruned model's embeddings). Fine-tuned weights are cached like distilled students.
 """
 
@@ -44,9 +44,9 @@ TORCH_WEIGHTS = "model.safetensors"  # the weights file of a format-"torch" fold
 
 
 def _keep_count(n: int, ratio: float, round_to: int | None) -> int:
-    keep = n - int(round(n * ratio))
+    keep = n - round(n * ratio)
     if round_to:
-        keep = int(round(keep / round_to)) * round_to
+        keep = round(keep / round_to) * round_to
     return max(round_to or 1, min(n, keep))
 
 
@@ -109,8 +109,10 @@ def _attention(layer: Any) -> Any:
     if hasattr(getattr(layer, "attention", None), "self"):
         raise OptimizationError(
             "Attention heads of BERT-like encoders cannot be pruned into a loadable model with transformers 5: its BERT has no "
-            "pruned_heads any more and sizes each head as hidden_size / num_attention_heads, so a config cannot describe fewer heads of the same size.",
-            hint="Prune the FFN (targets: [ffn]) and drop whole layers with distill (layers: 3); heads can be pruned on Llama-like decoders.",
+            "pruned_heads any more and sizes each head as hidden_size / num_attention_heads, "
+            "so a config cannot describe fewer heads of the same size.",
+            hint="Prune the FFN (targets: [ffn]) and drop whole layers with distill (layers: 3); "
+            "heads can be pruned on Llama-like decoders.",
         )
     raise OptimizationError(
         f"The attention of a {type(layer).__name__} is not one modelpress knows how to prune.", hint="Use targets: [ffn]."
@@ -280,7 +282,6 @@ def prune_artifact(
     import torch
 
     from modelpress.locations import cache_dir
-    from modelpress.tasks import task_for
     from modelpress.optimize.distill.distill import (
         cache_key,
         copy_sentence_transformers_files,
@@ -289,6 +290,7 @@ def prune_artifact(
         parameter_count,
         store_in_cache,
     )
+    from modelpress.tasks import task_for
 
     task = task_for(source)
     targets = _targets(config, source)
@@ -357,8 +359,8 @@ def prune_artifact(
             folder,
             {**summary, "finetune": json.loads((cached / "finetune-report.json").read_text()), "cached": True, "kept": report["kept"]},
         )
-    from modelpress.optimize.train.objectives import Objective, load_train_data
     from modelpress.optimize.train.loop import train
+    from modelpress.optimize.train.objectives import Objective, load_train_data
 
     spec = config.finetune
     if spec.freeze_embeddings and source.format == "hf":

@@ -72,7 +72,8 @@ def _check_source(source: Artifact, config: TechniqueConfig) -> None:
         raise OptimizationError(
             f"{config.technique_name} on torch needs a PyTorch model (a Hugging Face folder or a torch module); "
             f"'{source.name}' is a {source.format} artifact.",
-            hint=f"Start from the original model, or use runtime: {'openvino' if source.format == 'openvino' else 'onnxruntime'} for this artifact.",
+            hint="Start from the original model, "
+            f"or use runtime: {'openvino' if source.format == 'openvino' else 'onnxruntime'} for this artifact.",
         )
 
 

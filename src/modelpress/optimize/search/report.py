@@ -119,9 +119,11 @@ def tune_report(result: Any, out_dir: Path) -> Path:
     for p in sorted(result.points, key=lambda p: -(p.throughput or 0)):
         cls = "chosen" if result.chosen is p else ("fail" if p.status == "measured" and not p.passed else "")
         rows.append(
-            f"<tr class='{cls}'><td>{_fmt(p.label)}</td><td>{_fmt(p.peer)}</td><td>{_fmt(p.status)}</td><td>{_fmt(p.recovery)}</td>"
-            f"<td>{_fmt(p.throughput, 4)}</td><td>{_fmt(p.speedup, 3)}</td><td>{_fmt(p.latency_p50_ms, 3)}</td><td>{_fmt(p.latency_p99_ms, 3)}</td>"
-            f"<td>{'yes' if p.passed else 'no'}</td><td>{'*' if p.on_front else ''}</td><td>{_fmt(p.error or (p.gate or {}).get('summary'))}</td></tr>"
+            f"<tr class='{cls}'><td>{_fmt(p.label)}</td><td>{_fmt(p.peer)}</td><td>{_fmt(p.status)}</td>"
+            f"<td>{_fmt(p.recovery)}</td><td>{_fmt(p.throughput, 4)}</td><td>{_fmt(p.speedup, 3)}</td>"
+            f"<td>{_fmt(p.latency_p50_ms, 3)}</td><td>{_fmt(p.latency_p99_ms, 3)}</td>"
+            f"<td>{'yes' if p.passed else 'no'}</td><td>{'*' if p.on_front else ''}</td>"
+            f"<td>{_fmt(p.error or (p.gate or {}).get('summary'))}</td></tr>"
         )
     gate_rows = ""
     if result.chosen is not None and result.chosen.gate:
@@ -141,16 +143,18 @@ def tune_report(result: Any, out_dir: Path) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:left}} tr.chosen{{background:#d8f3dc}} tr.fail{{color:#9d0208}}
 img{{max-width:100%}}</style></head><body>
 <h1>modelpress tune: {html.escape(result.model)}</h1>
-<p>task <b>{html.escape(result.task)}</b>, dataset <b>{html.escape(result.dataset)}</b>, primary metric <b>{html.escape(result.primary_metric)}</b>
+<p>task <b>{html.escape(result.task)}</b>, dataset <b>{html.escape(result.dataset)}</b>,
+primary metric <b>{html.escape(result.primary_metric)}</b>
 (original: {_fmt(result.original["metrics"].get(result.primary_metric))}). Machine: {machine}.</p>
 <h2>Chosen: {chosen}</h2>
 <table><tr><th>metric</th><th>original</th><th>variant</th><th>recovery</th><th>threshold</th><th>pass</th></tr>{gate_rows}</table>
 <h2>Quality vs throughput</h2><img alt="pareto" src="data:image/png;base64,{b64["pareto"]}">
 <h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
 <h2>Every candidate</h2>
-<table><tr><th>candidate</th><th>peer recipe</th><th>status</th><th>recovery</th><th>items/s</th><th>speed-up</th><th>p50 ms</th><th>p99 ms</th>
-<th>gate</th><th>front</th><th>notes</th></tr>{"".join(rows)}</table>
-<p>Speed-ups are against {html.escape(result.model)} on PyTorch fp32 eager, measured in the same run (cached points are marked in tune.json).</p>
+<table><tr><th>candidate</th><th>peer recipe</th><th>status</th><th>recovery</th><th>items/s</th><th>speed-up</th>
+<th>p50 ms</th><th>p99 ms</th><th>gate</th><th>front</th><th>notes</th></tr>{"".join(rows)}</table>
+<p>Speed-ups are against {html.escape(result.model)} on PyTorch fp32 eager, timed side by side with each candidate
+in interleaved rounds (cached points are marked in tune.json).</p>
 </body></html>"""
     path = out_dir / "report.html"
     tmp = out_dir / ".report.html.tmp"

@@ -76,7 +76,8 @@ def _check_names(names: list[str]) -> None:
     bad = [n for n in names if n in EVAL_SPLITS]
     if bad:
         raise DatasetError(
-            f"{', '.join(bad)} {'is a split' if len(bad) == 1 else 'are splits'} the gate scores on; training on it would make that score meaningless.",
+            f"{', '.join(bad)} {'is a split' if len(bad) == 1 else 'are splits'} the gate scores on; "
+            "training on it would make that score meaningless.",
             hint="Train on a training split, e.g. data: [stsb-train, sst2-train] (embedding), [sst2-train] (text-classification), "
             "[mnist-train5k] (image-classification), [tinyshakespeare] (causal-lm).",
         )
