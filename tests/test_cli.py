@@ -36,9 +36,8 @@ def test_evaluate_json_on_a_user_file(tiny_classifier, tmp_path):
 
 
 def test_bench_json_with_baseline(tiny_cnn, tmp_path):
-    from modelpress.artifacts import Artifact  # noqa: F401
-
     import modelpress as mp
+    from modelpress.artifacts import Artifact  # noqa: F401
 
     onnx_dir = tmp_path / "cnn"
     mp.export(mp.load(tiny_cnn, task="image-classification"), "onnx", onnx_dir)

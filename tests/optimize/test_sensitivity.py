@@ -5,9 +5,9 @@ import pytest
 
 import modelpress as mp
 from modelpress.errors import ConfigError, OptimizationError
-from modelpress.optimize.quantize import onnxruntime_backend as ob
 from modelpress.optimize.configs import Calibration, DynamicInt8, Precision, StaticInt8, WeightOnly
 from modelpress.optimize.handlers import calibration_batches
+from modelpress.optimize.quantize import onnxruntime_backend as ob
 from modelpress.optimize.search.sensitivity import SCANNERS, damage, layer_sensitivity, quantizable_layers, splice
 
 # A spliced one-layer graph runs the same kernels on the same numbers as the graph quantized with

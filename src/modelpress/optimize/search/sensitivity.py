@@ -281,9 +281,9 @@ def _ov_scan_ops(model: Any) -> list[str]:
 def _ov_scan(
     artifact: Artifact, config: TechniqueConfig, batches: Batches, layers: list[str] | None, metric: Metric, threads: int | None
 ) -> list[tuple[str, float]]:
-    from modelpress.tasks import task_for
     from modelpress.optimize.quantize import openvino_backend as vb
     from modelpress.optimize.quantize.openvino import layers_for, ov_graph
+    from modelpress.tasks import task_for
 
     scan = _check_layers(layers, _ov_layers(artifact, config))
     if not scan:
