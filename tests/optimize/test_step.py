@@ -7,6 +7,7 @@ of ``layer_sparsity`` kept).
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,17 @@ def test_a_one_step_recipe_times_registers_and_records_lineage(tiny_llama, corpu
     (step,) = res.steps
     assert not step.shipped and step.registered is None and Path(step.path) == (tmp_path / "bad").resolve()
     assert json.loads((tmp_path / "bad/modelpress.json").read_text())["metrics"]["shippable"] is False
+
+
+def test_a_recipe_step_that_breaks_the_gate_retries_with_its_most_sensitive_layers_in_float(tiny_encoder, tmp_path):
+    from modelpress.optimize.recipe import run_recipe
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("sentence1,sentence2,score\n" + "\n".join(f"a cat number {i},a dog number {i},{i % 5}" for i in range(20)) + "\n")
+    recipe = {"gate": {"mean_cosine": {"min_value": 1.01}}, "steps": [{"technique": "dynamic-int8", "auto_exclude": 2}]}
+    res = run_recipe(str(tiny_encoder), recipe, tmp_path / "out", data=str(pairs), task="embedding", threads=1)
+    (step,) = res.steps
+    assert step.error is None and not step.shipped and len(step.excluded) == 2  # 1, then 2 layers kept in float; still failing
+    manifest = json.loads((Path(step.path) / "modelpress.json").read_text())
+    assert Path(step.path).parent.name == "rejected" and manifest["metrics"]["shippable"] is False
+    assert manifest["step"]["exclude"] == [f"^{re.escape(name)}$" for name in step.excluded]  # the variant on disk is the last retry
