@@ -37,6 +37,7 @@ def load_dataset(
 ) -> Dataset:
     """Load a dataset by name, path or hub spec; ``kind`` is the shape the task needs."""
     text = str(spec)
+    ds: Dataset
     if text in NAMED:
         ds = NAMED[text][0](data_dir(data_dir_))
     elif text.startswith("hf:"):

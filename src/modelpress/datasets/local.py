@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from modelpress.datasets.base import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
+from modelpress.datasets.base import Dataset, ImageDataset, LabeledTextDataset, PairDataset, TextCorpus
 from modelpress.errors import DataNotFoundError, DatasetError
 
 TREC_COARSE = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -124,7 +125,8 @@ def read_mnist_csv(path: Path, name: str = "mnist-train5k") -> ImageDataset:
 
 
 # name -> (reader, relative paths, description)
-NAMED = {
+# name -> (reader of the data folder, description)
+NAMED: dict[str, tuple[Callable[[Path], Dataset], str]] = {
     "stsb-dev": (lambda d: read_stsb(d / "stsb/sts-dev.csv", "stsb-dev"), "STS-B dev, 1,500 scored sentence pairs"),
     "stsb-train": (lambda d: read_stsb(d / "stsb/sts-train.csv", "stsb-train"), "STS-B train, 5,749 pairs"),
     "sst2-dev": (lambda d: read_sst2(d / "sst2/dev.tsv", "sst2-dev"), "SST-2 dev, 872 sentences, 2 classes"),

@@ -226,8 +226,11 @@ class TorchRunner(Runner):
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        sig = self.signature
+        if sig is None:  # _load always sets it
+            raise UnsupportedModelError(f"The torch runner of '{self.artifact.name}' has no signature.", hint="Call runner.load() first.")
         args = []
-        for n in self.signature.input_names:
+        for n in sig.input_names:
             t = torch.from_numpy(batch[n])
             if self.input_dtype is not None and t.is_floating_point() and t.dtype != self.input_dtype:
                 t = t.to(self.input_dtype)
@@ -248,4 +251,4 @@ class TorchRunner(Runner):
                 out = self._call(*args)
         if isinstance(out, torch.Tensor):
             out = (out,)
-        return {n: t.float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(self.signature.output_names, out, strict=True)}
+        return {n: t.float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(sig.output_names, out, strict=True)}

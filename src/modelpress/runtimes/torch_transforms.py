@@ -238,7 +238,8 @@ def torchao_config(spec: dict[str, Any]) -> Any:
 
         return PrototypeInt4WeightOnlyConfig(group_size=group)
     mapping = MappingType.SYMMETRIC if sym else MappingType.ASYMMETRIC
-    return IntxWeightOnlyConfig(weight_dtype=torch.int8 if bits == 8 else torch.int4, granularity=granularity, mapping_type=mapping)
+    int4 = torch.int4  # type: ignore[attr-defined]  # torch >= 2.6 has it; its type stubs do not list it
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8 if bits == 8 else int4, granularity=granularity, mapping_type=mapping)
 
 
 def _torchao_quantize(module: nn.Module, spec: dict[str, Any], excluded: Sequence[str]) -> None:
@@ -327,7 +328,8 @@ def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
 # -- what was done ----------------------------------------------------------------------------
 def layer_report(module: nn.Module) -> dict[str, Any]:
     """Which layers hold quantized weights, which kept float ones, and the weights' bytes."""
-    quantized, floating = [], []
+    quantized: list[str] = []
+    floating: list[str] = []
     if isinstance(module, torch.fx.GraphModule) and any(_is_dq(n) for n in module.graph.nodes):
         for node in module.graph.nodes:
             if node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
@@ -382,7 +384,7 @@ def save_batches(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
     """Batches (of varying shapes) as one ``.npz``: key ``b0003/input_ids`` is batch 3's ids."""
     arrays = {f"b{i:04d}/{name}": np.ascontiguousarray(arr) for i, batch in enumerate(batches) for name, arr in batch.items()}
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **kwds reach allow_pickle; every value is an array
 
 
 def load_batches(path: Path) -> list[dict[str, np.ndarray]]:

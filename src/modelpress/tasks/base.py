@@ -98,8 +98,8 @@ class Task(ABC):
         """One batch of model outputs to task results."""
 
     @abstractmethod
-    def sample_raw(self, n: int, data_dir: Path | None = None) -> list[Any]:
-        """``n`` realistic raw inputs (real sentences where the data folder is present)."""
+    def sample_raw(self, n: int, data_dir: Path | None = None) -> Any:
+        """``n`` realistic raw inputs (real sentences where the data folder is present; an image array)."""
 
     def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
         """One model batch built from real raw inputs (padded or cut to ``seq_len`` for text)."""
