@@ -50,7 +50,7 @@ def test_every_task_names_one_agreement_metric_among_those_it_reports():
 
 def test_the_gate_the_tuner_and_the_shadow_analysis_read_the_task():
     from modelpress.optimize.gate import AGREEMENT_METRICS, GateConfig
-    from modelpress.optimize.search.tune import FIDELITY
+    from modelpress.optimize.search.front import FIDELITY
     from modelpress.rollout.analysis import agreement_rows
 
     for name, cls in TASKS.items():
