@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             acc = art.manifest.metrics["accuracy"]
             print(
                 f"minilm-sst2: accuracy {acc['value']:.4f} on {acc['dataset']} ({art.manifest.metrics['eval_examples']} sentences); "
-                f"{step.get('steps')} steps in {step.get('train_seconds')} s ({step.get('threads')} threads); this call {time.perf_counter() - t0:.1f} s"
+                f"{step.get('steps')} steps in {step.get('train_seconds')} s ({step.get('threads')} threads); "
+                f"this call {time.perf_counter() - t0:.1f} s"
             )
             print(art.path)
     except ModelpressError as exc:

@@ -46,7 +46,7 @@ def _pg_server() -> tuple[str | None, str]:
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
-    except Exception as exc:  # any failure to connect means: no server to test against
+    except (sa.exc.SQLAlchemyError, OSError) as exc:  # any failure to connect means: no server to test against
         first = (str(getattr(exc, "orig", exc)).strip().splitlines() or [type(exc).__name__])[0]
         return None, f"no PostgreSQL server answers at {sa.make_url(url).render_as_string(hide_password=True)} ({first}); set {PG_ENV}"
     finally:

@@ -171,7 +171,7 @@ def test_register_refuses_bad_input_before_writing_anything(registry, make_artif
         registry.register(Artifact.open(art.path), "m")
     with pytest.raises(ArtifactError, match="lives only in memory"):
         registry.register(Artifact(art.manifest), "m")
-    with pytest.raises(ArtifactError, match="no modelpress.json"):
+    with pytest.raises(ArtifactError, match=r"no modelpress\.json"):
         registry.register(tmp_path, "m")
     assert registry.list_models() == [] and registry.store.list_artifacts() == [] and registry.store.list_temps(include_live=True) == []
 

@@ -38,7 +38,8 @@ def test_a_registry_at_revision_0001_opens_and_upgrades(url, home, make_artifact
         )
         conn.execute(
             text(
-                "INSERT INTO versions (id, model_id, version, artifact_sha, stage, created_at) VALUES (1, 1, 1, :sha, 'production', CURRENT_TIMESTAMP)"
+                "INSERT INTO versions (id, model_id, version, artifact_sha, stage, created_at) "
+                "VALUES (1, 1, 1, :sha, 'production', CURRENT_TIMESTAMP)"
             ),
             {"sha": old.content_hash()},
         )
@@ -69,9 +70,8 @@ def test_the_models_match_the_head_revision(registry):
 
 
 def test_a_database_from_a_newer_modelpress_is_refused(url, home):
-    with Registry(url) as reg:
-        with reg.engine.begin() as conn:
-            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with Registry(url) as reg, reg.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(RegistryError, match="revision head") as info:
         Registry(url)
     assert "newer modelpress" in info.value.hint

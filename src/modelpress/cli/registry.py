@@ -8,18 +8,14 @@ what the user asked, 3 for a missing backend), no traceback; ``check`` exits 1 w
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-
 from rich.markup import escape
 
-from modelpress.cli.common import console, handle_errors, out
+from modelpress.cli.common import JsonOpt, console, emit_json, handle_errors, out
 from modelpress.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,23 +35,14 @@ RegistryOpt = Annotated[
         "--registry", help="Registry database URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, else ~/.modelpress/registry.db)."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 RefArg = Annotated[str, typer.Argument(help="NAME (latest), NAME:VERSION, NAME:latest or NAME@stage.")]
 
 
-@contextlib.contextmanager
-def _open(url: str | None) -> Iterator[Registry]:
+def _open(url: str | None) -> Registry:
+    """The registry at ``url`` (a context manager: ``with _open(url) as reg``), imported only when a command runs."""
     from modelpress.registry.api import Registry
 
-    reg = Registry(url=url)
-    try:
-        yield reg
-    finally:
-        reg.close()
-
-
-def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    return Registry(url=url)
 
 
 def _metrics_text(mv: Any, limit: int = 3) -> str:
@@ -79,7 +66,7 @@ def list_cmd(
         if name is None:
             models = reg.list_models()
             if as_json:
-                _emit(models)
+                emit_json(models)
                 return
             if not models:
                 console.print("The registry is empty. Register a model: modelpress registry register PATH --name NAME")
@@ -93,7 +80,7 @@ def list_cmd(
             return
         versions = reg.list_versions(name)
         if as_json:
-            _emit([v.to_json() for v in versions])
+            emit_json([v.to_json() for v in versions])
             return
         table = Table(title=f"versions of {name}", title_justify="left")
         for col in ("version", "stage", "parent", "step", "metrics", "tags", "created"):
@@ -121,7 +108,7 @@ def show(ref: RefArg, registry: RegistryOpt = None, as_json: JsonOpt = False) ->
     with _open(registry) as reg:
         mv = reg.get(ref)
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     table = Table(title=f"{mv.ref} ({mv.stage})", title_justify="left", show_header=False)
     table.add_column(no_wrap=True)
@@ -162,7 +149,7 @@ def lineage(ref: RefArg, registry: RegistryOpt = None, as_json: JsonOpt = False)
     with _open(registry) as reg:
         tree = reg.lineage(ref)
     if as_json:
-        _emit(tree)
+        emit_json(tree)
         return
     out.print(render_tree(tree))
 
@@ -212,7 +199,7 @@ def register(
             artifact, name, parent=parent, step=step_value, metrics=metrics or None, stage=stage, tags=tag or (), note=note, reuse=reuse
         )
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     verb = "already registered as" if mv.reused else "registered"
     console.print(f"[green]{verb}[/green] [bold]{mv.ref}[/bold] ({mv.stage}, {mv.content_hash[:12]})", highlight=False)
@@ -232,7 +219,7 @@ def promote(
     with _open(registry) as reg:
         mv = reg.promote(ref, stage, who=who, why=why)
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     console.print(f"[green]{mv.ref}[/green] is now [bold]{mv.stage}[/bold]", highlight=False)
 
@@ -250,7 +237,7 @@ def rollback(
     with _open(registry) as reg:
         mv = reg.rollback(name, who=who, why=why)
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     console.print(f"[green]{mv.ref}[/green] is back in production", highlight=False)
 
@@ -268,7 +255,7 @@ def tag(
     with _open(registry) as reg:
         mv = reg.untag(ref, tag_) if remove else reg.tag(ref, tag_)
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     console.print(f"{mv.ref} tags: {escape(', '.join(mv.tags) or '-')}", highlight=False)
 
@@ -285,7 +272,7 @@ def note(
     with _open(registry) as reg:
         mv = reg.note(ref, text)
     if as_json:
-        _emit(mv.to_json())
+        emit_json(mv.to_json())
         return
     console.print(f"noted on {mv.ref}", highlight=False)
 
@@ -302,7 +289,7 @@ def delete(
     with _open(registry) as reg:
         result = reg.delete(ref, force=force)
     if as_json:
-        _emit(result)
+        emit_json(result)
         return
     console.print(f"[green]deleted[/green] {result['deleted']}" + (" and its files" if result["files_removed"] else ""), highlight=False)
 
@@ -321,7 +308,7 @@ def export(
         resolved = reg.get(ref).ref
         artifact = reg.export(resolved, dest, overwrite=force)
     if as_json:
-        _emit({"ref": resolved, "path": str(artifact.path), "content_hash": artifact.manifest.content_hash})
+        emit_json({"ref": resolved, "path": str(artifact.path), "content_hash": artifact.manifest.content_hash})
         return
     console.print(f"[green]exported[/green] {resolved} to {escape(str(artifact.path))}", highlight=False)
 
@@ -337,7 +324,7 @@ def check(
     with _open(registry) as reg:
         report = reg.check(repair=repair)
     if as_json:
-        _emit(report.to_json())
+        emit_json(report.to_json())
     else:
         console.print(f"checked {report.artifacts_checked} artifacts of {report.versions_checked} versions", highlight=False)
         for item in report.missing:

@@ -75,10 +75,10 @@ class RegistryBase:
             return Path(store)
         if os.environ.get(STORE_ENV):
             return Path(os.environ[STORE_ENV])
-        if self.url.get_backend_name() == "sqlite":
+        if self.url.get_backend_name() == "sqlite" and self.url.database:
             db = Path(self.url.database).expanduser().resolve()
             return db.parent / ("store" if db.name == "registry.db" else f"{db.stem}-store")
-        # Never <home>/store, which belongs to the default SQLite registry.
+        # A server (or in-memory) database; never <home>/store, which belongs to the default SQLite registry.
         return self.home / "stores" / re.sub(r"[^A-Za-z0-9]", "", self.registry_id)[:64]
 
     def close(self) -> None:

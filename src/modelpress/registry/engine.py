@@ -15,6 +15,7 @@ Opening runs the Alembic revisions in ``migrations/`` up to head, with a Config 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,11 +51,8 @@ def make_url(url: str | os.PathLike | None, home: Path) -> URL:
             f"'{text}' is not a database URL ({exc}).",
             hint="Use e.g. postgresql+psycopg://user@host:5432/dbname or sqlite:////abs/path/registry.db.",
         ) from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("postgresql", "postgres") and importlib.util.find_spec("psycopg2") is None:
+        parsed = parsed.set(drivername="postgresql+psycopg")  # SQLAlchemy's default driver is psycopg2: use psycopg 3
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise ConfigError(
             "An in-memory SQLite registry cannot keep its artifacts consistent across connections.",
@@ -75,7 +73,8 @@ def create_engine(url: URL) -> Engine:
     kwargs: dict[str, Any] = {}
     backend = url.get_backend_name()
     if backend == "sqlite":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if url.database:  # a file, not an in-memory database
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_S}
     elif backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 10}
@@ -122,7 +121,10 @@ def head_revision() -> str:
     """The newest revision in ``migrations/`` (read once per process: the files do not change)."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package ships its migrations
+        raise RegistryError("The registry's migrations folder has no revision.", hint="Reinstall modelpress.")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:

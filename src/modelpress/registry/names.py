@@ -46,8 +46,7 @@ def validate_name(name: object) -> str:
 
 def validate_tag(tag: object) -> str:
     """Return ``tag`` without surrounding spaces when it is 1 to 128 printable characters."""
-    ok = isinstance(tag, str) and 0 < len(tag.strip()) <= MAX_TAG and tag.isprintable()
-    if not ok:
+    if not (isinstance(tag, str) and 0 < len(tag.strip()) <= MAX_TAG and tag.isprintable()):
         raise ConfigError(f"{tag!r} is not a valid tag.", hint=f"A tag is 1 to {MAX_TAG} printable characters, e.g. 'fp16' or 'best-sts'.")
     return tag.strip()
 

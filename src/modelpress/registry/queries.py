@@ -162,7 +162,7 @@ def lineage_tree(s: Any, focus: VersionRow) -> dict[str, Any]:
     for p, c, _, _ in edges:
         neighbours.setdefault(p, set()).add(c)
         neighbours.setdefault(c, set()).add(p)
-    ids, frontier = {focus.id}, [focus.id]
+    ids, frontier = {focus.id}, {focus.id}
     while frontier:  # the connected component of the focus
         frontier = {b for a in frontier for b in neighbours.get(a, ()) if b not in ids}
         ids.update(frontier)

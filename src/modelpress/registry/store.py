@@ -189,8 +189,8 @@ class ArtifactStore:
         size = sum((src / rel).stat().st_size for rel in files)
         return Prepared(source=src, sha256=digest, files=files, manifest=manifest, size_bytes=size)
 
-    def copy_in(self, prepared: Prepared) -> None:
-        """Copy a prepared artifact into a temporary folder of the store, check its hashes, fsync it."""
+    def copy_in(self, prepared: Prepared) -> Path:
+        """Copy a prepared artifact into a temporary folder of the store, check its hashes, fsync it (``prepared.tmp``)."""
         self.ensure()
         src, files = prepared.source, prepared.files
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", dir=self.root))
@@ -213,6 +213,7 @@ class ArtifactStore:
             raise
         prepared.tmp = tmp
         crash_point("after_copy")
+        return tmp
 
     def holds(self, sha256: str) -> bool:
         """Whether ``artifacts/<sha256>/`` exists (intact or not: :meth:`verify` says)."""
@@ -229,11 +230,10 @@ class ArtifactStore:
         if final.is_dir() and not self.verify(prepared.sha256, prepared.files):
             self.discard_copy(prepared)
             return False
-        if prepared.tmp is None:
-            self.copy_in(prepared)
+        tmp = prepared.tmp if prepared.tmp is not None else self.copy_in(prepared)
         if final.is_dir():
             self._discard(final)
-        os.rename(prepared.tmp, final)
+        os.rename(tmp, final)
         prepared.tmp = None
         fsync_dir(self.artifacts)
         return True

@@ -9,16 +9,14 @@ artifact whose manifest records the step, the layers kept in float and what was 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelpress._fs import atomic_file, atomic_write_text
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.quantize import onnxruntime_backend as ob
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly
 from modelpress.optimize.handlers import (
     BERT_LIKE,
@@ -30,6 +28,7 @@ from modelpress.optimize.handlers import (
     register_handler,
     write_variant,
 )
+from modelpress.optimize.quantize import onnxruntime_backend as ob
 
 
 @dataclass
@@ -75,16 +74,9 @@ def prepare_graph(source: Artifact, *, fuse: bool) -> OnnxGraph:
     target = cache_dir("exports") / f"{eager.content_hash()[:20]}-onnx-fused.onnx"
     stats_file = target.with_suffix(".stats")
     if not target.is_file() or not stats_file.is_file():
-        fd, tmp = tempfile.mkstemp(prefix=".fused-", suffix=".onnx", dir=target.parent)
-        os.close(fd)
-        try:
-            stats = ob.fuse_transformer(
-                eager.model_file, Path(tmp), num_heads=int(cfg.num_attention_heads), hidden_size=int(cfg.hidden_size)
-            )
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        stats_file.write_text(json.dumps(stats))
+        with atomic_file(target) as tmp:
+            stats = ob.fuse_transformer(eager.model_file, tmp, num_heads=int(cfg.num_attention_heads), hidden_size=int(cfg.hidden_size))
+        atomic_write_text(stats_file, json.dumps(stats))
     stats = json.loads(stats_file.read_text())
     info: dict[str, Any] = {
         "fusion": "bert",
