@@ -24,6 +24,7 @@ rounds) and at least ``min_iters`` calls per round.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import threading
@@ -184,7 +185,7 @@ def _one_round(entry: _Entry, seconds: float, min_iters: int, lat_calls: int) ->
 
         entry.latency.append(_timed(one, seconds, min_iters, lat_calls))
     for (bs, seq), b in entry.batches.items():
-        times = _timed(lambda b=b: run(b), seconds, min_iters)
+        times = _timed(functools.partial(run, b), seconds, min_iters)
         entry.throughput.setdefault((bs, seq), []).append(bs / _median(times))
         entry.calls[(bs, seq)] = entry.calls.get((bs, seq), 0) + len(times)
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from modelpress._fs import atomic_write_text, replace_folder
 from modelpress.artifacts import MANIFEST_NAME, Artifact
-from modelpress.errors import ModelpressError
+from modelpress.errors import ModelpressError, OptimizationError
 from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.gate import GateConfig, GateResult, check, flat_metrics
 from modelpress.progress import ProgressFactory, no_progress
@@ -127,6 +127,8 @@ def read_record(art: Artifact) -> dict[str, Any]:
 
 def _reject(art: Artifact, rejected_dir: Path) -> Artifact:
     """Move a variant that broke the gate out of the shippable folders (its record says why)."""
+    if art.path is None:  # pragma: no cover - a handler always writes a folder
+        raise OptimizationError(f"The variant of {art.name} has no folder to move.")
     rejected_dir.mkdir(parents=True, exist_ok=True)
     target = replace_folder(art.path, rejected_dir / art.path.name)
     return Artifact(art.manifest, target, art.module)

@@ -101,8 +101,8 @@ def pareto_front(points: list[Point], task: str = "") -> list[Point]:
     """
     pts = [p for p in points if p.status == "measured" and fidelity(p, task) is not None and p.throughput is not None]
 
-    def key(p: Point) -> tuple[float, float, float]:
-        return (fidelity(p, task), p.throughput, -(p.latency_p50_ms if p.latency_p50_ms is not None else float("inf")))
+    def key(p: Point) -> tuple[float, float, float]:  # only points with a fidelity and a throughput get here
+        return (fidelity(p, task) or 0.0, p.throughput or 0.0, -(p.latency_p50_ms if p.latency_p50_ms is not None else float("inf")))
 
     front = []
     for p in pts:
@@ -110,4 +110,4 @@ def pareto_front(points: list[Point], task: str = "") -> list[Point]:
         dominated = any(q is not p and all(a >= b for a, b in zip(key(q), kp, strict=True)) and key(q) != kp for q in pts)
         if not dominated:
             front.append(p)
-    return sorted(front, key=lambda p: p.throughput)
+    return sorted(front, key=lambda p: p.throughput or 0.0)
