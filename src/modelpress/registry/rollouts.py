@@ -16,6 +16,7 @@ transaction, so a server killed at any instant finds both or neither when it res
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -167,11 +168,11 @@ class Rollouts:
         """Every deployment, by name."""
         return self.reg._read(lambda s: [_deployment_json(s, r) for r in s.scalars(select(DeploymentRow).order_by(DeploymentRow.name))])
 
-    def events(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+    def events(self, name: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:  # `list` is the method above
         """The decisions of deployment ``name``, oldest first (the last ``limit`` when given)."""
         name = validate_name(name)
 
-        def run(s: Any) -> list[dict[str, Any]]:
+        def run(s: Any) -> builtins.list[dict[str, Any]]:
             row = self._row(s, name)
             if row is None:
                 raise self._missing(s, name)

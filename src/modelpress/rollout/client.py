@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelpress.errors import ConfigError, ModelpressRuntimeError, RolloutConflictError, RolloutNotFoundError, UnauthorizedError
+from modelpress.errors import (
+    ConfigError,
+    ModelpressError,
+    ModelpressRuntimeError,
+    RolloutConflictError,
+    RolloutNotFoundError,
+    UnauthorizedError,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HTTP_TIMEOUT_S = 60.0  # a rollback may load the previous version first (seconds for a large model)
@@ -34,9 +41,8 @@ def call(method: str, url: str, path: str, api_key: str | None, body: dict[str, 
         return doc
     message = doc.get("error") if isinstance(doc, dict) else None
     message = message if isinstance(message, str) else f"HTTP {r.status_code}: {r.text[:500]}"
-    kind = {401: UnauthorizedError, 404: RolloutNotFoundError, 409: RolloutConflictError}.get(r.status_code)
-    if kind is None:
-        kind = ConfigError if r.status_code < 500 else ModelpressRuntimeError
+    known: dict[int, type[ModelpressError]] = {401: UnauthorizedError, 404: RolloutNotFoundError, 409: RolloutConflictError}
+    kind = known.get(r.status_code) or (ConfigError if r.status_code < 500 else ModelpressRuntimeError)
     raise kind(message.split("\n")[0], hint=f"(the server at {url} answered {r.status_code})")
 
 

@@ -135,10 +135,9 @@ class Observations:
         """A copy of ``model``'s records (to analyse in another thread while this one keeps recording)."""
         out = Observations(self.max_records, self.max_request_ids, clock=self.clock)
         out.wall_offset = self.wall_offset
-        for src, dst in ((self.live, out.live), (self.shadows, out.shadows), (self.outcomes, out.outcomes)):
-            for key, d in src.items():
-                if key[0] == model:
-                    dst[key] = deque(d, maxlen=d.maxlen)
+        out.live = {k: deque(d, maxlen=d.maxlen) for k, d in self.live.items() if k[0] == model}
+        out.shadows = {k: deque(d, maxlen=d.maxlen) for k, d in self.shadows.items() if k[0] == model}
+        out.outcomes = {k: deque(d, maxlen=d.maxlen) for k, d in self.outcomes.items() if k[0] == model}
         return out
 
     # reading ----------------------------------------------------------------------------------

@@ -128,7 +128,12 @@ def error_rate_test(errors_a: int, n_a: int, errors_b: int, n_b: int, *, alpha: 
 
 
 def outcome_test(
-    baseline: Sequence[float], candidate: Sequence[float], *, metric: str = "outcome", method: str = "welch", alpha: float = ALPHA
+    baseline: Sequence[float] | np.ndarray,
+    candidate: Sequence[float] | np.ndarray,
+    *,
+    metric: str = "outcome",
+    method: str = "welch",
+    alpha: float = ALPHA,
 ) -> TestResult:
     """Do two numeric outcomes differ? ``method``: ``welch`` (t test, unequal variances) or ``mann-whitney``."""
     a = np.asarray(baseline, dtype=np.float64)

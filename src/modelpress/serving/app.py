@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from starlette.responses import Response
 
@@ -279,7 +279,7 @@ def create_app(server: ModelServer) -> Any:
     return app
 
 
-def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: str) -> Any:
+def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: Literal["auto", "on", "off"]) -> Any:
     import importlib.util
 
     import uvicorn
@@ -298,7 +298,7 @@ def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: str) ->
         lifespan=lifespan,
         log_level=cfg.log_level,
         access_log=False,  # the middleware writes a structured access log instead
-        timeout_graceful_shutdown=cfg.drain_timeout_s,  # type: ignore[arg-type]  (uvicorn takes any number)
+        timeout_graceful_shutdown=cfg.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn takes any number of seconds
         backlog=2048,
     )
     return _DrainingServer(config)
