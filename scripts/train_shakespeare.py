@@ -16,7 +16,7 @@ import json
 import sys
 
 from modelpress.artifacts import Artifact
-from modelpress.cli import console, progress_bars
+from modelpress.cli.common import console, progress_bars
 from modelpress.errors import ModelpressError
 from modelpress.zoo.shakespeare import ShakespeareConfig, cached_path, ensure_trained, is_cached, training_report
 

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from modelpress.cli import console, progress_bars
+from modelpress.cli.common import console, progress_bars
 from modelpress.errors import ConfigError, ModelpressError
 
 
