@@ -42,6 +42,7 @@ from modelpress.errors import OptimizationError
 from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.configs.distill import Distill, DistillTraining  # noqa: F401  (their home is configs)
 from modelpress.optimize.handlers import StepContext, apply_with, copy_model_files, register_handler, write_variant
+from modelpress.progress import no_progress
 
 DISTILL_VERSION = 1  # part of the cache key: bump when the training changes what a config produces
 # Files of a sentence-transformers folder that describe pooling and normalisation (weights excluded).
@@ -244,7 +245,7 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
         evaluate=objective.evaluate if objective.can_evaluate else None,
         higher_is_better=objective.higher_is_better,
         checkpoint_dir=cache_dir("distill") / f"{key}.ckpt",
-        progress=progress or (lambda _d, _t: lambda _n: None),
+        progress=progress or no_progress,
         description=f"distilling {source.name} into {len(plan) if plan else '?'} layers",
     )
     for p in student.parameters():

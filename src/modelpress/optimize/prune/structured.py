@@ -38,6 +38,7 @@ from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
 from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune, Target  # noqa: F401  (their home is configs)
 from modelpress.optimize.handlers import StepContext, apply_with, calibration_batches, copy_model_files, register_handler, write_variant
+from modelpress.progress import no_progress
 
 STRUCTURED_VERSION = 1  # part of the cache key
 TORCH_WEIGHTS = "model.safetensors"  # the weights file of a format-"torch" folder (sources.TORCH_WEIGHTS)
@@ -381,7 +382,7 @@ def prune_artifact(
         evaluate=objective.evaluate if objective.can_evaluate else None,
         higher_is_better=objective.higher_is_better,
         checkpoint_dir=cache_dir("structured") / f"{key}.ckpt",
-        progress=progress or (lambda _d, _t: lambda _n: None),
+        progress=progress or no_progress,
         description=f"recovery fine-tuning of {source.name}",
     )
     ft = {"data": data.sources, "train_examples": len(data), "validation": objective.validation_name, "training": result.to_json()}
