@@ -38,7 +38,7 @@ from rich.table import Table
 
 import modelpress as mp
 from modelpress.bench.measure import machine_info
-from modelpress.cli import progress_bars
+from modelpress.cli.common import progress_bars
 from modelpress.locations import find_data_dir
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))

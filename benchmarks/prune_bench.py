@@ -147,7 +147,7 @@ def main() -> int:
     if data_dir is None:
         print("no data folder: set MODELPRESS_DATA (the benchmark scores real text)", file=sys.stderr)
         return 2
-    from modelpress.cli import progress_bars
+    from modelpress.cli.common import progress_bars
     from modelpress.zoo.shakespeare import ensure_trained
 
     with progress_bars() as prog:
