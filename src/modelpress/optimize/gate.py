@@ -25,11 +25,12 @@ from pydantic import Field, model_validator
 
 from modelpress.errors import ConfigError
 from modelpress.optimize.configs import StrictModel
+from modelpress.tasks import TASKS
 
 # Metrics that are better when lower; everything else is higher-is-better.
 LOWER_IS_BETTER = frozenset({"perplexity", "loss", "bits_per_byte"})
-# Agreement metrics compare a variant with the original directly; the original's own value is 1.
-AGREEMENT_METRICS = frozenset({"mean_cosine", "min_cosine", "top10_agreement", "label_agreement", "top1_agreement"})
+# Agreement metrics (every task's ``agreement_metrics``) compare a variant with the original directly; the original's own value is 1.
+AGREEMENT_METRICS = frozenset(m for task in TASKS.values() for m in task.agreement_metrics)
 
 
 class Threshold(StrictModel):
@@ -46,7 +47,8 @@ class Threshold(StrictModel):
         rules = [k for k in ("min_recovery", "max_drop", "min_value", "max_value") if getattr(self, k) is not None]
         if not rules:
             raise ValueError(
-                f"threshold on '{self.metric}' sets no rule: give one of min_recovery, max_drop, min_value, max_value (e.g. min_recovery: 0.99)"
+                f"threshold on '{self.metric}' sets no rule: give one of min_recovery, max_drop, min_value, max_value "
+                "(e.g. min_recovery: 0.99)"
             )
         return self
 
@@ -72,21 +74,16 @@ class GateConfig(StrictModel):
     def for_task(cls, task: str, *, max_drop: float = 0.01, min_agreement: float | None = None) -> GateConfig:
         """The default gate: the task's primary metric keeps ``1 - max_drop`` of its value.
 
-        ``min_agreement``: also require this top-10 agreement (embedding) or label agreement
-        (classification) with the original.
+        ``min_agreement``: also require this much of the task's agreement with the original
+        (``Task.agreement_metric``: mean cosine for embeddings, label agreement for classifiers,
+        top-1 token agreement for language models).
         """
         from modelpress.tasks import get_task_class
 
         cls_ = get_task_class(task)
         rules = [Threshold(metric=cls_.primary_metric, min_recovery=round(1.0 - max_drop, 10))]
         if min_agreement is not None:
-            agree = {
-                "embedding": "top10_agreement",
-                "text-classification": "label_agreement",
-                "image-classification": "label_agreement",
-                "causal-lm": "top1_agreement",
-            }[task]
-            rules.append(Threshold(metric=agree, min_value=min_agreement))
+            rules.append(Threshold(metric=cls_.agreement_metric, min_value=min_agreement))
         return cls(thresholds=rules)
 
 

@@ -259,17 +259,10 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> None:
 
 
 def session(model: Path | Any, threads: int | None = None) -> Any:
-    """A CPU session on a graph file or an in-memory ``ModelProto`` (``threads``: all cores when None)."""
-    import onnxruntime as ort
+    """A CPU session on a graph file or an in-memory ``ModelProto`` (``threads``: all cores when None), as the runner opens it."""
+    from modelpress.runtimes.onnxruntime import session as runner_session
 
-    from modelpress.runtimes.base import default_threads
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    source = str(model) if isinstance(model, str | Path) else model.SerializeToString()
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return runner_session(model, threads, log_severity=3)
 
 
 def check_loads(path: Path) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
-from modelpress.optimize.quantize import openvino_backend as vb
 from modelpress.optimize.configs import Precision, StaticInt8, TechniqueConfig, WeightOnly
 from modelpress.optimize.handlers import (
     StepContext,
@@ -26,11 +25,12 @@ from modelpress.optimize.handlers import (
     register_handler,
     write_variant,
 )
+from modelpress.optimize.quantize import openvino_backend as vb
 
 
 def onnx_scopes(source: Artifact) -> dict[str, str]:
     """Module paths of the ONNX nodes the IR was converted from (OpenVINO keeps the node names)."""
-    from modelpress.runtimes.onnxruntime import exported
+    from modelpress.export import exported
     from modelpress.optimize.quantize.onnxruntime_backend import onnx_layers
 
     if source.format == "openvino":
@@ -134,7 +134,7 @@ def ov_weight_only(source: Artifact, config: WeightOnly, ctx: StepContext) -> Ar
                 "or exclude them.",
             )
         if fallback:
-            found["group_size_fallback"] = {n: "kept in float" for n in fallback} if config.group_size_fallback == "ignore" else fallback
+            found["group_size_fallback"] = dict.fromkeys(fallback, "kept in float") if config.group_size_fallback == "ignore" else fallback
 
     def make() -> Any:
         return vb.weight_only(

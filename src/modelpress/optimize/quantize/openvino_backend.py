@@ -180,19 +180,18 @@ def weight_only(model: Any, *, bits: int, symmetric: bool, group_size: int, rati
 
 def check_compiles(model: Any, precision: str = "f32") -> None:
     """Compile the new model once on CPU, so a model OpenVINO cannot run is never written."""
-    ov = require("openvino", "openvino")
+    from modelpress.runtimes.openvino import compile_model
+
     try:
-        ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1})
+        compile_model(model, 1, precision=precision)  # as the runner compiles it
     except Exception as exc:
         raise OptimizationError(f"OpenVINO cannot compile the new model: {type(exc).__name__}: {str(exc)[:400]}") from exc
 
 
 def compiled(model: Any, precision: str = "f32", threads: int | None = None) -> Any:
-    ov = require("openvino", "openvino")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    return ov.Core().compile_model(model, "CPU", config)
+    from modelpress.runtimes.openvino import compile_model
+
+    return compile_model(model, threads, precision=precision)
 
 
 def op_counts(model: Any) -> dict[str, int]:
