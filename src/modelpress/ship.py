@@ -57,7 +57,8 @@ class ShipResult:
 
 def _optimize(name: str, source: Any, recipe: Any, tune: bool, options: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     """(original ref, candidate ref, candidate runtime, report) or GateFailedError."""
-    from modelpress.optimize.api import optimize, tune as run_tune
+    from modelpress.optimize.api import optimize
+    from modelpress.optimize.api import tune as run_tune
 
     if tune:
         res = run_tune(source, name=name, register=True, **options)
@@ -80,7 +81,8 @@ def _optimize(name: str, source: Any, recipe: Any, tune: bool, options: dict[str
         else:
             why = "; ".join(str(r.reason) for r in first.gate.failures) if first.gate else "it was not shipped"
         raise GateFailedError(
-            f"Step {first.index if first else 0} ({first.label if first else '-'}) of the recipe failed: {why}. Stopping before any rollout.",
+            f"Step {first.index if first else 0} ({first.label if first else '-'}) of the recipe failed: {why}. "
+            "Stopping before any rollout.",
             hint="Read the gate table (modelpress optimize prints it), loosen the gate or change the step, and ship again.",
         )
     return str(res.registered_original), res.final.registered, res.final.runtime, res.to_json()
