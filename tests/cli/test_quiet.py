@@ -56,14 +56,20 @@ if {verbose}:
 log = logging.getLogger("torch.onnx._internal.exporter._registration")
 log.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
 log.warning("an exporter warning that is not noise")
+import warnings
+# inductor's warning while lowering a static-int8 model, issued as torch issues it (from its module)
+for text in ("To copy construct from a tensor, it is recommended ...", "an inductor warning that is not noise"):
+    warnings.warn_explicit(text, UserWarning, "mkldnn_lowerings.py", 805, module="torch._inductor.mkldnn_lowerings")
 """
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_exporter_noise_hidden_but_other_warnings_kept(verbose):
+def test_exporter_and_compiler_noise_hidden_but_other_warnings_kept(verbose):
     result = subprocess.run(
         [sys.executable, "-c", EXPORTER_LOG.format(verbose=verbose)], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr
     assert "an exporter warning that is not noise" in result.stderr
+    assert "an inductor warning that is not noise" in result.stderr
     assert ("Skipping torchvision::nms" in result.stderr) is verbose, result.stderr
+    assert ("To copy construct from a tensor" in result.stderr) is verbose, result.stderr

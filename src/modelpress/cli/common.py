@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +33,11 @@ THIRD_PARTY_NOISE: tuple[tuple[str, str], ...] = (
     # torch.onnx's exporter registers onnxscript's torchvision ops and logs each one it skips.
     ("torch.onnx._internal.exporter._registration", r"torchvision is not installed\. Skipping torchvision::"),
 )
+# Python warnings of the same kind: (message, category, module that issues it).
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # torch.compile's inductor, lowering a static-int8 model (the tuner's torch candidates), copies a tensor with torch.tensor(t).
+    ("To copy construct from a tensor", UserWarning, r"torch\._inductor\.mkldnn_lowerings"),
+)
 
 
 class _DropMessage(logging.Filter):
@@ -46,16 +52,20 @@ class _DropMessage(logging.Filter):
 
 
 _installed: list[tuple[logging.Logger, logging.Filter]] = []
+_warning_filters: list[Any] = []
 
 
 def hide_third_party_noise() -> None:
-    """Install the filters of :data:`THIRD_PARTY_NOISE` (once)."""
+    """Install the filters of :data:`THIRD_PARTY_NOISE` and :data:`THIRD_PARTY_WARNINGS` (once)."""
     if _installed:
         return
     for name, pattern in THIRD_PARTY_NOISE:
         logger, dropper = logging.getLogger(name), _DropMessage(pattern)
         logger.addFilter(dropper)
         _installed.append((logger, dropper))
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        _warning_filters.append(warnings.filters[0])
 
 
 def show_third_party_noise() -> None:
@@ -63,6 +73,10 @@ def show_third_party_noise() -> None:
     while _installed:
         logger, dropper = _installed.pop()
         logger.removeFilter(dropper)
+    while _warning_filters:  # called by the root callback, before any command has issued a warning
+        entry = _warning_filters.pop()
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
 
 
 hide_third_party_noise()
