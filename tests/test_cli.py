@@ -76,6 +76,22 @@ def test_export_command(tiny_cnn, tmp_path):
     assert "parity max-abs-diff" in res.output and (tmp_path / "ov/model.xml").is_file()
 
 
+def test_evaluate_and_bench_run_a_variant_on_the_runtime_its_manifest_records(tiny_cnn, tmp_path):
+    import numpy as np
+
+    import modelpress as mp
+
+    mp.export(mp.load(tiny_cnn, task="image-classification"), "onnx", tmp_path / "cnn")
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(4) % 10)
+    res = invoke("evaluate", tmp_path / "cnn", "--data", tmp_path / "d.npz", "--json")  # no --runtime
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["runtime"] == "onnxruntime"
+    res = invoke("bench", tmp_path / "cnn", "--batch-sizes", "1", "--seconds", "0.05", "--json")
+    assert res.exit_code == 0, res.output
+    assert [r["runtime"] for r in json.loads(res.stdout)["results"]] == ["onnxruntime"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

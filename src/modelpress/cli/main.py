@@ -85,7 +85,10 @@ def evaluate(
             help="Dataset name (stsb-dev, sst2-dev, trec-test, mnist-test, wikitext2-test, tinystories), file, or hf:NAME:SPLIT.",
         ),
     ] = None,
-    runtime: Annotated[str, typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino.")] = "torch",
+    runtime: Annotated[
+        str | None,
+        typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (default: the one the model's manifest records, else torch)."),
+    ] = None,
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size for evaluation.")] = None,
@@ -132,7 +135,10 @@ def evaluate(
 def bench(
     model: Annotated[str, typer.Argument(help="Model folder, .onnx file, or short name (minilm).")],
     runtime: Annotated[
-        list[str] | None, typer.Option("--runtime", "-r", help="Runtime to measure (repeatable): torch, onnxruntime, openvino.")
+        list[str] | None,
+        typer.Option(
+            "--runtime", "-r", help="Runtime to measure (repeatable): torch, onnxruntime, openvino (default: the manifest's, else torch)."
+        ),
     ] = None,
     baseline: Annotated[
         str | None,
@@ -167,7 +173,7 @@ def bench(
     with progress_bars(not as_json or sys.stderr.isatty()) as prog:
         report = api.bench(
             model,
-            runtimes=runtime or ["torch"],
+            runtimes=runtime or None,
             baseline=baseline,
             task=task,
             threads=threads,
