@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from modelpress.errors import ConfigError, ModelpressError
-from modelpress.progress import ProgressFactory, no_progress
+from modelpress.progress import ProgressFactory, no_progress, rich_bars
 
 # -- third-party noise ----------------------------------------------------------------------
 # Lines that libraries log on import or while exporting although the user did nothing wrong.
@@ -124,22 +124,7 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressFactory]:
     if not enabled:
         yield no_progress
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as prog:
-
-        def factory(desc: str, total: int | None) -> Callable[[int], None]:
-            tid = prog.add_task(desc, total=total)
-            return lambda n: prog.advance(tid, n)
-
+    with rich_bars(console) as factory:
         yield factory
 
 

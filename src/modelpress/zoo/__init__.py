@@ -29,7 +29,7 @@ from typing import Any
 
 from modelpress._fs import file_lock
 from modelpress.errors import ArtifactError, DataNotFoundError, ModelNotFoundError
-from modelpress.progress import ProgressFactory, no_progress
+from modelpress.progress import ProgressFactory, no_progress, rich_bars
 
 
 @dataclass(frozen=True)
@@ -158,29 +158,6 @@ def _build_lock(name: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def rich_progress() -> Iterator[ProgressFactory]:
-    """A progress factory drawing Rich bars on stderr (the CLI's look), for builds started by ``load``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as prog:
-
-        def factory(desc: str, total: int | None) -> Callable[[int], None]:
-            tid = prog.add_task(desc, total=total)
-            return lambda n: prog.advance(tid, n)
-
-        yield factory
-
-
 def _say(text: str) -> None:
     from rich.console import Console
 
@@ -219,7 +196,7 @@ def build(
         fn = getattr(importlib.import_module(module_name), func_name)
         t0 = time.perf_counter()
         if progress is None and sys.stderr is not None:
-            with rich_progress() as bars:
+            with rich_bars() as bars:  # the CLI's look, for builds started by `load`
                 art = fn(zoo_path(name), data_dir=where, progress=bars, overwrite=True)
         else:
             art = fn(zoo_path(name), data_dir=where, progress=progress or no_progress, overwrite=True)
