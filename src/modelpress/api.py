@@ -32,15 +32,6 @@ def as_artifact(model: ModelLike, task: str | None = None, **load_options: Any) 
     return load(model, task, **load_options)
 
 
-def _with_task_options(art: Artifact, task_options: dict[str, Any] | None) -> Artifact:
-    """A copy of ``art`` whose task settings include ``task_options`` (the caller's is untouched)."""
-    if not task_options:
-        return art
-    manifest = art.manifest.model_copy(deep=True)
-    manifest.task_config.update(task_options)
-    return Artifact(manifest, art.path, art.module)
-
-
 def info(model: ModelLike, *, task: str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """What modelpress knows about a model: task, format, signature, task settings, size."""
     art = as_artifact(model, task, tokenizer=tokenizer)
@@ -78,7 +69,7 @@ def evaluate(
     or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity. ``runtime`` / ``reference_runtime``
     None: the runtime each artifact's manifest records (an optimized variant's), else torch.
     """
-    art = _with_task_options(as_artifact(model, task, tokenizer=tokenizer), task_options)
+    art = as_artifact(model, task, tokenizer=tokenizer).with_task_options(task_options)
     tsk = task_for(art)
     ds = load_dataset(data or tsk.default_dataset, tsk.dataset_kind, data_dir_=data_dir, columns=columns, limit=limit)
     runner = create_runner(art, runtime, threads=threads, **(runtime_options or {}))
@@ -97,7 +88,7 @@ def evaluate(
         "primary_metric": tsk.primary_metric,
     }
     if reference is not None:
-        ref_art = _with_task_options(as_artifact(reference, art.task, tokenizer=tokenizer), task_options)
+        ref_art = as_artifact(reference, art.task, tokenizer=tokenizer).with_task_options(task_options)
         ref_runner = create_runner(ref_art, reference_runtime, threads=threads)
         progress(f"comparing with {ref_art.name} on {ref_runner.name}", None)
         result["agreement"] = tsk.agreement(runner, ref_runner, ds, **kwargs)

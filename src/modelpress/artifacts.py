@@ -149,6 +149,14 @@ class Artifact:
             return self.path.stat().st_size
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
+    def with_task_options(self, options: dict[str, Any] | None) -> Artifact:
+        """A copy whose task settings include ``options`` (for evaluation only: this artifact and its folder are untouched)."""
+        if not options:
+            return self
+        manifest = self.manifest.model_copy(deep=True)
+        manifest.task_config.update(options)
+        return Artifact(manifest, self.path, self.module)
+
     def __repr__(self) -> str:
         where = str(self.path) if self.path else "<in memory>"
         return f"Artifact(name={self.name!r}, task={self.task!r}, format={self.format!r}, path={where!r})"

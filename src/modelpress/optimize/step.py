@@ -134,15 +134,6 @@ def _reject(art: Artifact, rejected_dir: Path) -> Artifact:
     return Artifact(art.manifest, target, art.module)
 
 
-def with_task_options(art: Artifact, options: dict[str, Any] | None) -> Artifact:
-    """A copy of ``art`` with task settings for evaluation only (the artifact on disk is untouched)."""
-    if not options:
-        return art
-    manifest = art.manifest.model_copy(deep=True)
-    manifest.task_config.update(options)
-    return Artifact(manifest, art.path, art.module)
-
-
 class Pipeline:
     """The steps of one run against one original: its evaluation once, one gate, one registry.
 
@@ -178,7 +169,7 @@ class Pipeline:
         self.registry = registry
         self.name = name or original.name
         self.progress = progress
-        self.evaluator = Evaluator(with_task_options(original, task_options), data=data, data_dir=data_dir, limit=limit, threads=threads)
+        self.evaluator = Evaluator(original.with_task_options(task_options), data=data, data_dir=data_dir, limit=limit, threads=threads)
         self._base: dict[str, Any] | None = None
         self.original_ref: str | None = None
 
@@ -212,7 +203,7 @@ class Pipeline:
 
     def judge(self, art: Artifact, runtime: str) -> tuple[dict[str, Any], GateResult]:
         """Evaluate ``art`` on ``runtime`` against the original and gate it."""
-        evaluation = self.evaluator.evaluate(with_task_options(art, self.task_options), runtime)
+        evaluation = self.evaluator.evaluate(art.with_task_options(self.task_options), runtime)
         return evaluation, check(flat_metrics(self.baseline()), flat_metrics(evaluation), self.gate)
 
     def measure(self, art: Artifact, runtime: str) -> dict[str, Any] | None:
