@@ -86,8 +86,7 @@ def handler_for(config: TechniqueConfig) -> Handler:
     )
 
 
-def apply_with(
-    handler: Handler,
+def apply_technique(
     model: Any,
     config: TechniqueConfig | dict[str, Any],
     output: str | Path,
@@ -98,14 +97,18 @@ def apply_with(
     threads: int | None = None,
     progress: ProgressFactory | None = None,
 ) -> Artifact:
-    """Run ``handler`` on ``model`` with ``config``, writing the new artifact to ``output``."""
+    """Apply one technique to ``model`` and write the new artifact to ``output`` (no evaluation, no gate).
+
+    The handler is the one registered for the config (:func:`handler_for`); call it through
+    :func:`modelpress.optimize.techniques.apply_technique` so that every backend is loaded.
+    """
     from modelpress.api import as_artifact
     from modelpress.locations import find_data_dir
 
     art = as_artifact(model, task)
     cfg = parse_step(config)
     ctx = StepContext(Path(output), find_data_dir(data_dir), overwrite, threads, progress=progress)
-    return handler(art, cfg, ctx)
+    return handler_for(cfg)(art, cfg, ctx)
 
 
 # -- sources in the format a backend reads ------------------------------------------------

@@ -41,7 +41,7 @@ from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
 from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.configs.distill import Distill, DistillTraining  # noqa: F401  (their home is configs)
-from modelpress.optimize.handlers import StepContext, apply_with, copy_model_files, register_handler, write_variant
+from modelpress.optimize.handlers import StepContext, apply_technique, copy_model_files, register_handler, write_variant
 from modelpress.progress import no_progress
 
 DISTILL_VERSION = 1  # part of the cache key: bump when the training changes what a config produces
@@ -298,4 +298,4 @@ def distill_handler(source: Artifact, config: Distill, ctx: StepContext) -> Arti
 def distill(teacher: Any, output: str | os.PathLike, config: Distill | dict[str, Any] | None = None, **options: Any) -> Artifact:
     """Distill ``teacher`` into a student written to ``output``; options as :func:`~modelpress.optimize.techniques.apply_technique`."""
     cfg = config if isinstance(config, Distill) else Distill(**(config or {}))
-    return apply_with(distill_handler, teacher, cfg, output, **options)
+    return apply_technique(teacher, cfg, output, **options)

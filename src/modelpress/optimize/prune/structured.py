@@ -37,7 +37,14 @@ import numpy as np
 from modelpress.artifacts import Artifact
 from modelpress.errors import OptimizationError
 from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune, Target  # noqa: F401  (their home is configs)
-from modelpress.optimize.handlers import StepContext, apply_with, calibration_batches, copy_model_files, register_handler, write_variant
+from modelpress.optimize.handlers import (
+    StepContext,
+    apply_technique,
+    calibration_batches,
+    copy_model_files,
+    register_handler,
+    write_variant,
+)
 from modelpress.progress import no_progress
 
 STRUCTURED_VERSION = 1  # part of the cache key
@@ -460,4 +467,4 @@ def _architecture(model: Any) -> dict[str, Any] | None:
 def prune_structured(model: Any, output: Any, config: StructuredPrune | dict[str, Any] | None = None, **options: Any) -> Artifact:
     """Structurally prune ``model`` into ``output``; options as :func:`~modelpress.optimize.techniques.apply_technique`."""
     cfg = config if isinstance(config, StructuredPrune) else StructuredPrune(**(config or {}))
-    return apply_with(structured_prune_handler, model, cfg, output, **options)
+    return apply_technique(model, cfg, output, **options)
