@@ -49,6 +49,12 @@ async def _body(request: Request, example: str, *, required: bool = True) -> dic
     return doc
 
 
+async def _why(request: Request, example: str) -> str | None:
+    """The optional ``{"why": "..."}`` of a hand-made decision (abort, rollback); None when not given."""
+    why = (await _body(request, f'{{"why": "{example}"}}', required=False)).get("why")
+    return str(why) if why else None
+
+
 @router.get("/rollouts", summary="Every rollout on this server (API key)")
 async def list_rollouts(request: Request) -> Response:
     return json_response(_extension(request).rollouts.describe_all())
@@ -79,8 +85,7 @@ async def resume(request: Request, model: str) -> Response:
 @router.post("/rollouts/{model}/abort", summary="Abort: all traffic back to the baseline (API key)")
 async def abort(request: Request, model: str) -> Response:
     ext = _extension(request)
-    why = (await _body(request, '{"why": "latency looks off"}', required=False)).get("why")
-    return json_response(await ext.rollouts.abort(model, str(why) if why else "aborted by hand"))
+    return json_response(await ext.rollouts.abort(model, await _why(request, "latency looks off") or "aborted by hand"))
 
 
 @router.post("/rollouts/{model}/promote", summary="Promote the candidate now (API key)")
@@ -91,8 +96,7 @@ async def promote(request: Request, model: str) -> Response:
 @router.post("/rollouts/{model}/rollback", summary="Instant rollback of live traffic to the previous production version (API key)")
 async def rollback(request: Request, model: str) -> Response:
     ext = _extension(request)
-    why = (await _body(request, '{"why": "p99 doubled"}', required=False)).get("why")
-    return json_response(await ext.rollouts.rollback(model, str(why) if why else None))
+    return json_response(await ext.rollouts.rollback(model, await _why(request, "p99 doubled")))
 
 
 @router.get("/rollouts/{model}/report", summary="A/B analysis of the candidate against its baseline (API key)")

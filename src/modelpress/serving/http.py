@@ -113,24 +113,23 @@ def loads(body: bytes | memoryview, *, example: str) -> Any:
 
 
 # -- errors --------------------------------------------------------------------------------
+# The HTTP status of each kind of error, the first class that matches wins (so UserInputError, the base of several, is last).
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (UnknownServedModelError, 404),
+    (RolloutNotFoundError, 404),
+    (RolloutConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (UnauthorizedError, 401),
+    (ServerOverloadedError, 429),
+    (RequestTimeoutError, 504),
+    (ModelNotReadyError, 503),
+    (UserInputError, 400),
+)
+
+
 def status_for(exc: BaseException) -> int:
-    if isinstance(exc, UnknownServedModelError | RolloutNotFoundError):
-        return 404
-    if isinstance(exc, RolloutConflictError):
-        return 409
-    if isinstance(exc, PayloadTooLargeError):
-        return 413
-    if isinstance(exc, UnauthorizedError):
-        return 401
-    if isinstance(exc, ServerOverloadedError):
-        return 429
-    if isinstance(exc, RequestTimeoutError):
-        return 504
-    if isinstance(exc, ModelNotReadyError):
-        return 503
-    if isinstance(exc, UserInputError):
-        return 400
-    return 500
+    """The HTTP status an error answers with (500 for anything not in the table)."""
+    return next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
 
 
 def message_of(exc: BaseException) -> str:

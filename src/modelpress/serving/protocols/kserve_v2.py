@@ -14,6 +14,7 @@ Embedding models answer ``embedding`` (FP32 ``[N, D]``); classifiers ``label`` (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -86,20 +87,22 @@ def _metadata(server: Any, model: str, version: str | None) -> dict[str, Any]:
     }
 
 
-@router.get("/v2/models/{model}", summary="Model metadata")
-async def model_metadata(request: Request, model: str) -> Response:
+def _describe(describe: Callable[[Any, str, str | None], dict[str, Any]], request: Request, model: str, version: str | None) -> Response:
+    """A model (version) description as JSON, or the kserve_v2 error (metadata and config alike)."""
     try:
-        return json_response(_metadata(_server(request), model, None))
+        return json_response(describe(_server(request), model, version))
     except ModelpressError as exc:
         return _fail(exc)
+
+
+@router.get("/v2/models/{model}", summary="Model metadata")
+async def model_metadata(request: Request, model: str) -> Response:
+    return _describe(_metadata, request, model, None)
 
 
 @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata")
 async def model_version_metadata(request: Request, model: str, version: str) -> Response:
-    try:
-        return json_response(_metadata(_server(request), model, version))
-    except ModelpressError as exc:
-        return _fail(exc)
+    return _describe(_metadata, request, model, version)
 
 
 def _ready(request: Request, model: str, version: str | None) -> Response:
@@ -152,18 +155,12 @@ def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any
 
 @router.get("/v2/models/{model}/config", summary="Model configuration (Triton's extension)")
 async def model_config(request: Request, model: str) -> Response:
-    try:
-        return json_response(_model_config(_server(request), model, None))
-    except ModelpressError as exc:
-        return _fail(exc)
+    return _describe(_model_config, request, model, None)
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", summary="Model version configuration (Triton's extension)")
 async def model_version_config(request: Request, model: str, version: str) -> Response:
-    try:
-        return json_response(_model_config(_server(request), model, version))
-    except ModelpressError as exc:
-        return _fail(exc)
+    return _describe(_model_config, request, model, version)
 
 
 # -- inference -------------------------------------------------------------------------------
