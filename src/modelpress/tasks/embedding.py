@@ -29,8 +29,8 @@ import numpy as np
 from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import PairDataset
 from modelpress.errors import ConfigError, TaskMismatchError
-from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
-from modelpress.tasks.text import TextEncoder, check_texts, real_sentences, text_encoder, text_input_specs, tokenizer_max_length
+from modelpress.tasks.base import Progress, _noop, batched_by_length, register_task
+from modelpress.tasks.text import TextInputTask, check_texts, text_input_specs
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 TOP_K = 10
@@ -120,7 +120,7 @@ def agreement_metrics(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> dict[str,
 
 
 @register_task
-class EmbeddingTask(Task):
+class EmbeddingTask(TextInputTask):
     name = "embedding"
     dataset_kind = PairDataset
     default_dataset = "stsb-dev"
@@ -141,10 +141,6 @@ class EmbeddingTask(Task):
         cfg["hidden_size"] = getattr(hf_config, "hidden_size", None)
         return cfg
 
-    @property
-    def max_length(self) -> int:
-        return int(self.config.get("max_length") or tokenizer_max_length(self.tokenizer, None))
-
     def signature(self, hf_config: Any = None) -> Signature:
         hidden = getattr(hf_config, "hidden_size", None) or self.config.get("hidden_size") or "hidden"
         return Signature(
@@ -157,23 +153,9 @@ class EmbeddingTask(Task):
 
         return EncoderOutput(hf_model, "last_hidden_state")
 
-    @property
-    def encoder(self) -> TextEncoder:
-        """Texts to model inputs (the server tokenizes and pads with this too)."""
-        return text_encoder(self, self.max_length, [s.name for s in text_input_specs(self.tokenizer)])
-
-    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
-        return self.encoder(check_texts(inputs), seq_len)
-
     def postprocess(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> np.ndarray:
         emb = pool(outputs["last_hidden_state"], batch["attention_mask"], self.config.get("pooling", "mean"))
         return normalize(emb) if self.config.get("normalize") else emb
-
-    def sample_raw(self, n: int, data_dir: Path | None = None) -> list[str]:
-        return real_sentences(n, data_dir)
-
-    def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
-        return self.preprocess(self.sample_raw(batch_size, data_dir), seq_len=seq_len)
 
     def embed(self, runner: Any, texts: Sequence[str], *, batch_size: int = 32, progress: Progress = _noop) -> np.ndarray:
         """Embeddings of ``texts`` in their order, batched by length to keep padding small."""

@@ -16,21 +16,20 @@ import numpy as np
 from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import ImageDataset
 from modelpress.errors import InvalidInputError
-from modelpress.tasks.base import Progress, Task, _noop, register_task
-from modelpress.tasks.text_classification import classification_metrics, label_agreement_rows, softmax
+from modelpress.tasks.base import Progress, _noop, register_task
+from modelpress.tasks.text_classification import ClassifierTask, classification_metrics, softmax
 
 # MNIST's pixel mean and standard deviation (of x / 255), the usual normalisation for it.
 MNIST_DEFAULTS = {"mean": [0.1307], "std": [0.3081], "channels": 1, "height": 28, "width": 28, "labels": [str(i) for i in range(10)]}
 
 
 @register_task
-class ImageClassificationTask(Task):
+class ImageClassificationTask(ClassifierTask):
     name = "image-classification"
     dataset_kind = ImageDataset
     default_dataset = "mnist-test"
     primary_metric = "accuracy"
-    agreement_metric = "label_agreement"
-    agreement_metrics = ("label_agreement",)
+    default_batch_size = 256
 
     def __init__(self, config: dict[str, Any] | None = None, tokenizer: Any = None) -> None:
         merged = dict(MNIST_DEFAULTS)
@@ -126,15 +125,8 @@ class ImageClassificationTask(Task):
             progress(min(batch_size, len(images) - start))
         return pred
 
-    def agreement(self, runner: Any, reference: Any, dataset: ImageDataset, *, batch_size: int = 256) -> dict[str, float]:
-        a = self.predict_ids(runner, dataset.images, batch_size=batch_size)
-        b = self.predict_ids(reference, dataset.images, batch_size=batch_size)
-        return {"label_agreement": float((a == b).mean())}
-
-    @classmethod
-    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
-        cls.check_rows(original, variant)
-        return label_agreement_rows(cls.name, original, variant)
+    def agreement_inputs(self, dataset: ImageDataset) -> np.ndarray:
+        return dataset.images
 
     def evaluate(self, runner: Any, dataset: ImageDataset, *, batch_size: int = 256, progress: Progress = _noop) -> dict[str, float]:
         self.check_dataset(dataset)

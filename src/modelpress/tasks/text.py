@@ -10,6 +10,7 @@ import numpy as np
 
 from modelpress.artifacts import TensorSpec
 from modelpress.errors import InvalidInputError, TaskMismatchError
+from modelpress.tasks.base import Task
 
 # Used for samples when the data folder is absent (a user's machine). Written for modelpress.
 FALLBACK_SENTENCES = [
@@ -151,3 +152,27 @@ def tokenizer_max_length(tokenizer: Any, hf_config: Any, default: int = 512) -> 
     if isinstance(pos, int) and pos > 0:
         limits.append(pos)
     return min(limits)
+
+
+class TextInputTask(Task):
+    """A task whose inputs are texts for an encoder (embedding, text classification): the
+    signature's text inputs, cut to ``max_length`` tokens by one :class:`TextEncoder`, and real
+    sentences as samples. (Causal LM texts are cut to its context instead.)"""
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.get("max_length") or tokenizer_max_length(self.tokenizer, None))
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """Texts to model inputs (the server tokenizes and pads with this too)."""
+        return text_encoder(self, self.max_length, [s.name for s in text_input_specs(self.tokenizer)])
+
+    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
+        return self.encoder(check_texts(inputs), seq_len)
+
+    def sample_raw(self, n: int, data_dir: Path | None = None) -> list[str]:
+        return real_sentences(n, data_dir)
+
+    def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
+        return self.preprocess(self.sample_raw(batch_size, data_dir), seq_len=seq_len)

@@ -7,9 +7,10 @@ not change (the scores may move a little without changing one answer).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import LabeledTextDataset
 from modelpress.errors import ConfigError, TaskMismatchError
 from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
-from modelpress.tasks.text import TextEncoder, check_texts, real_sentences, text_encoder, text_input_specs, tokenizer_max_length
+from modelpress.tasks.text import TextInputTask, text_input_specs
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -54,6 +55,35 @@ def label_agreement_rows(task: str, original: Sequence[Any], variant: Sequence[A
     return np.asarray(rows, dtype=np.float64)
 
 
+class ClassifierTask(Task):
+    """A classifier (of texts or images): its fidelity is how often a variant predicts the original's label."""
+
+    agreement_metric = "label_agreement"
+    agreement_metrics = ("label_agreement",)
+    default_batch_size: ClassVar[int] = 32
+
+    @abstractmethod
+    def predict_ids(self, runner: Any, inputs: Any, *, batch_size: int = 32, progress: Progress = _noop) -> np.ndarray:
+        """The predicted label id of each input."""
+
+    @abstractmethod
+    def agreement_inputs(self, dataset: Any) -> Any:
+        """The inputs of ``dataset`` that :meth:`agreement` classifies with both models."""
+
+    def agreement(self, runner: Any, reference: Any, dataset: Any, *, batch_size: int | None = None) -> dict[str, float]:
+        """``label_agreement``: the share of inputs on which ``runner`` predicts ``reference``'s label."""
+        size = batch_size or self.default_batch_size
+        inputs = self.agreement_inputs(dataset)
+        a = self.predict_ids(runner, inputs, batch_size=size)
+        b = self.predict_ids(reference, inputs, batch_size=size)
+        return {"label_agreement": float((a == b).mean())}
+
+    @classmethod
+    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+        cls.check_rows(original, variant)
+        return label_agreement_rows(cls.name, original, variant)
+
+
 def map_labels(model_labels: list[str], dataset: Any) -> np.ndarray:
     """Dataset label ids -> model label ids: by name where the names match, else by position."""
     names = [n.lower() for n in dataset.label_names]
@@ -71,13 +101,11 @@ def map_labels(model_labels: list[str], dataset: Any) -> np.ndarray:
 
 
 @register_task
-class TextClassificationTask(Task):
+class TextClassificationTask(ClassifierTask, TextInputTask):
     name = "text-classification"
     dataset_kind = LabeledTextDataset
     default_dataset = "sst2-dev"
     primary_metric = "accuracy"
-    agreement_metric = "label_agreement"
-    agreement_metrics = ("label_agreement",)
 
     @classmethod
     def auto_model_class(cls):
@@ -95,10 +123,6 @@ class TextClassificationTask(Task):
     def labels(self) -> list[str]:
         return list(self.config.get("labels") or [])
 
-    @property
-    def max_length(self) -> int:
-        return int(self.config.get("max_length") or tokenizer_max_length(self.tokenizer, None))
-
     def signature(self, hf_config: Any = None) -> Signature:
         n = len(self.labels) or "labels"
         return Signature(inputs=text_input_specs(self.tokenizer), outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", n])])
@@ -108,24 +132,10 @@ class TextClassificationTask(Task):
 
         return EncoderOutput(hf_model, "logits")
 
-    @property
-    def encoder(self) -> TextEncoder:
-        """Texts to model inputs (the server tokenizes and pads with this too)."""
-        return text_encoder(self, self.max_length, [s.name for s in text_input_specs(self.tokenizer)])
-
-    def preprocess(self, inputs: Sequence[Any], seq_len: int | None = None) -> dict[str, np.ndarray]:
-        return self.encoder(check_texts(inputs), seq_len)
-
     def postprocess(self, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         probs = softmax(outputs["logits"])
         labels = self.labels or [f"LABEL_{i}" for i in range(probs.shape[-1])]
         return [{"label": labels[int(p.argmax())], "label_id": int(p.argmax()), "scores": p.tolist()} for p in probs]
-
-    def sample_raw(self, n: int, data_dir: Path | None = None) -> list[str]:
-        return real_sentences(n, data_dir)
-
-    def sample_inputs(self, batch_size: int, seq_len: int | None = None, data_dir: Path | None = None) -> dict[str, np.ndarray]:
-        return self.preprocess(self.sample_raw(batch_size, data_dir), seq_len=seq_len)
 
     def predict_ids(self, runner: Any, texts: list[str], *, batch_size: int = 32, progress: Progress = _noop) -> np.ndarray:
         lengths = self.encoder.lengths(texts)
@@ -143,12 +153,5 @@ class TextClassificationTask(Task):
         pred = self.predict_ids(runner, dataset.texts, batch_size=batch_size, progress=progress)
         return classification_metrics(pred, gold, max(len(labels), len(dataset.label_names)))
 
-    def agreement(self, runner: Any, reference: Any, dataset: LabeledTextDataset, *, batch_size: int = 32) -> dict[str, float]:
-        a = self.predict_ids(runner, dataset.texts, batch_size=batch_size)
-        b = self.predict_ids(reference, dataset.texts, batch_size=batch_size)
-        return {"label_agreement": float((a == b).mean())}
-
-    @classmethod
-    def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
-        cls.check_rows(original, variant)
-        return label_agreement_rows(cls.name, original, variant)
+    def agreement_inputs(self, dataset: LabeledTextDataset) -> list[str]:
+        return dataset.texts
