@@ -142,21 +142,6 @@ def torch_variant(source: Artifact, config: TechniqueConfig, ctx: StepContext) -
     return art
 
 
-@register_handler(DynamicInt8, "torch")
-def torch_dynamic_int8(source: Artifact, config: DynamicInt8, ctx: StepContext) -> Artifact:
-    return torch_variant(source, config, ctx)
-
-
-@register_handler(StaticInt8, "torch")
-def torch_static_int8(source: Artifact, config: StaticInt8, ctx: StepContext) -> Artifact:
-    return torch_variant(source, config, ctx)
-
-
-@register_handler(WeightOnly, "torch")
-def torch_weight_only(source: Artifact, config: WeightOnly, ctx: StepContext) -> Artifact:
-    return torch_variant(source, config, ctx)
-
-
-@register_handler(Precision, "torch")
-def torch_precision(source: Artifact, config: Precision, ctx: StepContext) -> Artifact:
-    return torch_variant(source, config, ctx)
+# torch_variant makes every torch quantization; it registers as the handler of each config type.
+for _config_type in (DynamicInt8, StaticInt8, WeightOnly, Precision):
+    register_handler(_config_type, "torch")(torch_variant)
