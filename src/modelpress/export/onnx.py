@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from modelpress.artifacts import Artifact, Manifest
+from modelpress.artifacts import Artifact, Manifest, Signature
 from modelpress.errors import ExportError
 from modelpress.export.cache import cached
 from modelpress.export.parity import check_parity, parity_batches
@@ -87,6 +87,35 @@ def _needs_external(module: Any) -> bool:
     return n > 1_900_000_000  # protobuf's 2 GB limit
 
 
+def export_manifest(source: Artifact, fmt: str, model_file: str, signature: Signature | None) -> Manifest:
+    """The manifest of ``source`` exported to ``fmt``: its name, task and task settings (the
+    tokenizer travels as files, not as a setting), with ``source`` as the parent."""
+    cfg = {k: v for k, v in source.manifest.task_config.items() if k != "tokenizer"}
+    return Manifest(
+        name=source.name,
+        task=source.task,
+        format=fmt,
+        model_file=model_file,
+        signature=signature,
+        task_config=cfg,
+        parent=source.content_hash(),
+    )
+
+
+def check_served(
+    reference: Any, manifest: Manifest, folder: Path, task: Any, batches: list[Any], runtime: str, **options: Any
+) -> dict[str, float]:
+    """Save the tokenizer beside the exported file in ``folder``, then check parity against
+    ``reference`` on the runner that will serve the folder (on ``runtime``, with ``options``)."""
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(str(folder))
+    served = create_runner(Artifact(manifest.model_copy(deep=True), folder), runtime, threads=1, **options)
+    try:
+        return check_parity(reference.run, served.run, batches)
+    finally:
+        served.close()
+
+
 def export_onnx(
     source: Artifact,
     output: str | os.PathLike,
@@ -106,27 +135,12 @@ def export_onnx(
     batches = parity_batches(task, find_data_dir())
     args = tuple(torch.from_numpy(batches[0][n]) for n in sig.input_names)
     reference = TorchRunner.on_module(source, module, sig)
-    cfg = {k: v for k, v in source.manifest.task_config.items() if k != "tokenizer"}
-    manifest = Manifest(
-        name=source.name,
-        task=source.task,
-        format="onnx",
-        model_file="model.onnx",
-        signature=sig,
-        task_config=cfg,
-        parent=source.content_hash(),
-    )
+    manifest = export_manifest(source, "onnx", "model.onnx", sig)
 
     def fill(tmp: Path) -> dict[str, Any]:
         with torch.inference_mode():
             how = torch_to_onnx(module, args, tmp / "model.onnx", sig, opset=opset, dynamo=dynamo)
-        if task.tokenizer is not None:
-            task.tokenizer.save_pretrained(str(tmp))
-        served = create_runner(Artifact(manifest.model_copy(deep=True), tmp), "onnxruntime", threads=1)
-        try:
-            report = check_parity(reference.run, served.run, batches)
-        finally:
-            served.close()
+        report = check_served(reference, manifest, tmp, task, batches, "onnxruntime")
         return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "onnx", "exporter": how, "opset": opset}}
 
     return Artifact.write(output, manifest, fill, overwrite=overwrite)

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelpress.artifacts import Artifact, Manifest
+from modelpress.artifacts import Artifact
 from modelpress.errors import require
 from modelpress.export.cache import cached
-from modelpress.export.onnx import as_onnx
-from modelpress.export.parity import check_parity, parity_batches
+from modelpress.export.onnx import as_onnx, check_served, export_manifest
+from modelpress.export.parity import parity_batches
 from modelpress.locations import find_data_dir
 from modelpress.runtimes import create_runner
 from modelpress.tasks import task_for
@@ -29,28 +29,13 @@ def export_openvino(source: Artifact, output: str | os.PathLike, *, overwrite: b
     task = task_for(onnx_art if onnx_art.path else source)
     batches = parity_batches(task, find_data_dir())
     reference = create_runner(source, "torch" if source.format in ("hf", "torch") else "onnxruntime", threads=1)
-    cfg = {k: v for k, v in source.manifest.task_config.items() if k != "tokenizer"}
-    manifest = Manifest(
-        name=source.name,
-        task=source.task,
-        format="openvino",
-        model_file="model.xml",
-        signature=onnx_art.manifest.signature or source.manifest.signature,
-        task_config=cfg,
-        parent=source.content_hash(),
-    )
+    manifest = export_manifest(source, "openvino", "model.xml", onnx_art.manifest.signature or source.manifest.signature)
 
     def fill(tmp: Path) -> dict[str, Any]:
         model = ov.convert_model(str(onnx_art.model_file))
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        if task.tokenizer is not None:
-            task.tokenizer.save_pretrained(str(tmp))
         # The runner that will serve it, in f32 (a stored bf16 hint is a choice of speed, not what parity checks).
-        served = create_runner(Artifact(manifest.model_copy(deep=True), tmp), "openvino", threads=1, precision="f32")
-        try:
-            report = check_parity(reference.run, served.run, batches)
-        finally:
-            served.close()
+        report = check_served(reference, manifest, tmp, task, batches, "openvino", precision="f32")
         return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "openvino", "via": "onnx", "precision_checked": "f32"}}
 
     try:
