@@ -83,6 +83,49 @@ def _training(
     return cfg
 
 
+def _compress(
+    model: str,
+    cfg: dict[str, Any],
+    output: Path,
+    task: str | None,
+    eval_data: str | None,
+    data_dir: Path | None,
+    limit: int | None,
+    threads: int | None,
+    max_drop: str,
+    runtime: str,
+    bench_rounds: int,
+    bench_batch: str,
+    seq_len: int,
+    force: bool,
+    as_json: bool,
+) -> Any:
+    """The one-step recipe of ``distill`` and ``prune-structured`` (:func:`modelpress.optimize.api.compress`),
+    from the options they share, under progress bars."""
+    from modelpress.cli.optimize import parse_fraction
+    from modelpress.optimize.api import compress
+
+    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
+        return compress(
+            model,
+            cfg,
+            output,
+            task=task,
+            data=eval_data,
+            data_dir=data_dir,
+            limit=limit,
+            threads=threads,
+            max_drop=parse_fraction(max_drop),
+            runtime=runtime,
+            bench=bench_rounds > 0,
+            rounds=bench_rounds or 1,
+            batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
+            seq_len=seq_len,
+            overwrite=force,
+            progress=prog,
+        )
+
+
 def _show(res: Any, title: str, as_json: bool) -> None:
     from modelpress.cli.optimize import gate_table, speed_rows
 
@@ -157,8 +200,6 @@ def distill_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Distill a model into a student with fewer layers, then gate it and time it against the teacher."""
-    from modelpress.cli.optimize import parse_fraction
-    from modelpress.optimize.api import compress
     from modelpress.optimize.distill.distill import DistillTraining
 
     if layers is not None and layer_map is not None:
@@ -166,25 +207,23 @@ def distill_cmd(
     extra = {"loss": loss, "hidden_weight": hidden_weight, "temperature": temperature, "alpha": alpha, "eval_every": eval_every}
     cfg = {"technique": "distill", "layers": _ints(layer_map, "layer-map") if layer_map else layers, "cache": not no_cache}
     cfg["training"] = _training(max_steps, budget, lr, batch_size, data, samples, extra, default_eval_every=DistillTraining().eval_every)
-    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
-        res = compress(
-            teacher,
-            cfg,
-            output,
-            task=task,
-            data=eval_data,
-            data_dir=data_dir,
-            limit=limit,
-            threads=threads,
-            max_drop=parse_fraction(max_drop),
-            runtime=runtime,
-            bench=bench_rounds > 0,
-            rounds=bench_rounds or 1,
-            batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
-            seq_len=seq_len,
-            overwrite=force,
-            progress=prog,
-        )
+    res = _compress(
+        teacher,
+        cfg,
+        output,
+        task,
+        eval_data,
+        data_dir,
+        limit,
+        threads,
+        max_drop,
+        runtime,
+        bench_rounds,
+        bench_batch,
+        seq_len,
+        force,
+        as_json,
+    )
     m = res.technique
     _show(
         res,
@@ -233,8 +272,6 @@ def prune_structured_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove whole channels, FFN neurons or heads, fine-tune to recover, then gate and time against the original."""
-    from modelpress.cli.optimize import parse_fraction
-    from modelpress.optimize.api import compress
     from modelpress.optimize.prune.structured import RecoveryTraining
 
     cfg: dict[str, Any] = {
@@ -252,25 +289,9 @@ def prune_structured_cmd(
         if finetune
         else None
     )
-    with progress_bars(not as_json or sys.stderr.isatty()) as prog:
-        res = compress(
-            model,
-            cfg,
-            output,
-            task=task,
-            data=eval_data,
-            data_dir=data_dir,
-            limit=limit,
-            threads=threads,
-            max_drop=parse_fraction(max_drop),
-            runtime=runtime,
-            bench=bench_rounds > 0,
-            rounds=bench_rounds or 1,
-            batch_sizes=tuple(_ints(bench_batch, "bench-batch")),
-            seq_len=seq_len,
-            overwrite=force,
-            progress=prog,
-        )
+    res = _compress(
+        model, cfg, output, task, eval_data, data_dir, limit, threads, max_drop, runtime, bench_rounds, bench_batch, seq_len, force, as_json
+    )
     m = res.technique
     if "widths_after" in m:
         widths = ", ".join(f"{k} {m['widths_before'][k]}->{v}" for k, v in m["widths_after"].items() if v != m["widths_before"][k])
