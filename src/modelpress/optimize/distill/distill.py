@@ -42,7 +42,6 @@ from modelpress.errors import OptimizationError
 from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.configs.distill import Distill, DistillTraining  # noqa: F401  (their home is configs)
 from modelpress.optimize.handlers import StepContext, apply_technique, copy_model_files, register_handler, write_variant
-from modelpress.progress import no_progress
 
 DISTILL_VERSION = 1  # part of the cache key: bump when the training changes what a config produces
 # Files of a sentence-transformers folder that describe pooling and normalisation (weights excluded).
@@ -214,7 +213,6 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
     import torch
 
     from modelpress.locations import cache_dir
-    from modelpress.optimize.train.loop import train
     from modelpress.optimize.train.objectives import Objective, load_train_data
     from modelpress.tasks import task_for
 
@@ -238,14 +236,10 @@ def train_student(source: Artifact, config: Distill, ctx: StepContext, progress:
     spec = config.training
     data = load_train_data(task, spec, ctx.data_dir)
     objective = Objective(task, teacher, data, spec, layer_map=plan, wrap=task.wrap_module)
-    result = train(
+    result = objective.fit(
         student,
-        objective.loss,
-        spec,
-        evaluate=objective.evaluate if objective.can_evaluate else None,
-        higher_is_better=objective.higher_is_better,
         checkpoint_dir=cache_dir("distill") / f"{key}.ckpt",
-        progress=progress or no_progress,
+        progress=progress,
         description=f"distilling {source.name} into {len(plan) if plan else '?'} layers",
     )
     for p in student.parameters():

@@ -45,7 +45,6 @@ from modelpress.optimize.handlers import (
     register_handler,
     write_variant,
 )
-from modelpress.progress import no_progress
 
 STRUCTURED_VERSION = 1  # part of the cache key
 TORCH_WEIGHTS = "model.safetensors"  # the weights file of a format-"torch" folder (sources.TORCH_WEIGHTS)
@@ -367,7 +366,6 @@ def prune_artifact(
             folder,
             {**summary, "finetune": json.loads((cached / "finetune-report.json").read_text()), "cached": True, "kept": report["kept"]},
         )
-    from modelpress.optimize.train.loop import train
     from modelpress.optimize.train.objectives import Objective, load_train_data
 
     spec = config.finetune
@@ -382,14 +380,10 @@ def prune_artifact(
         layer_map=None if source.format == "torch" else list(range(int(model.config.num_hidden_layers))),
         wrap=None if source.format == "torch" else task.wrap_module,
     )
-    result = train(
+    result = objective.fit(
         model,
-        objective.loss,
-        spec,
-        evaluate=objective.evaluate if objective.can_evaluate else None,
-        higher_is_better=objective.higher_is_better,
         checkpoint_dir=cache_dir("structured") / f"{key}.ckpt",
-        progress=progress or no_progress,
+        progress=progress,
         description=f"recovery fine-tuning of {source.name}",
     )
     ft = {"data": data.sources, "train_examples": len(data), "validation": objective.validation_name, "training": result.to_json()}

@@ -32,6 +32,7 @@ import numpy as np
 from modelpress.datasets import ImageDataset, LabeledTextDataset, PairDataset, TextCorpus, load_dataset
 from modelpress.errors import DatasetError, OptimizationError
 from modelpress.optimize.configs.training import TrainingSpec, check_budget, short_label  # noqa: F401  (their home is configs)
+from modelpress.progress import ProgressFactory, no_progress
 
 # The data each task trains on by default: training splits, never the split it is scored on.
 TRAIN_DEFAULTS: dict[str, list[str]] = {
@@ -440,3 +441,19 @@ class Objective:
         if self.task.name == "causal-lm":
             return bool(self._held)
         return self.data.validation is not None and len(self.data.validation) > 0
+
+    def fit(self, model: Any, *, checkpoint_dir: Path, progress: ProgressFactory | None, description: str) -> Any:
+        """Train ``model`` in place on this objective (held-out evaluation and early stopping where
+        the data has a held-out part); checkpoints in ``checkpoint_dir``. The loop's ``TrainResult``."""
+        from modelpress.optimize.train.loop import train
+
+        return train(
+            model,
+            self.loss,
+            self.spec,
+            evaluate=self.evaluate if self.can_evaluate else None,
+            higher_is_better=self.higher_is_better,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress or no_progress,
+            description=description,
+        )
