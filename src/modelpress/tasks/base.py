@@ -146,6 +146,21 @@ class Task(ABC):
             )
 
 
+def same_key_rows(task: str, key: str, example: str, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
+    """1.0 where both results (``postprocess`` dicts) hold the same ``key`` (a label id, the next
+    token), else 0.0; ``example``: one valid result, for the error when a result has no ``key``."""
+    rows = []
+    for o, v in zip(original, variant, strict=True):
+        if not (isinstance(o, dict) and isinstance(v, dict) and key in o and key in v):
+            keys = sorted(o) if isinstance(o, dict) else type(o).__name__
+            raise ConfigError(
+                f"The {task} results cannot be compared: they have no {key} (got {keys}).",
+                hint=f"Compare postprocess() results, e.g. [{example}].",
+            )
+        rows.append(float(o[key] == v[key]))
+    return np.asarray(rows, dtype=np.float64)
+
+
 def load_tokenizer(artifact: Artifact):
     from transformers import AutoTokenizer
 

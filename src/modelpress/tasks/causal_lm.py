@@ -25,7 +25,7 @@ import numpy as np
 from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import TextCorpus
 from modelpress.errors import ConfigError
-from modelpress.tasks.base import Progress, Task, _noop, register_task
+from modelpress.tasks.base import Progress, Task, _noop, register_task, same_key_rows
 from modelpress.tasks.text import TextEncoder, check_texts, real_sentences, text_encoder
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -223,13 +223,4 @@ class CausalLMTask(Task):
     def agreement_rows(cls, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
         """1.0 where both results (``postprocess`` dicts) predict the same next token, else 0.0."""
         cls.check_rows(original, variant)
-        rows = []
-        for o, v in zip(original, variant, strict=True):
-            if not (isinstance(o, dict) and isinstance(v, dict) and "next_token_id" in o and "next_token_id" in v):
-                keys = sorted(o) if isinstance(o, dict) else type(o).__name__
-                raise ConfigError(
-                    f"The causal-lm results cannot be compared: they have no next_token_id (got {keys}).",
-                    hint='Compare postprocess() results, e.g. [{"next_token_id": 42, "next_token": " the", "logprob": -0.3}].',
-                )
-            rows.append(float(o["next_token_id"] == v["next_token_id"]))
-        return np.asarray(rows, dtype=np.float64)
+        return same_key_rows(cls.name, "next_token_id", '{"next_token_id": 42, "next_token": " the", "logprob": -0.3}', original, variant)

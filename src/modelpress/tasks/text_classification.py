@@ -16,8 +16,8 @@ import numpy as np
 
 from modelpress.artifacts import Signature, TensorSpec
 from modelpress.datasets.base import LabeledTextDataset
-from modelpress.errors import ConfigError, TaskMismatchError
-from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task
+from modelpress.errors import TaskMismatchError
+from modelpress.tasks.base import Progress, Task, _noop, batched_by_length, register_task, same_key_rows
 from modelpress.tasks.text import TextInputTask, text_input_specs
 
 
@@ -43,16 +43,7 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
 
 def label_agreement_rows(task: str, original: Sequence[Any], variant: Sequence[Any]) -> np.ndarray:
     """1.0 where both results (``postprocess`` dicts) hold the same ``label_id``, else 0.0."""
-    rows = []
-    for o, v in zip(original, variant, strict=True):
-        if not (isinstance(o, dict) and isinstance(v, dict) and "label_id" in o and "label_id" in v):
-            keys = sorted(o) if isinstance(o, dict) else type(o).__name__
-            raise ConfigError(
-                f"The {task} results cannot be compared: they have no label_id (got {keys}).",
-                hint='Compare postprocess() results, e.g. [{"label": "positive", "label_id": 1, "scores": [...]}].',
-            )
-        rows.append(float(o["label_id"] == v["label_id"]))
-    return np.asarray(rows, dtype=np.float64)
+    return same_key_rows(task, "label_id", '{"label": "positive", "label_id": 1, "scores": [...]}', original, variant)
 
 
 class ClassifierTask(Task):
