@@ -76,6 +76,7 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     assert proc.stdout.readline().strip() == "filling"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     assert not (tmp_path / "a").exists()
     with pytest.raises(ArtifactError, match=r"no modelpress\.json"):
         Artifact.open(tmp_path / "a")

@@ -25,6 +25,14 @@ def test_importing_serving_imports_neither_optimize_nor_rollouts_nor_typer():
     assert [m for m in loaded if m.startswith(("modelpress.optimize", "modelpress.rollout", "modelpress.cli", "typer"))] == []
 
 
+def test_the_package_pickles_by_name():
+    import pickle
+
+    import modelpress
+
+    assert pickle.loads(pickle.dumps(modelpress)) is modelpress  # what Ray's cloudpickle needs when a closure uses `mp`
+
+
 def test_the_optimize_verb_keeps_its_name_once_the_subpackage_is_imported():
     code = (
         "import modelpress as mp, modelpress.optimize.recipe, inspect;"

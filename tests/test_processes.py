@@ -144,6 +144,7 @@ def test_benchmark_procs_end_their_groups_and_what_escaped_them_on_a_signal(tmp_
     finally:
         bench.kill()
         bench.wait()
+        bench.stdout.close()
         if pids.exists():
             end([psutil.Process(p) for p in _pids(pids) if psutil.pid_exists(p)])
 
@@ -218,6 +219,8 @@ class BenchRun:
         end(self.left(), (self.proc.pid,))
         self.proc.kill()
         self.proc.wait()
+        self._reader.join(10)
+        self.proc.stdout.close()
 
 
 def _assert_none_left(run: BenchRun) -> None:

@@ -1,5 +1,6 @@
 """modelpress: take a trained model to a fast, validated, versioned production service."""
 
+import importlib
 import os
 import sys
 import types
@@ -54,6 +55,10 @@ class _Package(types.ModuleType):
     @optimize.setter
     def optimize(self, _subpackage: Any) -> None:
         pass
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # pickled by name, as every module is (cloudpickle, used by Ray, pickles plain modules so)
+        return importlib.import_module, (self.__name__,)
 
 
 sys.modules[__name__].__class__ = _Package

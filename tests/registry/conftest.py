@@ -166,5 +166,19 @@ def spawn_register(folder: Path, name: str, *, go: Path | None = None, env: dict
 
 
 @pytest.fixture
-def spawn() -> Callable[..., subprocess.Popen]:
-    return spawn_register
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``spawn_register``; at teardown every child is ended and its pipes closed."""
+    children: list[subprocess.Popen] = []
+
+    def start(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        children.append(child := spawn_register(*args, **kwargs))
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=60)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
