@@ -43,7 +43,8 @@ def test_a_registry_at_revision_0001_opens_and_upgrades(url, home, make_artifact
             ),
             {"sha": old.content_hash()},
         )
-    registry_id = engine.connect().execute(text("SELECT value FROM registry_meta WHERE key = 'registry_id'")).scalar()
+    with engine.connect() as conn:
+        registry_id = conn.execute(text("SELECT value FROM registry_meta WHERE key = 'registry_id'")).scalar()
     engine.dispose()
 
     with Registry(url) as reg:
