@@ -53,7 +53,6 @@ CASES = [
 MNIST_ACCURACY_DROP = 0.01
 # The issue's bar for MiniLM on STS-B: Spearman within 0.5% of the original.
 STSB_SPEARMAN_REL_TOL = 0.005
-STSB_PAIRS = 500
 # Agreement with the fp32 model, well below the peers' figures (PEERS.md: ORT per-channel fused
 # 0.993 cosine / 0.91 top-10; NNCF static int8 0.997 / 0.94) and far above a broken model's.
 MINILM_MIN_COSINE = 0.98
@@ -226,34 +225,6 @@ def test_static_int8_keeps_a_trained_cnn_accurate(trained_mnist_cnn, data_dir, t
 
 
 # -- the real MiniLM on STS-B -----------------------------------------------------------
-def _stsb_spearman(emb: np.ndarray, texts: list[str], ds) -> float:
-    """Spearman of the pairs' cosine with the gold scores (what EmbeddingTask.evaluate computes)."""
-    from scipy.stats import spearmanr
-
-    from modelpress.tasks.embedding import normalize
-
-    where = {t: i for i, t in enumerate(texts)}
-    e = normalize(emb.astype(np.float64))
-    cos = (e[[where[t] for t in ds.sentences1]] * e[[where[t] for t in ds.sentences2]]).sum(1)
-    return float(spearmanr(cos, np.asarray(ds.scores, dtype=np.float64)).statistic)
-
-
-@pytest.fixture(scope="session")
-def minilm_reference(data_dir):
-    """MiniLM, the first STS-B pairs, and the fp32 embeddings of their sentences (computed once).
-
-    The fp32 ONNX export stands in for PyTorch eager here: the export is checked to match it to
-    1e-3 relative, and it runs faster on these 2 cores.
-    """
-    from modelpress.datasets import load_dataset
-
-    art = mp.load("minilm")
-    ds = load_dataset("stsb-dev", data_dir_=data_dir, limit=STSB_PAIRS)
-    texts = ds.texts()
-    emb = mp.task_for(art).embed(mp.create_runner(art, "onnxruntime"), texts)
-    return art, ds, texts, emb
-
-
 @pytest.mark.needs_data
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -264,11 +235,10 @@ def minilm_reference(data_dir):
 def test_minilm_keeps_stsb_spearman(cfg, minilm_reference, tmp_path):
     from modelpress.tasks.embedding import agreement_metrics
 
-    source, ds, texts, ref = minilm_reference
-    art = mp.apply_technique(source, cfg, tmp_path / "v")
-    emb = mp.task_for(art).embed(mp.create_runner(art, cfg.runtime), texts)  # bf16 hint applied from the manifest
-    base, spearman = _stsb_spearman(ref, texts, ds), _stsb_spearman(emb, texts, ds)
-    agree = agreement_metrics(emb, ref)
+    art = mp.apply_technique(minilm_reference.art, cfg, tmp_path / "v")
+    emb = minilm_reference.embed(art, cfg.runtime)  # bf16 hint applied from the manifest
+    base, spearman = minilm_reference.spearman(minilm_reference.emb), minilm_reference.spearman(emb)
+    agree = agreement_metrics(emb, minilm_reference.emb)
     print(f"{cfg.label()}: spearman {base:.4f} -> {spearman:.4f}, cosine {agree['mean_cosine']:.4f}, top-10 {agree['top10_agreement']:.3f}")
     assert abs(spearman - base) <= STSB_SPEARMAN_REL_TOL * base
     assert agree["mean_cosine"] >= MINILM_MIN_COSINE and agree["top10_agreement"] >= MINILM_MIN_TOP10
