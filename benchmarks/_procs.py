@@ -44,7 +44,7 @@ def _env_of(p: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -54,7 +54,7 @@ def _alive(p: psutil.Process) -> bool:
 def tagged(var: str, value: str) -> list[psutil.Process]:
     """Live processes (not zombies, not this one or its ancestors) whose environment has ``var=value``."""
     skip = {os.getpid(), *(a.pid for a in psutil.Process().parents())}
-    return [p for p in psutil.process_iter() if p.pid not in skip and _alive(p) and _env_of(p).get(var) == value]
+    return [p for p in psutil.process_iter() if p.pid not in skip and alive(p) and _env_of(p).get(var) == value]
 
 
 def group_members(leader: int) -> list[psutil.Process]:
@@ -62,13 +62,13 @@ def group_members(leader: int) -> list[psutil.Process]:
     found: dict[int, psutil.Process] = {}
     for p in psutil.process_iter():
         try:
-            if leader in (os.getsid(p.pid), os.getpgid(p.pid)) and _alive(p):
+            if leader in (os.getsid(p.pid), os.getpgid(p.pid)) and alive(p):
                 found[p.pid] = p
         except (OSError, psutil.Error):
             continue
     with contextlib.suppress(psutil.Error):
         for p in psutil.Process(leader).children(recursive=True):
-            if _alive(p):
+            if alive(p):
                 found[p.pid] = p
     found.pop(os.getpid(), None)
     return list(found.values())
@@ -88,14 +88,14 @@ def end_processes(procs: list[psutil.Process], groups: Sequence[int] = (), grace
         for g in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, sig)
-        procs = [p for p in procs if _alive(p)]
+        procs = [p for p in procs if alive(p)]
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
         deadline = time.monotonic() + wait
         while procs and time.monotonic() < deadline:
             _, procs = psutil.wait_procs(procs, timeout=0.2)
-            procs = [p for p in procs if _alive(p)]
+            procs = [p for p in procs if alive(p)]
         if not procs:
             return []
     return procs
@@ -221,7 +221,7 @@ class Procs:
         """A hook running ``ray stop`` for the cluster this benchmark started, when no other Ray cluster runs here."""
 
         def stop_ray() -> None:
-            daemons = [p for p in psutil.process_iter() if _alive(p) and any(d in _name(p) for d in RAY_DAEMONS)]
+            daemons = [p for p in psutil.process_iter() if alive(p) and any(d in _name(p) for d in RAY_DAEMONS)]
             others = [p for p in daemons if _env_of(p).get(OWNER_ENV) != self.tag]
             if not daemons:
                 return

@@ -12,25 +12,37 @@ members of the groups ``popen_group`` created; processes alive before the sessio
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import signal
 import subprocess
-import time
+from pathlib import Path
 from typing import Any
 
 import psutil
+
+
+def _bench_procs() -> Any:
+    """benchmarks/_procs.py: the one place that ends process groups, for the benchmarks and the tests."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "_procs.py"
+    spec = importlib.util.spec_from_file_location("modelpress_bench_procs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_procs = _bench_procs()
+alive = _procs.alive  # running and not a zombie
+
+
+def end(procs: list[psutil.Process], groups: tuple[int, ...] = (), grace: float = 5.0) -> list[psutil.Process]:
+    """SIGTERM to ``groups`` and ``procs``, SIGKILL after ``grace`` s; returns what survived even that."""
+    return _procs.end_processes(procs, groups, grace)
+
 
 MARK_ENV = "MODELPRESS_TEST_RUN"
 CREATED_GROUPS: set[int] = set()  # sessions popen_group started (the leader's pid is the group and session id)
 # Helpers that the pytest process itself starts and that exit with it; not strays while their parent is pytest.
 OWN_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "torch/_inductor/compile_worker/")
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def env_of(p: psutil.Process) -> dict[str, str]:
@@ -94,25 +106,6 @@ def strays(root: int, mark: str, before: set[tuple[int, float]]) -> list[psutil.
             continue
     skip = {root, *(a.pid for a in psutil.Process(root).parents())}
     return [p for p in found.values() if p.pid not in skip and key(p) not in before and alive(p) and not _own_helper(p, root)]
-
-
-def end(procs: list[psutil.Process], groups: tuple[int, ...] = (), grace: float = 5.0) -> list[psutil.Process]:
-    """SIGTERM to ``groups`` and ``procs``, SIGKILL after ``grace`` s; returns what survived even that."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(g, sig)
-        procs = [p for p in procs if alive(p)]
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(sig)
-        deadline = time.monotonic() + wait
-        while procs and time.monotonic() < deadline:
-            _, procs = psutil.wait_procs(procs, timeout=0.2)
-            procs = [p for p in procs if alive(p)]
-        if not procs:
-            return []
-    return procs
 
 
 def group_members(leader: int) -> list[psutil.Process]:
