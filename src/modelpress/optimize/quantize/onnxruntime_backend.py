@@ -1,7 +1,7 @@
 """ONNX Runtime techniques: transformer fusion, dynamic and static int8, MatMulNBits, fp16.
 
 Each function reads an ONNX file and writes a new one; the technique handlers
-(:mod:`.ort_handlers`) wrap them into artifacts. Pitfalls measured on this project's machines
+(:mod:`modelpress.optimize.quantize.onnxruntime`) wrap them into artifacts. Pitfalls measured on this project's machines
 (see PEERS.md):
 
 * the BERT fusion (``optimize_model(model_type="bert")``) recognises attention only in an export

@@ -1,7 +1,7 @@
 """OpenVINO techniques through NNCF: static int8 (``nncf.quantize``) and weight compression.
 
 Each function takes an ``openvino.Model`` in memory and returns a new one; the handlers
-(:mod:`.ov_handlers`) read the source, save the result and write the artifact. Layers are
+(:mod:`modelpress.optimize.quantize.openvino`) read the source, save the result and write the artifact. Layers are
 OpenVINO operations, named as in the ONNX graph they were converted from (``node_MatMul_82``),
 so an exclusion entry may also match the torch module path recorded in that ONNX graph
 (see :mod:`.onnx_backend`).
