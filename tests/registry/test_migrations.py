@@ -48,7 +48,7 @@ def test_a_registry_at_revision_0001_opens_and_upgrades(url, home, make_artifact
     engine.dispose()
 
     with Registry(url) as reg:
-        assert current_revision(reg.engine) == head_revision() == "0003"
+        assert current_revision(reg.engine) == head_revision() == "0004"
         assert reg.registry_id == registry_id
         v1 = reg.get("legacy@production")
         assert v1.version == 1 and v1.manifest["content_hash"] == old.content_hash() and v1.artifact().manifest.task == "embedding"

@@ -53,6 +53,13 @@ class Registry(Registering, Maintenance):
 
         return Rollouts(self)
 
+    @property
+    def leases(self) -> Any:
+        """Which server drives each deployment's rollout (:class:`modelpress.registry.leases.Leases`)."""
+        from modelpress.registry.leases import Leases
+
+        return Leases(self)
+
     # -- reading -------------------------------------------------------------------------
     def get(self, ref: RefLike) -> ModelVersion:
         """One version: ``NAME:VERSION``, ``NAME@stage``, ``NAME:latest`` or ``NAME`` (the latest)."""

@@ -13,6 +13,8 @@ these classes must match the head revision (``tests/registry/test_migrations.py`
 - ``lineage``: parent version -> child version, with the recipe step and config that made it.
 - ``metrics``: quality and speed numbers, with the dataset, runtime and machine.
 - ``tags``, ``notes``; ``deployments`` and ``rollout_events`` for serving.
+- ``rollout_leases``: which server drives the rollout of a deployment name (owner, expiry, a
+  sequence number that changes hands with the lease; see :mod:`modelpress.registry.leases`).
 """
 
 from __future__ import annotations
@@ -190,3 +192,13 @@ class RolloutEventRow(Base):
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), index=True)
     at: Mapped[_dt.datetime] = mapped_column(default=utcnow)
     decision: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LeaseRow(Base):
+    """Which server drives the rollout of deployment ``name``: owner, expiry (epoch seconds), and ``seq``, the fencing token."""
+
+    __tablename__ = "rollout_leases"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(256))
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    seq: Mapped[int] = mapped_column(Integer)

@@ -12,6 +12,12 @@ transaction, so a server killed at any instant finds both or neither when it res
         reg.rollouts.get("minilm")           # {"name", "model", "version", "traffic_policy", "rollout_state", ...}
         reg.rollouts.events("minilm")        # oldest first: {"id", "at", "decision"}
         reg.rollouts.rollback_target("minilm")   # (3, 2): production now, and what `rollback` would restore
+
+A rollout controller's writes are fenced: ``save(..., lease=(owner, seq), expect_seq=n)`` writes
+only while ``owner`` still holds the deployment's lease at ``seq``
+(:mod:`modelpress.registry.leases`) and the recorded state's ``seq`` is still ``n``, checked in
+the same transaction; ``promote=(ref, who, why)`` puts that version in production in it too, so
+a promotion and the decision that made it are recorded together or not at all.
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
 
-from modelpress.errors import ConfigError, RolloutNotFoundError
+from modelpress.errors import ConfigError, RolloutConflictError, RolloutNotFoundError
 from modelpress.registry import queries, stages
 from modelpress.registry.db import DeploymentRow, ModelRow, RolloutEventRow, VersionRow
-from modelpress.registry.names import Ref, validate_name
+from modelpress.registry.leases import check_held
+from modelpress.registry.names import Ref, parse_ref, validate_name
 from modelpress.registry.records import iso
 
 T = TypeVar("T")
+
+
+class StaleRolloutStateError(RolloutConflictError):
+    """The recorded rollout state moved on (another server decided since); nothing was written. HTTP 409."""
 
 
 class Sessions(Protocol):
@@ -93,11 +104,18 @@ class Rollouts:
         traffic_policy: dict[str, Any] | None = None,
         rollout_state: dict[str, Any] | None = None,
         event: dict[str, Any] | None = None,
+        lease: tuple[str, int] | None = None,
+        expect_seq: int | None = None,
+        promote: tuple[str, str, str] | None = None,
     ) -> dict[str, Any]:
         """Create or update deployment ``name`` (serving registry model ``model``) and append ``event``, in one transaction.
 
         ``version``: the registry version it counts as deployed (e.g. production); None leaves
-        it as it was. A policy or state of None leaves that column as it was.
+        it as it was. A policy or state of None leaves that column as it was. ``lease``:
+        ``(owner, seq)`` that must still hold the deployment's lease (else
+        :class:`~modelpress.registry.leases.LeaseLostError`); ``expect_seq``: the ``seq`` the
+        recorded rollout state must still have (else :class:`StaleRolloutStateError`);
+        ``promote``: ``(ref, who, why)``, a version to put in production in the same transaction.
         """
         name, model = validate_name(name), validate_name(model)
         if traffic_policy is not None:
@@ -108,11 +126,23 @@ class Rollouts:
             _check_json(event, "rollout event")
 
         def run(s: Any) -> dict[str, Any]:
+            if lease is not None:
+                check_held(s, name, lease[0], int(lease[1]))
             model_row = queries.get_model(s, model)
             version_id = None
             if version is not None:
                 version_id = queries.resolve(s, Ref(model, version=int(version))).id
             row = self._row(s, name, lock=True)
+            if expect_seq is not None:
+                recorded = (row.rollout_state or {}).get("seq") if row is not None else None
+                if recorded != expect_seq:
+                    raise StaleRolloutStateError(
+                        f"The rollout state of '{name}' in the registry is at decision {recorded}, not {expect_seq}: "
+                        "another server decided since, so this decision was not recorded.",
+                        hint=f"Read the current state: modelpress rollout status {name}",
+                    )
+            if promote is not None:
+                stages.set_stage(s, queries.resolve(s, parse_ref(promote[0]), lock=True), "production", promote[1], promote[2], "promote")
             if row is None:
                 row = DeploymentRow(
                     name=name,
