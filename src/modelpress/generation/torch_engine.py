@@ -1,0 +1,67 @@
+"""The reference engine: a transformers causal LM with its KV cache (a ``DynamicCache`` built from
+the batch's left-padded per-layer tensors each step), prefill + decode, continuous batching.
+
+Every other engine is checked against it: greedy tokens equal (``tests/generation``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from modelpress.errors import UnsupportedModelError
+from modelpress.generation._core import KV, BatchingEngine
+from modelpress.generation._load import load_tokenizer, resolve, stop_ids_of
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class TorchEngine(BatchingEngine):
+    name = "torch"
+
+    def __init__(self, source: Any, *, dtype: str = "float32", threads: int | None = None, **options: Any) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if dtype not in DTYPES:
+            raise UnsupportedModelError(f"Unknown dtype '{dtype}' for the torch engine.", hint=f"Use one of {sorted(DTYPES)}.")
+        src = resolve(source)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if src.module is not None:
+            model = src.module
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=DTYPES[dtype])
+        self.model = model.eval()
+        self.config = model.config
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(str(src.folder)) if src.folder is not None else None
+        except OSError:
+            gen_cfg = None
+        self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
+        super().__init__(
+            tokenizer=load_tokenizer(src.tokenizer),
+            context_length=int(getattr(self.config, "max_position_embeddings", 0) or 2048),
+            stop_token_ids=stop_ids_of(self.config, gen_cfg),
+            bos_token_id=getattr(self.config, "bos_token_id", None),
+            model_name=src.name,
+            **options,
+        )
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv or None, config=self.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        new_kv = [(layer.keys, layer.values) for layer in cache.layers]  # updated in place
+        return out.logits[:, -1].float(), new_kv
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
+        x = torch.tensor([ids], dtype=torch.long)
+        logits, kv = self._forward(x, torch.arange(len(ids)).unsqueeze(0), [], torch.ones_like(x))
+        return logits[0], kv
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        return self._forward(tokens.unsqueeze(1), positions.unsqueeze(1), kv, mask)
