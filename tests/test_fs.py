@@ -60,6 +60,7 @@ def test_replace_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path,
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr("modelpress._fs._exchange", lambda a, b: False)  # a file system that cannot swap two folders
     with pytest.raises(OSError, match="disk full"):
         replace_folder(new, target)
     assert (target / "old.txt").read_text() == "old"

@@ -5,9 +5,14 @@
   sees the old content or the new one, never a mix, even after a crash.
 - :func:`atomic_folder`: a temporary folder beside the target to fill; when the block ends
   without an error every file and folder in it is fsynced and it is renamed into place. An
-  existing target is moved aside first and removed only once the new folder is in place (put
-  back if that rename fails); after an error the temporary folder is removed and the target
-  is untouched.
+  existing target is swapped with the new folder in one step (Linux ``renameat2`` with
+  ``RENAME_EXCHANGE``), so a reader sees the old folder or the new one at every instant; where
+  the file system cannot swap, the old one is renamed aside and the new one renamed in (put
+  back if that fails). After an error the temporary folder is removed and the target is untouched.
+- Temporary names carry the writer's pid and host (``.NAME.tmp-PID@HOST-xxxx``,
+  ``.NAME.old-PID@HOST-xxxx``): the next write of the same target removes those of a writer
+  that died (SIGKILL, power loss), and puts back an old folder a dead writer had moved aside
+  without putting the new one in place (:func:`clean_stale`).
 - :func:`file_lock`: an exclusive lock on a file (the ``filelock`` library), shared by every
   process on the machine (and by machines on a shared file system that honours ``flock``).
 """
@@ -15,8 +20,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +37,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write_bytes",
     "atomic_write_text",
+    "clean_stale",
     "file_lock",
     "fsync_dir",
     "fsync_tree",
@@ -64,6 +76,82 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     fsync_dir(root)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+_AT_FDCWD = -100
+_STALE_RE = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]*)-")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _tag() -> str:
+    """The pid and host a temporary name carries, so a later writer can tell whether its owner died."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (both must exist); False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # pragma: no cover - a libc without renameat2 (glibc < 2.28, musl)
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # pragma: no cover - the file system cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders a dead writer left beside ``target``; returns what was removed.
+
+    Only names of this host whose pid is no longer alive count. A ``.old-`` folder left while
+    ``target`` is missing (the writer died between its two renames) is renamed back to ``target``.
+    """
+    target = Path(target)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except FileNotFoundError:
+        return removed
+    prefix = f".{target.name}."
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        m = _STALE_RE.match(e.name, len(prefix) - 1)
+        if m is None or m.group("host") != _host() or _pid_alive(int(m.group("pid"))):
+            continue
+        path = Path(e.path)
+        try:
+            if m.group("kind") == "old" and not (target.exists() or target.is_symlink()):
+                os.rename(path, target)
+                fsync_dir(target.parent)
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another writer cleaned it first
+            continue
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file path beside ``path`` to write (by any means); fsynced and renamed over ``path`` when the block succeeds.
@@ -72,7 +160,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)  # a tool may read the suffix
+    clean_stale(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_tag()}-", suffix=path.suffix, dir=path.parent)  # a tool may read the suffix
     os.close(fd)
     tmp = Path(name)
     try:
@@ -101,22 +190,29 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def replace_folder(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Rename the complete folder ``tmp`` to ``target`` (same file system), replacing a folder there.
 
-    The old ``target`` is renamed aside first and deleted once the new one is in place; if the
-    second rename fails it is renamed back, so ``target`` ends up the old folder or the new one.
+    An existing ``target`` is swapped with ``tmp`` in one step where the file system can
+    (``renameat2(RENAME_EXCHANGE)``), so ``target`` is the old folder or the new one at every
+    instant; then the old one (now at ``tmp``) is deleted. Elsewhere the old ``target`` is
+    renamed aside first and deleted once the new one is in place; if the second rename fails it
+    is renamed back, so ``target`` ends up the old folder or the new one.
     """
     tmp, target = Path(tmp), Path(target)
+    if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
+        fsync_dir(target.parent)
+        trash = target.parent / f".{target.name}.old-{_tag()}-{secrets.token_hex(4)}"
+        os.rename(tmp, trash)  # the old folder, under a name the next write removes if this process dies now
+        shutil.rmtree(trash, ignore_errors=True)
+        return target
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        aside = old / target.name
+        aside = target.parent / f".{target.name}.old-{_tag()}-{secrets.token_hex(4)}"
         os.rename(target, aside)
         try:
             os.rename(tmp, target)
         except BaseException:
             os.rename(aside, target)
-            shutil.rmtree(old, ignore_errors=True)
             raise
         fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(tmp, target)
         fsync_dir(target.parent)
@@ -132,7 +228,8 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_tag()}-", dir=target.parent))
     try:
         yield tmp
         fsync_tree(tmp)

@@ -5,16 +5,22 @@ what modelpress knows about it: the task, the format, the input/output signature
 settings (pooling, labels, ...), the artifact it was made from, the step that made it, metrics,
 content hashes and tool versions. Folders are written to a temporary path beside the target,
 fsynced and renamed, so a crash never leaves a half-written artifact.
+
+A manifest read from a folder is data from whoever wrote the folder: every path it names
+(``model_file``, the ``files`` it lists, ``task_config.tokenizer``, a runtime's ``calibration``
+file) must stay inside the folder, symbolic links included (:func:`check_manifest_paths`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,6 +72,86 @@ class Manifest(BaseModel):
     content_hash: str | None = None
     created_at: str | None = None
     tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+def safe_relpath(rel: str, what: str = "file path") -> PurePosixPath:
+    """``rel`` as a relative path that stays inside its folder (no absolute path, no '..')."""
+    if not isinstance(rel, str):
+        raise ArtifactError(f"Refusing the {what} {rel!r}: it is not a string.", hint="Paths in a manifest are strings, e.g. 'model.onnx'.")
+    path = PurePosixPath(rel)
+    if not rel or "\\" in rel or "\0" in rel or path.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise ArtifactError(
+            f"Refusing the {what} '{rel}': it could point outside its artifact folder.",
+            hint="File paths in a manifest are relative and stay inside the folder, e.g. 'onnx/model.onnx'.",
+        )
+    return path
+
+
+def inside(folder: Path, rel: str, what: str = "file path") -> Path:
+    """``folder / rel``, checked to stay inside ``folder`` also once symbolic links are followed."""
+    path = Path(folder) / safe_relpath(rel, what)
+    root = Path(folder).resolve()
+    if path.exists() or path.is_symlink():
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise ArtifactError(
+                f"Refusing the {what} '{rel}' of '{folder}': it is a symbolic link to '{real}', outside the folder.",
+                hint="Replace the link with a copy of the file, inside the artifact folder.",
+            )
+    return path
+
+
+def links_outside(folder: Path) -> list[str]:
+    """Symbolic links under ``folder`` (files or folders) that point outside it (or nowhere), as relative paths."""
+    root = Path(folder).resolve()
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root):  # never descends into a linked folder
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                real = p.resolve()
+                if (real != root and root not in real.parents) or not real.exists():
+                    bad.append(p.relative_to(root).as_posix())
+    return sorted(bad)
+
+
+def check_manifest_paths(manifest: Manifest, folder: Path) -> None:
+    """Every path ``manifest`` names stays inside ``folder`` (an :class:`ArtifactError` otherwise)."""
+    if manifest.model_file is not None:
+        inside(folder, manifest.model_file.rstrip("/") or manifest.model_file, "model_file")
+    for rel in manifest.files:
+        safe_relpath(rel, "path in 'files'")
+    tok = manifest.task_config.get("tokenizer")
+    if tok is not None:
+        if isinstance(tok, str) and Path(tok).is_absolute():
+            real = Path(tok).resolve()
+            if real != Path(folder).resolve():
+                raise ArtifactError(
+                    f"Refusing task_config.tokenizer '{tok}' in the manifest of '{folder}': it points outside the artifact folder.",
+                    hint="Keep the tokenizer files in the artifact folder and drop the setting, "
+                    "or load the model with an explicit tokenizer: modelpress.load(path, tokenizer='hf-folder').",
+                )
+        else:
+            inside(folder, tok, "task_config.tokenizer")
+    options = manifest.task_config.get("runtime_options")
+    if isinstance(options, dict):
+        for runtime, opts in options.items():
+            if isinstance(opts, dict) and opts.get("calibration") is not None:
+                inside(folder, opts["calibration"], f"runtime_options.{runtime}.calibration")
+
+
+@contextlib.contextmanager
+def disk_full_is_clear(where: Path, what: str) -> Iterator[None]:
+    """An ``OSError`` ENOSPC / EDQUOT in the block becomes an :class:`ArtifactError` that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ArtifactError(
+            f"No space left on the device of '{where}' while {what}; nothing was changed there.",
+            hint=f"Free some space (df -h {where}) or write somewhere else, then run the command again.",
+        ) from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -128,7 +214,7 @@ class Artifact:
     def model_file(self) -> Path | None:
         if self.path is None or self.manifest.model_file is None:
             return None
-        return self.path / self.manifest.model_file
+        return inside(self.path, self.manifest.model_file.rstrip("/") or self.manifest.model_file, "model_file")
 
     def content_hash(self) -> str:
         """A stable id: the hash of the files, or of the module's weights when in memory."""
@@ -175,6 +261,7 @@ class Artifact:
             manifest = Manifest.model_validate_json(manifest_path.read_text())
         except ValueError as exc:
             raise ArtifactError(f"The manifest {manifest_path} is invalid: {exc}") from exc
+        check_manifest_paths(manifest, path)
         return cls(manifest, path)
 
     @classmethod
@@ -197,7 +284,7 @@ class Artifact:
         target = Path(target).resolve()
         if target.exists() and not overwrite:
             raise ArtifactError(f"'{target}' already exists.", hint="Choose another output folder or pass overwrite=True (--force).")
-        with atomic_folder(target) as tmp:
+        with disk_full_is_clear(target.parent, f"writing the artifact '{target.name}'"), atomic_folder(target) as tmp:
             updates = fill(tmp) or {}
             files, digest = hash_folder(tmp)
             manifest = manifest.model_copy(
@@ -218,7 +305,11 @@ class Artifact:
             return []
         bad = []
         for rel, digest in self.manifest.files.items():
-            f = self.path / rel
+            try:
+                f = inside(self.path, rel)
+            except ArtifactError:  # a path that leaves the folder: reported, never followed
+                bad.append(rel)
+                continue
             if not f.is_file() or sha256_file(f) != digest:
                 bad.append(rel)
         return bad

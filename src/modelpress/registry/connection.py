@@ -31,6 +31,7 @@ from modelpress.registry.store import ArtifactStore, Prepared
 
 RefLike = str | Ref | ModelVersion
 T = TypeVar("T")
+_FULL_RE = re.compile(r"disk is full|no space left|could not extend file|disk full", re.IGNORECASE)  # SQLite, PostgreSQL
 _RETRIES = 8  # attempts of a write that lost a unique-constraint race to another writer
 
 __all__ = ["RefLike", "RegistryBase", "as_ref"]
@@ -104,6 +105,12 @@ class RegistryBase:
             raise  # a lost race: _with_retry runs the transaction again
         except DBAPIError as exc:
             first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+            if _FULL_RE.search(first):
+                raise RegistryError(
+                    f"The registry database {display_url(self.url)} is out of disk space: {first}; the transaction was rolled "
+                    "back, so the registry keeps its previous state.",
+                    hint="Free some space on the database's disk (df -h), then run the command again.",
+                ) from None
             raise RegistryError(
                 f"The registry database {display_url(self.url)} failed: {first}",
                 hint="Check that the database is reachable and not locked by a stuck process; then try again.",

@@ -23,7 +23,7 @@ from modelpress.registry.connection import RefLike, RegistryBase, as_ref
 from modelpress.registry.db import ArtifactRow, LineageRow, MetricRow, ModelRow, NoteRow, StageEventRow, TagRow, VersionRow
 from modelpress.registry.names import Ref, validate_name, validate_stage, validate_tag
 from modelpress.registry.records import ModelVersion, current_user, normalize_metrics
-from modelpress.registry.store import Prepared, crash_point
+from modelpress.registry.store import Prepared, crash_point, disk_full_is_clear
 
 __all__ = ["Registering"]
 
@@ -125,7 +125,8 @@ class Registering(RegistryBase):
             if found is not None:
                 return found
         if not self.store.holds(prepared.sha256):
-            self.store.copy_in(prepared)  # outside the lock: a long copy does not hold up other writers
+            with disk_full_is_clear(self.store.root, f"copying the files of '{prepared.source}'"):
+                self.store.copy_in(prepared)  # outside the lock: a long copy does not hold up other writers
 
         def insert(s: Any) -> ModelVersion:
             found = reuse_existing(s)  # another process may have registered it meanwhile
@@ -142,7 +143,8 @@ class Registering(RegistryBase):
 
         try:
             with self.store.lock():
-                created = self.store.place(prepared)
+                with disk_full_is_clear(self.store.root, f"placing the files of '{prepared.source}'"):
+                    created = self.store.place(prepared)
                 crash_point("after_rename")
                 try:
                     result = self._write(insert)

@@ -10,11 +10,16 @@ Layout under the store root::
 Every path the store touches is built from a sha256 it computed itself, never from a name a
 user typed, and is checked to stay inside the root. A copy is written to a temporary folder,
 hashed, fsynced and renamed, so ``artifacts/<sha256>/`` is either absent or complete.
+
+A folder with a symbolic link that points outside it (a link to ``~/.ssh/id_rsa`` would copy the
+secret into the store) is refused before anything is read. A full disk fails with a
+:class:`RegistryError` that says so; the store and the database keep their previous state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -27,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from modelpress._fs import atomic_folder, atomic_write_text, file_lock, fsync_dir, fsync_tree
-from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, sha256_file
+from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, links_outside, sha256_file
+from modelpress.artifacts import disk_full_is_clear as _artifact_disk_full
+from modelpress.artifacts import safe_relpath as _safe_relpath
 from modelpress.errors import ArtifactError, RegistryError
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -69,14 +76,26 @@ class Prepared:
 
 
 def safe_relpath(rel: str) -> PurePosixPath:
-    """``rel`` as a relative path that stays inside its folder (no absolute path, no '..')."""
-    path = PurePosixPath(rel)
-    if not rel or "\\" in rel or "\0" in rel or path.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+    """``rel`` as a relative path that stays inside its folder (no absolute path, no '..'); a :class:`RegistryError` otherwise."""
+    try:
+        return _safe_relpath(rel)
+    except ArtifactError as exc:
+        raise RegistryError(exc.message, hint="File paths are relative, e.g. 'onnx/model.onnx'.") from None
+
+
+@contextlib.contextmanager
+def disk_full_is_clear(where: Path, what: str) -> Iterator[None]:
+    """ENOSPC / EDQUOT in the block becomes a :class:`RegistryError` that says so (the caller has already cleaned up)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise RegistryError(
-            f"Refusing the file path '{rel}': it could point outside its artifact folder.",
-            hint="File paths are relative, e.g. 'onnx/model.onnx'.",
-        )
-    return path
+            f"No space left on the device of the registry's store {where} while {what}; "
+            "the registry keeps its previous state (nothing was recorded).",
+            hint=f"Free some space (df -h {where}), or move the store (MODELPRESS_REGISTRY_STORE=DIR), then register again.",
+        ) from exc
 
 
 class ArtifactStore:
@@ -159,6 +178,13 @@ class ArtifactStore:
             raise ArtifactError(
                 f"'{src}' is not an artifact folder.",
                 hint="Register a folder with a modelpress.json manifest, e.g. the output of `modelpress export`.",
+            )
+        escaping = links_outside(src)
+        if escaping:
+            raise ArtifactError(
+                f"Refusing to register '{src}': it holds symbolic links to paths outside the folder (or to nothing): "
+                f"{', '.join(escaping[:5])}; what they point to would be copied into the store.",
+                hint="Replace each link with a copy of the file inside the folder (cp --dereference), or remove it.",
             )
         files, digest = hash_folder(src)
         if not files:
@@ -297,7 +323,7 @@ class ArtifactStore:
             raise RegistryError(
                 f"The stored files of artifact {sha256[:12]} are missing from {self.artifacts}.", hint="Run `modelpress registry check`."
             )
-        with atomic_folder(dest) as tmp:
+        with _artifact_disk_full(dest.parent, f"exporting to '{dest.name}'"), atomic_folder(dest) as tmp:
             for rel in sorted(files):
                 safe = safe_relpath(rel)
                 (tmp / safe).parent.mkdir(parents=True, exist_ok=True)
