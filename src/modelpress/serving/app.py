@@ -221,7 +221,7 @@ def create_app(server: ModelServer) -> Any:
     from starlette.exceptions import HTTPException
 
     from modelpress.serving.http import error_body, modelpress_version
-    from modelpress.serving.protocols import kserve_v2, openai, sagemaker
+    from modelpress.serving.protocols import kserve_v2, openai, openai_llm, sagemaker
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -240,6 +240,7 @@ def create_app(server: ModelServer) -> Any:
     app.state.server = server
     app.include_router(kserve_v2.router)
     app.include_router(openai.router)
+    app.include_router(openai_llm.router)  # completions and chat of the served causal LMs
     app.include_router(sagemaker.router)
 
     @app.get("/metrics", tags=["Observability"], summary="Prometheus metrics")

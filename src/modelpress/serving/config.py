@@ -53,6 +53,7 @@ class ModelConfig(BaseModel):
     version: str | None = None  # served version label (default: the registry version, else "1")
     task: str | None = None
     runtime: str | None = None  # torch, onnxruntime, openvino; None: the runtime the artifact's manifest records, else torch
+    engine: str | None = None  # causal LMs: the generation engine (torch, ...); None: torch (see docs/llm.md)
     threads: int | None = Field(None, ge=1)  # per instance (default: the cores divided among instances)
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchConfig = Field(default_factory=BatchConfig)

@@ -117,6 +117,20 @@ def build_version(
     name = validate_name(cfg.name or name)
     version = cfg.version or version
     task = task_for(artifact)
+    if task.name == "causal-lm" and runner is None:  # a generation engine batches its sequences itself
+        from modelpress.serving.llm import build_generation
+
+        handler, engine_batcher = build_generation(cfg, artifact, task, name, version, metrics)
+        return LoadedVersion(
+            name,
+            version,
+            handler,
+            engine_batcher,  # the engine's batcher answers what the repository asks of a Batcher
+            cfg.model_copy(update={"name": name, "version": version}),
+            artifact,
+            time.perf_counter() - t0,
+            registry_ref=ref,
+        )
     if runner is None:
         threads = cfg.threads or max(1, default_threads() // cfg.batching.instances)
         runner = create_runner(artifact, cfg.runtime, threads=threads, **cfg.runtime_options)

@@ -4,7 +4,8 @@
 ``encoding_format`` is ``float`` or ``base64`` (little-endian float32, what the official
 client asks for by default). ``usage`` counts the tokens the model read (special tokens
 included, after truncation to the model's length). Errors use OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``. Chat and completions come with the LLM server.
+``{"error": {"message", "type", "param", "code"}}``. Completions and chat of the served causal LMs:
+:mod:`modelpress.serving.protocols.openai_llm`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def _fail(exc: ModelpressError) -> Response:
 
 
 def _model_object(lv: Any) -> dict[str, Any]:
-    return {"id": lv.name, "object": "model", "created": int(lv.loaded_at), "owned_by": "modelpress"}
+    obj = {"id": lv.name, "object": "model", "created": int(lv.loaded_at), "owned_by": "modelpress", "task": lv.task}
+    context = getattr(getattr(lv.handler, "engine", None), "context_length", None)
+    if context:  # a causal LM (vLLM names it so): what prompt plus max_tokens may hold
+        obj["max_model_len"] = context
+    return obj
 
 
 @router.get("/v1/models", summary="Served models")
