@@ -179,3 +179,20 @@ class RolloutNotFoundError(UserInputError):
 
 class RolloutConflictError(UserInputError):
     """The rollout is not in a state that allows this (a second start, resuming one that runs, ...). HTTP 409."""
+
+
+# --- serving hardening (appended) -----------------------------------------------------
+class UnsupportedMediaTypeError(UserInputError):
+    """A POST body is not of a type the endpoint reads (application/json, or the binary tensor type). HTTP 415."""
+
+
+class ForbiddenError(UserInputError):
+    """The server does not allow this request (a load source outside the allow-list, management switched off). HTTP 403."""
+
+
+class DisallowedHostError(UserInputError):
+    """A request to a server bound to a loopback address names another host in its Host header (DNS rebinding). HTTP 400."""
+
+
+class ServerBusyError(ServerOverloadedError):
+    """The server answers as many requests at once as it allows (max_concurrent_requests). HTTP 503 with Retry-After."""

@@ -117,7 +117,7 @@ async def test_every_bad_input_gets_its_4xx_and_the_server_still_serves(tiny_enc
                 "enc",
                 orjson.dumps({"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": []}]}),
                 400,
-                "non-negative",
+                "greater than or equal to 0",
             ),
         ]
         nan = np.full((1, 28, 28), 0.5, dtype="<f4")
@@ -191,7 +191,7 @@ async def test_request_ids_are_echoed_or_made(tiny_encoder):
 
 
 async def test_management_endpoints_need_the_key_and_inference_optionally(tiny_encoder, tiny_classifier):
-    server = make_server(api_key=API_KEY)
+    server = make_server(api_key=API_KEY, allow_load_from=[str(tiny_classifier.parent)])
     async with client_for(server) as c:
         await add_model(server, str(tiny_encoder), "enc")
         assert (await c.post("/v2/repository/index")).status_code == 401
@@ -206,7 +206,10 @@ async def test_management_endpoints_need_the_key_and_inference_optionally(tiny_e
         bad = await c.post(
             "/v2/repository/models/x/load", json={"parameters": {"source": "/no/such/model"}}, headers={"x-api-key": API_KEY}
         )
-        assert bad.status_code == 400 and "/no/such/model" in bad.json()["error"]
+        assert bad.status_code == 403 and "--allow-load-from" in bad.json()["error"]  # outside the allow-list
+        missing = str(tiny_classifier.parent / "no-such-model")
+        bad = await c.post("/v2/repository/models/x/load", json={"parameters": {"source": missing}}, headers={"x-api-key": API_KEY})
+        assert bad.status_code == 400 and "no-such-model" in bad.json()["error"]
         assert (await c.post("/v2/repository/models/cls/unload", headers={"x-api-key": API_KEY})).status_code == 200
         assert (await c.post("/v2/models/cls/infer", json=text_request(["a"]))).status_code == 404
     protected = make_server(api_key=API_KEY, protect_inference=True)

@@ -104,7 +104,7 @@ async def test_openai_and_sagemaker_in_process(tiny_encoder, tiny_classifier):
             ({"model": "enc", "input": []}, 400, "non-empty"),
             ({"model": "enc", "input": "a", "encoding_format": "int8"}, 400, "encoding_format"),
             ({"model": "enc", "input": "a", "dimensions": 7}, 400, "32-dimensional"),
-            ({"input": "a"}, 400, "'model' is required"),
+            ({"input": "a"}, 400, "model: Field required"),
             ({"model": "nope", "input": "a"}, 404, "No model named"),
         ]:
             r = await c.post("/v1/embeddings", json=body)
@@ -113,6 +113,8 @@ async def test_openai_and_sagemaker_in_process(tiny_encoder, tiny_classifier):
         r = await c.post("/invocations", json={"inputs": ["a cat", "a dog"]})
         assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
         r = await c.post("/invocations", content=b"plain text body", headers={"content-type": "text/plain"})
+        assert r.status_code == 415  # what a web page can send cross-site without a preflight (docs/security.md)
+        r = await c.post("/invocations", json="one text")
         assert len(r.json()["embeddings"]) == 1
         await add_model(server, str(tiny_classifier), "cls")
         assert (await c.post("/invocations", json={"inputs": ["a"]})).status_code == 400  # two models: say which

@@ -33,6 +33,10 @@ def register_commands(app: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option("--threads", help="Threads per model instance (default: all cores / instances).")
         ] = None,
+        engine: Annotated[
+            str | None,
+            typer.Option("--engine", help="Causal LMs: the generation engine (torch, openvino, auto; default torch). See docs/llm.md."),
+        ] = None,
         instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
         max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
         max_queue_delay_ms: Annotated[
@@ -43,19 +47,43 @@ def register_commands(app: typer.Typer) -> None:
         api_key: Annotated[
             str | None,
             typer.Option(
-                "--api-key", envvar="MODELPRESS_API_KEY", help="Key the management endpoints require (header X-API-Key or Bearer)."
+                "--api-key",
+                envvar="MODELPRESS_API_KEY",
+                help="Key the management endpoints require (header X-API-Key or Bearer). Without one the server generates "
+                "a key into $MODELPRESS_HOME/server.key (mode 0600), which local clients read. Required with a non-loopback --host.",
             ),
         ] = None,
         protect_inference: Annotated[
             bool, typer.Option("--protect-inference", help="Require the API key on inference endpoints too.")
         ] = False,
+        protect_health: Annotated[bool, typer.Option("--protect-health", help="Require the API key on health endpoints.")] = False,
+        protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")] = False,
+        protect_dashboard: Annotated[bool, typer.Option("--protect-dashboard", help="Require the API key on /dashboard.")] = False,
+        protect_docs: Annotated[bool, typer.Option("--protect-docs", help="Require the API key on /docs and /openapi.json.")] = False,
+        protect_all: Annotated[
+            bool, typer.Option("--protect-all", help="Require the API key on every route (all of the --protect-* options).")
+        ] = False,
+        management: Annotated[
+            bool, typer.Option("--management/--no-management", help="Serve the management routes (repository, rollouts, feedback).")
+        ] = True,
+        allowed_host: Annotated[
+            list[str] | None,
+            typer.Option("--allowed-host", help="A Host name a server on 127.0.0.1 answers besides localhost (a proxy's); repeatable."),
+        ] = None,
+        allow_load_from: Annotated[
+            list[str] | None,
+            typer.Option("--allow-load-from", help="A folder whose models the repository load endpoint may load; repeatable."),
+        ] = None,
+        max_concurrent_requests: Annotated[
+            int | None, typer.Option("--max-concurrent-requests", help="Requests answered at once; more answer 503 (default 1024).")
+        ] = None,
         registry: Annotated[
             str | None,
             typer.Option("--registry", help="Registry URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, then ~/.modelpress)."),
         ] = None,
         log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error (default info).")] = None,
     ) -> None:
-        """Serve models over HTTP: KServe v2, OpenAI embeddings, SageMaker; /metrics for Prometheus."""
+        """Serve models over HTTP: KServe v2, OpenAI embeddings, completions and chat (causal LMs), SageMaker; /metrics for Prometheus."""
         from modelpress.errors import require
         from modelpress.serving.config import ServerConfig, load_config, validated
 
@@ -66,6 +94,7 @@ def register_commands(app: typer.Typer) -> None:
             named = ServerConfig.from_models(
                 models,
                 runtime=runtime,
+                engine=engine,
                 threads=threads,
                 instances=instances,
                 max_batch_size=max_batch_size,
@@ -78,10 +107,33 @@ def register_commands(app: typer.Typer) -> None:
             from modelpress.errors import ConfigError
 
             raise ConfigError("No model to serve.", hint="Example: modelpress serve minilm (or --config serve.yaml)")
-        update = {k: v for k, v in {"host": host, "port": port, "log_level": log_level, "registry": registry}.items() if v is not None}
-        if api_key:
-            update.update(api_key=api_key, protect_inference=protect_inference or cfg.protect_inference)
+        settings = {
+            "host": host,
+            "port": port,
+            "log_level": log_level,
+            "registry": registry,
+            "api_key": api_key or None,
+            "max_concurrent_requests": max_concurrent_requests,
+            "allowed_hosts": [*cfg.allowed_hosts, *allowed_host] if allowed_host else None,
+            "allow_load_from": [*cfg.allow_load_from, *allow_load_from] if allow_load_from else None,
+        }
+        update: dict[str, object] = {k: v for k, v in settings.items() if v is not None}
+        if not management:
+            update["management"] = False
+        flags = {
+            "inference": protect_inference,
+            "health": protect_health,
+            "metrics": protect_metrics,
+            "dashboard": protect_dashboard,
+            "docs": protect_docs,
+        }
+        for kind, on in flags.items():  # a flag given without --api-key protects the route with the generated key
+            if on or protect_all:
+                update[f"protect_{kind}"] = True
         cfg = validated(ServerConfig, {**cfg.model_dump(), **update}, "the serve options")
+        from modelpress.serving.app import check_bind
+
+        check_bind(cfg)  # before any model loads: a non-loopback address needs a key
         from modelpress.rollout import serve as run_server
 
         run_server(cfg)

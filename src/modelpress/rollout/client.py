@@ -24,7 +24,10 @@ def call(method: str, url: str, path: str, api_key: str | None, body: dict[str, 
     require("httpx", "serve")
     import httpx
 
-    headers = {"x-api-key": api_key} if api_key else {}
+    api_key = api_key or local_key(url)
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["x-api-key"] = api_key
     try:
         r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=HTTP_TIMEOUT_S)
     except httpx.HTTPError as exc:
@@ -46,4 +49,14 @@ def call(method: str, url: str, path: str, api_key: str | None, body: dict[str, 
     raise kind(message.split("\n")[0], hint=f"(the server at {url} answered {r.status_code})")
 
 
-__all__ = ["DEFAULT_URL", "HTTP_TIMEOUT_S", "call"]
+def local_key(url: str) -> str | None:
+    """The key a server on this machine generated ($MODELPRESS_HOME/server.key), for a loopback ``url``; else None."""
+    from urllib.parse import urlsplit
+
+    from modelpress.serving.security import is_loopback, read_key_file
+
+    host = urlsplit(url).hostname or ""
+    return read_key_file() if is_loopback(host) else None
+
+
+__all__ = ["DEFAULT_URL", "HTTP_TIMEOUT_S", "call", "local_key"]

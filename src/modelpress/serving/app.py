@@ -57,6 +57,8 @@ class ModelServer:
         self.started = False
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the models run on, once started
+        self.check_host = False  # set when served on a loopback address: the Host header must name it (DNS rebinding)
+        self._key: str | None = self.config.api_key
         self.app = create_app(self)
         for extension in extensions:
             self.add_extension(extension)
@@ -110,12 +112,32 @@ class ModelServer:
         return self.started and not self.draining and self.repository.ready
 
     # -- what the protocols call -----------------------------------------------------------
+    @property
+    def api_key(self) -> str:
+        """The key management routes need: the configured one, else the one in ``$MODELPRESS_HOME/server.key``
+        (generated on first use, mode 0600, logged once)."""
+        if self._key is None:
+            from modelpress.serving.security import load_or_create_key
+
+            key, created = load_or_create_key()
+            if created:
+                log.warning(
+                    "No API key configured: generated the management key %s (written to %s, readable by this user only; "
+                    "`modelpress rollout ...` on this machine reads it from there).",
+                    key,
+                    key_file_path(),
+                )
+            else:
+                log.info("No API key configured: management routes take the key in %s.", key_file_path())
+            self._key = key
+        return self._key
+
     def check_management_key(self, request: Any) -> None:
-        check_key(key_from_headers(request.headers), self.config.api_key, what="management endpoints")
+        check_key(key_from_headers(request.headers), self.api_key, what="management endpoints")
 
     def check_inference_key(self, request: Any) -> None:
         if self.config.protect_inference:
-            check_key(key_from_headers(request.headers), self.config.api_key, what="inference endpoints")
+            check_key(key_from_headers(request.headers), self.api_key, what="inference endpoints")
 
     async def infer(
         self, model: str, version: str | None, info: Any, decode: Callable[[Any], Any], headers: Any = None
@@ -128,7 +150,7 @@ class ModelServer:
         for attempt in (0, 1):
             lv, decision = self.repository.route(model, version, ctx)
             info.model, info.version = lv.name, lv.version
-            decoded = decode(lv.handler)
+            decoded = await self.run_decode(decode, lv.handler)
             started = time.perf_counter()
             try:
                 results, decoded = await lv.infer(decoded=decoded)
@@ -146,6 +168,10 @@ class ModelServer:
                 self.mirror.send(self.repository.routers[model], decision, decode, lv, results)
             return lv, results, decoded
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def run_decode(self, decode: Callable[[Any], Any], handler: Any) -> Any:
+        """``decode(handler)`` (tokenizing, checking every input) in a worker thread, off the event loop."""
+        return await asyncio.to_thread(decode, handler)
 
     def _observe(self, lv: LoadedVersion, seconds: float, ok: bool, request_id: str | None) -> None:
         for observer in self.request_observers:
@@ -274,6 +300,9 @@ def create_app(server: ModelServer) -> Any:
             error_body(protocol_of(request.url.path), 400, f"Invalid request: {exc.errors()}"), 400, media_type="application/json"
         )
 
+    from modelpress.serving.security import GuardMiddleware
+
+    app.add_middleware(GuardMiddleware, server=server)  # inside the serving middleware: its errors get request ids and metrics
     app.add_middleware(
         ServingMiddleware, metrics=server.metrics, max_body_bytes=server.config.max_body_bytes, access_log_enabled=server.config.access_log
     )
@@ -285,10 +314,22 @@ def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: Literal
 
     import uvicorn
 
+    from modelpress.serving.security import is_loopback
+
+    server.check_host = is_loopback(cfg.host)
+
     class _DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             server.draining = True  # readiness answers 503 from now on
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises SIGTERM / SIGINT once it has shut down, so the process would end with -15 after a
+            # complete drain; a drained server exits 0 instead (the signal was the request to stop, and it was done)
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
 
     config = uvicorn.Config(
         server.app,
@@ -311,9 +352,11 @@ def serve(config: ServerConfig, *, server: ModelServer | None = None) -> None:
     Models are loaded before the socket opens, so a model that fails to load stops here with
     its error (no half-started server).
     """
+    check_bind(config)
     server = server or ModelServer(config)
     logging.basicConfig(level=getattr(logging, config.log_level.upper()), format="%(message)s")
     uv = _uvicorn_server(server, config, lifespan="on")
+    server.api_key  # noqa: B018 - resolve (and, when none is configured, generate and log) the management key before serving
 
     async def main() -> None:
         await server.start()
@@ -329,4 +372,22 @@ def serve(config: ServerConfig, *, server: ModelServer | None = None) -> None:
         asyncio.run(main())
 
 
-__all__ = ["ModelConfig", "ModelServer", "ServerConfig", "create_app", "serve"]
+def check_bind(config: ServerConfig) -> None:
+    """Refuse to listen on a non-loopback address without a configured key (a generated one is for local clients)."""
+    from modelpress.serving.security import is_loopback
+
+    if not is_loopback(config.host) and not config.api_key:
+        raise ConfigError(
+            f"Listening on {config.host} makes the server reachable from other machines, and no API key is set.",
+            hint='Set one: modelpress serve ... --host 0.0.0.0 --api-key "$(openssl rand -hex 16)" (or MODELPRESS_API_KEY), '
+            "or listen on 127.0.0.1 (the default).",
+        )
+
+
+def key_file_path() -> str:
+    from modelpress.serving.security import key_file
+
+    return str(key_file())
+
+
+__all__ = ["ModelConfig", "ModelServer", "ServerConfig", "check_bind", "create_app", "serve"]

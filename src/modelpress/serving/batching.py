@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from modelpress.errors import InvalidInputError, ModelNotReadyError, RequestTimeoutError, ServerOverloadedError
+from modelpress.errors import InvalidInputError, ModelNotReadyError, PayloadTooLargeError, RequestTimeoutError, ServerOverloadedError
 from modelpress.serving.config import BatchConfig
 
 log = logging.getLogger("modelpress.serving")
@@ -156,6 +156,11 @@ class Batcher:
         n = len(rows)
         if n == 0:
             raise InvalidInputError("The request has no inputs.", hint='Send at least one, e.g. ["A man is playing a guitar."]')
+        if n > self.config.max_queue_size:  # would wait for room forever: not an overload, a request too large for this queue
+            raise PayloadTooLargeError(
+                f"The request has {n} rows; model '{self.name}' queues at most {self.config.max_queue_size}.",
+                hint=f"Send at most {self.config.max_queue_size} inputs per request, or raise max_queue_size in the model's serve config.",
+            )
         if self.depth + n > self.config.max_queue_size:
             raise ServerOverloadedError(
                 f"Model '{self.name}' has {self.depth} rows queued (at most {self.config.max_queue_size}).",

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelpress.errors import ConfigError
 
 MiB = 1 << 20
+MAX_THREADS = 1024  # threads per runner instance: beyond any machine's cores; bounds what a load request may ask
 
 
 class BatchConfig(BaseModel):
@@ -54,10 +55,10 @@ class ModelConfig(BaseModel):
     task: str | None = None
     runtime: str | None = None  # torch, onnxruntime, openvino; None: the runtime the artifact's manifest records, else torch
     engine: str | None = None  # causal LMs: the generation engine (torch, ...); None: torch (see docs/llm.md)
-    threads: int | None = Field(None, ge=1)  # per instance (default: the cores divided among instances)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)  # per instance (default: the cores divided among instances)
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchConfig = Field(default_factory=BatchConfig)
-    max_text_chars: int = Field(100_000, ge=1)  # per input text; longer ones answer 400 before tokenizing
+    max_text_chars: int = Field(100_000, ge=1, le=10_000_000)  # per input text; longer ones answer 400 before tokenizing
     allow_non_finite: bool = False  # float inputs with NaN or Inf answer 400 unless this is set
     warmup: bool = True
 
@@ -76,13 +77,29 @@ class ServerConfig(BaseModel):
     models: list[ModelConfig] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    max_body_bytes: int = Field(8 * MiB, ge=1024)  # larger bodies answer 413
-    api_key: str | None = None  # required on management endpoints when set
-    protect_inference: bool = False  # require the key on inference endpoints too
+    max_body_bytes: int = Field(8 * MiB, ge=1024, le=1024 * MiB)  # larger bodies answer 413
+    # management routes always need a key: this one, else one generated at start into $MODELPRESS_HOME/server.key (0600)
+    api_key: str | None = None
+    management: bool = True  # false: management routes (repository load/unload, rollouts, feedback) answer 403
+    protect_inference: bool = False  # require the key on inference endpoints too (/v2/models..., /v1/..., /invocations)
+    protect_health: bool = False  # ... on /v2, /v2/health/*, /v2/models/{m}/ready, /ping
+    protect_metrics: bool = False  # ... on /metrics
+    protect_dashboard: bool = False  # ... on /dashboard
+    protect_docs: bool = False  # ... on /docs, /redoc, /openapi.json
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=64)  # Host names a loopback-bound server answers besides localhost
+    max_concurrent_requests: int = Field(1024, ge=1, le=1_000_000)  # requests answered at once; beyond: 503 + Retry-After
+    # folders the repository load endpoint may load from (besides registry refs and the configured sources)
+    allow_load_from: list[str] = Field(default_factory=list, max_length=64)
+    max_models: int = Field(64, ge=1, le=10_000)  # model names served at once; a load of one more answers 409
     registry: str | None = None  # registry URL or SQLite file for NAME@stage / NAME:VERSION sources
     drain_timeout_s: float = Field(30.0, ge=0.0)  # graceful shutdown: how long in-flight requests may finish
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower() for h in v if h.strip()]
 
     @field_validator("api_key")
     @classmethod

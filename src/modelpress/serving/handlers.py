@@ -26,6 +26,11 @@ import numpy as np
 from modelpress.errors import ConfigError, InvalidInputError
 
 MAX_INPUTS_PER_REQUEST = 2048  # rows one request may carry (OpenAI's limit for embeddings)
+# A text is cut to max_length * this many characters before it is tokenized, so the tokenizer's work is bounded by the
+# model's length, not by the request: a token covers ~4 characters of prose, and WordPiece reads a word of more than 100
+# characters as one [UNK], so the cut changes what the model reads only for texts that are mostly whitespace or runs of
+# such words (their later tokens would be cut by the model's own truncation anyway).
+CHARS_PER_TOKEN_BOUND = 64
 
 
 @dataclass
@@ -141,6 +146,11 @@ class TextHandler(Handler):
         self.vocab_size = self.encoder.vocab_size
 
     def decode(self, inputs: Any) -> Decoded:
+        if not isinstance(inputs, str | list | tuple):
+            raise InvalidInputError(
+                f"A text model takes a string or a list of strings, not {type(inputs).__name__}.",
+                hint='Example: ["first text", "second text"]',
+            )
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         _check_count(len(texts))
         for i, t in enumerate(texts):
@@ -155,7 +165,8 @@ class TextHandler(Handler):
                     f"(and reads only its first {self.max_length} tokens).",
                     hint="Send shorter texts, or raise max_text_chars in the model's serve config.",
                 )
-        rows = self.encoder.encode(texts)
+        cut = self.max_length * CHARS_PER_TOKEN_BOUND
+        rows = self.encoder.encode([t[:cut] for t in texts])
         lengths = [len(ids) for ids, _ in rows]
         return Decoded(rows, lengths, sum(lengths))
 
@@ -163,9 +174,16 @@ class TextHandler(Handler):
         """Rows from token ids given by the client (OpenAI's token-array input), cut to the model's length."""
         _check_count(len(sequences))
         rows = []
+        limit = self.max_length * CHARS_PER_TOKEN_BOUND  # the same bound as a text's cut: loops below stay short
         for i, seq in enumerate(sequences):
-            if len(seq) == 0:
+            if not isinstance(seq, list | tuple) or len(seq) == 0:
                 raise InvalidInputError(f"Token list {i} is empty.", hint="Send at least one token id, e.g. [101, 7592, 102].")
+            if len(seq) > limit:
+                raise InvalidInputError(
+                    f"Token list {i} has {len(seq):,} ids; this model accepts at most {limit:,} (and reads its first {self.max_length}).",
+                    hint="Send at most the model's length in token ids.",
+                )
+            seq = seq[: self.max_length]
             if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in seq):
                 raise InvalidInputError(
                     f"Token list {i} holds a value that is not a token id of this model (0 to {self.vocab_size - 1}).",
@@ -198,7 +216,7 @@ class ImageHandler(Handler):
     def decode(self, inputs: Any) -> Decoded:
         try:
             x = np.asarray(inputs)
-        except ValueError as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidInputError(
                 f"The images do not form one array: {exc}", hint="Send images of one shape, [N, H, W] or [N, C, H, W]."
             ) from None

@@ -21,6 +21,7 @@ import orjson
 from starlette.responses import Response
 
 from modelpress.errors import (
+    ForbiddenError,
     InvalidInputError,
     ModelNotReadyError,
     ModelpressError,
@@ -28,9 +29,11 @@ from modelpress.errors import (
     RequestTimeoutError,
     RolloutConflictError,
     RolloutNotFoundError,
+    ServerBusyError,
     ServerOverloadedError,
     UnauthorizedError,
     UnknownServedModelError,
+    UnsupportedMediaTypeError,
     UserInputError,
 )
 from modelpress.serving.metrics import Metrics
@@ -120,6 +123,9 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (RolloutConflictError, 409),
     (PayloadTooLargeError, 413),
     (UnauthorizedError, 401),
+    (ForbiddenError, 403),
+    (UnsupportedMediaTypeError, 415),
+    (ServerBusyError, 503),
     (ServerOverloadedError, 429),
     (RequestTimeoutError, 504),
     (ModelNotReadyError, 503),
@@ -136,6 +142,9 @@ def message_of(exc: BaseException) -> str:
     if isinstance(exc, ModelpressError):
         return exc.message + (f" {exc.hint}" if exc.hint else "")
     return str(exc) or type(exc).__name__
+
+
+GENERIC_500 = "Internal error (request id {request_id}); the server log has the details."
 
 
 def error_headers(exc: BaseException, status: int) -> dict[str, str]:
@@ -156,10 +165,17 @@ def error_body(protocol: str, status: int, message: str) -> bytes:
     return dumps({"error": message})
 
 
-def error_response(exc: BaseException, protocol: str) -> Response:
+def error_response(exc: BaseException, protocol: str, request_id: str = "") -> Response:
+    """The JSON error answer of ``exc``. An error without a status of its own (500) answers a generic message, never
+    its text (which may hold file paths or library internals); the detail goes to the server log."""
     status = status_for(exc)
+    if status == 500:
+        log.error("internal error (request id %s): %s", request_id or "-", message_of(exc))
+        message = GENERIC_500.format(request_id=request_id or "-")
+    else:
+        message = message_of(exc)
     return Response(
-        error_body(protocol, status, message_of(exc)), status_code=status, media_type="application/json", headers=error_headers(exc, status)
+        error_body(protocol, status, message), status_code=status, media_type="application/json", headers=error_headers(exc, status)
     )
 
 
@@ -242,9 +258,7 @@ class ServingMiddleware:
             if not isinstance(exc, ModelpressError):
                 log.exception("request %s %s failed (request id %s)", scope.get("method"), path, info.request_id)
             if not state["started"]:
-                if status_for(exc) == 500 and not isinstance(exc, ModelpressError):
-                    exc = RuntimeError(f"Internal error (request id {info.request_id}); the server log has the details.")
-                await error_response(exc, info.protocol)(scope, receive, send_wrapper)
+                await error_response(exc, info.protocol, info.request_id)(scope, receive, send_wrapper)
         elapsed = time.perf_counter() - start
         status = state["status"]
         self.metrics.observe_request(info.model, info.version, info.protocol, status, elapsed)
@@ -268,3 +282,25 @@ class ServingMiddleware:
                     }
                 ).decode()
             )
+
+
+# -- OpenAPI ---------------------------------------------------------------------------------
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def openapi_body(model: Any, *, extra_content: dict[str, Any] | None = None, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its body itself: the request body's schema is ``model``'s own
+    (the pydantic model the handler validates with), so the documented and the accepted body are the same."""
+    schema = model.model_json_schema()
+    schema = _inline_refs(schema, schema.get("$defs", {}))
+    content = {"application/json": {"schema": schema}}
+    content.update(extra_content or {})
+    return {"requestBody": {"required": required, "content": content}}

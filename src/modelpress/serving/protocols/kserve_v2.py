@@ -2,9 +2,11 @@
 
 Health: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready`` (503 while loading or draining).
 Models: ``GET /v2/models/{m}[/versions/{v}]`` (metadata), ``.../ready``, ``.../config`` (Triton's),
-``POST .../infer``. Repository extension (behind the API key): ``POST /v2/repository/index``,
-``/v2/repository/models/{m}/load`` and ``.../unload``. Errors are ``{"error": "..."}`` with
-400 (bad input), 404 (unknown model or version), 413, 429 (+ Retry-After), 503 and 504.
+``POST .../infer``. Repository extension (management: always behind the API key):
+``POST /v2/repository/index``, ``/v2/repository/models/{m}/load`` and ``.../unload``; a load takes
+registry references (``NAME@stage``, ``NAME:VERSION``), the sources the server was configured
+with, and folders under ``allow_load_from`` only. Errors are ``{"error": "..."}`` with 400 (bad
+input), 401, 403, 404 (unknown model or version), 413, 415, 429 / 503 (+ Retry-After) and 504.
 
 Text models take one ``BYTES`` input ``text`` (shape ``[N]`` or ``[N, 1]``); image models one
 numeric input ``image`` (``[N, H, W]`` or ``[N, C, H, W]``, UINT8 0-255 or FP32 0-1).
@@ -15,33 +17,78 @@ Embedding models answer ``embedding`` (FP32 ``[N, D]``); classifiers ``label`` (
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from modelpress.errors import ConfigError, InvalidInputError, ModelpressError, UnknownServedModelError
-from modelpress.serving.http import dumps, error_response, info_of, json_response, loads, modelpress_version
-from modelpress.serving.protocols.tensors import EXAMPLE, InferRequest, encode_response, parse_request
+from modelpress.serving.config import MAX_THREADS, BatchConfig
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads, modelpress_version, openapi_body
+from modelpress.serving.protocols.tensors import (
+    EXAMPLE,
+    InferRequest,
+    InferRequestBody,
+    encode_response,
+    parse_request,
+    validation_summary,
+)
 
 router = APIRouter(tags=["KServe v2"])
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
 
-_infer_doc = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "example": orjson.loads(EXAMPLE),
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {"id": {"type": "string"}, "inputs": {"type": "array"}, "outputs": {"type": "array"}},
-                },
-            }
-        }
-    }
-}
+_infer_doc = openapi_body(
+    InferRequestBody,
+    extra_content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},  # the binary tensor extension
+)
+LOAD_EXAMPLE = '{"parameters": {"config": "{\\"source\\": \\"minilm@production\\"}"}}'
+
+
+class LoadConfig(BaseModel):
+    """What a load request may set: the source and how it runs (runtime options come from the server's config file only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = Field(None, min_length=1, max_length=1024)
+    version: str | None = Field(None, min_length=1, max_length=128)
+    runtime: Literal["torch", "onnxruntime", "openvino"] | None = None
+    task: str | None = Field(None, max_length=64)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
+    batching: BatchConfig | None = None
+    max_text_chars: int | None = Field(None, ge=1, le=10_000_000)
+    warmup: bool | None = None
+
+
+class LoadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str | LoadConfig | None = Field(None, description="The model config, as a JSON string (tritonclient) or an object")
+    source: str | None = Field(None, min_length=1, max_length=1024)
+    version: str | None = Field(None, min_length=1, max_length=128)
+    runtime: Literal["torch", "onnxruntime", "openvino"] | None = None
+
+
+class LoadRequest(BaseModel):
+    """``POST /v2/repository/models/{m}/load``: an empty body reloads the model from where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+    parameters: LoadParameters | None = None
+
+
+class UnloadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | int | None = Field(None, description="Unload only this version (not the one traffic goes to)")
+    unload_dependents: bool | None = None  # tritonclient sends it; ignored
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parameters: UnloadParameters | None = None
+
+
+class IndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ready: bool | None = None
 
 
 def _server(request: Request) -> Any:
@@ -110,11 +157,11 @@ def _ready(request: Request, model: str, version: str | None) -> Response:
     try:
         lv = server.repository.get(model, version)
     except UnknownServedModelError as exc:
-        if version is None and model in server.repository.failed:
-            return json_response({"name": model, "ready": False, "error": server.repository.failed[model]}, 503)
+        if version is None and server.repository.is_expected(model) and model in server.repository.failed:
+            return json_response({"name": model, "ready": False, "error": "its last load failed (the server log has why)"}, 503)
         return _fail(exc)
-    except ModelpressError as exc:  # loading: no policy yet
-        return json_response({"name": model, "ready": False, "error": exc.message}, 503)
+    except ModelpressError:  # loading: no policy yet
+        return json_response({"name": model, "ready": False, "error": "loading"}, 503)
     ok = lv.batcher.accepting and not server.draining
     return json_response({"name": model, "version": lv.version, "ready": ok}, 200 if ok else 503)
 
@@ -149,7 +196,7 @@ def _model_config(server: Any, model: str, version: str | None) -> dict[str, Any
         "instance_group": [{"count": b.instances, "kind": "KIND_CPU"}],
         "input": [tensor(t) for t in lv.handler.inputs_info()],
         "output": [tensor(t) for t in lv.handler.outputs_info()],
-        "parameters": {"source": lv.config.source, "task": lv.task, "registry_ref": lv.registry_ref},
+        "parameters": {"source": lv.public_source, "task": lv.task, "registry_ref": lv.registry_ref},
     }
 
 
@@ -222,52 +269,59 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 
 # -- repository extension (management: API key) ---------------------------------------------
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request, kind: type[BaseModel], example: str) -> Any:
+    """The body validated as ``kind`` (an empty body is ``kind()``)."""
     body = await request.body()
-    if not body.strip():
-        return {}
-    doc = loads(body, example='{"parameters": {"config": "{\\"source\\": \\"minilm\\"}"}}')
-    if not isinstance(doc, dict):
-        raise InvalidInputError("The request body must be a JSON object.", hint='Example: {"parameters": {"version": "2"}}')
-    return doc
+    doc = loads(body, example=example) if body.strip() else {}
+    try:
+        return kind.model_validate(doc)
+    except ValidationError as exc:
+        raise InvalidInputError(f"Invalid request: {validation_summary(exc)}.", hint=f"Example: {example}") from None
 
 
-@router.post("/v2/repository/index", summary="Models known to the server and their state (API key)")
+@router.post(
+    "/v2/repository/index",
+    summary="Models known to the server and their state (API key)",
+    openapi_extra=openapi_body(IndexRequest, required=False),
+)
 async def repository_index(request: Request) -> Response:
     server = _server(request)
     try:
         server.check_management_key(request)
-        doc = await _json_body(request)
+        doc = await _json_body(request, IndexRequest, '{"ready": true}')
         rows = server.repository_index()
-        if doc.get("ready"):
+        if doc.ready:
             rows = [r for r in rows if r["state"] == "READY"]
         return json_response(rows)
     except ModelpressError as exc:
         return _fail(exc)
 
 
-@router.post("/v2/repository/models/{model}/load", summary="Load or reload a model; a new version becomes the default (hot swap; API key)")
+@router.post(
+    "/v2/repository/models/{model}/load",
+    summary="Load or reload a model; a new version becomes the default (hot swap; API key)",
+    openapi_extra=openapi_body(LoadRequest, required=False),
+)
 async def repository_load(request: Request, model: str) -> Response:
     server = _server(request)
     try:
         server.check_management_key(request)
-        params = (await _json_body(request)).get("parameters") or {}
-        if not isinstance(params, dict):
-            raise InvalidInputError("'parameters' must be a JSON object.")
+        params = (await _json_body(request, LoadRequest, LOAD_EXAMPLE)).parameters or LoadParameters()
         overrides: dict[str, Any] = {}
-        if "config" in params:  # tritonclient.load_model(name, config=json.dumps({...}))
-            cfg = params["config"]
+        cfg = params.config
+        if isinstance(cfg, str):  # tritonclient.load_model(name, config=json.dumps({...}))
             try:
-                overrides = orjson.loads(cfg) if isinstance(cfg, str | bytes) else cfg
+                cfg = LoadConfig.model_validate(orjson.loads(cfg))
             except orjson.JSONDecodeError as exc:
-                raise InvalidInputError(
-                    f"parameters.config is not JSON: {exc}.", hint='Example: {"source": "minilm", "version": "2"}'
-                ) from None
-            if not isinstance(overrides, dict):
-                raise InvalidInputError("parameters.config must be a JSON object.", hint='Example: {"source": "minilm", "version": "2"}')
-        for key in ("source", "version", "runtime"):
-            if key in params:
-                overrides[key] = params[key]
+                raise InvalidInputError(f"parameters.config is not JSON: {exc}.", hint=f"Example: {LOAD_EXAMPLE}") from None
+            except ValidationError as exc:
+                raise InvalidInputError(f"Invalid parameters.config: {validation_summary(exc)}.", hint=f"Example: {LOAD_EXAMPLE}") from None
+        if cfg is not None:
+            overrides = cfg.model_dump(exclude_none=True)
+        overrides.update(params.model_dump(include={"source", "version", "runtime"}, exclude_none=True))
+        if "source" in overrides:
+            server.repository.check_load_source(overrides["source"])
+        server.repository.check_room_for(model)
         cfg_obj = server.repository.config_for(model, overrides)
         try:
             await server.repository.load(cfg_obj)
@@ -280,13 +334,17 @@ async def repository_load(request: Request, model: str) -> Response:
         return _fail(exc)
 
 
-@router.post("/v2/repository/models/{model}/unload", summary="Unload a model, or one version with parameters.version (API key)")
+@router.post(
+    "/v2/repository/models/{model}/unload",
+    summary="Unload a model, or one version with parameters.version (API key)",
+    openapi_extra=openapi_body(UnloadRequest, required=False),
+)
 async def repository_unload(request: Request, model: str) -> Response:
     server = _server(request)
     try:
         server.check_management_key(request)
-        params = (await _json_body(request)).get("parameters") or {}
-        version = params.get("version") if isinstance(params, dict) else None
+        params = (await _json_body(request, UnloadRequest, '{"parameters": {"version": "2"}}')).parameters
+        version = params.version if params is not None else None
         await server.repository.unload(model, str(version) if version is not None else None)
         return Response(b"", media_type="application/json")
     except ModelpressError as exc:

@@ -11,38 +11,39 @@ included, after truncation to the model's length). Errors use OpenAI's shape:
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from modelpress.errors import InvalidInputError, ModelpressError
-from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
+from modelpress.serving.handlers import MAX_INPUTS_PER_REQUEST
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads, openapi_body
+from modelpress.serving.protocols.tensors import validation_summary
 
 router = APIRouter(tags=["OpenAI"])
 EXAMPLE = '{"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"}'
 
-_embeddings_doc = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "example": {"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"},
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "input"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
-                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                        "dimensions": {"type": "integer"},
-                        "user": {"type": "string"},
-                    },
-                },
-            }
-        }
-    }
-}
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI's body; unknown fields are ignored, as OpenAI-compatible servers do)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "example": {"model": "minilm", "input": ["A man is playing a guitar.", "A dog runs."], "encoding_format": "float"}
+        },
+    )
+    model: str = Field(min_length=1, max_length=256, description="The name of a served embedding model")
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="Text(s), token ids, or lists of token ids")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256)
+
+
+_embeddings_doc = openapi_body(EmbeddingsRequest)
 
 
 def _fail(exc: ModelpressError) -> Response:
@@ -112,21 +113,24 @@ async def embeddings(request: Request) -> Response:
     info = info_of(request)
     try:
         server.check_inference_key(request)
-        doc = loads(await request.body(), example=EXAMPLE)
-        if not isinstance(doc, dict):
+        raw = loads(await request.body(), example=EXAMPLE)
+        if not isinstance(raw, dict):
             raise InvalidInputError("The request must be a JSON object.", hint=f"Example: {EXAMPLE}")
-        model = doc.get("model")
-        if not isinstance(model, str) or not model:
-            raise InvalidInputError("'model' is required: the name of a served embedding model.", hint=f"Example: {EXAMPLE}")
+        if isinstance(raw.get("input"), list) and len(raw["input"]) > MAX_INPUTS_PER_REQUEST:  # counted before anything loops over them
+            raise InvalidInputError(
+                f"'input' has {len(raw['input'])} items; at most {MAX_INPUTS_PER_REQUEST} are accepted in one request.",
+                hint=f"Split it into requests of at most {MAX_INPUTS_PER_REQUEST} inputs.",
+            )
+        try:
+            doc = EmbeddingsRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidInputError(f"Invalid embeddings request: {validation_summary(exc)}.", hint=f"Example: {EXAMPLE}") from None
+        model = doc.model
         if model in server.repository.routers:
             info.model = model
-        fmt = doc.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise InvalidInputError(f"'encoding_format' is {fmt!r}; it must be 'float' or 'base64'.", hint=f"Example: {EXAMPLE}")
-        if "input" not in doc:
-            raise InvalidInputError("'input' is required.", hint=f"Example: {EXAMPLE}")
-        kind, values = _inputs(doc["input"])
-        dims = doc.get("dimensions")
+        fmt = doc.encoding_format or "float"
+        kind, values = _inputs(doc.input)
+        dims = doc.dimensions
 
         def decode(handler: Any) -> Any:
             if handler.task_name != "embedding":

@@ -11,7 +11,8 @@ its ``task``. What is supported, as OpenAI defines it:
 * ``max_tokens`` (chat: also ``max_completion_tokens``; default: completions 16, chat the rest of
   the context), ``temperature`` (0: greedy), ``top_p``, ``top_k`` (an extension, as in vLLM),
   ``n`` (choice ``i`` uses ``seed + i`` when ``seed`` is given, so the choices differ and the
-  same request gives the same answer), ``seed``, ``stop`` (up to 4 strings), ``user``;
+  same request gives the same answer), ``seed``, ``stop`` (up to 4 strings), ``user``,
+  ``ignore_eos`` (an extension, as in vLLM: fixed-length answers for benchmarks);
 * ``stream: true``: server-sent events, one ``data: {...}`` chunk per new text and per
   finished choice, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a last
   chunk with the ``usage`` and no choices;
@@ -89,6 +90,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Only an empty map is supported.")
     user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = Field(False, description="An extension (vLLM's): go on past the model's end-of-sequence ids (fixed lengths).")
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -196,6 +198,7 @@ class _Call:
         self.max_chars = self.lv.config.max_text_chars
         self.body = body
         self.handles: list[Any] = []
+        self.ended: set[int] = set()  # choices whose end has been counted
         self.started = time.perf_counter()
         self.created = int(time.time())
 
@@ -217,6 +220,7 @@ class _Call:
             top_k=b.top_k,
             seed=None if b.seed is None else b.seed + index,
             stop=b.stop_strings(),
+            stop_token_ids=() if b.ignore_eos else None,
         )
 
     def submit(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> None:
@@ -231,9 +235,12 @@ class _Call:
             raise
 
     def cancel(self) -> None:
-        for h in self.handles:
-            if not getattr(h, "done", False):
+        """Cancel every sequence that has not finished (counted as cancelled: nobody reads their last event)."""
+        for i, h in enumerate(self.handles):
+            if i not in self.ended:
+                self.ended.add(i)
                 h.cancel()
+                self.finished("cancelled")
 
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, event) of every sequence as they come; cancels the unfinished ones when left early."""
@@ -255,7 +262,9 @@ class _Call:
                     raise event
                 if event.finish_reason is not None:
                     remaining -= 1
-                    self.finished(event.finish_reason)
+                    if i not in self.ended:
+                        self.ended.add(i)
+                        self.finished(event.finish_reason)
                 yield i, event
         finally:
             self.cancel()

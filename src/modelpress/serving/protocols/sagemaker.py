@@ -1,7 +1,9 @@
 """SageMaker's container contract: ``GET /ping`` and ``POST /invocations``, so the same image runs there.
 
 ``/invocations`` takes JSON (``{"inputs": ...}`` or the inputs themselves: a string, a list of
-strings, or nested pixel lists for an image model) or ``text/plain`` (one text). With several
+strings, or nested pixel lists for an image model), validated by :class:`InvocationsBody`
+(the schema OpenAPI shows). Other content types answer 415 (``text/plain`` is what a web page
+can send cross-site without asking; see docs/security.md). With several
 models served, the header ``X-Amzn-SageMaker-Target-Model`` names one (else the only one).
 Embedding models answer ``{"embeddings": [[...], ...]}``; classifiers ``{"predictions": [...]}``.
 """
@@ -12,10 +14,24 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from starlette.responses import Response
 
 from modelpress.errors import InvalidInputError, ModelpressError
-from modelpress.serving.http import dumps, error_response, info_of, json_response, loads
+from modelpress.serving.http import dumps, error_response, info_of, json_response, loads, openapi_body
+from modelpress.serving.protocols.tensors import validation_summary
+
+Inputs = str | list[Any]  # a text, texts, or nested pixel lists
+
+
+class InvocationsObject(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    inputs: Inputs = Field(description="A text, a list of texts, or images as nested lists of numbers")
+
+
+class InvocationsBody(RootModel[InvocationsObject | Inputs]):
+    """``{"inputs": ...}``, or the inputs themselves."""
+
 
 router = APIRouter(tags=["SageMaker"])
 EXAMPLE = '{"inputs": ["A man is playing a guitar."]}'
@@ -36,7 +52,7 @@ async def ping(request: Request) -> Response:
 @router.post(
     "/invocations",
     summary="SageMaker inference",
-    openapi_extra={"requestBody": {"content": {"application/json": {"example": {"inputs": ["A man is playing a guitar."]}}}}},
+    openapi_extra=openapi_body(InvocationsBody),
 )
 async def invocations(request: Request) -> Response:
     server = request.app.state.server
@@ -53,17 +69,14 @@ async def invocations(request: Request) -> Response:
                 )
             model = names[0]
         body = await request.body()
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype.startswith("text/"):
-            try:
-                inputs: Any = [body.decode("utf-8")]
-            except UnicodeDecodeError:
-                raise InvalidInputError("The text body is not UTF-8.") from None
-        else:
-            doc = loads(body, example=EXAMPLE)
-            inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc
-            if isinstance(doc, dict) and "inputs" not in doc:
-                raise InvalidInputError("The JSON object has no 'inputs'.", hint=f"Example: {EXAMPLE}")
+        try:
+            parsed = InvocationsBody.model_validate(loads(body, example=EXAMPLE)).root
+        except ValidationError as exc:
+            raise InvalidInputError(
+                f'The body must be {{"inputs": ...}} or the inputs themselves (a text, texts, or images): {validation_summary(exc)}.',
+                hint=f"Example: {EXAMPLE}",
+            ) from None
+        inputs: Any = parsed.inputs if isinstance(parsed, InvocationsObject) else parsed
 
         lv, results, _ = await server.infer(model, None, info, lambda handler: handler.decode(inputs), request.headers)
         if lv.task == "embedding":

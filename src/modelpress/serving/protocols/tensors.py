@@ -6,16 +6,22 @@ tritonclient sends by default) the JSON header is followed by raw bytes and the 
 header gives the JSON header's size. BYTES elements travel as a 4-byte little-endian length
 and the bytes. Nothing is allocated from a declared shape: the element count of the data must
 equal the product of the shape.
+
+Bounded before any loop over the body: at most :data:`MAX_TENSORS` inputs and outputs, a rank of
+at most :data:`MAX_RANK`, and an element count (checked dimension by dimension, stopping at the
+first excess) of at most the body's size in bytes (every element takes at least one byte) and
+:data:`MAX_ELEMENTS`. The request's JSON is validated by :class:`InferRequestBody`, the pydantic
+model whose schema the OpenAPI document shows.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpress.errors import InvalidInputError
 from modelpress.serving.http import dumps, loads
@@ -35,6 +41,60 @@ DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 EXAMPLE = '{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["A man is playing a guitar."]}]}'
+MAX_TENSORS = 16  # inputs (and requested outputs) per request; the built-in models take one
+MAX_RANK = 8  # dimensions per tensor: images are [N, C, H, W]
+MAX_ELEMENTS = 1 << 28  # elements per tensor, whatever the body size (a 1 GiB body of UINT8)
+MAX_NAME = 256  # characters of a tensor name
+Datatype = Literal["BYTES", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+_DATA_SCHEMA = {
+    "description": "The elements, flat in row-major order or nested as the shape; strings for BYTES",
+    "anyOf": [{"type": "array"}, {"type": "string"}, {"type": "number"}, {"type": "boolean"}],
+}
+
+
+class TensorParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_size: Annotated[int, Field(ge=0, strict=True)] | None = None
+    binary_data: bool | None = None
+
+
+class InputTensor(BaseModel):
+    """One input: ``{"name", "shape", "datatype", "data"}`` (or ``parameters.binary_data_size`` with the binary extension)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_ELEMENTS, strict=True)]] = Field(max_length=MAX_RANK)
+    datatype: Datatype
+    data: Any = Field(None, json_schema_extra=_DATA_SCHEMA)
+    parameters: TensorParameters | None = None
+
+
+class OutputTensor(BaseModel):
+    """A requested output: its name, and ``parameters.binary_data`` to get it as binary."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    parameters: TensorParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_output: bool | None = None
+
+
+class InferRequestBody(BaseModel):
+    """A KServe v2 infer request (the JSON part; with the binary extension the tensors' bytes follow it)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "example": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["A man is playing a guitar."]}]}
+        },
+    )
+    id: str | None = Field(None, max_length=256)
+    inputs: list[InputTensor] = Field(min_length=1, max_length=MAX_TENSORS)
+    outputs: list[OutputTensor] | None = Field(None, max_length=MAX_TENSORS)
+    parameters: RequestParameters | None = None
 
 
 @dataclass
@@ -54,25 +114,84 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _flatten(data: Any, out: list[Any]) -> None:
-    for item in data:
-        if isinstance(item, list):
-            _flatten(item, out)
-        else:
+def _flatten(data: list[Any], limit: int, depth: int, name: str) -> list[Any]:
+    """The elements of ``data`` (nested at most ``depth`` lists deep), stopping once there are more than ``limit``."""
+    out: list[Any] = []
+    stack = [(iter(data), 1)]
+    while stack:
+        items, level = stack[-1]
+        for item in items:
+            if isinstance(item, list):
+                if level >= depth:
+                    raise InvalidInputError(
+                        f"The data of input '{name}' is nested deeper than its shape has dimensions.",
+                        hint="Send the data flat, or nested as the shape says.",
+                    )
+                stack.append((iter(item), level + 1))
+                break
             out.append(item)
+            if len(out) > limit:
+                return out
+        else:
+            stack.pop()
+    return out
 
 
-def _shape(raw: Any, name: str) -> list[int]:
-    if not isinstance(raw, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in raw):
-        raise InvalidInputError(
-            f"Input '{name}' has the shape {raw!r}; a shape is a list of non-negative integers.", hint='Example: "shape": [2]'
-        )
-    return raw
+def element_count(shape: list[int], limit: int, name: str) -> int:
+    """The product of ``shape``, refused as soon as a partial product passes ``limit`` (no big-number arithmetic)."""
+    count = 1
+    for d in shape:
+        count *= d
+        if count > limit:
+            raise InvalidInputError(
+                f"Input '{name}' has the shape {shape[:MAX_RANK]}, more elements than this request's body can hold (at most {limit:,}).",
+                hint="Make the shape match the data.",
+            )
+    return count
 
 
-def _bytes_elements(buf: memoryview, name: str) -> list[str]:
-    out, i, n = [], 0, len(buf)
+def _check_raw_bounds(doc: dict[str, Any]) -> None:
+    """The counts a loop would run over, checked on the raw JSON before anything else reads it."""
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInputError("The infer request has no 'inputs' (a non-empty list of tensors).", hint=f"Example: {EXAMPLE}")
+    for key in ("inputs", "outputs"):
+        raw = doc.get(key)
+        if isinstance(raw, list) and len(raw) > MAX_TENSORS:
+            raise InvalidInputError(f"The request has {len(raw)} {key}; at most {MAX_TENSORS} are accepted.", hint=f"Example: {EXAMPLE}")
+    for t in doc.get("inputs") or ():
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if isinstance(shape, list) and len(shape) > MAX_RANK:
+            raise InvalidInputError(
+                f"An input has a shape of {len(shape):,} dimensions; at most {MAX_RANK} are accepted.", hint='Example: "shape": [2]'
+            )
+
+
+def validate_body(doc: Any) -> InferRequestBody:
+    """``doc`` (parsed JSON) as an :class:`InferRequestBody`, or 400 saying what is wrong."""
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"An infer request is a JSON object, not {type(doc).__name__}.", hint=f"Example: {EXAMPLE}")
+    _check_raw_bounds(doc)
+    try:
+        return InferRequestBody.model_validate(doc)
+    except ValidationError as exc:
+        raise InvalidInputError(f"Invalid infer request: {validation_summary(exc)}.", hint=f"Example: {EXAMPLE}") from None
+
+
+def validation_summary(exc: ValidationError, most: int = 3) -> str:
+    """The first few problems of a pydantic error, one line each, without echoing large inputs."""
+    errors = exc.errors(include_input=False, include_url=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:most]]
+    more = f" (and {len(errors) - most} more)" if len(errors) > most else ""
+    return "; ".join(parts) + more
+
+
+def _bytes_elements(buf: memoryview, name: str, count: int) -> list[str]:
+    out: list[str] = []
+    i, n = 0, len(buf)
     while i < n:
+        if len(out) >= count:
+            raise InvalidInputError(f"The binary BYTES data of input '{name}' holds more elements than its shape's {count}.")
         if i + 4 > n:
             raise InvalidInputError(f"The binary BYTES data of input '{name}' ends inside an element's 4-byte length.")
         (size,) = struct.unpack_from("<I", buf, i)
@@ -100,54 +219,45 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInputError(f"Inference-Header-Content-Length is {header_length!r}, but the body has {len(body)} bytes.")
         view = memoryview(body)
         head, binary = view[:n], view[n:]
-    doc = loads(head, example=EXAMPLE)
-    if not isinstance(doc, dict):
-        raise InvalidInputError(f"An infer request is a JSON object, not {type(doc).__name__}.", hint=f"Example: {EXAMPLE}")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInputError("The infer request has no 'inputs' (a non-empty list of tensors).", hint=f"Example: {EXAMPLE}")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInputError("'parameters' must be a JSON object.")
+    doc = validate_body(loads(head, example=EXAMPLE))
+    limit = min(MAX_ELEMENTS, len(body))  # every element takes at least one byte of the body
     offset = 0
     inputs = []
-    for k, t in enumerate(raw_inputs):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            raise InvalidInputError(f"Input {k} is not a tensor object with a 'name'.", hint=f"Example: {EXAMPLE}")
-        name = t["name"]
-        datatype = t.get("datatype")
-        if datatype != "BYTES" and datatype not in DTYPES:
-            raise InvalidInputError(f"Input '{name}' has the datatype {datatype!r}.", hint=f"Use one of BYTES, {', '.join(DTYPES)}.")
-        shape = _shape(t.get("shape"), name)
-        count = math.prod(shape)
-        tparams = t.get("parameters") or {}
-        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+    for t in doc.inputs:
+        name, datatype, shape = t.name, t.datatype, t.shape
+        count = element_count(shape, limit, name)
+        size = t.parameters.binary_data_size if t.parameters is not None else None
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if offset + size > len(binary):
                 raise InvalidInputError(
                     f"Input '{name}' says binary_data_size={size!r}, but only {len(binary) - offset} binary bytes are left."
                 )
             chunk = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                data: Any = _bytes_elements(chunk, name)
+                data: Any = _bytes_elements(chunk, name, count)
                 got = len(data)
             else:
                 itemsize = DTYPES[datatype].itemsize
                 if size % itemsize:
                     raise InvalidInputError(f"Input '{name}' has {size} bytes of {datatype}, not a multiple of {itemsize}.")
                 got = size // itemsize
+                if got != count:
+                    raise InvalidInputError(
+                        f"Input '{name}' has {got} elements, but its shape {shape} needs {count}.", hint="Make the shape match the data."
+                    )
                 data = np.frombuffer(chunk, dtype=DTYPES[datatype].newbyteorder("<")).astype(DTYPES[datatype], copy=False)
         else:
-            if "data" not in t:
+            if t.data is None:
                 raise InvalidInputError(f"Input '{name}' has neither 'data' nor binary data.", hint=f"Example: {EXAMPLE}")
-            raw = t["data"]
-            flat: list[Any] = []
-            if isinstance(raw, list):
-                _flatten(raw, flat)
-            else:
-                flat.append(raw)
+            raw = t.data
+            flat = _flatten(raw, count, max(1, len(shape)), name) if isinstance(raw, list) else [raw]
             got = len(flat)
+            if got != count:
+                raise InvalidInputError(
+                    f"Input '{name}' has {'more than ' if got > count else ''}{got} elements, but its shape {shape} needs {count}.",
+                    hint="Make the shape match the data.",
+                )
             data = _typed(flat, datatype, name)
         if got != count:
             raise InvalidInputError(
@@ -156,13 +266,11 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if datatype != "BYTES":
             data = data.reshape(shape)
         inputs.append(Tensor(name, datatype, shape, data))
-    outputs = doc.get("outputs")
-    if outputs is not None and (
-        not isinstance(outputs, list) or any(not isinstance(o, dict) or not isinstance(o.get("name"), str) for o in outputs)
-    ):
-        raise InvalidInputError("'outputs' must be a list of objects with a 'name'.", hint='Example: "outputs": [{"name": "embedding"}]')
-    rid = doc.get("id")
-    return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, bool(params.get("binary_data_output")), params)
+    outputs = None
+    if doc.outputs is not None:
+        outputs = [{"name": o.name, "parameters": o.parameters.model_dump(exclude_none=True) if o.parameters else {}} for o in doc.outputs]
+    params = doc.parameters.model_dump(exclude_none=True) if doc.parameters is not None else {}
+    return InferRequest(doc.id, inputs, outputs, bool(params.get("binary_data_output")), params)
 
 
 _NONE = object()
