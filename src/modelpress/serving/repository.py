@@ -10,8 +10,10 @@ the versions it replaced drain (finish what they queued) before they close, so n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from modelpress.serving.routing import Decision, RequestContext, Router, SingleP
 log = logging.getLogger("modelpress.serving")
 
 WARMUP_SIZES = (1, 8)  # batch sizes run once before a version reports ready
+MAX_FAILED = 256  # names whose last load failed that the repository remembers (the oldest is forgotten first)
 
 
 @dataclass
@@ -62,13 +65,21 @@ class LoadedVersion:
         finally:
             self.inflight -= 1
 
+    @property
+    def public_source(self) -> str:
+        """Where the version came from, as clients may see it: the registry ref, else the folder's or short name's last
+        part (never the server's filesystem path)."""
+        if self.registry_ref:
+            return self.registry_ref
+        return Path(self.config.source).name or self.config.source
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
             "task": self.task,
             "runtime": self.runtime,
-            "source": self.config.source,
+            "source": self.public_source,
             "registry_ref": self.registry_ref,
             "load_seconds": round(self.load_seconds, 3),
             "batching": self.config.batching.model_dump(),
@@ -155,8 +166,9 @@ class ModelRepository:
         self.metrics = metrics
         self.routers: dict[str, Router[LoadedVersion]] = {}
         self.known: dict[str, ModelConfig] = {}  # name -> the config it was last loaded with
-        self.failed: dict[str, str] = {}  # name -> why its last load failed
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.failed: dict[str, str] = {}  # name -> why its last load failed (at most MAX_FAILED names, oldest dropped)
+        self._locks: dict[str, asyncio.Lock] = {}  # name -> its load lock, only while a load or unload of it runs
+        self._lock_users: dict[str, int] = {}  # name -> tasks holding or waiting for its lock
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, name: str, version: str | None = None, ctx: RequestContext | None = None) -> tuple[LoadedVersion, Decision]:
@@ -181,8 +193,66 @@ class ModelRepository:
         return bool(self.routers) and all(r.policy is not None for r in self.routers.values())
 
     # -- loading ---------------------------------------------------------------------------
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        """The per-name lock; its entry is removed once nobody holds or waits for it (the map holds only names in use)."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        self._lock_users[name] = self._lock_users.get(name, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[name] -= 1
+            if not self._lock_users[name]:
+                del self._lock_users[name]
+                self._locks.pop(name, None)
+
+    def _remember_failure(self, name: str, why: str) -> None:
+        self.failed.pop(name, None)
+        self.failed[name] = why
+        while len(self.failed) > MAX_FAILED:
+            self.failed.pop(next(iter(self.failed)))
+
+    def is_expected(self, name: str) -> bool:
+        """True for a name the server is configured with or has loaded (its readiness is 503, not 404, while it is down)."""
+        return name in self.routers or name in self.known or any(m.name == name for m in self.config.models)
+
+    def check_load_source(self, source: str) -> None:
+        """Refuse (403) a load source a management client may not choose: only registry references, the sources the server
+        was configured or loaded with, and folders under ``allow_load_from`` are taken (a short name would train a model)."""
+        from modelpress.errors import ForbiddenError, InvalidReferenceError
+        from modelpress.registry.names import parse_ref
+
+        if ("@" in source or ":" in source) and "/" not in source and "\\" not in source:
+            try:
+                parse_ref(source)
+                return
+            except InvalidReferenceError:
+                pass
+        if source in {m.source for m in self.config.models} or source in {c.source for c in self.known.values()}:
+            return
+        path = Path(source).expanduser()
+        if path.is_absolute():
+            resolved = path.resolve()
+            for root in self.config.allow_load_from:
+                if resolved.is_relative_to(Path(root).expanduser().resolve()):
+                    return
+        raise ForbiddenError(
+            "This server loads registry references (NAME@production, NAME:3) and the sources it was started with; "
+            "other sources are refused.",
+            hint="Register the model (modelpress registry register ...) and load NAME:VERSION, or start the server with "
+            "--allow-load-from DIR to allow absolute paths of folders under DIR.",
+        )
+
+    def check_room_for(self, name: str) -> None:
+        """Refuse (403) loading one more model name than ``max_models``."""
+        from modelpress.errors import ForbiddenError
+
+        if name not in self.routers and len(self.routers) >= self.config.max_models:
+            raise ForbiddenError(
+                f"This server serves {len(self.routers)} models, as many as it allows (max_models).",
+                hint="Unload one first, or raise max_models in the server config.",
+            )
 
     async def load(
         self, cfg: ModelConfig, *, make_default: bool = True, retire_previous: bool = True, runner: Any = None, artifact: Any = None
@@ -199,7 +269,7 @@ class ModelRepository:
                 loaded = await asyncio.to_thread(build_version, cfg, self.config, self.metrics, runner=runner, artifact=artifact)
             except Exception as exc:
                 if cfg.name:
-                    self.failed[cfg.name] = str(getattr(exc, "message", exc))
+                    self._remember_failure(cfg.name, str(getattr(exc, "message", exc)))
                 raise
         async with self._lock(loaded.name):
             return await self._install(loaded, make_default=make_default, retire_previous=retire_previous)
@@ -293,7 +363,7 @@ class ModelRepository:
     def not_ready_error(self, name: str) -> ModelNotReadyError:
         why = self.failed.get(name)
         return ModelNotReadyError(
-            f"Model '{name}' is not ready" + (f": its last load failed ({why})." if why else "."), hint="Load it again."
+            f"Model '{name}' is not ready" + (": its last load failed (the server log has why)." if why else "."), hint="Load it again."
         )
 
 
