@@ -131,7 +131,7 @@ def check_manifest_paths(manifest: Manifest, folder: Path) -> None:
                     hint="Keep the tokenizer files in the artifact folder and drop the setting, "
                     "or load the model with an explicit tokenizer: modelpress.load(path, tokenizer='hf-folder').",
                 )
-        else:
+        elif tok not in (".", "./"):  # relative: inside the folder (tasks read it relative to the folder)
             inside(folder, tok, "task_config.tokenizer")
     options = manifest.task_config.get("runtime_options")
     if isinstance(options, dict):

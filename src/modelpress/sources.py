@@ -232,7 +232,7 @@ def load(
         from transformers import AutoConfig
 
         try:
-            hf_config = AutoConfig.from_pretrained(str(path))
+            hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         except (OSError, ValueError, KeyError) as exc:
             raise UnsupportedModelError(f"'{path}/config.json' is not a configuration transformers can read: {exc}") from exc
         task = task or infer_hf_task(path, hf_config)

@@ -20,7 +20,6 @@ Runtime options travel in ``manifest.task_config["runtime_options"]``, keyed by 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from modelpress.artifacts import Artifact, Manifest, Signature
-from modelpress.errors import ArtifactError, OptimizationError, UnknownTechniqueError
+from modelpress.errors import OptimizationError, UnknownTechniqueError
 from modelpress.optimize.configs import CALIBRATION_DEFAULTS, Calibration, TechniqueConfig, parse_step
 from modelpress.progress import ProgressFactory
 
@@ -122,7 +121,7 @@ def hf_config(artifact: Artifact) -> Any | None:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(artifact.path))
+        return AutoConfig.from_pretrained(str(artifact.path), trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -139,14 +138,12 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
         if artifact.format == "openvino":
             raise OptimizationError(f"'{artifact.name}' is an OpenVINO IR; ONNX Runtime techniques need the model or its ONNX export.")
         return exported(artifact, "onnx")
+    from modelpress.export.cache import cached
     from modelpress.export.onnx import export_onnx
-    from modelpress.locations import cache_dir
 
-    target = cache_dir("exports") / f"{artifact.content_hash()[:20]}-onnx-eager"
-    if target.is_dir():
-        with contextlib.suppress(ArtifactError):  # a damaged cache entry is rebuilt below
-            return Artifact.open(target)
-    return export_onnx(artifact, target, dynamo=False, attn_implementation="eager", overwrite=True)
+    return cached(
+        artifact, "onnx-eager", lambda target: export_onnx(artifact, target, dynamo=False, attn_implementation="eager", overwrite=True)
+    )
 
 
 def openvino_source(artifact: Artifact) -> Artifact:

@@ -98,6 +98,7 @@ class Registering(RegistryBase):
             self._read(lambda s: queries.resolve(s, parent_ref))  # fail before copying anything
 
         prepared = self.store.prepare(artifact)
+        self.store.clean_dead_temps()  # what a registration killed on this machine left: the next one starts clean
 
         def annotate(s: Any, row: VersionRow, rows: list[dict[str, Any]]) -> None:
             for m in rows:

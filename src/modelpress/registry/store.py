@@ -156,6 +156,19 @@ class ArtifactStore:
                 found.append(p)
         return found
 
+    def clean_dead_temps(self) -> list[Path]:
+        """Remove the temporary folders of copies whose process (on this machine) died; returns them.
+
+        Safe without the lock: a dead process writes nothing more, and a live one's folders are kept.
+        """
+        removed = []
+        for p in self.list_temps():
+            parts = p.name.split("-")
+            if len(parts) >= 3 and parts[1] == _host() and parts[2].isdigit():
+                self.remove_path(p)
+                removed.append(p)
+        return removed
+
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

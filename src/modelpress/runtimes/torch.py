@@ -13,7 +13,11 @@ its own in ``task_config["runtime_options"]["torch"]``):
 * ``transform``: a transform spec or a list of them (:mod:`.torch_transforms`), applied when the
   model is loaded; ``calibration``: the ``.npz`` of calibration batches (in the artifact folder)
   that static int8 observes;
-* ``attn_implementation`` ("sdpa", "eager"): the Hugging Face attention kernel.
+* ``attn_implementation`` ("sdpa", "eager"): the Hugging Face attention kernel;
+* ``allow_pickle`` (bool, default False): read a Hugging Face folder that has only pickled
+  weights (``pytorch_model.bin``). Refused by default: a pickle can run code when it is read.
+  Allowed only with torch >= 2.6 (``torch.load(weights_only=True)`` is bypassable before it,
+  CVE-2025-32434); ``MODELPRESS_ALLOW_PICKLE=1`` allows it for every loader (CLI included).
 
 Compiling costs time on the first call (MiniLM: about 30-60 s on 2 cores, see docs/runtimes.md)
 and again for each new shape class (batch of 1, or every shape with ``dynamic=False``).
@@ -21,18 +25,70 @@ and again for each new shape class (batch of 1, or every shape with ``dynamic=Fa
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelpress.artifacts import Artifact, Signature
-from modelpress.errors import ArtifactError, ConfigError, TaskMismatchError, UnsupportedModelError
+from modelpress.errors import ArtifactError, BackendUnavailableError, ConfigError, TaskMismatchError, UnsupportedModelError
 from modelpress.runtimes.base import Runner, register_runtime
 from modelpress.tasks import task_for
 
 # The weights of a torch-module artifact stored as a folder (its code is never stored).
 MODULE_WEIGHTS = "model.safetensors"
-OPTIONS = ("compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation")
+OPTIONS = ("compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation", "allow_pickle")
+ALLOW_PICKLE_ENV = "MODELPRESS_ALLOW_PICKLE"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # weights torch.load would unpickle
+SAFE_TORCH_LOAD = (2, 6)  # torch.load(weights_only=True) can run code before 2.6 (CVE-2025-32434)
+
+
+def _torch_version() -> tuple[int, int]:
+    import re
+
+    import torch
+
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def hf_load_kwargs(folder: str | os.PathLike, *, allow_pickle: bool | None = None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that read a Hugging Face folder without running its code.
+
+    ``trust_remote_code=False`` always; safetensors only when the folder has them. A folder whose
+    only weights are pickled (``pytorch_model.bin``) is refused with an :class:`ArtifactError`
+    unless ``allow_pickle`` (default: ``MODELPRESS_ALLOW_PICKLE=1`` in the environment), and
+    then only on torch >= 2.6, whose ``weights_only=True`` loader (the one transformers uses)
+    is not affected by CVE-2025-32434.
+    """
+    folder = Path(folder)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        kwargs["use_safetensors"] = True
+        return kwargs
+    pickled = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+    if not pickled:
+        kwargs["use_safetensors"] = True  # no weights at all: transformers says which file it looked for
+        return kwargs
+    if allow_pickle is None:
+        allow_pickle = os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not allow_pickle:
+        raise ArtifactError(
+            f"'{folder}' has only pickled weights ({', '.join(pickled[:3])}); modelpress reads safetensors only, "
+            "because unpickling a file can run code hidden in it.",
+            hint="Convert the weights once in a trusted environment: model = AutoModel.from_pretrained(DIR); "
+            "model.save_pretrained(DIR, safe_serialization=True). Or, for a file you trust, allow it explicitly: "
+            f"{ALLOW_PICKLE_ENV}=1 (or the torch runner option allow_pickle=True).",
+        )
+    if _torch_version() < SAFE_TORCH_LOAD:
+        raise BackendUnavailableError(
+            f"Reading the pickled weights of '{folder}' needs torch >= {SAFE_TORCH_LOAD[0]}.{SAFE_TORCH_LOAD[1]} "
+            "(CVE-2025-32434: torch.load(weights_only=True) can run code in older versions).",
+            hint="pip install -U 'torch>=2.6', or convert the weights to safetensors.",
+        )
+    kwargs["use_safetensors"] = False  # transformers reads them with torch.load(weights_only=True)
+    return kwargs
 
 
 def module_from_folder(artifact: Artifact) -> Any | None:
@@ -71,7 +127,9 @@ def module_from_folder(artifact: Artifact) -> Any | None:
     return module.eval()
 
 
-def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = None) -> tuple[Any, Signature]:
+def load_torch_module(
+    artifact: Artifact, *, attn_implementation: str | None = None, allow_pickle: bool | None = None
+) -> tuple[Any, Signature]:
     """The artifact as a torch module with the task's positional signature, in eval mode."""
     from transformers.utils import logging as hf_logging
 
@@ -93,11 +151,9 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
         if artifact.path is None:
             raise UnsupportedModelError(f"Artifact '{artifact.name}' has no folder to load from.")
         auto = task.auto_model_class()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = hf_load_kwargs(artifact.path, allow_pickle=allow_pickle)  # no pickled or remote code
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        if any(artifact.path.glob("*.safetensors")):
-            kwargs["use_safetensors"] = True  # no pickled code
         try:
             hf_model, loading = auto.from_pretrained(str(artifact.path), output_loading_info=True, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
@@ -127,7 +183,8 @@ def load_torch_module(artifact: Artifact, *, attn_implementation: str | None = N
 
 @register_runtime
 class TorchRunner(Runner):
-    """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``."""
+    """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``,
+    ``allow_pickle``."""
 
     name = "torch"
     formats = ("hf", "torch")
@@ -175,7 +232,9 @@ class TorchRunner(Runner):
         from modelpress.runtimes.torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
 
         torch.set_num_threads(self.threads)
-        module, sig = load_torch_module(self.artifact, attn_implementation=self.options.get("attn_implementation"))
+        module, sig = load_torch_module(
+            self.artifact, attn_implementation=self.options.get("attn_implementation"), allow_pickle=self.options.get("allow_pickle")
+        )
         self.signature = self.signature or sig
         weights = self.artifact.path / MODULE_WEIGHTS if self.artifact.format == "torch" and self.artifact.path else None
         if self.artifact.format == "torch" and (self.specs or (weights is not None and weights.is_file())):

@@ -171,10 +171,12 @@ def load_tokenizer(artifact: Artifact):
             hint="Pass task_config={'tokenizer': 'path/to/hf-folder'} (or --tokenizer DIR).",
         )
     path = Path(where)
+    if not path.is_absolute() and artifact.path is not None:
+        path = artifact.path / path  # a manifest's relative path is inside the artifact folder, not the working directory
     if path.is_file():
         path = path.parent
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise TaskMismatchError(
             f"No tokenizer could be loaded from '{path}' for task '{artifact.task}': {exc}",

@@ -95,7 +95,7 @@ def train_sst2(
     rng = np.random.default_rng(cfg.seed)
     chosen = rng.permutation(len(train))[: cfg.train_size] if cfg.train_size else rng.permutation(len(train))
     base = base_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
     enc = tokenizer([train.texts[i] for i in chosen], truncation=True, max_length=cfg.max_length)
     ids = enc["input_ids"]
     labels = np.asarray([train.labels[i] for i in chosen], dtype=np.int64)

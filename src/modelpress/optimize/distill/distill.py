@@ -146,7 +146,9 @@ def load_hf_model(artifact: Artifact, task: Any) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars; training has its own
-    kwargs = {"use_safetensors": True} if any(artifact.path.glob("*.safetensors")) else {}
+    from modelpress.runtimes.torch import hf_load_kwargs
+
+    kwargs = hf_load_kwargs(artifact.path)  # safetensors only (pickles by explicit opt-in), no remote code
     return task.auto_model_class().from_pretrained(str(artifact.path), **kwargs).eval()
 
 

@@ -254,8 +254,11 @@ def load_trainable(source: Artifact) -> tuple[Any, Any]:
 
     task = task_for(source)
     if source.format == "hf":
-        kwargs: dict[str, Any] = {"use_safetensors": True} if any(source.path.glob("*.safetensors")) else {}
         from transformers.utils import logging as hf_logging
+
+        from modelpress.runtimes.torch import hf_load_kwargs
+
+        kwargs = hf_load_kwargs(source.path)  # safetensors only (pickles by explicit opt-in), no remote code
 
         hf_logging.disable_progress_bar()
         model = task.auto_model_class().from_pretrained(str(source.path), **kwargs)

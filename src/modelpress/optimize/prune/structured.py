@@ -350,7 +350,9 @@ def prune_artifact(
         if source.path is not None:
             copy_sentence_transformers_files(source.path, folder)
         _fix_pooling_dims(folder, model)
-        model = task.auto_model_class().from_pretrained(str(folder), use_safetensors=True).eval()  # the saved shapes load
+        model = (
+            task.auto_model_class().from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False).eval()
+        )  # the saved shapes load
     if config.finetune is None:
         return model, folder, {**summary, "kept": report["kept"]}
     key = cache_key("structured-prune", source, config, ctx.data_dir, STRUCTURED_VERSION)
