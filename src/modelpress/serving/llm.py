@@ -101,7 +101,7 @@ class EngineRunner:
 class GenerationHandler(Handler):
     """A served causal LM: its task (tokenizer, context) and its engine. Generation goes through the OpenAI routes."""
 
-    kind: ClassVar[str] = "generation"
+    kind: ClassVar[str] = "text"  # KServe v2 reads a BYTES input, then decode() answers 400 pointing at the OpenAI routes
 
     def __init__(self, task: Any, engine: Any, runner: EngineRunner, *, max_text_chars: int = 100_000) -> None:
         super().__init__(task, runner, max_text_chars=max_text_chars)
@@ -120,7 +120,7 @@ class GenerationHandler(Handler):
         raise NotImplementedError
 
     def inputs_info(self) -> list[TensorInfo]:
-        return [TensorInfo("prompt", "BYTES", (-1,))]
+        return [TensorInfo("text", "BYTES", (-1,))]
 
     def outputs_info(self) -> list[TensorInfo]:
         return [TensorInfo("text", "BYTES", (-1,))]

@@ -3,7 +3,8 @@ JSON it polls, ``GET /dashboard/data``.
 
 Per model and version the page shows request rate, error rate, p50 and p99 latency over time
 (SVG line charts drawn by ``dashboard.js``), the current traffic split, shadow agreement, and
-the rollout's phase, step and decisions. ``?interval=MS`` sets how often it polls (default
+the rollout's phase, step and decisions; for a causal LM also its engine's running and waiting
+sequences, KV cache use, tokens/s, time to first token and inter-token latency (p50, p99). ``?interval=MS`` sets how often it polls (default
 1000), ``?span=S`` how many seconds of history it shows (default 300). Like ``/metrics`` it
 needs no key; it shows numbers, never request contents.
 """
@@ -82,6 +83,9 @@ def dashboard_data(extension: Any, span_s: float = 300.0, bucket_s: float | None
                 "totals": obs.window(name, label, since).to_json(),
                 "series": obs.timeseries(name, label, span_s=span_s, bucket_s=bucket),
             }
+            summary = getattr(lv.handler, "summary", None) if lv is not None else None
+            if summary is not None:  # a causal LM: its engine's batch, queue, KV cache, tokens/s and latencies
+                entry["llm"] = summary()
             shadow = obs.shadow_window(name, label, since)
             if shadow.n:
                 entry["shadow"] = shadow.to_json() | {"dropped": obs.dropped.get((name, label), 0)}

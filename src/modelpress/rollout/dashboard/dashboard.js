@@ -97,6 +97,31 @@
     return el("table", { "data-model": model.name }, el("thead", {}, head), el("tbody", {}, ...body));
   }
 
+  function llmTable(model) {
+    const rows = model.versions.filter((v) => v.llm);
+    if (!rows.length) return "";
+    const head = el("tr", {}, ...["version", "engine", "running", "waiting", "KV cache", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "generated"].map((h) => el("th", {}, h)));
+    const body = rows.map((v) => {
+      const m = v.llm;
+      const cell = (field, text) => el("td", { "data-field": field, "data-model": model.name, "data-version": v.version }, text);
+      return el("tr", {},
+        el("td", {}, el("span", { class: "swatch", style: `background:${color(model.name, v.version)}` }), v.version),
+        cell("engine", m.engine),
+        cell("running", m.running),
+        cell("waiting", m.waiting),
+        cell("kv_cache_usage", `${pct(m.kv_cache_usage)} of ${m.kv_cache_capacity_tokens}`),
+        cell("tokens_per_s", num(m.tokens_per_s, 1)),
+        cell("ttft_p50_ms", num(m.ttft_p50_ms, 1)),
+        cell("ttft_p99_ms", num(m.ttft_p99_ms, 1)),
+        cell("itl_p50_ms", num(m.itl_p50_ms, 2)),
+        cell("itl_p99_ms", num(m.itl_p99_ms, 2)),
+        cell("generated_tokens", m.generated_tokens));
+    });
+    return el("div", { class: "llm", "data-model": model.name },
+      el("h3", {}, "generation (last minute)"),
+      el("table", { class: "llm", "data-model": model.name }, el("thead", {}, head), el("tbody", {}, ...body)));
+  }
+
   function rollout(model) {
     const r = model.rollout;
     if (!r) return el("div", { class: "rollout empty", "data-model": model.name }, "No rollout.");
@@ -124,7 +149,7 @@
       const p = model.policy || {};
       const section = el("section", { class: "model", "data-model": model.name },
         el("h2", {}, model.name, el("span", { class: "policy" }, p.policy ? `${p.policy} policy` : "loading")),
-        splitBar(model), table(model),
+        splitBar(model), table(model), llmTable(model),
         el("div", { class: "charts" }, ...CHARTS.map((c) => chart(model, c, data))),
         rollout(model));
       root.append(section);
