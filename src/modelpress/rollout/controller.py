@@ -15,11 +15,16 @@ is a registry event, and the state (phase, step, weights) is saved with it in on
 so a server restarted mid-rollout (:meth:`RolloutManager.resume_all`, called when the server
 starts) resumes at the same step with the same weights. A model not served from the registry
 is rolled out in memory only.
+
+Several servers on one registry: the one holding the model's lease drives its rollout, the
+others follow the recorded split and take over when the lease expires; a rollback the registry
+could not record is retried and never undone (:mod:`modelpress.rollout.ownership`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -29,6 +34,7 @@ from typing import Any
 from modelpress.errors import ConfigError, RolloutConflictError, RolloutNotFoundError
 from modelpress.rollout.analysis import compare
 from modelpress.rollout.observations import Observations
+from modelpress.rollout.ownership import RETRY_MAX_S, RETRY_MIN_S, default_owner, journal_for, lease_seconds, sync_seconds
 from modelpress.rollout.routing import SinglePolicy, policy_from_json
 from modelpress.rollout.spec import ACTIVE, RolloutSpec, now_iso, parse_spec, phases_of
 from modelpress.rollout.watch import Rollout
@@ -43,13 +49,22 @@ class RolloutManager:
 
     ``repository``: the server's :class:`~modelpress.serving.repository.ModelRepository`;
     ``observations``: what each version did; ``registry``: the registry URL or file (None: the
-    default one); ``clock``: the time windows are measured on (default :func:`time.monotonic`).
+    default one); ``clock``: the time windows are measured on (default :func:`time.monotonic`);
+    ``owner``: this server's id for rollout leases, ``lease_s`` their time
+    (:mod:`modelpress.rollout.ownership`).
     """
 
     MAX_EVENTS_IN_MEMORY = 200
 
     def __init__(
-        self, repository: Any, observations: Observations, registry: str | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        repository: Any,
+        observations: Observations,
+        registry: str | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        owner: str | None = None,
+        lease_s: float | None = None,
     ) -> None:
         self.repository = repository
         self.observations = observations
@@ -57,6 +72,14 @@ class RolloutManager:
         self.clock = clock
         self.rollouts: dict[str, Rollout] = {}
         self._registry: Any = None
+        self.owner = owner or default_owner()
+        self.lease_s = lease_s if lease_s is not None else lease_seconds()
+        self.leases: dict[str, Any] = {}  # model -> the registry Lease this server holds
+        self.pending: dict[str, dict[str, Any]] = {}  # model -> a decision the registry has not recorded yet
+        self.journal = journal_for(self.owner)
+        self._tasks: set[asyncio.Task] = set()
+        self._sync_task: asyncio.Task | None = None
+        self._sync_lock = asyncio.Lock()  # one sync at a time (the background one and a test's or resume_all's)
 
     # the registry -------------------------------------------------------------------------------
     def registry(self) -> Any:
@@ -69,10 +92,10 @@ class RolloutManager:
     def store_for(self, ro: Rollout) -> Any:
         return self.registry().rollouts if ro.state.get("registry_model") else None
 
-    async def persist(
-        self, ro: Rollout, event: dict[str, Any] | None, *, version: int | None = None, updates: dict[str, Any] | None = None
-    ) -> None:
-        """Write the state (with ``updates``) and ``event`` to the registry in one transaction; then make them current here."""
+    def _prepare(
+        self, ro: Rollout, event: dict[str, Any] | None, updates: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The state (with ``updates``) and the full event (seq, step, phase, weights) a decision records."""
         state = {**ro.state, **(updates or {}), "updated_at": now_iso()}
         if event is not None:
             phases = phases_of(ro.spec)
@@ -87,17 +110,52 @@ class RolloutManager:
                 "candidate": state["candidate"],
             }
             state["last_decision"] = {k: event[k] for k in ("action", "seq", "at", "reasons") if k in event}
+        return state, event
+
+    async def persist(
+        self,
+        ro: Rollout,
+        event: dict[str, Any] | None,
+        *,
+        version: int | None = None,
+        updates: dict[str, Any] | None = None,
+        promote: tuple[str, str, str] | None = None,
+    ) -> None:
+        """Write the state (with ``updates``) and ``event`` to the registry in one transaction; then make them current here.
+
+        The write is fenced: it needs this server's lease of the model and the recorded state's
+        ``seq`` to be the one this rollout last saw. Losing either makes this server a follower.
+        """
+        state, event = self._prepare(ro, event, updates)
         store = self.store_for(ro)
         if store is not None:
-            await asyncio.to_thread(
-                store.save,
-                ro.model,
-                model=state["registry_model"],
-                version=version,
-                traffic_policy=state.get("policy"),
-                rollout_state={**state, "spec": ro.spec.model_dump()},
-                event=event,
-            )
+            from modelpress.registry.leases import LeaseLostError
+            from modelpress.registry.rollouts import StaleRolloutStateError
+
+            lease = self.leases.get(ro.model)
+            if lease is None:
+                self._demote(ro)
+                raise LeaseLostError(
+                    f"This server ({self.owner}) does not hold the rollout lease of '{ro.model}'; the decision was not recorded.",
+                    hint="Another server drives this rollout; send rollout commands to it.",
+                )
+            try:
+                await asyncio.to_thread(
+                    store.save,
+                    ro.model,
+                    model=state["registry_model"],
+                    version=version,
+                    traffic_policy=state.get("policy"),
+                    rollout_state={**state, "spec": ro.spec.model_dump()},
+                    event=event,
+                    lease=(lease.owner, lease.seq),
+                    expect_seq=ro.state.get("seq", 0) if ro.recorded else None,
+                    promote=promote,
+                )
+            except (LeaseLostError, StaleRolloutStateError):
+                self._demote(ro)
+                raise
+            ro.recorded = True
         ro.state.clear()
         ro.state.update(state)
         if event is not None:
@@ -110,6 +168,17 @@ class RolloutManager:
         if ro is None:
             raise RolloutNotFoundError(
                 f"No rollout of '{model}' on this server.", hint=f"Start one: modelpress rollout start {model} --candidate VERSION"
+            )
+        return ro
+
+    def driven(self, model: str) -> Rollout:
+        """The rollout of ``model`` if this server drives it; a 409 naming the server that does otherwise."""
+        ro = self.get(model)
+        if not ro.driving:
+            raise RolloutConflictError(
+                f"The rollout of '{model}' is driven by the server {ro.following or 'holding its lease'}; this server follows it.",
+                hint=f"Send the command to that server (modelpress rollout ... --url URL), or wait {self.lease_s:g} s "
+                "for its lease to expire if it is down: a follower then takes the rollout over.",
             )
         return ro
 
@@ -139,6 +208,7 @@ class RolloutManager:
         spec = spec if isinstance(spec, RolloutSpec) else parse_spec(spec)
         current = self.rollouts.get(model)
         if current is not None and current.status in ACTIVE:
+            self.driven(model)  # another server's rollout: the 409 names it
             raise RolloutConflictError(
                 f"A {current.spec.strategy} rollout of '{model}' to version {current.candidate} is {current.status}.",
                 hint=f"Wait for it, or stop it first: modelpress rollout abort {model}",
@@ -171,14 +241,27 @@ class RolloutManager:
             "started_at": now_iso(),
             "seq": 0,
         }
+        if model in self.pending:
+            raise RolloutConflictError(
+                f"The rollback of '{model}' is not recorded in the registry yet; "
+                "this server keeps all traffic on the baseline until it is.",
+                hint="Check that the registry is reachable; start again once `modelpress rollout status` says recorded.",
+            )
         ro = Rollout(self, model, spec, state)
+        if self.store_for(ro) is not None:
+            await self.claim(model)
         policy = ro.policy_for_step() if cand_lv is not None else router.policy  # loading: traffic stays as it is
         ro.stage(policy)
+        previous = self.rollouts.get(model)
         self.rollouts[model] = ro
         try:
             await self.persist(ro, ro.event("start", spec=spec.model_dump()), version=_int_or_none(base_lv.registry_ref))
         except BaseException:
-            self.rollouts.pop(model, None)
+            if previous is not None:
+                self.rollouts[model] = previous
+            else:
+                self.rollouts.pop(model, None)
+            await self._release(model)
             raise
         if cand_lv is not None:
             await ro.apply(policy)
@@ -187,6 +270,47 @@ class RolloutManager:
         ro.start_task()
         log.info("rollout of %s: %s %s -> %s %s", model, spec.strategy, baseline, spec.candidate, ro.status)
         return ro.describe()
+
+    # leases ------------------------------------------------------------------------------------------
+    async def claim(self, model: str) -> Any:
+        """Take the rollout lease of ``model`` (or keep it); a 409 naming the holder when another server has it."""
+        leases = self.registry().leases
+        lease = await asyncio.to_thread(leases.acquire, model, self.owner, self.lease_s)
+        if lease is None:
+            held = await asyncio.to_thread(leases.get, model)
+            left = max(0.0, (held.expires_at or 0) - time.time()) if held is not None else 0.0
+            follower = self.rollouts.get(model)
+            if follower is not None and held is not None:
+                follower.following = held.owner
+            raise RolloutConflictError(
+                f"The rollout of '{model}' is driven by the server {held.owner if held else '?'} (its lease runs {left:.0f} s more).",
+                hint="Send rollout commands to that server; if it is down, a follower takes the rollout over when its lease expires.",
+            )
+        self.leases[model] = lease
+        return lease
+
+    async def _release(self, model: str) -> None:
+        lease = self.leases.pop(model, None)
+        if lease is not None:
+            try:
+                await asyncio.to_thread(self.registry().leases.release, lease)
+            except Exception:  # noqa: BLE001  (the lease then expires by itself)
+                log.warning("could not release the rollout lease of %s; it expires in %g s", model, self.lease_s)
+
+    def _demote(self, ro: Rollout) -> None:
+        """This server no longer drives ``ro`` (its lease or its view of the state is gone): stop deciding, follow."""
+        self.leases.pop(ro.model, None)
+        if ro.driving:
+            log.warning("rollout of %s: this server (%s) lost the lease; it follows the registry from now", ro.model, self.owner)
+        ro.driving = False
+        if ro.task is not None and ro.task is not asyncio.current_task() and not ro.task.done():
+            ro.task.cancel()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _check_source(self, model: str, label: str, source: str | None) -> None:
         if source is None:
@@ -225,16 +349,10 @@ class RolloutManager:
         router = None if leave_traffic else self.repository.routers.get(ro.model)
         numbers = numbers or {}
         if status == "succeeded":
-            promoted = None
-            if ro.spec.promote and ro.state.get("candidate_ref"):
-                mv = await asyncio.to_thread(
-                    self.registry().promote,
-                    ro.state["candidate_ref"],
-                    "production",
-                    ROLLOUT_USER,
-                    f"{ro.spec.strategy} rollout passed: {'; '.join(reasons)}",
-                )
-                promoted = mv.ref
+            promoted = promote = None
+            if ro.spec.promote and ro.state.get("candidate_ref") and self.store_for(ro) is not None:
+                promoted = ro.state["candidate_ref"]
+                promote = (promoted, ROLLOUT_USER, f"{ro.spec.strategy} rollout passed: {'; '.join(reasons)}")
             policy = SinglePolicy(ro.candidate)
             event = ro.event(action, reasons=reasons, numbers=numbers, promoted=promoted)
             updates = {
@@ -244,7 +362,8 @@ class RolloutManager:
                 "step": len(phases_of(ro.spec)) - 1,
                 **ro.policy_state(policy),
             }
-            await self.persist(ro, event, version=_int_or_none(ro.state.get("candidate_ref")), updates=updates)
+            await self.persist(ro, event, version=_int_or_none(ro.state.get("candidate_ref")), updates=updates, promote=promote)
+            await self._release(ro.model)
             if router is not None:
                 await ro.apply(policy)
                 if not ro.spec.keep_standby:
@@ -260,13 +379,88 @@ class RolloutManager:
         event = ro.event(action, reasons=reasons, numbers=numbers)
         try:
             await self.persist(ro, event, updates=updates)
-        except Exception:  # the traffic already moved back: that stands even when the registry cannot record it now
-            log.exception("rollout of %s: the %s could not be recorded in the registry", ro.model, action)
-            ro.state.update(updates)
-            ro.events.append(event)
+        except Exception as exc:  # the traffic already moved back: that stands, and the record is retried until it lands
+            if self.store_for(ro) is None:
+                raise
+            self._hold_unrecorded(ro, event, updates, exc)
+        else:
+            await self._release(ro.model)
         log.warning("rollout of %s: %s, %s serves (%s)", ro.model, status.replace("_", " "), ro.baseline, "; ".join(reasons))
         if router is not None:
             await self.unload(ro.model, ro.candidate)
+
+    # decisions the registry has not recorded --------------------------------------------------------
+    def _hold_unrecorded(self, ro: Rollout, event: dict[str, Any], updates: dict[str, Any], exc: BaseException) -> None:
+        """Keep ``ro`` finished here (traffic on the baseline), journal the decision, and record it in the background."""
+        expect = ro.state.get("seq", 0) if ro.recorded else None
+        state, full_event = self._prepare(ro, event, {**updates, "recorded": False})
+        doc = {
+            "model": ro.model,
+            "registry_model": state["registry_model"],
+            "expect_seq": expect,
+            "state": {**state, "recorded": True, "spec": ro.spec.model_dump()},
+            "event": full_event,
+        }
+        log.error(
+            "rollout of %s: the %s could not be recorded in the registry (%s); all traffic stays on %s, and the record is retried",
+            ro.model,
+            event.get("action"),
+            getattr(exc, "message", None) or exc,
+            ro.baseline,
+        )
+        ro.state.clear()
+        ro.state.update(state)
+        if full_event is not None:
+            ro.events.append(full_event)
+        ro.driving = True  # still this server's decision to record; nobody else's split is followed meanwhile
+        self.pending[ro.model] = doc
+        try:
+            self.journal.write(ro.model, doc)
+        except OSError:
+            log.exception("rollout of %s: the unrecorded decision could not be journaled either", ro.model)
+        self._spawn(self._record_pending(ro.model), f"rollout-record-{ro.model}")
+
+    def _save_pending(self, doc: dict[str, Any]) -> None:
+        from modelpress.registry.rollouts import StaleRolloutStateError
+
+        try:
+            self.registry().rollouts.save(
+                doc["model"],
+                model=doc["registry_model"],
+                traffic_policy=doc["state"].get("policy"),
+                rollout_state=doc["state"],
+                event=doc["event"],
+                expect_seq=doc["expect_seq"],
+            )
+        except StaleRolloutStateError:
+            log.warning(
+                "rollout of %s: the registry moved on before the unrecorded %s landed; it follows the registry",
+                doc["model"],
+                doc["event"]["action"],
+            )
+
+    async def _record_pending(self, model: str) -> None:
+        """Write the pending decision of ``model`` until the registry takes it (or has moved on past it)."""
+        delay = RETRY_MIN_S
+        while model in self.pending:
+            doc = self.pending[model]
+            try:
+                await asyncio.to_thread(self._save_pending, doc)
+            except Exception as exc:  # noqa: BLE001  (the registry is still away: wait, then try again)
+                log.warning(
+                    "rollout of %s: recording the %s failed again (%s); next try in %.1f s", model, doc["event"]["action"], exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            self.pending.pop(model, None)
+            self.journal.remove(model)
+            ro = self.rollouts.get(model)
+            if ro is not None:
+                ro.state["recorded"] = True
+                ro.recorded = True
+            await self._release(model)
+            log.info("rollout of %s: the %s is recorded in the registry now", model, doc["event"]["action"])
 
     async def unload(self, model: str, label: str) -> None:
         """Unload ``model:label`` unless traffic still goes to it (drained: what it queued still answers)."""
@@ -280,7 +474,7 @@ class RolloutManager:
 
     # operations ------------------------------------------------------------------------------------
     async def pause(self, model: str) -> dict[str, Any]:
-        ro = self.get(model)
+        ro = self.driven(model)
         async with ro.lock:
             if ro.status != "running":
                 raise RolloutConflictError(f"The rollout of '{model}' is {ro.status}; only a running one can be paused.")
@@ -288,7 +482,7 @@ class RolloutManager:
         return ro.describe()
 
     async def resume(self, model: str) -> dict[str, Any]:
-        ro = self.get(model)
+        ro = self.driven(model)
         async with ro.lock:
             if ro.status != "paused":
                 raise RolloutConflictError(f"The rollout of '{model}' is {ro.status}; only a paused one can be resumed.")
@@ -298,7 +492,7 @@ class RolloutManager:
         return ro.describe()
 
     async def abort(self, model: str, reason: str = "aborted by hand") -> dict[str, Any]:
-        ro = self.get(model)
+        ro = self.driven(model)
         async with ro.lock:
             if ro.status not in ACTIVE:
                 raise RolloutConflictError(f"The rollout of '{model}' is already {ro.status}.")
@@ -306,7 +500,7 @@ class RolloutManager:
         return ro.describe()
 
     async def promote(self, model: str) -> dict[str, Any]:
-        ro = self.get(model)
+        ro = self.driven(model)
         async with ro.lock:
             if ro.status not in ACTIVE:
                 raise RolloutConflictError(f"The rollout of '{model}' is already {ro.status}.")
@@ -332,35 +526,153 @@ class RolloutManager:
 
         return await rollback_live(self, model, why)
 
-    # restart ---------------------------------------------------------------------------------------
-    async def resume_all(self) -> list[str]:
-        """Pick up every rollout the registry says was loading, running or paused for a model served here."""
+    # restart, followers, takeover ------------------------------------------------------------------
+    def uses_registry(self) -> bool:
         from modelpress.registry.engine import URL_ENV
 
         if self.registry_url is None and not os.environ.get(URL_ENV):
             from modelpress.serving.repository import registry_exists
 
-            if not registry_exists():
-                return []
+            return registry_exists()
+        return True
+
+    async def resume_all(self) -> list[str]:
+        """Pick up every rollout the registry says was loading, running or paused for a model served here.
+
+        First the decisions this server made but the registry never recorded (the journal) are
+        recorded, so a breached split is never put back; then each active rollout whose lease is
+        free (or this server's) is resumed here, and the others are followed. From then on a task
+        renews the leases, follows the other servers' rollouts and takes over expired ones.
+        """
+        if not self.uses_registry():
+            return []
+        for model, doc in self.journal.read_all().items():
+            if model in self.repository.routers and model not in self.pending:
+                self._replay(model, doc)
         try:
-            deployments = await asyncio.to_thread(lambda: self.registry().rollouts.list())
+            resumed = await self.sync_once()
         except Exception:  # a registry that cannot be read leaves nothing to resume; the server still serves
             log.exception("could not read the rollouts to resume from the registry")
-            return []
-        resumed = []
-        for dep in deployments:
-            state = dep.get("rollout_state") or {}
-            name = dep["name"]
-            if state.get("status") not in ACTIVE or name not in self.repository.routers or name in self.rollouts:
-                continue
-            try:
-                await self._resume_one(name, state)
-                resumed.append(name)
-            except Exception:  # one rollout that cannot resume must not stop the others or the server
-                log.exception("could not resume the rollout of %s", name)
+            resumed = []
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop(), name="rollout-sync")
         return resumed
 
-    async def _resume_one(self, name: str, state: dict[str, Any]) -> None:
+    def _replay(self, model: str, doc: dict[str, Any]) -> None:
+        """A decision from the journal: its traffic (the baseline alone) is put back first, then it is recorded."""
+        state = {k: v for k, v in doc["state"].items() if k != "spec"}
+        router = self.repository.routers[model]
+        ro = Rollout(self, model, parse_spec(doc["state"]["spec"]), {**state, "recorded": False})
+        ro.events = [doc["event"]]
+        baseline = str(state.get("baseline"))
+        if baseline in router.versions:
+            router.set_policy(SinglePolicy(baseline))
+            ro.applied = router.policy
+        self.rollouts[model] = ro
+        self.pending[model] = doc
+        log.warning("rollout of %s: replaying the %s the registry never recorded", model, doc["event"].get("action"))
+        self._spawn(self._record_pending(model), f"rollout-record-{model}")
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(sync_seconds(self.lease_s))
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the registry may be away for a while: keep serving, look again next time
+                log.warning("rollout sync with the registry failed", exc_info=True)
+
+    async def sync_once(self) -> list[str]:
+        """Renew the leases held here, follow the rollouts other servers drive, take over those whose lease expired."""
+        async with self._sync_lock:
+            return await self._sync()
+
+    async def _sync(self) -> list[str]:
+        reg = self.registry()
+        deployments = await asyncio.to_thread(reg.rollouts.list)
+        taken: list[str] = []
+        for dep in deployments:
+            name, state = dep["name"], dep.get("rollout_state") or {}
+            if name not in self.repository.routers or name in self.pending:
+                continue  # not served here; or this server's own decision is still to be recorded (safe state meanwhile)
+            ro = self.rollouts.get(name)
+            if ro is not None and ro.driving and ro.status in ACTIVE:
+                lease = self.leases.get(name)
+                renewed = await asyncio.to_thread(reg.leases.renew, lease, self.lease_s) if lease is not None else None
+                if renewed is not None:
+                    self.leases[name] = renewed
+                    continue
+                async with ro.lock:
+                    self._demote(ro)
+            try:
+                if state.get("status") in ACTIVE and await self._try_take(name, state, ro):
+                    taken.append(name)
+                    continue
+                await self._follow(name, dep)
+            except Exception:  # one model that cannot be followed must not stop the others
+                log.exception("could not follow the rollout of %s from the registry", name)
+        return taken
+
+    async def _try_take(self, name: str, state: dict[str, Any], ro: Rollout | None) -> bool:
+        """Take the lease of an active rollout when it is free, expired or this server's, and drive the rollout from here."""
+        leases = self.registry().leases
+        held = await asyncio.to_thread(leases.get, name)
+        if held is not None and not held.expired() and held.owner != self.owner:
+            return False
+        lease = await asyncio.to_thread(leases.acquire, name, self.owner, self.lease_s)
+        if lease is None:
+            return False
+        self.leases[name] = lease
+        takeover = held is not None and held.owner not in (None, self.owner)
+        why = f"the lease of {held.owner} expired; {self.owner} drives it now" if takeover and held else "server restarted"
+        try:
+            await self._resume_one(name, state, action="takeover" if takeover else "resume", why=why, follower=ro)
+        except BaseException:
+            await self._release(name)
+            raise
+        return True
+
+    async def _follow(self, name: str, dep: dict[str, Any]) -> None:
+        """Route ``name`` the way the registry says another server's rollout of it routes now."""
+        state = dep.get("rollout_state") or {}
+        ro = self.rollouts.get(name)
+        fresh = ro is None or ro.driving or ro.state.get("started_at") != state.get("started_at")
+        if fresh and state.get("status") not in ACTIVE:
+            return  # a rollout that ended before this server saw it: what it serves came from the registry already
+        if "spec" not in state or "baseline" not in state:
+            return
+        if fresh or ro is None:
+            ro = Rollout(self, name, parse_spec(state["spec"]), {k: v for k, v in state.items() if k != "spec"})
+            ro.driving, ro.recorded = False, True
+            self.rollouts[name] = ro
+        held = await asyncio.to_thread(self.registry().leases.get, name)
+        ro.following = held.owner if held is not None and held.owner else None
+        if ro.state.get("seq") != state.get("seq") or not ro.events:
+            ro.state.clear()
+            ro.state.update({k: v for k, v in state.items() if k != "spec"})
+            rows = await asyncio.to_thread(self.registry().rollouts.events, name, self.MAX_EVENTS_IN_MEMORY)
+            ro.events = [e["decision"] for e in rows]
+        recorded = dep.get("traffic_policy")
+        if state.get("status") == "loading" or not recorded:
+            return  # traffic stays as it is while the candidate loads
+        policy = policy_from_json(recorded)
+        reg_model = state.get("registry_model")
+        for label in sorted(policy.targets()):
+            ref = state.get("baseline_ref") if label == ro.baseline else state.get("candidate_ref") or state.get("candidate_source")
+            await self.ensure_loaded(name, label, ref or (f"{reg_model}:{label}" if reg_model else None), ro.spec.runtime)
+        router = self.repository.routers[name]
+        if router.policy is None or router.policy.describe() != policy.describe():
+            router.set_policy(policy)
+            ro.applied = policy
+            log.info("rollout of %s: following %s, traffic %s", name, ro.following or "the registry", policy.describe())
+        if ro.status not in ACTIVE:
+            for label in (ro.baseline, ro.candidate):
+                await self.unload(name, label)
+
+    async def _resume_one(
+        self, name: str, state: dict[str, Any], *, action: str = "resume", why: str = "server restarted", follower: Rollout | None = None
+    ) -> None:
         spec = parse_spec(state["spec"])
         state = {k: v for k, v in state.items() if k != "spec"}
         reg_model = state.get("registry_model")
@@ -373,18 +685,34 @@ class RolloutManager:
             cand_ref = state.get("candidate_ref") or state.get("candidate_source")
             await self.ensure_loaded(name, state["candidate"], source_of(state["candidate"], cand_ref), spec.runtime)
         ro = Rollout(self, name, spec, state)
+        ro.recorded = True
         ro.events = [e["decision"] for e in await asyncio.to_thread(self.registry().rollouts.events, name, self.MAX_EVENTS_IN_MEMORY)]
-        self.rollouts[name] = ro
+        router = self.repository.routers[name]
         if state["status"] == "loading":
-            ro.applied = self.repository.routers[name].policy
+            ro.applied = router.policy
         else:
-            await ro.apply(policy_from_json(state["policy"]) if state.get("policy") else ro.policy_for_step())
-        await self.persist(ro, ro.event("resume", reasons=["server restarted"]))
+            policy = policy_from_json(state["policy"]) if state.get("policy") else ro.policy_for_step()
+            if follower is not None and router.policy is not None and router.policy.describe() == policy.describe():
+                ro.applied = router.policy  # a follower already routes this way: the split is not even reassigned
+                ro.window_start = self.clock()
+            else:
+                await ro.apply(policy)
+        self.rollouts[name] = ro
+        await self.persist(ro, ro.event(action, reasons=[why]))
         ro.start_task()
-        log.info("rollout of %s resumed at step %d (%s)", name, state["step"], state.get("weights"))
+        log.info("rollout of %s: %s at step %d (%s)", name, action, state["step"], state.get("weights"))
 
     async def close(self) -> None:
-        """Stop watching (the state stays as recorded: a restarted server resumes it)."""
+        """Stop watching and following; hand the leases back (the state stays as recorded: a restarted server resumes it)."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None
+        for task in list(self._tasks):  # unrecorded decisions stay in the journal for the next start
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         tasks = []
         for ro in self.rollouts.values():
             if ro.task is not None and not ro.task.done():
@@ -398,6 +726,11 @@ class RolloutManager:
                 continue
             except Exception:  # stopping: the error is logged, the state stays as recorded
                 log.exception("a rollout watcher ended with an error")
+        for model in list(self.leases):
+            if model not in self.pending:  # handed back: another server may take the rollout over at once
+                await self._release(model)
+        self.leases.clear()
+        self.pending.clear()
         self.rollouts.clear()
         if self._registry is not None:
             self._registry.close()

@@ -43,7 +43,10 @@ class RolloutExtension(ServerExtension):
 
     def attach(self, server: ModelServer) -> None:
         self.server = server
-        self.manager = RolloutManager(server.repository, self.observations, server.config.registry, clock=self.clock)
+        from modelpress.rollout.ownership import default_owner
+
+        owner = default_owner(server.config.port)
+        self.manager = RolloutManager(server.repository, self.observations, server.config.registry, clock=self.clock, owner=owner)
         server.request_observers.append(self.observations.answered)
         server.mirror.observers.append(ShadowRecorder(self.observations, server.metrics))
         server.app.state.rollouts = self  # how the API and the dashboard find it

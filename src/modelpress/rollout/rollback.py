@@ -4,6 +4,8 @@ During a rollout: abort it (the baseline, still production, takes all traffic ba
 Otherwise: the previous production version (from the registry's stage history) is loaded
 unless it is still standing by, the registry rolls back (recorded as ``registry rollback``
 records it), and traffic switches in one step; the version rolled back from drains and unloads.
+The server holds the model's rollout lease meanwhile (a 409 names the server that holds it
+when another one does), and records the new state under it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ async def rollback_live(manager: Any, model: str, why: str | None = None) -> dic
             hint=f"Load {reg_model}@production first, or use `modelpress registry rollback {reg_model}` to change the registry alone.",
         )
     label = str(target)
+    lease = await manager.claim(model)
+    try:
+        return await _switch(manager, model, router, ro, current, label, reg_model, target, lease, why)
+    finally:
+        await manager._release(model)
+
+
+async def _switch(
+    manager: Any, model: str, router: Any, ro: Any, current: str, label: str, reg_model: str, target: int, lease: Any, why: str | None
+) -> dict[str, Any]:
     await manager.ensure_loaded(model, label, f"{reg_model}:{target}")
     mv = await asyncio.to_thread(manager.registry().rollback, reg_model, None, why or f"modelpress rollback of {model} (live traffic)")
     router.set_policy(SinglePolicy(label))
@@ -69,6 +81,7 @@ async def rollback_live(manager: Any, model: str, why: str | None = None) -> dic
         traffic_policy=router.policy.describe(),
         rollout_state=with_state,
         event=event,
+        lease=(lease.owner, lease.seq),
     )
     if ro is not None:  # the finished rollout shown for this model: it was rolled back after all
         ro.state.update(

@@ -46,6 +46,9 @@ class Rollout:
         self.events: list[dict[str, Any]] = []  # the latest decisions (the registry has them all)
         self.applied: TrafficPolicy | None = None  # the policy this rollout put on the router
         self._hold_noted = False
+        self.driving = True  # False: another server holds the lease and decides; this one follows the registry
+        self.following: str | None = None  # the server this one follows (its lease owner)
+        self.recorded = False  # the registry has a decision of this rollout (its writes then expect the recorded seq)
 
     # state ----------------------------------------------------------------------------------
     @property
@@ -81,6 +84,8 @@ class Rollout:
         out["phases"] = phases_of(self.spec)
         out["window_elapsed_s"] = round(self.manager.clock() - self.window_start, 3) if self.status == "running" else None
         out["persisted"] = self.manager.store_for(self) is not None
+        out["controller"] = self.manager.owner if self.driving else self.following
+        out["driving"] = self.driving
         return out
 
     def event(self, action: str, **extra: Any) -> dict[str, Any]:
@@ -140,7 +145,7 @@ class Rollout:
 
     async def _watch(self) -> None:
         tick = min(MAX_TICK_S, max(MIN_TICK_S, self.spec.window_s / TICKS_PER_WINDOW))
-        while self.status in ACTIVE:
+        while self.status in ACTIVE and self.driving:
             await asyncio.sleep(tick)
             try:
                 await self.check()
@@ -163,7 +168,7 @@ class Rollout:
     async def check(self) -> None:
         """Judge the current window once, if the rollout is running (what the watcher does every tick)."""
         async with self.lock:
-            if self.status == "running":
+            if self.status == "running" and self.driving:
                 await self._check()
 
     async def _check(self) -> None:
