@@ -1,7 +1,10 @@
 """Text generation for causal LMs: engines with a KV cache and continuous batching (see ``base``).
 
 ``create_engine(source, engine="torch")``: ``torch`` is the reference (transformers, fp32 or
-bf16); ``auto`` picks the fastest engine that runs the model.
+bf16); ``openvino`` is the fast CPU engine (the decoder exported with an explicit KV cache,
+weights compressed to ``quantize="int8"`` (default) or ``"int4"`` by NNCF, or None);
+``auto`` picks ``openvino`` when it is installed and the model is a Llama-style decoder, else
+``torch``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 from modelpress.errors import UnsupportedModelError
 from modelpress.generation.base import Engine, EngineStats, GenerationResult, SamplingParams, SequenceHandle, TokenEvent
 
-ENGINES = ("torch", "auto")
+ENGINES = ("torch", "openvino", "auto")
 
 
 def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
@@ -22,10 +25,23 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
     """
     if engine == "auto":
         engine = "torch"
+        try:
+            import openvino  # noqa: F401
+
+            from modelpress.generation.openvino_engine import supported
+
+            if supported(source):
+                engine = "openvino"
+        except ImportError:
+            pass
     if engine == "torch":
         from modelpress.generation.torch_engine import TorchEngine
 
         return TorchEngine(source, **options)
+    if engine == "openvino":
+        from modelpress.generation.openvino_engine import OpenVINOEngine
+
+        return OpenVINOEngine(source, **options)
     raise UnsupportedModelError(f"Unknown generation engine '{engine}'.", hint=f"Use one of {', '.join(ENGINES)}, e.g. engine='torch'.")
 
 

@@ -1,0 +1,364 @@
+"""LLM generation speed on CPU: decode tokens/s at batch 1 and continuous batching.
+
+Model: a TinyLlama-shaped Llama (hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate
+5632, vocab 32000: about 1.1B parameters) with random weights (decode cost does not depend on
+the values), built once and cached under ``$MODELPRESS_BENCH_CACHE`` (default
+``~/.cache/modelpress-bench``)/llm. ``--quick``: a tiny Llama of the same shape family, for a
+smoke run of the script.
+
+1. decode tokens/s at batch 1 (a 16-token prompt, ``--tokens`` new tokens, greedy, the median of
+   ``--rounds`` interleaved rounds) for: the torch reference engine in fp32 and bf16 (eager),
+   our fast engine (OpenVINO, weights int8 and int4), and llama.cpp Q8_0 / Q4_0 when
+   ``llama_cpp`` and ``gguf`` import here (``pip install 'modelpress[llamacpp]' gguf``; the random
+   HF model is converted to GGUF with ``gguf``'s writer and quantizer), else a printed reason.
+   Each is also shown as a fraction of the memory-read roofline: weight bytes read per token x
+   tokens/s against the read bandwidth measured here (a numpy sum over a 1 GB array);
+2. continuous batching on the fast engine (int4): 8 concurrent streams against the same 8
+   requests one after another (aggregate tokens/s, target >= 4x), and time to first token
+   p50/p99 under that load.
+
+    python benchmarks/llm_bench.py             # the 1.1B config (first run builds it: minutes)
+    python benchmarks/llm_bench.py --quick     # tiny sizes: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _procs import load1, load_section, main_guard
+
+CACHE = Path(os.environ.get("MODELPRESS_BENCH_CACHE", Path.home() / ".cache/modelpress-bench")) / "llm"
+THREADS = int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 2)))
+FULL = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "intermediate_size": 5632,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+}
+QUICK = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 704,
+    "vocab_size": 4096,
+    "max_position_embeddings": 512,
+}
+PROMPT_TOKENS = 16
+STREAMS = 8
+BATCH_TARGET = 4.0  # the issue's target: 8 concurrent streams >= 4x the same 8 one after another
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# bytes read per weight: GGUF Q8_0 = 32 int8 + one fp16 scale per 32; Q4_0 = 32 nibbles + one fp16 scale;
+# NNCF int8_asym per channel ~1 (scale + zero point per output row); int4_sym group 128 = 0.5 + fp16 scale / 128
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
+# the head (and embeddings) are kept in int8 by NNCF's int4 mode and in Q6_K/Q8_0-like types by nobody here: count them at int8
+HEAD_BYTES = {"int4": 1.0, "Q4_0": 18 / 32}
+
+
+# -- the machine ----------------------------------------------------------------------------------
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def read_bandwidth_gbs(size_bytes: int) -> float:
+    """Best of 5 numpy sums over an array of ``size_bytes`` (float32), in GB/s."""
+    a = np.ones(size_bytes // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+# -- the model ------------------------------------------------------------------------------------
+def build_model(shape: dict[str, int], name: str) -> Path:
+    """A random Llama of ``shape`` as a Hugging Face folder (bf16 safetensors + a tokenizer), built once."""
+    folder = CACHE / name
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    print(f"building {name} (random weights) in {folder} ...", flush=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    # a word-level tokenizer over the vocabulary: "<unk>", "<s>", "</s>", then "t3", "t4", ...
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, shape["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(str(tmp))
+    tmp.rename(folder)
+    return folder
+
+
+def weight_counts(shape: dict[str, int]) -> tuple[int, int]:
+    """(weights of the decoder layers, weights of the LM head): what one decode step reads."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return layers * per_layer, h * shape["vocab_size"]
+
+
+def bytes_per_token(shape: dict[str, int], kind: str) -> float:
+    body, head = weight_counts(shape)
+    return body * BYTES_PER_WEIGHT[kind] + head * HEAD_BYTES.get(kind, BYTES_PER_WEIGHT[kind])
+
+
+# -- engines --------------------------------------------------------------------------------------
+class EngineRow:
+    """One engine under test, timed by generating ``tokens`` greedy tokens after a fixed prompt."""
+
+    def __init__(self, label: str, kind: str, engine: Any) -> None:
+        self.label, self.kind, self.engine = label, kind, engine
+        self.rates: list[float] = []
+
+    def decode_rate(self, prompt: list[int], tokens: int) -> float:
+        from modelpress.generation import SamplingParams
+
+        r = self.engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0, stop_token_ids=()))
+        decode_s = r.seconds - (r.seconds_to_first_token or 0.0)
+        return (r.completion_tokens - 1) / decode_s
+
+    def close(self) -> None:
+        self.engine.stop(drain=False)
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python, driven with token ids (the ``generate`` of the bench only)."""
+
+    def __init__(self, gguf_path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=threads, n_batch=64, verbose=False)
+
+    def generate(self, prompt: list[int], params: Any) -> Any:
+        from modelpress.generation import GenerationResult
+
+        self.llm.reset()
+        t0 = time.perf_counter()
+        first = None
+        out: list[int] = []
+        for tok in self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            out.append(int(tok))
+            if first is None:
+                first = time.perf_counter() - t0
+            if len(out) >= params.max_tokens:
+                break
+        return GenerationResult(out, "", "length", len(prompt), len(out), first, time.perf_counter() - t0)
+
+    def stop(self, drain: bool = False) -> None:
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def llamacpp_ggufs(folder: Path, kinds: list[str]) -> tuple[dict[str, Path], str | None]:
+    """The random model as GGUF files of ``kinds`` (converted once with the ``gguf`` package), or why not."""
+    try:
+        import gguf
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        wheels = sorted((CACHE.parent / "wheels").glob("llama_cpp_python-*.whl"))
+        hint = f"pip install {wheels[-1]} gguf" if wheels else "pip install 'modelpress[llamacpp]' gguf"
+        return {}, f"llama.cpp skipped: {exc.name} is not importable here ({hint})"
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(folder))
+    out = {}
+    for kind in kinds:
+        path = folder / f"model-{kind}.gguf"
+        out[kind] = path
+        if path.is_file():
+            continue
+        print(f"converting to GGUF {kind} ...", flush=True)
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        w = gguf.GGUFWriter(str(path) + ".tmp", "llama")
+        w.add_name("tinyllama-random")
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", *[f"t{i}" for i in range(3, cfg.vocab_size)]])
+        w.add_token_scores([0.0] * cfg.vocab_size)
+        w.add_token_types([2, 3, 3, *[1] * (cfg.vocab_size - 3)])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        names = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight",
+        }
+        per_layer = {
+            "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v",
+            "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+            "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "ffn_norm",
+        }
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        for name, t in tensors.items():
+            if name in names:
+                gname = names[name]
+            else:
+                parts = name.split(".")  # model.layers.N.<module>.<sub>.weight
+                gname = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}.weight"
+            x = t.float()
+            # llama.cpp's rotary embedding pairs neighbours: permute q/k rows as convert_hf_to_gguf.py does
+            if gname.endswith(("attn_q.weight", "attn_k.weight")):
+                n = heads if gname.endswith("attn_q.weight") else kv_heads
+                x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+            a = x.numpy()
+            if (a.ndim == 2 and "norm" not in gname and gname != "token_embd.weight") or (gname == "token_embd.weight" and kind == "Q8_0"):
+                data = gguf.quants.quantize(a, qtype)
+                w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
+            else:
+                w.add_tensor(gname, a.astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        Path(str(path) + ".tmp").rename(path)
+    return out, None
+
+
+# -- measurements ---------------------------------------------------------------------------------
+def decode_table(rows: list[EngineRow], shape: dict[str, int], bw: float, tokens: int, rounds: int) -> None:
+    prompt = [1, *range(3, 3 + PROMPT_TOKENS - 1)]
+    for row in rows:  # warm-up: first calls allocate, compile kernels
+        row.decode_rate(prompt, 4)
+    with load_section("decode at batch 1"):
+        for r in range(rounds):
+            for row in rows:
+                row.rates.append(row.decode_rate(prompt, tokens))
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{row.label} {row.rates[-1]:.1f}" for row in rows), flush=True)
+    print(f"\n{'engine':<26} {'tok/s':>8} {'GB/token':>9} {'roofline tok/s':>15} {'of roofline':>12}")
+    for row in rows:
+        rate = statistics.median(row.rates)
+        gb = bytes_per_token(shape, row.kind) / 1e9
+        print(f"{row.label:<26} {rate:8.1f} {gb:9.3f} {bw / gb:15.1f} {rate * gb / bw:11.0%}")
+
+
+def batching(engine: Any, tokens: int) -> None:
+    from modelpress.generation import SamplingParams
+
+    prompts = [[1, *range(3 + 17 * i, 3 + 17 * i + PROMPT_TOKENS - 1)] for i in range(STREAMS)]
+    params = SamplingParams(max_tokens=tokens, temperature=0, stop_token_ids=())
+    engine.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    with load_section("continuous batching"):
+        t0 = time.perf_counter()
+        for p in prompts:
+            engine.generate(p, params)
+        sequential = STREAMS * tokens / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        handles = [engine.submit(p, params) for p in prompts]
+        results = [h.result() for h in handles]
+        concurrent = STREAMS * tokens / (time.perf_counter() - t0)
+    ttft = sorted(r.seconds_to_first_token or 0.0 for r in results)
+    shared = max((len(s) for s in engine.stats().step_log), default=0)
+    print(f"\n{STREAMS} streams x {tokens} tokens on {engine.name} ({getattr(engine, 'quantize', '')}):")
+    print(f"  one after another  {sequential:8.1f} tok/s")
+    print(
+        f"  concurrent         {concurrent:8.1f} tok/s  = {concurrent / sequential:.1f}x "
+        f"(target >= {BATCH_TARGET:g}x: {'met' if concurrent / sequential >= BATCH_TARGET else 'NOT met'}); "
+        f"up to {shared} sequences per decode step"
+    )
+    print(f"  time to first token under that load: p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a tiny model: a smoke run of the script")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per timed request (default 64, --quick 16)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    ap.add_argument("--only", default="", help="comma-separated labels to time (e.g. ov-int8,ov-int4)")
+    args = ap.parse_args()
+    shape = QUICK if args.quick else FULL
+    tokens = args.tokens or (16 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 3)
+    print(f"CPU flags: {' '.join(cpu_flags()) or 'none of ' + ', '.join(CPU_FLAGS)}; {os.cpu_count()} CPUs, {THREADS} threads")
+    print(f"1-min load average {load1():.2f}", flush=True)
+    bw = read_bandwidth_gbs((64 if args.quick else 1024) << 20)
+    print(f"memory read bandwidth (numpy sum): {bw:.1f} GB/s", flush=True)
+    folder = build_model(shape, "llama-quick" if args.quick else "tinyllama-1.1b-random")
+    body, head = weight_counts(shape)
+    print(f"model: {folder} ({(body + head) / 1e9:.2f}B weights read per token)")
+
+    from modelpress.generation import create_engine
+
+    wanted = set(filter(None, args.only.split(",")))
+    specs = [
+        ("torch-fp32", "fp32", lambda: create_engine(folder, "torch", dtype="float32", threads=THREADS)),
+        ("torch-bf16", "bf16", lambda: create_engine(folder, "torch", dtype="bfloat16", threads=THREADS)),
+        ("openvino-int8", "int8", lambda: create_engine(folder, "openvino", quantize="int8", threads=THREADS)),
+        ("openvino-int4", "int4", lambda: create_engine(folder, "openvino", quantize="int4", threads=THREADS)),
+    ]
+    rows = []
+    for label, kind, make in specs:
+        if wanted and label not in wanted:
+            continue
+        t0 = time.perf_counter()
+        eng = make()
+        eng.start()
+        print(f"loaded {label} in {time.perf_counter() - t0:.1f} s", flush=True)
+        rows.append(EngineRow(label, kind, eng))
+    ggufs, why = llamacpp_ggufs(folder, [k for k in ("Q8_0", "Q4_0") if not wanted or f"llamacpp-{k}" in wanted])
+    if why:
+        print(why)
+    for kind, path in ggufs.items():
+        rows.append(EngineRow(f"llamacpp-{kind}", kind, LlamaCppEngine(path, THREADS)))
+    try:
+        decode_table(rows, shape, bw, tokens, rounds)
+        fast = next((r.engine for r in rows if r.label == "openvino-int4"), None)
+        if fast is not None:
+            batching(fast, tokens)
+    finally:
+        for row in rows:
+            row.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
