@@ -20,7 +20,11 @@ MINILM_MIN_COSINE = 1 - 1e-5
 
 @pytest.fixture(scope="module")
 def served(tiny_encoder, tiny_classifier):
-    server = make_server(models=[ModelConfig(source=str(tiny_encoder), name="enc", threads=1)], api_key=API_KEY)
+    server = make_server(
+        models=[ModelConfig(source=str(tiny_encoder), name="enc", threads=1)],
+        api_key=API_KEY,
+        allow_load_from=[str(tiny_classifier.parent)],  # the load test loads the classifier's folder
+    )
     with server.in_thread() as running:
         yield server, running.url
 

@@ -58,6 +58,7 @@ class ModelServer:
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the models run on, once started
         self.check_host = False  # set when served on a loopback address: the Host header must name it (DNS rebinding)
+        self.answering = 0  # requests being answered now (GuardMiddleware: at most config.max_concurrent_requests)
         self._key: str | None = self.config.api_key
         self.app = create_app(self)
         for extension in extensions:

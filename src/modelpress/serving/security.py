@@ -163,14 +163,14 @@ class GuardMiddleware:
     """Host, key, Content-Type and concurrency checks before any endpoint runs (see the module docstring).
 
     ``server`` is the :class:`~modelpress.serving.app.ModelServer`: its config says what is
-    protected, ``server.api_key`` is the key, ``server.check_host`` whether Host is checked.
+    protected, ``server.api_key`` is the key, ``server.check_host`` whether Host is checked, and
+    ``server.answering`` counts the requests being answered (health and metrics not counted).
     Errors are raised as modelpress errors; the serving middleware around this one answers them.
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, server: Any) -> None:
         self.app = app
         self.server = server
-        self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -203,17 +203,17 @@ class GuardMiddleware:
         if kind in ("health", "metrics"):  # probes and scrapes answer even when the server is full
             await self.app(scope, receive, send)
             return
-        if self.inflight >= cfg.max_concurrent_requests:
+        if server.answering >= cfg.max_concurrent_requests:
             raise ServerBusyError(
-                f"The server is answering {self.inflight} requests, as many as it takes at once.",
+                f"The server is answering {server.answering} requests, as many as it takes at once.",
                 retry_after_s=BUSY_RETRY_AFTER_S,
                 hint="Retry after the time in the Retry-After header, or raise max_concurrent_requests in the server config.",
             )
-        self.inflight += 1
+        server.answering += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.inflight -= 1
+            server.answering -= 1
 
 
 def _key_of(scope: Scope) -> str | None:

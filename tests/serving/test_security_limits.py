@@ -1,0 +1,141 @@
+"""Limits (issue 12): Host and Content-Type checks, the server-wide concurrency limit, requests larger than the queue,
+bounded per-name maps, load sources and management inputs with bounds, tokenizing off the event loop on cut texts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from modelpress.errors import ModelpressError
+
+from .conftest import GATE_TIMEOUT_S, add_model, client_for, make_server, text_request, wait_for
+
+pytestmark = pytest.mark.anyio
+API_KEY = "test-key-0123456789"
+KEY = {"x-api-key": API_KEY}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))
+
+
+async def test_host_header_is_checked_on_a_loopback_bind(tiny_encoder):
+    server = make_server(api_key=API_KEY, allowed_hosts=["models.internal"])
+    server.check_host = True  # what serving on 127.0.0.1 sets (a real socket: tests/serving/test_security_process.py)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc")
+        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "models.internal:80"):
+            assert (await c.get("/v2/health/ready", headers={"host": host})).status_code == 200, host
+        for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example"):
+            r = await c.post("/v2/models/enc/infer", json=text_request(["a"]), headers={"host": host})
+            assert r.status_code == 400 and "does not answer for the host" in r.json()["error"], host
+
+
+async def test_posts_need_a_json_content_type(tiny_encoder):
+    server = make_server(api_key=API_KEY)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc")
+        # what a web page may send cross-site without a preflight: refused before any handler reads it
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            for path in ("/v2/repository/models/enc/unload", "/v1/embeddings", "/invocations", "/v2/models/enc/infer", "/feedback"):
+                r = await c.post(path, content=b'{"model": "enc", "input": "a"}', headers={**KEY, "content-type": ctype})
+                assert r.status_code == 415, (ctype, path, r.status_code)
+        assert "enc" in server.repository.routers
+        r = await c.post("/v1/embeddings", content=b'{"model": "enc", "input": "a"}')  # a body with no Content-Type at all
+        assert r.status_code == 415
+        ok = await c.post("/v1/embeddings", content=b'{"model": "enc", "input": "a"}', headers={"content-type": "application/json"})
+        assert ok.status_code == 200
+        r = await c.post("/v1/embeddings", content=b"x", headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 415  # the binary tensor type is for /infer only
+        r = await c.post("/v2/repository/index", headers=KEY)  # no body, no Content-Type: nothing to misread
+        assert r.status_code == 200
+
+
+async def test_the_server_wide_concurrency_limit_answers_503_with_retry_after(tiny_encoder):
+    server = make_server(api_key=API_KEY, max_concurrent_requests=2)
+    async with client_for(server) as c:
+        runner = await add_model(server, str(tiny_encoder), "enc", record=True)
+        runner.gate.clear()  # hold the model: the first requests stay in flight
+        held = [asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request([f"held {i}"]))) for i in range(2)]
+        await wait_for(lambda: server.answering == 2, GATE_TIMEOUT_S, "two requests in flight")
+        r = await c.post("/v2/models/enc/infer", json=text_request(["one too many"]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert (await c.get("/v2/health/ready")).status_code == 200  # probes still answer
+        assert (await c.get("/metrics")).status_code == 200
+        runner.gate.set()
+        assert [x.status_code for x in await asyncio.gather(*held)] == [200, 200]
+        assert server.answering == 0
+        assert (await c.post("/v2/models/enc/infer", json=text_request(["after"]))).status_code == 200
+
+
+async def test_a_request_larger_than_the_queue_is_413_not_429_forever(tiny_encoder):
+    server = make_server(api_key=API_KEY)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc", max_queue_size=4)
+        r = await c.post("/v2/models/enc/infer", json=text_request(["a"] * 5))
+        assert r.status_code == 413 and "at most 4" in r.json()["error"] and "retry-after" not in r.headers
+        assert (await c.post("/v2/models/enc/infer", json=text_request(["a"] * 4))).status_code == 200
+
+
+async def test_per_name_maps_are_bounded(tiny_encoder):
+    from modelpress.serving.config import ModelConfig
+    from modelpress.serving.repository import MAX_FAILED
+
+    server = make_server(api_key=API_KEY, max_models=2)
+    async with client_for(server) as c:
+        repo = server.repository
+        for i in range(MAX_FAILED + 20):  # repository.failed: the oldest failures are forgotten
+            repo._remember_failure(f"m{i}", "failed")
+        assert len(repo.failed) == MAX_FAILED and "m0" not in repo.failed and f"m{MAX_FAILED + 19}" in repo.failed
+        await add_model(server, str(tiny_encoder), "enc")
+        with pytest.raises(ModelpressError):
+            await repo.load(ModelConfig(source="/no/such/folder", name="broken", warmup=False))
+        assert repo._locks == {} and repo._lock_users == {}  # locks: only while a load runs
+        await add_model(server, str(tiny_encoder), "enc2")
+        assert repo._locks == {}
+        # routers: at most max_models names
+        r = await c.post("/v2/repository/models/third/load", json={"parameters": {"source": "third@production"}}, headers=KEY)
+        assert r.status_code == 403 and "max_models" in r.json()["error"]
+
+
+async def test_load_sources_and_inputs_are_limited(tiny_encoder):
+    server = make_server(api_key=API_KEY)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc")
+        for params, status, message in [
+            ({"source": "minilm"}, 403, "refused"),  # a zoo short name would train a model inside the server
+            ({"source": str(tiny_encoder.parent / "other")}, 403, "--allow-load-from"),  # a folder outside the allow-list
+            ({"source": "../../etc"}, 403, "refused"),
+            ({"config": '{"source": "enc@production", "threads": 100000000}'}, 400, "threads"),
+            ({"config": '{"source": "enc@production", "runtime_options": {"cache_dir": "/"}}'}, 400, "runtime_options"),
+            ({"config": '{"source": "enc@production", "batching": {"max_queue_size": 1e12}}'}, 400, "max_queue_size"),
+            ({"nonsense": 1}, 400, "nonsense"),
+        ]:
+            r = await c.post("/v2/repository/models/enc/load", json={"parameters": params}, headers=KEY)
+            assert r.status_code == status and message in r.json()["error"], (params, r.status_code, r.text[:300])
+
+
+async def test_text_is_tokenized_off_the_event_loop_and_cut_first(tiny_encoder):
+    from modelpress.serving.handlers import CHARS_PER_TOKEN_BOUND
+
+    server = make_server(api_key=API_KEY)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc")
+        handler = server.repository.get("enc").handler
+        seen: list[tuple[str, list[int]]] = []
+        encode = handler.encoder.encode
+
+        def recording(texts, *args, **kwargs):
+            seen.append((threading.current_thread().name, [len(t) for t in texts]))
+            return encode(texts, *args, **kwargs)
+
+        handler.encoder.encode = recording
+        long_text = "word " * 19_000  # 95,000 characters: under max_text_chars, far over what the model reads
+        r = await c.post("/v2/models/enc/infer", json=text_request([long_text, "short"]))
+        assert r.status_code == 200
+        ((thread, lengths),) = seen
+        assert thread != threading.main_thread().name and lengths == [handler.max_length * CHARS_PER_TOKEN_BOUND, 5]
+        assert encode([long_text])[0][0] == encode([long_text[: lengths[0]]])[0][0]  # the cut changes nothing the model reads
