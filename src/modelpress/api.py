@@ -59,6 +59,8 @@ def evaluate(
     tokenizer: str | None = None,
     task_options: dict[str, Any] | None = None,
     runtime_options: dict[str, Any] | None = None,
+    engine: str | None = None,
+    engine_options: dict[str, Any] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
     """Score ``model`` on ``data`` (the task's default dataset if None).
@@ -68,8 +70,14 @@ def evaluate(
     agreement). ``task_options`` override task settings, e.g. ``{"context": 256, "stride": 128}``
     or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity. ``runtime`` / ``reference_runtime``
     None: the runtime each artifact's manifest records (an optimized variant's), else torch.
+    ``engine`` (causal LMs): also generate through that generation engine (``torch``,
+    ``openvino``, ``auto``; ``engine_options`` e.g. ``{"quantize": "int4"}``) and report under
+    ``generation`` how its greedy continuations of the dataset's first texts follow the torch
+    reference engine's, and its decode tokens/s.
     """
     art = as_artifact(model, task, tokenizer=tokenizer).with_task_options(task_options)
+    if engine is not None and art.task != "causal-lm":
+        raise ConfigError(f"engine= generates text: it needs a causal-lm model, not {art.task}.", hint="Drop --engine for this model.")
     tsk = task_for(art)
     ds = load_dataset(data or tsk.default_dataset, tsk.dataset_kind, data_dir_=data_dir, columns=columns, limit=limit)
     runner = create_runner(art, runtime, threads=threads, **(runtime_options or {}))
@@ -93,8 +101,33 @@ def evaluate(
         progress(f"comparing with {ref_art.name} on {ref_runner.name}", None)
         result["agreement"] = tsk.agreement(runner, ref_runner, ds, **kwargs)
         result["reference"] = {"model": ref_art.name, "runtime": ref_runner.name}
+    if engine is not None:
+        progress(f"generating with the {engine} engine", None)
+        result["generation"] = _evaluate_generation(art, ds.texts(), engine, engine_options or {})
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+GENERATION_PROMPTS = 4  # dataset texts whose first tokens prompt the engine and the reference in evaluate
+GENERATION_TOKENS = 32  # new greedy tokens per prompt (evaluate) and per timed request (bench)
+
+
+def _evaluate_generation(art: Artifact, texts: Sequence[str], engine: str, options: dict[str, Any]) -> dict[str, Any]:
+    from modelpress.generation import create_engine
+    from modelpress.generation.measure import decode_speed, greedy_agreement, prompts_from_texts
+
+    eng, ref = create_engine(art, engine, **options), create_engine(art, "torch")
+    eng.start()
+    ref.start()
+    try:
+        prompts = prompts_from_texts(ref, texts, GENERATION_PROMPTS)
+        out = greedy_agreement(eng, ref, prompts, tokens=GENERATION_TOKENS)
+        if prompts:
+            out.update(decode_speed(eng, prompts[0], tokens=GENERATION_TOKENS, rounds=1))
+        return out
+    finally:
+        eng.stop(drain=False)
+        ref.stop(drain=False)
 
 
 def _parse_baseline(baseline: str | None, model: ModelLike) -> tuple[ModelLike, str] | None:
@@ -122,6 +155,8 @@ def bench(
     data_dir: str | os.PathLike | None = None,
     tokenizer: str | None = None,
     runtime_options: dict[str, dict[str, Any]] | None = None,
+    engines: Sequence[str] | None = None,
+    engine_options: dict[str, dict[str, Any]] | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict[str, Any]:
     """Benchmark ``model`` on each runtime, and the baseline in the same run.
@@ -131,9 +166,15 @@ def bench(
     Every runner is loaded together and timed in ``config.rounds`` interleaved rounds
     (:func:`modelpress.bench.measure.time_interleaved`). The report holds every result, the
     machine, and ratios of each result to the baseline (medians of the per-round ratios).
+    ``engines`` (causal LMs): generation engines whose decode tokens/s at batch 1 is measured too
+    (report key ``generation``); ``engine_options`` per engine, e.g. ``{"openvino": {"quantize": "int4"}}``.
     """
     cfg = config or BenchConfig()
     art = as_artifact(model, task, tokenizer=tokenizer)
+    if engines and art.task != "causal-lm":
+        raise ConfigError(
+            f"engines= time text generation: they need a causal-lm model, not {art.task}.", hint="Drop --engine for this model."
+        )
     ddir = find_data_dir(data_dir)
     plan: list[tuple[Artifact, str]] = []
     base = _parse_baseline(baseline, art)
@@ -161,7 +202,26 @@ def bench(
     report: dict[str, Any] = {"machine": machine_info(), "results": results, "baseline_index": 0 if base is not None else None}
     if base is not None:
         report["ratios"] = {str(i): ratios(r, results[0]) for i, r in enumerate(results) if i != 0}
+    if engines:
+        report["generation"] = _bench_generation(art, engines, engine_options or {}, cfg.rounds, threads)
     return report
+
+
+def _bench_generation(art: Artifact, engines: Sequence[str], options: dict[str, dict[str, Any]], rounds: int, threads: int | None) -> list:
+    """Decode tokens/s at batch 1 of each engine, one engine loaded at a time (a 16-token prompt from the task's sample text)."""
+    from modelpress.generation import create_engine
+    from modelpress.generation.measure import decode_speed, prompts_from_texts
+
+    out = []
+    for name in engines:
+        eng = create_engine(art, name, **({"threads": threads} if threads else {}), **options.get(name, {}))
+        eng.start()
+        try:
+            prompts = prompts_from_texts(eng, task_for(art).sample_raw(8), 1) or [eng.encode("Once upon a time")]
+            out.append(decode_speed(eng, prompts[0], tokens=GENERATION_TOKENS, rounds=rounds))
+        finally:
+            eng.stop(drain=False)
+    return out
 
 
 def export(

@@ -35,6 +35,7 @@ class TorchEngine(BatchingEngine):
         else:
             model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=DTYPES[dtype])
         self.model = model.eval()
+        self.dtype = dtype
         self.config = model.config
         try:
             gen_cfg = GenerationConfig.from_pretrained(str(src.folder)) if src.folder is not None else None
