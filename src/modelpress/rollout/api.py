@@ -9,7 +9,10 @@
 | ``POST /rollouts/{model}/rollback`` | instant rollback of live traffic (``{"why": "..."}`` optional) |
 | ``GET /rollouts/{model}/report`` | the A/B analysis with significance tests |
 | ``GET /rollouts/{model}/events`` | every recorded decision (from the registry) |
-| ``POST /feedback`` | ``{"request_id": "...", "value": 1.0, "metric": "clicked"}`` (or ``{"outcomes": [...]}``) |
+| ``POST /feedback`` | ``{"request_id": "...", "value": 1.0, "metric": "clicked", "model": "minilm"}`` (or ``{"outcomes": [...]}``) |
+
+Feedback: at most 1,000 outcomes per request; ``model`` is optional (when given, the request
+must have been answered by it); an id that answered more than one request takes none (409).
 
 Errors are ``{"error": "..."}`` with 400 (bad spec), 401 (key), 404 (no such model, rollout or
 request id) and 409 (the rollout's state does not allow it).
@@ -31,6 +34,8 @@ SPEC_EXAMPLE = (
     '{"candidate": "2", "strategy": "canary", "steps": [5, 25, 50, 100], "window_s": 60, "max_error_rate": 0.01, "max_p99_ratio": 1.2}'
 )
 FEEDBACK_EXAMPLE = '{"request_id": "9f2c41d0a1b2c3d4", "value": 1.0, "metric": "clicked"}'
+MAX_OUTCOMES_PER_REQUEST = 1000  # outcomes in one POST /feedback
+MAX_REQUEST_ID_CHARS = 128
 
 
 def _extension(request: Request) -> Any:
@@ -119,12 +124,21 @@ async def feedback(request: Request) -> Response:
     ext = _extension(request)
     doc = await _body(request, FEEDBACK_EXAMPLE)
     items = doc.get("outcomes", [doc]) if "outcomes" in doc else [doc]
-    if not isinstance(items, list) or not items:
-        raise InvalidInputError("'outcomes' must be a non-empty list.", hint=f'Example: {{"outcomes": [{FEEDBACK_EXAMPLE}]}}')
+    if not isinstance(items, list) or not items or len(items) > MAX_OUTCOMES_PER_REQUEST:
+        raise InvalidInputError(
+            f"'outcomes' must be a list of 1 to {MAX_OUTCOMES_PER_REQUEST:,} outcomes.",
+            hint=f'Example: {{"outcomes": [{FEEDBACK_EXAMPLE}]}}; send more in several requests.',
+        )
     recorded = []
     for item in items:
         if not isinstance(item, dict) or "request_id" not in item or "value" not in item:
             raise InvalidInputError("Each outcome needs 'request_id' and 'value'.", hint=f"Example: {FEEDBACK_EXAMPLE}")
-        model, version = ext.observations.feedback(str(item["request_id"]), item["value"], str(item.get("metric", "outcome")))
-        recorded.append({"request_id": item["request_id"], "model": model, "version": version})
+        rid, model = item["request_id"], item.get("model")
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID_CHARS or (model is not None and not isinstance(model, str)):
+            raise InvalidInputError(
+                f"'request_id' must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters (and 'model', when given, a name).",
+                hint=f"Example: {FEEDBACK_EXAMPLE}",
+            )
+        model, version = ext.observations.feedback(rid, item["value"], item.get("metric", "outcome"), model=model)
+        recorded.append({"request_id": rid, "model": model, "version": version})
     return json_response({"recorded": recorded})

@@ -248,6 +248,7 @@ class RolloutManager:
                 hint="Check that the registry is reachable; start again once `modelpress rollout status` says recorded.",
             )
         ro = Rollout(self, model, spec, state)
+        self._forget_unserved()
         if self.store_for(ro) is not None:
             await self.claim(model)
         policy = ro.policy_for_step() if cand_lv is not None else router.policy  # loading: traffic stays as it is
@@ -305,6 +306,12 @@ class RolloutManager:
         ro.driving = False
         if ro.task is not None and ro.task is not asyncio.current_task() and not ro.task.done():
             ro.task.cancel()
+
+    def _forget_unserved(self) -> None:
+        """Drop the finished rollouts of models no longer served (the map holds at most one per served model then)."""
+        for name in [n for n, ro in self.rollouts.items() if n not in self.repository.routers and ro.status not in ACTIVE]:
+            if name not in self.pending:
+                del self.rollouts[name]
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -471,6 +478,7 @@ class RolloutManager:
             await self.repository.unload(model, label)
         except Exception:  # racing another unload: the version is gone either way
             log.exception("unloading %s:%s after its rollout failed", model, label)
+        self.observations.prune()
 
     # operations ------------------------------------------------------------------------------------
     async def pause(self, model: str) -> dict[str, Any]:
@@ -589,6 +597,8 @@ class RolloutManager:
             return await self._sync()
 
     async def _sync(self) -> list[str]:
+        self._forget_unserved()
+        self.observations.prune()
         reg = self.registry()
         deployments = await asyncio.to_thread(reg.rollouts.list)
         taken: list[str] = []

@@ -47,6 +47,12 @@ class RolloutExtension(ServerExtension):
 
         owner = default_owner(server.config.port)
         self.manager = RolloutManager(server.repository, self.observations, server.config.registry, clock=self.clock, owner=owner)
+
+        def is_loaded(model: str, version: str) -> bool:
+            router = server.repository.routers.get(model)
+            return router is not None and version in router.versions
+
+        self.observations.is_loaded = is_loaded  # the records of unloaded versions are dropped past a few
         server.request_observers.append(self.observations.answered)
         server.mirror.observers.append(ShadowRecorder(self.observations, server.metrics))
         server.app.state.rollouts = self  # how the API and the dashboard find it

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from modelpress.errors import InvalidInputError
+from modelpress.rollout.observations import check_series
 from modelpress.serving.http import json_response
 
 router = APIRouter(tags=["Observability"])
@@ -62,6 +63,7 @@ def dashboard_data(extension: Any, span_s: float = 300.0, bucket_s: float | None
     import time
 
     bucket = bucket_s or max(1.0, span_s / MAX_POINTS)
+    check_series(span_s, bucket)  # a tiny bucket over a long span: 400, before any work
     obs = extension.observations
     repository = extension.server.repository
     since = obs.clock() - span_s
