@@ -676,9 +676,10 @@ class RolloutManager:
             router.set_policy(policy)
             ro.applied = policy
             log.info("rollout of %s: following %s, traffic %s", name, ro.following or "the registry", policy.describe())
-        if ro.status not in ACTIVE:
-            for label in (ro.baseline, ro.candidate):
-                await self.unload(name, label)
+        if ro.status not in ACTIVE:  # what the controller unloaded when it ended (a standby baseline stays)
+            gone = ro.baseline if ro.status == "succeeded" else ro.candidate
+            if ro.status != "succeeded" or not ro.spec.keep_standby:
+                await self.unload(name, gone)
 
     async def _resume_one(
         self, name: str, state: dict[str, Any], *, action: str = "resume", why: str = "server restarted", follower: Rollout | None = None
