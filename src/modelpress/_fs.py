@@ -26,9 +26,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +40,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_stale",
+    "crash_point",
     "file_lock",
     "fsync_dir",
     "fsync_tree",
@@ -74,6 +77,38 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         fsync_dir(d)
     fsync_dir(root)
+
+
+# -- a test hook: die at a named point ---------------------------------------------------------
+CRASH_ENV = "MODELPRESS_TEST_CRASH_AT"
+CRASH_PAUSE_ENV = "MODELPRESS_TEST_CRASH_PAUSE"
+CRASH_MARK_ENV = "MODELPRESS_TEST_CRASH_MARK"
+
+
+def crash_point(name: str) -> None:
+    """A test hook for fault runs: die (SIGKILL) or pause at a named point.
+
+    Only when ``MODELPRESS_TEST_CRASH_AT`` names this point. With ``MODELPRESS_TEST_CRASH_PAUSE``
+    set to a file path, the point's name is written there and the process sleeps until a test
+    kills it from outside; with ``MODELPRESS_TEST_CRASH_MARK`` set to a file path, the name is
+    written there and the process goes on (a test kills it a moment later, in the middle of
+    whatever follows); otherwise it kills itself. Points:
+    the registry's (``during_copy``, ``after_copy``, ``after_rename``, ``before_commit``,
+    ``after_commit``), ``folder-filled:NAME`` / ``folder-placed:NAME`` (:func:`atomic_folder`
+    of a folder called NAME, before and after it is renamed into place) and the tuner's
+    ``tune-artifact`` / ``tune-point`` (a candidate's artifact written / its result cached).
+    """
+    if os.environ.get(CRASH_ENV) != name:
+        return
+    if os.environ.get(CRASH_MARK_ENV):
+        Path(os.environ[CRASH_MARK_ENV]).write_text(name)
+        return
+    marker = os.environ.get(CRASH_PAUSE_ENV)
+    if marker:
+        Path(marker).write_text(name)
+        while True:  # pragma: no cover - ended by the test's SIGKILL
+            time.sleep(60)
+    os.kill(os.getpid(), signal.SIGKILL)  # pragma: no cover
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
@@ -233,10 +268,12 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
+        crash_point(f"folder-filled:{target.name}")
         replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    crash_point(f"folder-placed:{target.name}")
 
 
 @contextlib.contextmanager

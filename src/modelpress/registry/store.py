@@ -23,7 +23,6 @@ import errno
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -31,35 +30,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from modelpress._fs import atomic_folder, atomic_write_text, file_lock, fsync_dir, fsync_tree
+from modelpress._fs import CRASH_ENV, CRASH_PAUSE_ENV, atomic_folder, atomic_write_text, crash_point, file_lock, fsync_dir, fsync_tree
 from modelpress.artifacts import MANIFEST_NAME, Artifact, Manifest, hash_folder, links_outside, sha256_file
 from modelpress.artifacts import disk_full_is_clear as _artifact_disk_full
 from modelpress.artifacts import safe_relpath as _safe_relpath
 from modelpress.errors import ArtifactError, RegistryError
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+__all__ = ["CRASH_ENV", "CRASH_PAUSE_ENV", "CRASH_POINTS", "ArtifactStore", "Prepared", "crash_point", "safe_relpath"]
+
 _TMP_PREFIX = "tmp-"
-CRASH_ENV = "MODELPRESS_TEST_CRASH_AT"
-CRASH_PAUSE_ENV = "MODELPRESS_TEST_CRASH_PAUSE"
 CRASH_POINTS = ("during_copy", "after_copy", "after_rename", "before_commit", "after_commit")
 STALE_TMP_SECONDS = 24 * 3600  # a temp folder of another machine is left alone for this long
-
-
-def crash_point(name: str) -> None:
-    """A test hook on the register path: die (SIGKILL) or pause at a named point.
-
-    Only when ``MODELPRESS_TEST_CRASH_AT`` names this point. With ``MODELPRESS_TEST_CRASH_PAUSE``
-    set to a file path, the point's name is written there and the process sleeps until a test
-    kills it from outside; otherwise it kills itself.
-    """
-    if os.environ.get(CRASH_ENV) != name:
-        return
-    marker = os.environ.get(CRASH_PAUSE_ENV)
-    if marker:
-        Path(marker).write_text(name)
-        while True:  # pragma: no cover - ended by the test's SIGKILL
-            time.sleep(60)
-    os.kill(os.getpid(), signal.SIGKILL)  # pragma: no cover
 
 
 @dataclass

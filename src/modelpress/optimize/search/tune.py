@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpress._fs import atomic_write_text
+from modelpress._fs import atomic_write_text, crash_point
 from modelpress.artifacts import Artifact
-from modelpress.errors import ConfigError, GateFailedError, ModelpressError
+from modelpress.errors import ArtifactError, ConfigError, GateFailedError, ModelpressError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.gate import GateConfig, check, flat_metrics, recovery
 from modelpress.optimize.search.front import FIDELITY, Point, TuneResult, fidelity, pareto_front  # noqa: F401  (named here too)
@@ -126,6 +126,24 @@ def _machine_key(machine: dict[str, Any]) -> dict[str, Any]:
 
 def _write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _cached_point(entry: Path) -> dict[str, Any] | None:
+    """A cache entry's result, when complete: ``point.json`` (written last, atomically) and, for a
+    variant, its artifact folder intact. Anything less (a run killed midway) is measured again."""
+    try:
+        data = json.loads((entry / "point.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("artifact"):
+        try:
+            if Artifact.open(data["artifact"]).verify():
+                return None
+        except (ArtifactError, OSError):
+            return None
+    return data
 
 
 def tune(
@@ -240,8 +258,8 @@ def tune(
         point = Point(
             label=cand.label, runtime=cand.runtime, step=cand.config.to_step() if cand.config else None, peer=cand.peer, status="skipped"
         )
-        if use_cache and (entry / "point.json").is_file():
-            data_ = json.loads((entry / "point.json").read_text())
+        data_ = _cached_point(entry) if use_cache else None
+        if data_ is not None:
             point = Point(**{**data_, "peer": cand.peer, "cached": True, "on_front": False})
         elif not is_baseline and time.perf_counter() - t_start > budget_s:
             point.error = "not tried: the time budget was spent"
@@ -256,6 +274,7 @@ def tune(
                     if art_dir.exists():
                         shutil.rmtree(art_dir)  # left by an interrupted run
                     step = pipe.step(cand.config, art_dir, runtime=cand.runtime, overwrite=True, register=False, errors="raise")
+                    crash_point("tune-artifact")
                     evaluation, verdict, speed = step.evaluation or {}, step.gate or check(base_flat, {}, gate), step.speed
                     point.artifact = step.path
                 flat = flat_metrics(evaluation)
@@ -277,6 +296,7 @@ def tune(
                 _write_json(
                     entry / "point.json", {k: v for k, v in point.to_json().items() if k not in ("cached", "on_front", "registered")}
                 )
+                crash_point("tune-point")
         points.append(point)
         if on_point is not None:
             on_point(point)

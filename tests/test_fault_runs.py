@@ -1,0 +1,175 @@
+"""Fault runs (issue 12, item 6): real ``modelpress`` processes SIGKILLed at several points of
+``registry register``, ``optimize`` and ``tune``; afterwards ``modelpress registry check``
+passes, the caches hold no half-written entry that a later run would read, and the next run
+resumes or starts clean.
+
+The kill points are named hooks (``MODELPRESS_TEST_CRASH_AT``, :func:`modelpress._fs.crash_point`):
+the process kills itself there, or (with ``MODELPRESS_TEST_CRASH_PAUSE``) stops there and the
+test kills it from outside after a delay, in the middle of whatever it does next. Every child
+runs in a process group of its own (tests/_processes.py), so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests._processes import popen_group
+
+from modelpress._fs import CRASH_ENV, CRASH_MARK_ENV, CRASH_PAUSE_ENV
+from modelpress.artifacts import Artifact, Manifest, Signature, TensorSpec
+
+CLI = [sys.executable, "-c", "from modelpress.cli.main import main; main()"]
+RUN_TIMEOUT_S = 300  # a tiny model's optimize or tune on a loaded 2-core machine; only bounds a hung child
+PAUSE_TIMEOUT_S = 240  # until the child reaches its kill point
+
+TINY_RECIPE = """\
+name: tiny
+task: embedding
+data: stsb-dev
+mode: branch
+on_failure: skip
+gate:
+  spearman: {min_recovery: 0.01}   # a random tiny encoder: the gate is not what these runs test
+steps:
+  - {technique: dynamic-int8, runtime: torch, compile: false}
+"""
+VARIANT = "01-dynamic-int8@torch-compile-False"  # the step's output folder under -o
+FAST_EVAL = ["--limit", "8", "--threads", "1"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    drop = (CRASH_ENV, CRASH_PAUSE_ENV, CRASH_MARK_ENV, "MODELPRESS_REGISTRY_URL", "MODELPRESS_REGISTRY_STORE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "MODELPRESS_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(args: list[str], home: Path, *, ok: bool = True) -> str:
+    """``modelpress ARGS`` in this process (the same command; only the runs that are killed need a process of their own)."""
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    res = CliRunner().invoke(
+        app, args, env={"MODELPRESS_HOME": str(home), "MODELPRESS_REGISTRY_URL": None, "MODELPRESS_REGISTRY_STORE": None}
+    )
+    if ok:
+        assert res.exit_code == 0, f"modelpress {' '.join(args)} exited {res.exit_code}:\n{res.output[-3000:]}\n{res.exception!r}"
+    return res.stdout
+
+
+def killed_at(args: list[str], home: Path, point: str, *, after_s: float | None = None) -> None:
+    """Run ``modelpress ARGS`` until it reaches the hook ``point``: it kills itself there
+    (``after_s`` None), or goes on and is SIGKILLed from outside ``after_s`` seconds later, in the
+    middle of whatever it does next."""
+    marker = home.parent / f"reached-{time.monotonic_ns()}"
+    errors = home.parent / "child.err"
+    extra = {CRASH_ENV: point, **({CRASH_MARK_ENV: str(marker)} if after_s is not None else {})}
+    with open(errors, "ab") as err, popen_group([*CLI, *args], env=_env(home, **extra), stdout=subprocess.DEVNULL, stderr=err) as proc:
+        if after_s is None:
+            code = proc.wait(RUN_TIMEOUT_S)
+        else:
+            deadline = time.monotonic() + PAUSE_TIMEOUT_S
+            while not marker.exists():
+                assert proc.poll() is None, f"exited {proc.returncode} before {point}: {errors.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, f"never reached {point}"
+                time.sleep(0.02)
+            time.sleep(after_s)
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait(30)
+    assert code == -signal.SIGKILL, f"{point}: exited {code} (not killed): {errors.read_text()[-2000:]}"
+
+
+def registry_check(home: Path) -> dict:
+    report = json.loads(cli(["registry", "check", "--json"], home))
+    assert report["ok"] and not report["corrupt"] and not report["missing"], report
+    return report
+
+
+def no_dead_temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+def _artifact(folder: Path, size: int = 3 << 20) -> Artifact:
+    sig = Signature(inputs=[TensorSpec(name="input_ids", dtype="int64", shape=["batch", "sequence"])], outputs=[])
+    manifest = Manifest(name="m", task="embedding", format="onnx", model_file="model.onnx", signature=sig)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "model.onnx").write_bytes(os.urandom(size))  # big enough that a copy takes a moment
+        (tmp / "extra").mkdir()
+        for i in range(8):
+            (tmp / "extra" / f"part-{i}.bin").write_bytes(os.urandom(64 << 10))
+
+    return Artifact.write(folder, manifest, fill)
+
+
+def test_registry_register_killed_at_several_points_then_check_passes_and_the_next_run_registers_once(home, tmp_path):
+    art = _artifact(tmp_path / "art")
+    register = ["registry", "register", str(art.path), "--name", "m", "--reuse"]
+    cli(["registry", "register", str(_artifact(tmp_path / "first", 1000).path), "--name", "m"], home)  # v1: the state to keep
+    killed_at(register, home, "during_copy")  # half the files copied into a temporary folder
+    killed_at(register, home, "after_rename")  # the folder placed under its hash, no rows yet
+    killed_at(register, home, "before_commit")  # the rows written, not committed
+    # What the kills left is reported as leftovers, never as damage; the versions are intact.
+    report = json.loads(cli(["registry", "check", "--json"], home, ok=False))
+    assert not report["corrupt"] and not report["missing"] and report["orphans"] + report["temps"], report
+    assert [v["version"] for v in json.loads(cli(["registry", "list", "m", "--json"], home))] == [1]
+    # The next run starts clean (dead temporaries removed, the placed folder reused) and registers once.
+    assert json.loads(cli([*register, "--json"], home))["version"] == 2
+    registry_check(home)
+    assert [v["version"] for v in json.loads(cli(["registry", "list", "m", "--json"], home))] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_optimize_killed_midway_then_check_passes_and_the_next_run_starts_clean(home, tmp_path, tiny_encoder, data_dir):
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    out = tmp_path / "out"
+    args = ["optimize", str(tiny_encoder), "--recipe", str(tmp_path / "tiny.yaml"), "-o", str(out), *FAST_EVAL, "--force"]
+    killed_at(args, home, "before_commit")  # registering the original, before its rows are committed
+    killed_at(args, home, f"folder-filled:{VARIANT}", after_s=0.3)  # the variant written to a temporary folder
+    assert not (out / VARIANT).exists()  # never half a variant in place
+    registry_check(home)  # nothing damaged: at worst leftovers, which check --json reports as ok=False (asserted above if any)
+    res = json.loads(cli([*args, "--json"], home))
+    assert res["steps"][0]["shippable"] is not None
+    variant = Artifact.open(out / VARIANT)
+    assert variant.verify() == [] and variant.manifest.step is not None
+    assert no_dead_temps(out) == []
+    registry_check(home)
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+def test_tune_killed_midway_resumes_from_its_cache_and_never_reads_a_half_entry(home, tmp_path, tiny_encoder, data_dir):
+    args = ["tune", str(tiny_encoder), "--data", "stsb-dev", "--runtime", "torch", *FAST_EVAL, "--batch-size", "4", "--seq-len", "16"]
+    args += ["-o", str(tmp_path / "tuned")]
+    killed_at([*args, "--budget", "10m"], home, "tune-point")  # the first candidate's result is cached, then death
+    killed_at([*args, "--budget", "10m"], home, "tune-artifact", after_s=0.2)  # the second one's variant written, no result yet
+    cache = home / "cache" / "tune"
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    complete = [e for e in entries if (e / "point.json").is_file()]
+    half = [e for e in entries if not (e / "point.json").is_file()]
+    assert len(complete) == 1 and len(half) == 1 and (half[0] / "artifact").is_dir()
+    for e in complete:
+        json.loads((e / "point.json").read_text())  # whole JSON, never a torn write
+    registry_check(home)
+    # The next run resumes: the finished candidate comes from the cache; the half entry is not read.
+    res = json.loads(cli([*args, "--budget", "1s", "--json"], home, ok=False))
+    points = {p["label"]: p for p in res["points"]}
+    assert points["fp32@torch"]["cached"] is True
+    assert all(not p["cached"] for label, p in points.items() if label != "fp32@torch")
+    assert no_dead_temps(cache) == []
+    registry_check(home)
