@@ -32,7 +32,7 @@ def reference(stories260k):
 
 
 def test_fp32_greedy_equals_the_reference_alone_and_batched(stories260k, reference, ir_cache):
-    eng = create_engine(stories260k, engine="openvino", quantize=None, cache_dir_=ir_cache)
+    eng = create_engine(stories260k, engine="openvino", quantize=None, cache_dir=ir_cache)
     eng.start()
     try:
         assert eng.precision == "f32"
@@ -48,7 +48,7 @@ def test_fp32_greedy_equals_the_reference_alone_and_batched(stories260k, referen
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_compressed_weights_generate(stories260k, reference, tmp_path, quantize):
-    eng = create_engine(stories260k, engine="openvino", quantize=quantize, cache_dir_=tmp_path)
+    eng = create_engine(stories260k, engine="openvino", quantize=quantize, cache_dir=tmp_path)
     eng.start()
     try:
         ids = eng.encode("Once upon a time")
@@ -67,5 +67,5 @@ def test_unknown_quantize_is_a_config_error(stories260k):
 
 
 def test_auto_picks_openvino_for_a_llama(stories260k, ir_cache):
-    eng = create_engine(stories260k, engine="auto", quantize=None, cache_dir_=ir_cache)
+    eng = create_engine(stories260k, engine="auto", quantize=None, cache_dir=ir_cache)
     assert eng.name == "openvino" and eng.export_seconds < 5  # the IR the first test exported is reused

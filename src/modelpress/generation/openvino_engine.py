@@ -33,7 +33,7 @@ from modelpress._fs import atomic_folder
 from modelpress.errors import BackendUnavailableError, ConfigError, ModelpressError, UnsupportedModelError
 from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
-from modelpress.locations import cache_dir
+from modelpress.locations import cache_dir as cache_root
 
 FORMAT_VERSION = 1  # bump when the exported graph changes meaning
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
@@ -180,7 +180,7 @@ class OpenVINOEngine(BatchingEngine):
         quantize: str | None = "int8",
         precision: str | None = None,
         threads: int | None = None,
-        cache_dir_: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
         **options: Any,
     ) -> None:
         try:
@@ -206,7 +206,7 @@ class OpenVINOEngine(BatchingEngine):
         config = src.module.config if src.module is not None else AutoConfig.from_pretrained(str(src.folder))
         self.quantize = quantize
         self.precision = precision
-        root = Path(cache_dir_) if cache_dir_ else cache_dir("generation")
+        root = Path(cache_dir) if cache_dir else cache_root("generation")
         target = root / f"{src.name}-{quantize or 'fp32'}-{_fingerprint(src, quantize)}"
         t0 = time.perf_counter()
         if not (target / "decoder.xml").is_file():
