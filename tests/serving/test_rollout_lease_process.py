@@ -23,6 +23,7 @@ PG_ENV = "MODELPRESS_TEST_DATABASE_URL"
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 LEASE_S = 2.0  # the servers' lease time: the follower takes over within this (plus one sync) after the kill
 ROLLOUT_TIMEOUT_S = 60  # the canary below ends in seconds; this only bounds a hung one
+TAKEOVER_SLACK_S = 6.0  # after the lease time: one sync (under a second) plus a busy shared machine's delays
 
 
 @pytest.fixture
@@ -134,7 +135,7 @@ def test_two_servers_one_controller_the_follower_routes_the_recorded_split_and_t
             events = b.get("/rollouts/tiny-enc/events").json()
             served_b = b.get("/v2/models/tiny-enc").json()
         assert sb["status"] == "succeeded" and sb["controller"] != a_owner and sb["promoted"] == "tiny-enc:2", sb
-        assert took_s < LEASE_S + 3, took_s  # the lease time, one sync, and a busy machine's slack
+        assert took_s < LEASE_S + TAKEOVER_SLACK_S, took_s
         actions = [e["action"] for e in events]
         assert actions.count("start") == 1 and actions.count("takeover") == 1 and actions[-1] == "promote", actions
         assert actions.count("advance") == 2, actions  # 0 -> 1 by a, 1 -> 2 by b: no step decided twice
