@@ -139,6 +139,14 @@ async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_
         await a.sync_once()  # the former controller follows the promotion
         assert repo_a.routers["m"].policy.describe() == {"policy": "single", "version": "2"}
         assert set(repo_a.routers["m"].versions) == set(repo_b.routers["m"].versions) == {"1", "2"}  # 1 stands by on both
+        with pytest.raises(RolloutConflictError, match="already succeeded"):
+            await a.abort("m")
+
+        out = await a.rollback("m", "p99 doubled")  # by hand, on either server: it takes the (free) lease for the change
+        assert out["serving"] == "1" and out["production"] == "m:1"
+        await b.sync_once()  # the other server follows the recorded change
+        assert repo_b.routers["m"].policy.describe() == {"policy": "single", "version": "1"} and "2" not in repo_b.routers["m"].versions
+        assert b.get("m").status == "rolled_back" and _recorded(registry_file)[1][-1] == "rollback"
     finally:
         await a.close()
         await b.close()

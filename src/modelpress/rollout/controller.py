@@ -79,6 +79,7 @@ class RolloutManager:
         self.journal = journal_for(self.owner)
         self._tasks: set[asyncio.Task] = set()
         self._sync_task: asyncio.Task | None = None
+        self._seen_updates: dict[str, Any] = {}  # model -> the deployment's updated_at this server last saw
         self._sync_lock = asyncio.Lock()  # one sync at a time (the background one and a test's or resume_all's)
 
     # the registry -------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class RolloutManager:
     def driven(self, model: str) -> Rollout:
         """The rollout of ``model`` if this server drives it; a 409 naming the server that does otherwise."""
         ro = self.get(model)
-        if not ro.driving:
+        if not ro.driving and ro.status in ACTIVE:
             raise RolloutConflictError(
                 f"The rollout of '{model}' is driven by the server {ro.following or 'holding its lease'}; this server follows it.",
                 hint=f"Send the command to that server (modelpress rollout ... --url URL), or wait {self.lease_s:g} s "
@@ -312,6 +313,8 @@ class RolloutManager:
         for name in [n for n, ro in self.rollouts.items() if n not in self.repository.routers and ro.status not in ACTIVE]:
             if name not in self.pending:
                 del self.rollouts[name]
+        for name in [n for n in self._seen_updates if n not in self.repository.routers]:
+            del self._seen_updates[name]
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -647,8 +650,11 @@ class RolloutManager:
         """Route ``name`` the way the registry says another server's rollout of it routes now."""
         state = dep.get("rollout_state") or {}
         ro = self.rollouts.get(name)
+        seen, self._seen_updates[name] = self._seen_updates.get(name), dep.get("updated_at")
         fresh = ro is None or ro.driving or ro.state.get("started_at") != state.get("started_at")
         if fresh and state.get("status") not in ACTIVE:
+            if ro is not None and seen is not None and seen != dep.get("updated_at"):
+                await self._follow_change(name, dep, ro)  # e.g. a rollback by hand on another server
             return  # a rollout that ended before this server saw it: what it serves came from the registry already
         if "spec" not in state or "baseline" not in state:
             return
@@ -680,6 +686,25 @@ class RolloutManager:
             gone = ro.baseline if ro.status == "succeeded" else ro.candidate
             if ro.status != "succeeded" or not ro.spec.keep_standby:
                 await self.unload(name, gone)
+
+    async def _follow_change(self, name: str, dep: dict[str, Any], ro: Rollout) -> None:
+        """A finished rollout's deployment changed since (``rollback`` on another server): route as it records now."""
+        state, recorded = dep.get("rollout_state") or {}, dep.get("traffic_policy")
+        if not recorded or not dep.get("model"):
+            return
+        policy = policy_from_json(recorded)
+        for label in sorted(policy.targets()):
+            await self.ensure_loaded(name, label, f"{dep['model']}:{label}")
+        router = self.repository.routers[name]
+        if router.policy is not None and router.policy.describe() == policy.describe():
+            return
+        router.set_policy(policy)
+        ro.applied = policy
+        ro.state.update({k: state[k] for k in ("status", "reason", "finished_at", "weights", "policy") if k in state})
+        log.info("deployment %s: following the registry, traffic %s", name, policy.describe())
+        left = state.get("candidate")  # what a rollback by hand moved traffic off
+        if isinstance(left, str) and left not in policy.targets():
+            await self.unload(name, left)
 
     async def _resume_one(
         self, name: str, state: dict[str, Any], *, action: str = "resume", why: str = "server restarted", follower: Rollout | None = None
