@@ -47,8 +47,8 @@ def test_fp32_greedy_equals_the_reference_alone_and_batched(stories260k, referen
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_compressed_weights_generate(stories260k, reference, tmp_path, quantize):
-    eng = create_engine(stories260k, engine="openvino", quantize=quantize, cache_dir=tmp_path)
+def test_compressed_weights_generate(stories260k, reference, ir_cache, quantize):
+    eng = create_engine(stories260k, engine="openvino", quantize=quantize, cache_dir=ir_cache)
     eng.start()
     try:
         ids = eng.encode("Once upon a time")
@@ -56,7 +56,8 @@ def test_compressed_weights_generate(stories260k, reference, tmp_path, quantize)
         assert r.completion_tokens == GREEDY.max_tokens and "Lily" in r.text
         if quantize == "int8":
             assert r.token_ids[:INT8_AGREE_PREFIX] == reference["Once upon a time"][:INT8_AGREE_PREFIX]
-        assert (tmp_path / next(tmp_path.iterdir()).name / "decoder.xml").is_file()  # the IR is cached
+        assert eng.ir_path.is_file() and eng.ir_path.parent.parent == ir_cache  # compressed from the cached f32 IR
+        assert f"-{quantize}-" in eng.ir_path.parent.name
     finally:
         eng.stop()
 

@@ -125,8 +125,8 @@ def _fingerprint(src: ModelSource, quantize: str | None) -> str:
     return h.hexdigest()[:20]
 
 
-def export_decoder(hf_model: Any, folder: Path, quantize: str | None) -> Path:
-    """Trace the decoder, compress its weights, write ``decoder.xml`` into ``folder``."""
+def export_decoder(hf_model: Any, folder: Path) -> Path:
+    """Trace the decoder and write its f32 IR, ``decoder.xml``, into ``folder``."""
     import openvino as ov
 
     cfg = hf_model.config
@@ -154,19 +154,28 @@ def export_decoder(hf_model: Any, folder: Path, quantize: str | None) -> Path:
         model = ov.convert_model(dec, example_input=example, input=[(name, ov.PartialShape(shape), t) for name, shape, t in inputs])
     for out, name in zip(model.outputs, ("logits", "present_k", "present_v"), strict=True):
         out.get_tensor().set_names({name})
-    if quantize is not None:
-        import nncf
-
-        if quantize == "int8":
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        else:
-            # a layer whose input size is no multiple of the group gets the largest group that divides it
-            adjust = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
-            model = nncf.compress_weights(
-                model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP_SIZE, ratio=1.0, advanced_parameters=adjust
-            )
     ov.save_model(model, str(folder / "decoder.xml"), compress_to_fp16=False)
-    (folder / "engine.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "quantize": quantize, "model_type": cfg.model_type}))
+    (folder / "engine.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "quantize": None, "model_type": cfg.model_type}))
+    return folder / "decoder.xml"
+
+
+def compress_decoder(f32_ir: Path, folder: Path, quantize: str) -> Path:
+    """The f32 IR with its weights compressed by NNCF, written to ``folder/decoder.xml``."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(f32_ir))
+    if quantize == "int8":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:
+        # a layer whose input size is no multiple of the group gets the largest group that divides it
+        adjust = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
+        model = nncf.compress_weights(
+            model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=INT4_GROUP_SIZE, ratio=1.0, advanced_parameters=adjust
+        )
+    ov.save_model(model, str(folder / "decoder.xml"), compress_to_fp16=False)
+    meta = json.loads((f32_ir.parent / "engine.json").read_text())
+    (folder / "engine.json").write_text(json.dumps({**meta, "quantize": quantize}))
     return folder / "decoder.xml"
 
 
@@ -207,13 +216,19 @@ class OpenVINOEngine(BatchingEngine):
         self.quantize = quantize
         self.precision = precision
         root = Path(cache_dir) if cache_dir else cache_root("generation")
-        target = root / f"{src.name}-{quantize or 'fp32'}-{_fingerprint(src, quantize)}"
+        # the f32 IR is traced once; each quantized variant is compressed from it
+        f32 = root / f"{src.name}-fp32-{_fingerprint(src, None)}"
+        target = root / f"{src.name}-{quantize}-{_fingerprint(src, quantize)}" if quantize else f32
         t0 = time.perf_counter()
         if not (target / "decoder.xml").is_file():
-            hf_model = src.module if src.module is not None else _load_hf(src)
-            with atomic_folder(target) as tmp:
-                export_decoder(hf_model, Path(tmp), quantize)
-            del hf_model
+            if not (f32 / "decoder.xml").is_file():
+                hf_model = src.module if src.module is not None else _load_hf(src)
+                with atomic_folder(f32) as tmp:
+                    export_decoder(hf_model, Path(tmp))
+                del hf_model
+            if quantize:
+                with atomic_folder(target) as tmp:
+                    compress_decoder(f32 / "decoder.xml", Path(tmp), quantize)
         self.export_seconds = time.perf_counter() - t0
         self.ir_path = target / "decoder.xml"
         core = ov.Core()
@@ -241,7 +256,8 @@ class OpenVINOEngine(BatchingEngine):
         )
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[torch.Tensor, KV]:
-        self.request.infer({"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_k": k, "past_v": v})
+        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_k": k, "past_v": v}
+        self.request.infer(inputs, share_inputs=True)  # no copy of the cache in
         # the request reuses its output buffers: copy what is kept beyond the next call
         logits = torch.from_numpy(self.request.get_tensor("logits").data.copy())
         new_k = torch.from_numpy(self.request.get_tensor("present_k").data.copy())
