@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from modelpress.cli.rollout import print_status
 from modelpress.errors import RegistryError, RolloutConflictError
 from modelpress.registry.leases import LeaseLostError
 from modelpress.registry.rollouts import Rollouts
@@ -81,7 +82,7 @@ def _recorded(url: str) -> tuple[dict[str, Any], list[str]]:
         return reg.rollouts.get("m")["rollout_state"], [e["decision"]["action"] for e in reg.rollouts.events("m")]
 
 
-async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_when_the_lease_expires(registry_file):
+async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_when_the_lease_expires(registry_file, capsys):
     clock = FakeClock()
     a, repo_a = _server(registry_file, "server-a", clock)
     b, repo_b = _server(registry_file, "server-b", clock)
@@ -96,6 +97,8 @@ async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_
             with pytest.raises(RolloutConflictError, match="server-a"):
                 await act
         await follower.check()  # a follower never judges a window
+        print_status(b.status("m"))
+        assert "driven by the server server-a; this one follows the registry" in capsys.readouterr().out
         assert len(_recorded(registry_file)[1]) == 1
 
         _requests(a, "1", 40)
@@ -152,7 +155,9 @@ async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_
         await b.close()
 
 
-async def test_an_unrecorded_rollback_keeps_the_baseline_is_retried_and_a_restart_never_puts_the_split_back(registry_file, monkeypatch):
+async def test_an_unrecorded_rollback_keeps_the_baseline_is_retried_and_a_restart_never_puts_the_split_back(
+    registry_file, monkeypatch, capsys
+):
     real_save = Rollouts.save
     down = {"on": True}
 
@@ -178,6 +183,8 @@ async def test_an_unrecorded_rollback_keeps_the_baseline_is_retried_and_a_restar
     assert len(journal) == 1
     with pytest.raises(RolloutConflictError, match="not recorded"):
         await first.start("m", SPEC)
+    print_status(first.status("m"))
+    assert "not recorded in the registry yet" in capsys.readouterr().out
     await first.close()  # the server stops (or dies) before the registry came back
 
     second, repo2 = _server(registry_file, "server-a", clock)  # restarted, same id

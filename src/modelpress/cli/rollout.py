@@ -51,6 +51,10 @@ def print_status(doc: dict[str, Any]) -> None:
     )
     if doc.get("status") == "loading":
         out.print(f"  version {doc.get('candidate')} is loading; the first step begins once it is ready", highlight=False)
+    if doc.get("driving") is False and doc.get("status") in ("loading", "running", "paused"):
+        out.print(f"  driven by the server {doc.get('controller') or '?'}; this one follows the registry", highlight=False)
+    if doc.get("recorded") is False:
+        out.print("  not recorded in the registry yet: traffic stays on the baseline while the record is retried", highlight=False)
     win = doc.get("window") or {}
     for who in ("candidate", "baseline"):
         w = win.get(who)
