@@ -378,6 +378,7 @@ class BatchingEngine(Engine):
             logits, kv = self._prefill(seq.prompt)
             self._stats.prompt_tokens += len(seq.prompt)
             self._advance(seq, sample(logits, seq.params, seq.generator))
+            self._observe("tokens", 1.0)
             if seq.finished is None:
                 self._join(seq, kv)
         self._drop_finished()
