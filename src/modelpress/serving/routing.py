@@ -215,7 +215,7 @@ class Mirror:
     async def _shadow(self, lv: Any, decode: Callable[[Any], Any], primary: Any, primary_results: list[Any]) -> None:
         started = time.perf_counter()
         try:
-            decoded = decode(lv.handler)
+            decoded = await asyncio.to_thread(decode, lv.handler)  # tokenizing off the event loop, as for the primary
             results, _ = await lv.infer(decoded=decoded)
         except Exception as exc:  # noqa: BLE001  (a failing candidate is what shadowing is for: record it, tell no client)
             self._tell("failed", lv, time.perf_counter() - started, exc)
