@@ -11,8 +11,10 @@ runs in a process group of its own (tests/_processes.py), so nothing is left beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +182,132 @@ def test_tune_killed_midway_resumes_from_its_cache_and_never_reads_a_half_entry(
     assert all(not p["cached"] for label, p in points.items() if label != "fp32@torch")
     assert no_dead_temps(cache) == []
     registry_check(home)
+
+
+# -- a server killed mid-hot-swap and mid-canary ----------------------------------------------------
+KEY = "fault-run-key-0123456789"
+AUTH = {"x-api-key": KEY}
+SERVER_START_TIMEOUT_S = 120  # a fresh interpreter imports torch and loads a tiny model
+TEXT = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["steady traffic"]}]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(url: str, port: int, home: Path, log: Path):
+    cmd = [*CLI, "serve", "tiny-enc@production", "--registry", url, "--port", str(port), "--api-key", KEY, "--threads", "1"]
+    with open(log, "ab") as fh:
+        return popen_group([*cmd, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT, env=_env(home))
+
+
+def _ready(base: str, proc, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}: {log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+
+
+def _traffic(base: str, stop) -> list[int]:
+    """Requests until ``stop`` is set or the server dies; the status codes answered."""
+    import httpx
+
+    codes: list[int] = []
+    with httpx.Client(base_url=base, timeout=30) as c:
+        while not stop.is_set():
+            try:
+                codes.append(c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code)
+            except httpx.HTTPError:  # SIGKILLed mid-request: traffic ends
+                break
+    return codes
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_hot_swap_and_mid_canary_restarts_clean(home, tmp_path, tiny_encoder):
+    import threading
+
+    import httpx
+
+    import modelpress as mp
+    from modelpress.registry.api import Registry
+    from modelpress.rollout.spec import ACTIVE
+
+    v2 = tmp_path / "enc-v2"
+    shutil.copytree(tiny_encoder, v2)
+    (v2 / "README.md").write_text("version 2: the same weights, another artifact\n")  # another content hash
+    url = str(tmp_path / "reg.db")
+    with Registry(url) as reg:
+        reg.register(mp.load(str(tiny_encoder)), "tiny-enc", stage="production")
+        reg.register(mp.load(str(v2)), "tiny-enc")
+    port, log = _free_port(), tmp_path / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    load = {"parameters": {"config": json.dumps({"source": "tiny-enc:2"})}}
+
+    def run_until_killed(action) -> list[int]:
+        """Start a server, send traffic, run ``action(client)``, SIGKILL the server where it says."""
+        proc = _serve(url, port, home, log)
+        stop, codes = threading.Event(), []
+        try:
+            _ready(base, proc, log)
+            sender = threading.Thread(target=lambda: codes.extend(_traffic(base, stop)), daemon=True)
+            sender.start()
+            with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
+                action(c, proc)
+            stop.set()
+            sender.join(30)
+        finally:
+            stop.set()
+            proc.end_group(grace=0)
+        assert proc.returncode == -signal.SIGKILL
+        return codes
+
+    def mid_swap(c, proc) -> None:  # a repository load of version 2 while traffic runs; killed 0.2 s into it
+        threading.Thread(target=lambda: _quiet_post(c, "/v2/repository/models/tiny-enc/load", load), daemon=True).start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+
+    def mid_canary(c, proc) -> None:  # a canary to version 2, killed in its first window
+        spec = {"candidate": "2", "steps": [50, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 1000.0, "max_error_rate": 0.5}
+        assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
+        deadline = time.monotonic() + 60
+        while c.get("/rollouts/tiny-enc").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+
+    codes = run_until_killed(mid_swap) + run_until_killed(mid_canary)
+    assert codes and all(code == 200 for code in codes), sorted(set(codes))  # answered until the kill, never a 5xx
+    # The next start: ready, the canary picked up where it was, a hot swap completes, the registry intact.
+    proc = _serve(url, port, home, log)
+    try:
+        _ready(base, proc, log)
+        with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
+            assert c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code == 200
+            assert c.get("/rollouts/tiny-enc").json()["status"] in ACTIVE  # killed in its first window: picked up again
+            assert c.post("/rollouts/tiny-enc/abort", json={}).status_code in (200, 409)
+            assert c.post("/v2/repository/models/tiny-enc/load", json=load).status_code == 200
+            assert c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code == 200
+    finally:
+        proc.end_group()
+    report = json.loads(cli(["registry", "check", "--registry", url, "--json"], home))
+    assert report["ok"], report
+
+
+def _quiet_post(c, path: str, body: dict) -> None:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+        c.post(path, json=body)
