@@ -134,3 +134,19 @@ def test_local_clients_read_the_generated_key(home):
     key, _ = load_or_create_key()
     assert local_key("http://127.0.0.1:8000") == key == local_key("http://localhost:9000/")
     assert local_key("http://models.example.com:8000") is None  # never sent to another machine
+
+
+async def test_a_protected_dashboard_asks_the_browser_for_the_key(home, tiny_encoder):
+    import base64
+
+    server = make_server(api_key=API_KEY, protect_dashboard=True)
+    async with client_for(server) as c:
+        await add_model(server, str(tiny_encoder), "enc")
+        r = await c.get("/dashboard")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")  # the browser shows its prompt
+        basic = base64.b64encode(f"anyone:{API_KEY}".encode()).decode()
+        assert (await c.get("/dashboard", headers={"authorization": f"Basic {basic}"})).status_code == 200
+        assert (await c.get("/dashboard/data", headers={"authorization": f"Basic {basic}"})).status_code == 200
+        wrong = base64.b64encode(b"anyone:not-the-key").decode()
+        assert (await c.get("/dashboard", headers={"authorization": f"Basic {wrong}"})).status_code == 401
+        assert (await c.post("/v2/repository/index")).headers["www-authenticate"] == "Bearer"  # API routes: no prompt

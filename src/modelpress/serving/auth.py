@@ -1,12 +1,15 @@
 """API keys: management endpoints require one when the server has a key; inference optionally too.
 
 A key is read from ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` (what the OpenAI client
-sends) and compared in constant time (:func:`hmac.compare_digest`), so the time taken does
-not tell how much of a guess was right.
+sends), or as the password of ``Authorization: Basic`` (what a browser sends after asking, for a
+dashboard behind the key), and compared in constant time (:func:`hmac.compare_digest`), so the
+time taken does not tell how much of a guess was right.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from collections.abc import Mapping
 
@@ -22,6 +25,12 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            _user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password or None
     return None
 
 

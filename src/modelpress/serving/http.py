@@ -150,8 +150,8 @@ GENERIC_500 = "Internal error (request id {request_id}); the server log has the 
 def error_headers(exc: BaseException, status: int) -> dict[str, str]:
     if isinstance(exc, ServerOverloadedError):
         return {"Retry-After": str(exc.retry_after_s)}
-    if status == 401:
-        return {"WWW-Authenticate": "Bearer"}
+    if status == 401:  # Basic where a browser should ask for the key (the dashboard), else Bearer
+        return {"WWW-Authenticate": getattr(exc, "challenge", None) or "Bearer"}
     return {}
 
 

@@ -37,6 +37,7 @@ from modelpress.errors import (
     DisallowedHostError,
     ForbiddenError,
     ServerBusyError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from modelpress.serving.auth import check_key
@@ -196,7 +197,12 @@ class GuardMiddleware:
                 )
             check_key(_key_of(scope), server.api_key, what="management endpoints")
         elif getattr(cfg, f"protect_{kind}"):
-            check_key(_key_of(scope), server.api_key, what=f"{kind} endpoints")
+            try:
+                check_key(_key_of(scope), server.api_key, what=f"{kind} endpoints")
+            except UnauthorizedError as exc:
+                if kind in ("dashboard", "docs"):  # pages a browser opens: it asks for the key (any user name) and sends it
+                    exc.challenge = 'Basic realm="modelpress", charset="UTF-8"'  # type: ignore[attr-defined]
+                raise
         method = scope.get("method", "GET")
         if method in ("POST", "PUT", "PATCH"):
             _check_content_type(scope, path)
