@@ -139,3 +139,23 @@ async def test_text_is_tokenized_off_the_event_loop_and_cut_first(tiny_encoder):
         ((thread, lengths),) = seen
         assert thread != threading.main_thread().name and lengths == [handler.max_length * CHARS_PER_TOKEN_BOUND, 5]
         assert encode([long_text])[0][0] == encode([long_text[: lengths[0]]])[0][0]  # the cut changes nothing the model reads
+
+
+def test_metrics_and_known_configs_are_bounded():
+    from modelpress.serving.config import ModelConfig, ServerConfig
+    from modelpress.serving.metrics import MAX_RETIRED_VERSIONS, Metrics
+    from modelpress.serving.repository import MAX_KNOWN, ModelRepository
+
+    metrics = Metrics()
+    for v in range(MAX_RETIRED_VERSIONS + 50):  # ever new version labels, each answered once, then unloaded
+        metrics.track_version("m", str(v), inflight=lambda: 0, depth=lambda: 0, load_seconds=0.1)
+        metrics.observe_request("m", str(v), "kserve_v2", 200, 0.01)
+        metrics.batch_observer("m", str(v))(1, [0.001], 0.01)
+        metrics.forget_version("m", str(v))
+    assert len(metrics._children) == MAX_RETIRED_VERSIONS
+    text = metrics.render()[0].decode()
+    assert 'version="0"' not in text and f'version="{MAX_RETIRED_VERSIONS + 49}"' in text  # the newest stay, the oldest go
+    repo = ModelRepository(ServerConfig(), metrics)
+    for i in range(MAX_KNOWN + 10):
+        repo._remember_config(f"m{i}", ModelConfig(source="m@production", name=f"m{i}"))
+    assert len(repo.known) == MAX_KNOWN and "m0" not in repo.known and f"m{MAX_KNOWN + 9}" in repo.known

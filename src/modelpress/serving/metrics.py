@@ -13,17 +13,23 @@ Series (all prefixed ``modelpress_``):
 * ``shadow_requests_total{model,version,status}`` (status ok, error, dropped) and
   ``shadow_agreement{model,version}`` (histogram of per-copy agreement with the primary) for
   mirrored copies (the alert rules of :mod:`modelpress.rollout.alerts` read them).
+
+Bounded: the series of a version stay after it is unloaded (a scrape after a hot swap still sees
+what it answered) for the last :data:`MAX_RETIRED_VERSIONS` unloaded versions; older ones are
+removed, so loading ever new version labels cannot grow the registry without end.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 AGREEMENT_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MAX_RETIRED_VERSIONS = 64  # unloaded versions whose series are kept; the oldest beyond are removed
 
 
 class Metrics:
@@ -62,6 +68,7 @@ class Metrics:
             registry=r,
         )
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._retired: deque[tuple[str, str]] = deque()  # unloaded (model, version), oldest first
 
     def observe_request(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
         key = (model, version, protocol, str(status))
@@ -93,15 +100,41 @@ class Metrics:
     def track_version(
         self, model: str, version: str, *, inflight: Callable[[], float], depth: Callable[[], float], load_seconds: float
     ) -> None:
+        self.track_version_again(model, version)
         self.inflight.labels(model, version).set_function(inflight)
         self.queue_depth.labels(model, version).set_function(depth)
         self.load_seconds.labels(model, version).set(load_seconds)
 
     def forget_version(self, model: str, version: str) -> None:
-        """Drop the gauges of an unloaded version (its counters and histograms stay, as Prometheus expects)."""
+        """Drop the gauges of an unloaded version; its counters and histograms stay (as Prometheus expects) while it is
+        one of the last MAX_RETIRED_VERSIONS unloaded, then go too."""
         for gauge in (self.inflight, self.queue_depth, self.load_seconds):
             with contextlib.suppress(KeyError):  # never set for this version
                 gauge.remove(model, version)
+        key = (model, version)
+        if key in self._retired:
+            self._retired.remove(key)
+        self._retired.append(key)
+        while len(self._retired) > MAX_RETIRED_VERSIONS:
+            self._drop_series(*self._retired.popleft())
+
+    def _drop_series(self, model: str, version: str) -> None:
+        for labels in [k for k in self._children if k[0] == model and k[1] == version]:
+            del self._children[labels]
+            for metric in (self.requests, self.latency):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*labels)
+        for metric in (self.queue_time, self.batch_size, self.batch_duration, self.shadow_agreement):
+            with contextlib.suppress(KeyError):
+                metric.remove(model, version)
+        for status in ("ok", "error", "dropped"):
+            with contextlib.suppress(KeyError):
+                self.shadow_requests.remove(model, version, status)
+
+    def track_version_again(self, model: str, version: str) -> None:
+        """A version label loaded again is no longer retired."""
+        with contextlib.suppress(ValueError):
+            self._retired.remove((model, version))
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -29,6 +29,7 @@ log = logging.getLogger("modelpress.serving")
 
 WARMUP_SIZES = (1, 8)  # batch sizes run once before a version reports ready
 MAX_FAILED = 256  # names whose last load failed that the repository remembers (the oldest is forgotten first)
+MAX_KNOWN = 256  # configs of names loaded before, for a reload by name (the oldest not served now is forgotten first)
 
 
 @dataclass
@@ -165,7 +166,7 @@ class ModelRepository:
         self.config = config
         self.metrics = metrics
         self.routers: dict[str, Router[LoadedVersion]] = {}
-        self.known: dict[str, ModelConfig] = {}  # name -> the config it was last loaded with
+        self.known: dict[str, ModelConfig] = {}  # name -> the config it was last loaded with (at most MAX_KNOWN, oldest dropped)
         self.failed: dict[str, str] = {}  # name -> why its last load failed (at most MAX_FAILED names, oldest dropped)
         self._locks: dict[str, asyncio.Lock] = {}  # name -> its load lock, only while a load or unload of it runs
         self._lock_users: dict[str, int] = {}  # name -> tasks holding or waiting for its lock
@@ -206,6 +207,13 @@ class ModelRepository:
             if not self._lock_users[name]:
                 del self._lock_users[name]
                 self._locks.pop(name, None)
+
+    def _remember_config(self, name: str, config: ModelConfig) -> None:
+        self.known.pop(name, None)
+        self.known[name] = config
+        if len(self.known) > MAX_KNOWN:
+            for old in [n for n in self.known if n not in self.routers][: len(self.known) - MAX_KNOWN]:
+                del self.known[old]
 
     def _remember_failure(self, name: str, why: str) -> None:
         self.failed.pop(name, None)
@@ -287,7 +295,7 @@ class ModelRepository:
         if make_default or router.policy is None:
             router.set_policy(SinglePolicy(new.version))
         self.routers[new.name] = router
-        self.known[new.name] = new.config
+        self._remember_config(new.name, new.config)
         self.failed.pop(new.name, None)
         log.info("loaded %s:%s (%s on %s) in %.2f s", new.name, new.version, new.task, new.runtime, new.load_seconds)
         retired = [replaced] if replaced is not None and replaced is not new else []
