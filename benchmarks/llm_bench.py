@@ -15,7 +15,10 @@ smoke run of the script.
    tokens/s against the read bandwidth measured here (a numpy sum over a 1 GB array);
 2. continuous batching on the fast engine (int4): 8 concurrent streams against the same 8
    requests one after another (aggregate tokens/s, target >= 4x), and time to first token
-   p50/p99 under that load.
+   p50/p99 under that load;
+3. served batch-1 decode: ``modelpress serve --engine openvino`` (int8) streaming
+   ``/v1/completions`` against the same engine in this process, in interleaved rounds (target:
+   within 5%). ``--no-serve`` skips it.
 
     python benchmarks/llm_bench.py             # the 1.1B config (first run builds it: minutes)
     python benchmarks/llm_bench.py --quick     # tiny sizes: a smoke run
@@ -24,6 +27,7 @@ smoke run of the script.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _procs import load1, load_section, main_guard
+from _loadgen import free_port
+from _procs import Procs, load1, load_section, main_guard
 
 CACHE = Path(os.environ.get("MODELPRESS_BENCH_CACHE", Path.home() / ".cache/modelpress-bench")) / "llm"
 THREADS = int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 2)))
@@ -308,12 +313,75 @@ def batching(engine: Any, tokens: int) -> None:
     print(f"  time to first token under that load: p50 {np.percentile(ttft, 50) * 1e3:.0f} ms, p99 {np.percentile(ttft, 99) * 1e3:.0f} ms")
 
 
+def served_rate(port: int, tokens: int) -> float:
+    """Tokens/s of one streamed completion of ``tokens`` tokens (``ignore_eos``), end to end: from
+    sending the request to ``data: [DONE]`` (chunk arrival times are not used: the network may
+    deliver several together)."""
+    import httpx
+
+    prompt = " ".join(f"t{i}" for i in range(3, 3 + PROMPT_TOKENS - 1))
+    body = {"model": "llm", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                break
+    return tokens / (time.perf_counter() - t0)
+
+
+def inprocess_rate(engine: Any, prompt: list[int], tokens: int) -> float:
+    """Tokens/s of one request in this process, end to end (submit to finish), as :func:`served_rate`."""
+    from modelpress.generation import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0, stop_token_ids=()))
+    return tokens / (time.perf_counter() - t0)
+
+
+def served(folder: Path, row: EngineRow, tokens: int, rounds: int) -> None:
+    """``modelpress serve`` with the same engine as ``row`` against ``row`` in this process, interleaved."""
+    import httpx
+
+    with Procs() as procs:
+        port = free_port()
+        cfg = CACHE / "serve-llm.json"
+        model = {"source": str(folder), "name": "llm", "engine": "openvino", "threads": THREADS, "runtime_options": {"quantize": row.kind}}
+        cfg.write_text(json.dumps({"models": [model], "access_log": False, "log_level": "warning"}))
+        serve = "from modelpress.cli import main; main()"  # the `modelpress` command of this environment
+        proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            print(f"served check skipped: the server did not become ready (exit code {proc.poll()})")
+            return
+        prompt = [1, *range(3, 3 + PROMPT_TOKENS - 1)]
+        served_rate(port, 4)  # warm-up
+        inproc, remote = [], []
+        with load_section("served batch-1 decode"):
+            for _ in range(rounds):
+                inproc.append(inprocess_rate(row.engine, prompt, tokens))
+                remote.append(served_rate(port, tokens))
+        a, b = statistics.median(inproc), statistics.median(remote)
+        print(
+            f"\nserved batch-1 generation ({row.label}, {tokens} tokens end to end): in process {a:.1f} tok/s, "
+            f"served (streamed /v1/completions) {b:.1f} tok/s = {b / a:.0%} (target >= 95%)"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny model: a smoke run of the script")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per timed request (default 64, --quick 16)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
-    ap.add_argument("--only", default="", help="comma-separated labels to time (e.g. ov-int8,ov-int4)")
+    ap.add_argument("--only", default="", help="comma-separated labels to time (e.g. openvino-int8,openvino-int4)")
+    ap.add_argument("--no-serve", action="store_true", help="skip the served batch-1 decode check")
     args = ap.parse_args()
     shape = QUICK if args.quick else FULL
     tokens = args.tokens or (16 if args.quick else 64)
@@ -354,6 +422,9 @@ def main() -> int:
         fast = next((r.engine for r in rows if r.label == "openvino-int4"), None)
         if fast is not None:
             batching(fast, tokens)
+        int8 = next((r for r in rows if r.label == "openvino-int8"), None)
+        if int8 is not None and not args.no_serve:
+            served(folder, int8, tokens, rounds)
     finally:
         for row in rows:
             row.close()
