@@ -150,3 +150,27 @@ async def test_a_protected_dashboard_asks_the_browser_for_the_key(home, tiny_enc
         wrong = base64.b64encode(b"anyone:not-the-key").decode()
         assert (await c.get("/dashboard", headers={"authorization": f"Basic {wrong}"})).status_code == 401
         assert (await c.post("/v2/repository/index")).headers["www-authenticate"] == "Bearer"  # API routes: no prompt
+
+
+def test_every_path_has_a_kind_and_unknown_ones_are_management():
+    from modelpress.serving.security import route_kind
+
+    kinds = {
+        "/v2/models/enc/infer": "inference",
+        "/v2/models/enc/versions/1/infer": "inference",
+        "/v2/models/ready": "inference",  # the metadata of a model named 'ready', not a probe
+        "/v1/chat/completions": "inference",
+        "/invocations": "inference",
+        "/v2/models/enc/ready": "health",
+        "/v2/models/enc/versions/1/ready": "health",
+        "/ping": "health",
+        "/metrics": "metrics",
+        "/dashboard/data": "dashboard",
+        "/openapi.json": "docs",
+        "/v2/repository/index": "management",
+        "/rollouts/enc/promote": "management",
+        "/feedback": "management",
+        "/v2/health/../repository/index": "management",
+        "/anything-else": "management",
+    }
+    assert {path: route_kind(path) for path in kinds} == kinds

@@ -58,7 +58,7 @@ BINARY_TENSOR_TYPE = "application/octet-stream"  # the KServe binary tensor exte
 # -- route kinds -----------------------------------------------------------------------------
 def route_kind(path: str) -> str:
     """``inference``, ``health``, ``metrics``, ``dashboard``, ``docs`` or ``management`` (the table above)."""
-    if path in _HEALTH_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready")):
+    if path in _HEALTH_PATHS or _is_model_ready(path):
         return "health"
     if path == "/metrics":
         return "metrics"
@@ -69,6 +69,14 @@ def route_kind(path: str) -> str:
     if path == "/v2/models" or path.startswith(("/v2/models/", "/v1/")) or path == "/invocations":
         return "inference"
     return "management"
+
+
+def _is_model_ready(path: str) -> bool:
+    """``/v2/models/{m}/ready`` or ``/v2/models/{m}/versions/{v}/ready`` (not the metadata of a model named 'ready')."""
+    parts = path.split("/")
+    if parts[:3] != ["", "v2", "models"] or parts[-1] != "ready":
+        return False
+    return (len(parts) == 5 and parts[3] != "") or (len(parts) == 7 and parts[4] == "versions" and "" not in parts[3:6:2])
 
 
 def is_loopback(host: str) -> bool:
