@@ -137,15 +137,27 @@ def load_or_create_key(path: Path | None = None) -> tuple[str, bool]:
             created = True
         except FileExistsError:
             created = False
+        except OSError:  # a filesystem without hard links: create the file itself, exclusively
+            created = _create_exclusive(path, key)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     if not created:
         other = read_key_file(path)
-        if other is None:  # written and removed at once by someone else: take ours
+        if other is None:  # removed again at once by someone else: start over
             return load_or_create_key(path)
         return other, False
     return key, True
+
+
+def _create_exclusive(path: Path, key: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    return True
 
 
 # -- the middleware ------------------------------------------------------------------------------
