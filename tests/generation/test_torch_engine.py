@@ -74,6 +74,20 @@ def test_continuous_batching_matches_alone_and_shares_steps(engine):
     assert shared, "overlapping requests never shared a decode step"
 
 
+def test_prompts_admitted_together_are_prefilled_together_and_match_alone(engine):
+    alone = {p: engine.generate(engine.encode(p), GREEDY).token_ids for p in PROMPTS}
+    shapes = []
+    original = engine._prefill_padded
+    engine._prefill_padded = lambda ids, *rest: (shapes.append(tuple(ids.shape)), original(ids, *rest))[1]
+    try:
+        with engine._lock:  # the step loop waits: all four are admitted at its next step
+            handles = [engine.submit(engine.encode(p), GREEDY) for p in PROMPTS]
+        assert [h.result(STEP_TIMEOUT_S).token_ids for h in handles] == [alone[p] for p in PROMPTS]
+    finally:
+        del engine._prefill_padded
+    assert shapes == [(4, max(len(engine.encode(p)) for p in PROMPTS))]  # one left-padded prefill
+
+
 def test_full_queue_is_overloaded(stories260k):
     eng = create_engine(stories260k, max_batch_size=1, max_waiting=2)
     eng.start()

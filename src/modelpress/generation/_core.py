@@ -371,16 +371,19 @@ class BatchingEngine(Engine):
                         self._running, self._kv, self._mask = [], [], None
 
     def _step(self, admit: list[_Seq]) -> None:
+        live = []
         for seq in admit:
             if seq.handle.cancelled:
                 self._finish(seq, "cancelled")
-                continue
-            logits, kv = self._prefill(seq.prompt)
-            self._stats.prompt_tokens += len(seq.prompt)
-            self._advance(seq, sample(logits, seq.params, seq.generator))
-            self._observe("tokens", 1.0)
-            if seq.finished is None:
-                self._join(seq, kv)
+            else:
+                live.append(seq)
+        if live:
+            logits, kv, kv_mask = self._prefill_all([q.prompt for q in live])
+            for i, seq in enumerate(live):
+                self._stats.prompt_tokens += len(seq.prompt)
+                self._advance(seq, sample(logits[i], seq.params, seq.generator))
+                self._observe("tokens", 1.0)
+            self._join(live, kv, kv_mask)
         self._drop_finished()
         if not self._running:
             return
@@ -402,13 +405,41 @@ class BatchingEngine(Engine):
         self._observe("tokens", float(len(running)))
         self._drop_finished()
 
-    def _join(self, seq: _Seq, kv: KV) -> None:
-        """Left-pad the new sequence's cache and the batch's to one length and stack them."""
-        length = kv[0][0].shape[2]
+    def _prefill_all(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KV, torch.Tensor]:
+        """Prefill the admitted prompts: alone when one, else together, left-padded to the longest
+        (one pass over the weights instead of one per prompt). Logits [n, V], KV and its mask [n, L]."""
+        if len(prompts) == 1:
+            logits, kv = self._prefill(prompts[0])
+            return logits[None], kv, torch.ones(1, len(prompts[0]), dtype=torch.long)
+        size = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), size, dtype=torch.long)
+        positions = torch.zeros(len(prompts), size, dtype=torch.long)
+        mask = torch.zeros(len(prompts), size, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, size - len(p) :] = torch.tensor(p)
+            positions[i, size - len(p) :] = torch.arange(len(p))
+            mask[i, size - len(p) :] = 1
+        logits, kv = self._prefill_padded(ids, positions, mask)
+        return logits, kv, mask
+
+    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        """Several left-padded prompts in one pass (logits of each row's last position); the backend's."""
+        raise NotImplementedError
+
+    def _join(self, seqs: list[_Seq], kv: KV, mask: torch.Tensor) -> None:
+        """Add the still-running ones of newly prefilled sequences (rows of ``kv``/``mask``) to the
+        batch: left-pad the new rows and the batch's to one length and stack them."""
+        rows = [i for i, q in enumerate(seqs) if q.finished is None]
+        if not rows:
+            return
+        if len(rows) < len(seqs):
+            index = torch.tensor(rows, dtype=torch.long)
+            kv, mask = [(k[index], v[index]) for k, v in kv], mask[index]
+        length = mask.shape[1]
         with self._lock:
             if not self._running:
-                self._kv, self._mask = kv, torch.ones(1, length, dtype=torch.long)
-                self._running.append(seq)
+                self._kv, self._mask = kv, mask
+                self._running.extend(seqs[i] for i in rows)
                 return
             assert self._mask is not None
             t = self._mask.shape[1]
@@ -423,9 +454,9 @@ class BatchingEngine(Engine):
                 (torch.cat([pad(k, size - t), pad(nk, size - length)]), torch.cat([pad(v, size - t), pad(nv, size - length)]))
                 for (k, v), (nk, nv) in zip(self._kv, kv, strict=True)
             ]
-            new_mask = torch.cat([torch.zeros(1, size - length, dtype=torch.long), torch.ones(1, length, dtype=torch.long)], 1)
-            self._mask = torch.cat([torch.nn.functional.pad(self._mask, (size - t, 0)), new_mask])
-            self._running.append(seq)
+            pad_mask = torch.nn.functional.pad
+            self._mask = torch.cat([pad_mask(self._mask, (size - t, 0)), pad_mask(mask, (size - length, 0))])
+            self._running.extend(seqs[i] for i in rows)
 
     def _drop_finished(self) -> None:
         with self._lock:

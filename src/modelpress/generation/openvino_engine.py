@@ -35,7 +35,7 @@ from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 
-FORMAT_VERSION = 1  # bump when the exported graph changes meaning
+FORMAT_VERSION = 2  # bump when the exported graph changes meaning
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP_SIZE = 128
@@ -87,7 +87,9 @@ class _Decoder(torch.nn.Module):
         # query i (absolute position t+i) sees key j when j <= t+i and the key is not padding
         keys = torch.arange(t + s).view(1, 1, 1, t + s)
         queries = (torch.arange(s) + t).view(1, 1, s, 1)
-        visible = (keys <= queries) & attention_mask.view(b, 1, 1, t + s).bool()
+        # a padding query (left padding of a batched prefill) sees itself too: no row is empty, since an
+        # empty row gives NaN, and a NaN key or value of a padding position would spoil later steps
+        visible = ((keys <= queries) & attention_mask.view(b, 1, 1, t + s).bool()) | (keys == queries)
         group = self.heads // self.kv_heads
         new_k, new_v = [], []
         for i, layer in enumerate(self.inner.layers):
@@ -269,6 +271,10 @@ class OpenVINOEngine(BatchingEngine):
         empty = np.zeros((1, self.layers * self.kv_heads, 0, self.head_dim), dtype=np.float32)
         logits, kv = self._run(x, np.arange(len(ids), dtype=np.int64)[None], np.ones_like(x), empty, empty)
         return logits[0], kv
+
+    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        empty = np.zeros((ids.shape[0], self.layers * self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return self._run(ids.numpy(), positions.numpy(), mask.numpy(), empty, empty)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
         (k, v) = kv[0]

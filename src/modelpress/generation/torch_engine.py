@@ -64,5 +64,8 @@ class TorchEngine(BatchingEngine):
         logits, kv = self._forward(x, torch.arange(len(ids)).unsqueeze(0), [], torch.ones_like(x))
         return logits[0], kv
 
+    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        return self._forward(ids, positions, [], mask)
+
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
         return self._forward(tokens.unsqueeze(1), positions.unsqueeze(1), kv, mask)
