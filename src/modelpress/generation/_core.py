@@ -7,8 +7,11 @@ handling and the continuous-batching step loop. An engine supplies a backend wit
   every running sequence together; ``kv`` holds ``T`` cached positions per row, left-padded
   (``mask`` 0 on padding), and comes back with ``T + 1``.
 
-The step loop (one thread) admits waiting requests between decode steps (each is prefilled
-alone, then its cache is left-padded into the running batch), runs one decode step for all
+- ``prefill_padded(ids, positions, mask) -> (logits [n, V], kv)``: several left-padded prompts
+  in one pass (the requests admitted at one step).
+
+The step loop (one thread) admits waiting requests between decode steps (prefilled together,
+then their cache rows are left-padded into the running batch), runs one decode step for all
 running sequences, and drops the finished and cancelled ones (trimming padding no row needs).
 """
 
