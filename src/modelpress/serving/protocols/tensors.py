@@ -242,26 +242,19 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                 if size % itemsize:
                     raise InvalidInputError(f"Input '{name}' has {size} bytes of {datatype}, not a multiple of {itemsize}.")
                 got = size // itemsize
-                if got != count:
-                    raise InvalidInputError(
-                        f"Input '{name}' has {got} elements, but its shape {shape} needs {count}.", hint="Make the shape match the data."
-                    )
                 data = np.frombuffer(chunk, dtype=DTYPES[datatype].newbyteorder("<")).astype(DTYPES[datatype], copy=False)
         else:
             if t.data is None:
                 raise InvalidInputError(f"Input '{name}' has neither 'data' nor binary data.", hint=f"Example: {EXAMPLE}")
             raw = t.data
             flat = _flatten(raw, count, max(1, len(shape)), name) if isinstance(raw, list) else [raw]
-            got = len(flat)
-            if got != count:
-                raise InvalidInputError(
-                    f"Input '{name}' has {'more than ' if got > count else ''}{got} elements, but its shape {shape} needs {count}.",
-                    hint="Make the shape match the data.",
-                )
-            data = _typed(flat, datatype, name)
+            got = len(flat)  # at most count + 1: the walk stops there
+            if got == count:
+                data = _typed(flat, datatype, name)
         if got != count:
             raise InvalidInputError(
-                f"Input '{name}' has {got} elements, but its shape {shape} needs {count}.", hint="Make the shape match the data."
+                f"Input '{name}' has {f'more than {count}' if got > count else got} elements, but its shape {shape} needs {count}.",
+                hint="Make the shape match the data.",
             )
         if datatype != "BYTES":
             data = data.reshape(shape)
