@@ -25,15 +25,13 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
     """
     if engine == "auto":
         engine = "torch"
-        try:
-            import openvino  # noqa: F401
+        from importlib.util import find_spec
 
+        if find_spec("openvino") is not None and find_spec("nncf") is not None:
             from modelpress.generation.openvino_engine import supported
 
             if supported(source):
                 engine = "openvino"
-        except ImportError:
-            pass
     if engine == "torch":
         from modelpress.generation.torch_engine import TorchEngine
 

@@ -89,7 +89,7 @@ class Handle(SequenceHandle):
             if event.finish_reason is not None:
                 return
 
-    async def aiter(self) -> AsyncIterator[TokenEvent]:  # type: ignore[override]
+    async def aiter(self) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         with self._cond:
@@ -360,7 +360,7 @@ class BatchingEngine(Engine):
                     for seq in [q for q in self._waiting if q.handle.cancelled]:
                         self._waiting.remove(seq)
                         self._finish(seq, "cancelled")
-                    admit = []
+                    admit: list[_Seq] = []
                     while self._waiting and len(self._running) + len(admit) < self.max_batch_size:
                         admit.append(self._waiting.popleft())
                 try:

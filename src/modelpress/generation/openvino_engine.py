@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from modelpress._fs import atomic_folder
-from modelpress.errors import BackendUnavailableError, ConfigError, ModelpressError, UnsupportedModelError
+from modelpress.errors import ConfigError, ModelpressError, UnsupportedModelError, require
 from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
@@ -129,7 +129,7 @@ def _fingerprint(src: ModelSource, quantize: str | None) -> str:
 
 def export_decoder(hf_model: Any, folder: Path) -> Path:
     """Trace the decoder and write its f32 IR, ``decoder.xml``, into ``folder``."""
-    import openvino as ov
+    ov = require("openvino", "openvino")
 
     cfg = hf_model.config
     dec = _Decoder(hf_model).eval()
@@ -163,9 +163,8 @@ def export_decoder(hf_model: Any, folder: Path) -> Path:
 
 def compress_decoder(f32_ir: Path, folder: Path, quantize: str) -> Path:
     """The f32 IR with its weights compressed by NNCF, written to ``folder/decoder.xml``."""
-    import nncf
-    import openvino as ov
-
+    nncf = require("nncf", "openvino")
+    ov = require("openvino", "openvino")
     model = ov.Core().read_model(str(f32_ir))
     if quantize == "int8":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
@@ -194,12 +193,8 @@ class OpenVINOEngine(BatchingEngine):
         cache_dir: str | os.PathLike | None = None,
         **options: Any,
     ) -> None:
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "The openvino generation engine needs openvino and nncf.", hint="pip install 'modelpress[openvino]', or use engine='torch'."
-            ) from exc
+        ov = require("openvino", "openvino")
+        require("nncf", "openvino")
         if quantize not in QUANTIZE:
             raise ConfigError(f"Unknown quantize '{quantize}' for the openvino engine.", hint="Use quantize='int8', 'int4' or None.")
         precision = precision or ("f32" if quantize is None else "bf16")

@@ -56,7 +56,7 @@ class TorchEngine(BatchingEngine):
 
         cache = DynamicCache(ddp_cache_data=kv or None, config=self.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        new_kv = [(layer.keys, layer.values) for layer in cache.layers]  # updated in place
+        new_kv: KV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr, misc]  # updated in place
         return out.logits[:, -1].float(), new_kv
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
