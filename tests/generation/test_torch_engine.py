@@ -108,6 +108,23 @@ def test_full_queue_is_overloaded(stories260k):
         eng.stop(drain=False)
 
 
+def test_no_waiting_room_still_fills_free_slots(stories260k):
+    eng = create_engine(stories260k, max_batch_size=2, max_waiting=0)
+    eng.start()
+    try:
+        ids = eng.encode("Once upon a time")
+        long = SamplingParams(max_tokens=400, temperature=0, stop_token_ids=())
+        with eng._lock:  # both are submitted before the loop admits either: they take the two free slots
+            handles = [eng.submit(ids, long), eng.submit(ids, long)]
+            with pytest.raises(ServerOverloadedError):
+                eng.submit(ids, long)
+        for h in handles:
+            h.cancel()
+            assert h.result(STEP_TIMEOUT_S).finish_reason == "cancelled"
+    finally:
+        eng.stop(drain=False)
+
+
 def test_prompt_plus_max_tokens_must_fit_the_context(engine):
     with pytest.raises(InvalidInputError, match="exceeds the model's context of 512") as info:
         engine.submit(engine.encode("Once upon a time"), SamplingParams(max_tokens=510))

@@ -261,7 +261,9 @@ class BatchingEngine(Engine):
         with self._lock:
             if self._stopping or self._thread is None:
                 raise ModelNotReadyError(f"The {self.name} engine is not running.", hint="Call engine.start() first.")
-            if len(self._waiting) >= self.max_waiting:
+            # a request a free batch slot takes at the next step does not count as waiting
+            free = max(0, self.max_batch_size - len(self._running))
+            if len(self._waiting) >= self.max_waiting + free:
                 raise ServerOverloadedError(
                     f"The generation queue is full ({len(self._waiting)} requests waiting, {len(self._running)} running).",
                     hint="Retry after a moment, or start the engine with a larger max_waiting.",
