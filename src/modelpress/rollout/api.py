@@ -24,10 +24,12 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from starlette.responses import Response
 
 from modelpress.errors import InvalidInputError
-from modelpress.serving.http import json_response, loads
+from modelpress.rollout.spec import RolloutSpec
+from modelpress.serving.http import json_response, loads, openapi_body
 
 router = APIRouter(tags=["Rollouts"])
 SPEC_EXAMPLE = (
@@ -36,6 +38,33 @@ SPEC_EXAMPLE = (
 FEEDBACK_EXAMPLE = '{"request_id": "9f2c41d0a1b2c3d4", "value": 1.0, "metric": "clicked"}'
 MAX_OUTCOMES_PER_REQUEST = 1000  # outcomes in one POST /feedback
 MAX_REQUEST_ID_CHARS = 128
+MAX_WHY_CHARS = 1000  # a hand-made decision's reason, recorded in the registry's events
+
+
+# The bodies as the schema shows them (``/openapi.json``). The handlers read the raw body themselves so
+# that every error names an example; the checks below are the same bounds these models declare.
+class WhyBody(BaseModel):
+    """The optional reason of a hand-made decision (abort, rollback)."""
+
+    model_config = ConfigDict(extra="forbid")
+    why: str | None = Field(None, max_length=MAX_WHY_CHARS, examples=["p99 doubled"])
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, examples=["9f2c41d0a1b2c3d4"])
+    value: float
+    metric: str = Field("outcome", examples=["clicked"])
+    model: str | None = None
+
+
+class Outcomes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    outcomes: list[Outcome] = Field(min_length=1, max_length=MAX_OUTCOMES_PER_REQUEST)
+
+
+class FeedbackBody(RootModel[Outcome | Outcomes]):
+    """One outcome, or ``{"outcomes": [...]}``."""
 
 
 def _extension(request: Request) -> Any:
@@ -57,7 +86,9 @@ async def _body(request: Request, example: str, *, required: bool = True) -> dic
 async def _why(request: Request, example: str) -> str | None:
     """The optional ``{"why": "..."}`` of a hand-made decision (abort, rollback); None when not given."""
     why = (await _body(request, f'{{"why": "{example}"}}', required=False)).get("why")
-    return str(why) if why else None
+    if why is not None and (not isinstance(why, str) or len(why) > MAX_WHY_CHARS):
+        raise InvalidInputError(f"'why' must be a string of at most {MAX_WHY_CHARS} characters.", hint=f'Example: {{"why": "{example}"}}')
+    return why or None
 
 
 @router.get("/rollouts", summary="Every rollout on this server (API key)")
@@ -65,7 +96,7 @@ async def list_rollouts(request: Request) -> Response:
     return json_response(_extension(request).rollouts.describe_all())
 
 
-@router.post("/rollouts/{model}/start", summary="Start a rollout (API key)")
+@router.post("/rollouts/{model}/start", summary="Start a rollout (API key)", openapi_extra=openapi_body(RolloutSpec))
 async def start(request: Request, model: str) -> Response:
     ext = _extension(request)
     spec = await _body(request, SPEC_EXAMPLE)
@@ -87,7 +118,11 @@ async def resume(request: Request, model: str) -> Response:
     return json_response(await _extension(request).rollouts.resume(model))
 
 
-@router.post("/rollouts/{model}/abort", summary="Abort: all traffic back to the baseline (API key)")
+@router.post(
+    "/rollouts/{model}/abort",
+    summary="Abort: all traffic back to the baseline (API key)",
+    openapi_extra=openapi_body(WhyBody, required=False),
+)
 async def abort(request: Request, model: str) -> Response:
     ext = _extension(request)
     return json_response(await ext.rollouts.abort(model, await _why(request, "latency looks off") or "aborted by hand"))
@@ -98,7 +133,11 @@ async def promote(request: Request, model: str) -> Response:
     return json_response(await _extension(request).rollouts.promote(model))
 
 
-@router.post("/rollouts/{model}/rollback", summary="Instant rollback of live traffic to the previous production version (API key)")
+@router.post(
+    "/rollouts/{model}/rollback",
+    summary="Instant rollback of live traffic to the previous production version (API key)",
+    openapi_extra=openapi_body(WhyBody, required=False),
+)
 async def rollback(request: Request, model: str) -> Response:
     ext = _extension(request)
     return json_response(await ext.rollouts.rollback(model, await _why(request, "p99 doubled")))
@@ -119,7 +158,9 @@ async def events(request: Request, model: str) -> Response:
     return json_response([r["decision"] | {"recorded_at": r["at"]} for r in rows])
 
 
-@router.post("/feedback", summary="Report numeric outcomes of answered requests, by request id (API key)")
+@router.post(
+    "/feedback", summary="Report numeric outcomes of answered requests, by request id (API key)", openapi_extra=openapi_body(FeedbackBody)
+)
 async def feedback(request: Request) -> Response:
     ext = _extension(request)
     doc = await _body(request, FEEDBACK_EXAMPLE)

@@ -107,7 +107,15 @@ def dashboard_data(extension: Any, span_s: float = 300.0, bucket_s: float | None
     return {"now": time.time(), "span_s": span_s, "bucket_s": bucket, "models": models}
 
 
-@router.get("/dashboard/data", summary="The numbers the dashboard draws (JSON)")
+_DATA_QUERY = {
+    "parameters": [
+        {"name": "span", "in": "query", "required": False, "schema": {"type": "number", "minimum": 1.0, "maximum": MAX_SPAN_S}},
+        {"name": "bucket", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0.1, "maximum": MAX_SPAN_S}},
+    ]
+}  # the query the handler reads itself (so that a bad value is a 400 naming an example), as the schema shows it
+
+
+@router.get("/dashboard/data", summary="The numbers the dashboard draws (JSON)", openapi_extra=_DATA_QUERY)
 async def data(request: Request) -> Response:
     span = _number(request.query_params.get("span"), 300.0, "span", 1.0, MAX_SPAN_S)
     bucket = request.query_params.get("bucket")
