@@ -131,6 +131,10 @@ def test_prompt_plus_max_tokens_must_fit_the_context(engine):
     assert "lower max_tokens to at most 507" in str(info.value)
     with pytest.raises(InvalidInputError, match="empty"):
         engine.submit([], SamplingParams())
+    with pytest.raises(InvalidInputError, match="non-empty strings"):
+        engine.submit(engine.encode("Once"), SamplingParams(stop=("",)))
+    with pytest.raises(InvalidInputError, match="temperature >= 0"):
+        engine.submit(engine.encode("Once"), SamplingParams(temperature=-1))
 
 
 def test_seed_reproduces_sampling(engine):

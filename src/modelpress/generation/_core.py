@@ -282,6 +282,10 @@ class BatchingEngine(Engine):
                 f"Sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (got {p.temperature}, {p.top_p}, {p.top_k}).",
                 hint="Example: temperature=0.8, top_p=0.95, top_k=0 (0: no top-k); temperature=0 is greedy.",
             )
+        if any(not isinstance(stop, str) or not stop for stop in p.stop):
+            raise InvalidInputError(
+                f"Stop strings must be non-empty strings (got {list(p.stop)!r}).", hint='Example: stop=("\\n\\n", "The end")'
+            )
         vocab = getattr(self, "vocab_size", None)
         if vocab and any(i < 0 or i >= vocab for i in prompt):
             raise InvalidInputError(
