@@ -61,6 +61,7 @@ def _tune_and_register(tiny_encoder, tmp_path, reg_url: str) -> list[tuple[str, 
             name="tiny",
             use_cache=False,
             report=False,
+            exhaustive=True,  # every candidate scored (and registered), not only the fastest passing one
         )
         reg.promote(str(res.registered_original), "production")
     return [(p.registered, p.runtime) for p in res.points if p.registered]

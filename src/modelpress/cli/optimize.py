@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from modelpress import units
 from modelpress.cli.common import DataDirOpt, JsonOpt, TaskOpt, ThreadsOpt, console, emit_json, handle_errors, out, progress_bars
@@ -178,23 +179,33 @@ def tune(
         bool, typer.Option("--no-register", help="Do not record the original and the variants in the registry.")
     ] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Measure every candidate again, ignoring cached results.")] = False,
+    screen_rows: Annotated[
+        int | None,
+        typer.Option("--screen-rows", help="Rows of the screening subsample (default: a tenth of the dataset, at least 200; 0: none)."),
+    ] = None,
+    exhaustive: Annotated[
+        bool, typer.Option("--exhaustive", help="Score every candidate in full (no screening, none dropped as slower): the reference run.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the fastest variant that keeps quality: candidates within a budget, the Pareto front, the pick."""
+    """Find the fastest variant that keeps quality: every candidate built and timed, the fastest scored, the pick re-timed."""
     from modelpress.optimize import api
 
     def show(p: Any) -> None:
         if as_json:
             return
+        cached = " (cached)" if p.cached else ""
         if p.status == "measured":
             mark = "[green]pass[/green]" if p.passed else "[red]fail[/red]"
+            rec = "" if p.recovery is None else f"recovery {p.recovery:.4f}, "
             console.print(
-                f"  {p.label}: recovery {p.recovery:.4f}, {p.throughput:.1f} items/s, p50 {p.latency_p50_ms:.2f} ms, gate {mark}"
-                + (" (cached)" if p.cached else ""),
+                f"  {p.label}: {rec}{p.speedup or 0:.2f}x (own timing), p50 {p.latency_p50_ms or 0:.2f} ms, gate {mark}{cached}",
                 highlight=False,
             )
+        elif p.speedup is not None:
+            console.print(f"  {p.label}: {p.stage}, {p.speedup:.2f}x (own timing); {p.stop}: {p.reason}{cached}", highlight=False)
         else:
-            console.print(f"  {p.label}: {p.status}: {p.error}", highlight=False)
+            console.print(f"  {p.label}: {p.stage}; {p.stop or p.status}: {p.reason or p.error}{cached}", highlight=False)
 
     with progress_bars(not as_json or sys.stderr.isatty()) as prog, quiet_stdout(as_json):
         res = api.tune(
@@ -215,6 +226,8 @@ def tune(
             register=not no_register,
             name=name,
             use_cache=not no_cache,
+            screen_rows=screen_rows,
+            exhaustive=exhaustive,
             progress=prog,
             on_point=show,
         )
@@ -231,23 +244,35 @@ def tune(
 
 
 def tune_table(res: Any) -> Table:
+    """Every candidate: how far the search took it (built, timed, screened, scored), why it stopped, its figures."""
+    search = getattr(res, "search", None) or {}
+    retimed = ", re-timed together at the end: R" if search.get("retimed") else ""
     table = Table(
-        title=f"modelpress tune: {res.model} on {res.dataset} (speed-up vs PyTorch fp32 eager, same run; * = Pareto front)",
+        title=f"modelpress tune: {res.model} on {res.dataset} (speed-up vs PyTorch fp32 eager, same rounds{retimed}; * = Pareto front)",
         title_justify="left",
+        caption="\n".join(getattr(res, "notes", None) or []) or None,
+        caption_justify="left",
     )
-    for col in ("candidate", "peer recipe", res.primary_metric, "recovery", "items/s", "speed-up", "p50 ms", "p99 ms", "gate", "front"):
-        table.add_column(col)
-    for p in sorted(res.points, key=lambda p: -(p.throughput or 0)):
+    cols = ("candidate", "peer recipe", "stage", "stopped", res.primary_metric, "recovery", "items/s", "speed-up", "p50 ms", "p99 ms")
+    for col in (*cols, "gate", "front"):
+        table.add_column(col, overflow="fold")
+    for p in sorted(res.points, key=lambda p: -(p.speedup or 0)):
         f = lambda v, d=4: "" if v is None else f"{v:.{d}g}"  # noqa: E731
         chosen = res.chosen is p
         gate = "" if p.status != "measured" else ("pass" if p.passed else "fail")
+        stopped = "picked" if chosen else (p.stop or ("passed" if p.passed else ""))
+        if p.stop and p.reason:
+            stopped += f": {p.reason}"
+        speedup = f(p.speedup, 3) + (" R" if getattr(p, "retimed", False) else "")
         table.add_row(
             ("[bold green]" + p.label + "[/bold green]") if chosen else p.label,
             p.peer or "",
+            p.stage + (" (cached)" if p.cached else ""),
+            Text(stopped),  # reasons quote metric values and labels: never read as markup
             f(p.quality.get(res.primary_metric)),
             f(p.recovery),
             f(p.throughput),
-            f(p.speedup, 3),
+            speedup,
             f(p.latency_p50_ms),
             f(p.latency_p99_ms),
             gate if p.status == "measured" else p.status,

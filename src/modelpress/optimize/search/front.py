@@ -11,16 +11,26 @@ from typing import Any
 
 from modelpress.tasks import TASKS
 
+# How far a candidate got in the tuner's search (each stage includes the ones before it).
+STAGES = ("planned", "built", "timed", "screened", "scored")
+
 
 @dataclass
 class Point:
-    """A measured candidate."""
+    """A candidate and what the search found out about it.
+
+    ``status``: ``measured`` (fully scored and timed), ``timed`` (built and timed, its quality not
+    fully scored: see ``stop``), ``failed`` (an error), ``skipped`` (not tried).
+    ``stage``: how far it got (:data:`STAGES`); ``stop``: why it went no further (one of the
+    ``STOP_*`` texts of :mod:`modelpress.optimize.search.tune`; None when it passed the gate),
+    ``reason``: the details.
+    """
 
     label: str
     runtime: str
     step: dict[str, Any] | None
     peer: str | None
-    status: str  # measured, failed, skipped
+    status: str  # measured, timed, failed, skipped
     quality: dict[str, float] = field(default_factory=dict)
     recovery: float | None = None
     throughput: float | None = None  # items/s at the tuner's batch
@@ -36,6 +46,13 @@ class Point:
     cached: bool = False
     seconds: float = 0.0
     registered: str | None = None
+    stage: str = "planned"
+    stop: str | None = None
+    reason: str | None = None
+    screen: dict[str, Any] | None = None  # the screening verdict on the subsample: {rows, margin, passed, gate, quality}
+    first_speedup: float | None = None  # the speed-up of its own timing (stage 2), before the final re-timing
+    first_throughput: float | None = None
+    retimed: bool = False  # its figures come from the final interleaved re-timing
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -56,6 +73,8 @@ class TuneResult:
     output: str | None = None
     report: str | None = None
     registered_original: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the search wants the reader to know (the budget, the re-timing)
+    search: dict[str, Any] = field(default_factory=dict)  # mode, stage seconds, screening rows and margin, re-timed points
 
     @property
     def front(self) -> list[Point]:
@@ -77,6 +96,8 @@ class TuneResult:
             "output": self.output,
             "report": self.report,
             "registered_original": self.registered_original,
+            "notes": self.notes,
+            "search": self.search,
         }
 
 

@@ -86,7 +86,7 @@ def latency_plot(result: Any) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted([p for p in result.points if p.status == "measured" and p.latency_p50_ms], key=lambda p: p.latency_p50_ms)
+    pts = sorted([p for p in result.points if p.latency_p50_ms], key=lambda p: p.latency_p50_ms)
     fig, ax = plt.subplots(figsize=(8.5, 0.35 * len(pts) + 1.5))
     ys = range(len(pts))
     ax.barh([y + 0.2 for y in ys], [p.latency_p99_ms for p in pts], height=0.4, color="#f4a261", label="p99")
@@ -116,15 +116,40 @@ def tune_report(result: Any, out_dir: Path) -> Path:
     (out_dir / "pareto.png").write_bytes(pareto)
     (out_dir / "latency.png").write_bytes(latency)
     rows = []
-    for p in sorted(result.points, key=lambda p: -(p.throughput or 0)):
+    for p in sorted(result.points, key=lambda p: -(p.speedup or 0)):
         cls = "chosen" if result.chosen is p else ("fail" if p.status == "measured" and not p.passed else "")
+        stopped = "picked" if result.chosen is p else (p.stop or ("passed" if p.passed else ""))
+        screen = p.screen or {}
+        screened = "" if not screen else ("pass" if screen.get("passed") else "fail") + f" ({screen.get('rows')} rows)"
+        gate = "" if p.status != "measured" else ("pass" if p.passed else "fail")
         rows.append(
-            f"<tr class='{cls}'><td>{_fmt(p.label)}</td><td>{_fmt(p.peer)}</td><td>{_fmt(p.status)}</td>"
-            f"<td>{_fmt(p.recovery)}</td><td>{_fmt(p.throughput, 4)}</td><td>{_fmt(p.speedup, 3)}</td>"
+            f"<tr class='{cls}' data-stage='{_fmt(p.stage)}'><td>{_fmt(p.label)}</td><td>{_fmt(p.peer)}</td>"
+            f"<td class='stage'>{_fmt(p.stage)}{' (cached)' if p.cached else ''}</td><td class='stop'>{_fmt(stopped)}</td>"
+            f"<td>{_fmt(p.recovery)}</td><td>{_fmt(p.throughput, 4)}</td><td>{_fmt(p.first_speedup, 3)}</td>"
+            f"<td>{_fmt(p.speedup, 3) if p.retimed else ''}</td>"
             f"<td>{_fmt(p.latency_p50_ms, 3)}</td><td>{_fmt(p.latency_p99_ms, 3)}</td>"
-            f"<td>{'yes' if p.passed else 'no'}</td><td>{'*' if p.on_front else ''}</td>"
-            f"<td>{_fmt(p.error or (p.gate or {}).get('summary'))}</td></tr>"
+            f"<td>{screened}</td><td>{gate}</td><td>{'*' if p.on_front else ''}</td>"
+            f"<td>{_fmt(p.reason or p.error or (p.gate or {}).get('summary'))}</td></tr>"
         )
+    search = getattr(result, "search", None) or {}
+    funnel = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td>{_fmt(count)}</td></tr>" for stage, count in (search.get("stages") or {}).items()
+    )
+    secs = ", ".join(f"{html.escape(k.replace('_', ' '))} {v:.0f} s" for k, v in (search.get("seconds") or {}).items())
+    screening = (
+        f"screened on {search['screen_rows']} fixed rows, dropped when below the gate by more than {search['screen_margin']:.3f}"
+        if search.get("screen_rows")
+        else "no screening"
+    )
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in getattr(result, "notes", None) or [])
+    search_html = (
+        f"<h2>Search</h2><p id='search'>{html.escape(str(search.get('mode', '')))} search of {len(result.points)} candidates: "
+        f"{html.escape(screening)}; time: {secs}. Re-timed together at the end: "
+        f"{html.escape(', '.join(search.get('retimed') or []) or 'none')}.</p>{notes}"
+        f"<table id='stages'><tr><th>stage reached</th><th>candidates</th></tr>{funnel}</table>"
+        if search
+        else ""
+    )
     gate_rows = ""
     if result.chosen is not None and result.chosen.gate:
         for r in result.chosen.gate["rows"]:
@@ -146,15 +171,18 @@ img{{max-width:100%}}</style></head><body>
 <p>task <b>{html.escape(result.task)}</b>, dataset <b>{html.escape(result.dataset)}</b>,
 primary metric <b>{html.escape(result.primary_metric)}</b>
 (original: {_fmt(result.original["metrics"].get(result.primary_metric))}). Machine: {machine}.</p>
-<h2>Chosen: {chosen}</h2>
+<h2 id="chosen">Chosen: {chosen}</h2>
 <table><tr><th>metric</th><th>original</th><th>variant</th><th>recovery</th><th>threshold</th><th>pass</th></tr>{gate_rows}</table>
 <h2>Quality vs throughput</h2><img alt="pareto" src="data:image/png;base64,{b64["pareto"]}">
 <h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
+{search_html}
 <h2>Every candidate</h2>
-<table><tr><th>candidate</th><th>peer recipe</th><th>status</th><th>recovery</th><th>items/s</th><th>speed-up</th>
-<th>p50 ms</th><th>p99 ms</th><th>gate</th><th>front</th><th>notes</th></tr>{"".join(rows)}</table>
-<p>Speed-ups are against {html.escape(result.model)} on PyTorch fp32 eager, timed side by side with each candidate
-in interleaved rounds (cached points are marked in tune.json).</p>
+<table id="candidates"><tr><th>candidate</th><th>peer recipe</th><th>stage reached</th><th>stopped</th><th>recovery</th>
+<th>items/s</th><th>speed-up (own timing)</th><th>speed-up (re-timed)</th>
+<th>p50 ms</th><th>p99 ms</th><th>screening</th><th>gate</th><th>front</th><th>notes</th></tr>{"".join(rows)}</table>
+<p>Speed-ups are against {html.escape(result.model)} on PyTorch fp32 eager: first each candidate's own timing, side by side
+with the baseline in interleaved rounds; then the front and the passing candidates re-timed together in one process, the
+figures the pick rests on (cached points are marked).</p>
 </body></html>"""
     path = out_dir / "report.html"
     tmp = out_dir / ".report.html.tmp"

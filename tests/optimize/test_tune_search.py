@@ -1,0 +1,167 @@
+"""The tuner's staged search: every candidate built and timed, the fastest screened and scored, the pick re-timed.
+
+On the tiny random encoder (2 layers, hidden 32) and STS-B pairs, gated on agreement with the
+original (its Spearman means nothing): the test-only weight-noise technique gives variants whose
+verdicts are known in advance (sigma 0 keeps the outputs exactly, sigma 3 destroys them). The
+first timing of a candidate is what the search orders by; here it is injected (the real timing
+is run, then its speed-up replaced), so the order the search sees is known; and a genuinely slow
+runtime (PyTorch with a sleep in every call) shows that the pick comes from the final re-timing,
+not from that first figure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+
+from modelpress.optimize.configs import parse_step
+from modelpress.optimize.gate import GateConfig
+from modelpress.optimize.search import tune as tune_mod
+from modelpress.optimize.search.stages import screen_margin, screen_size, screening_gate, subsample
+from modelpress.optimize.search.tune import STOP_BUDGET, STOP_SCREEN, STOP_SLOWER, Candidate, tune
+from modelpress.optimize.step import Pipeline
+from modelpress.runtimes.base import RUNTIMES
+from modelpress.runtimes.torch import TorchRunner
+
+from .test_recipe import WeightNoise  # noqa: F401  (registers the test technique)
+
+ROWS = 300  # STS-B dev pairs scored in full
+NOISY, CLEAN, NEAR = "test-weight-noise@torch(sigma=3.0)", "test-weight-noise@torch", "test-weight-noise@torch(sigma=0.001)"
+SCREEN_ROWS = 60  # the screening subsample
+GATE = GateConfig(thresholds=[{"metric": "mean_cosine", "min_value": 0.99}])
+FAST = {"task": "embedding", "data": "stsb-dev", "limit": ROWS, "threads": 1, "batch_size": 4, "seq_len": 16, "bench_seconds": 0.1}
+SLEEP_S = 0.02  # per call of the slow runtime: several times a tiny encoder's own call
+
+
+def noise(sigma: float) -> dict:
+    return {"technique": "test-weight-noise", "sigma": sigma}
+
+
+def inject_first_speedups(monkeypatch, by_label: dict[str, float]) -> None:
+    """Run each candidate's real first timing, then report the given speed-up for it instead."""
+    real = tune_mod._first_timing
+
+    def fake(pipe, art, runtime):
+        rec = real(pipe, art, runtime)
+        label = f"fp32@{runtime}" if art is pipe.original else parse_step(art.manifest.step).label()
+        if label in by_label:
+            rec["throughput_ratio"] = by_label[label]
+            rec["variant_items_per_s"] = rec["original_items_per_s"] * by_label[label]
+        return rec
+
+    monkeypatch.setattr(tune_mod, "_first_timing", fake)
+
+
+def count_full_scores(monkeypatch) -> list[str]:
+    """The runtimes/models fully scored (Pipeline.judge), in order."""
+    calls: list[str] = []
+    real = Pipeline.judge
+
+    def judge(self, art, runtime):
+        calls.append(f"{art.manifest.step or 'original'}@{runtime}")
+        return real(self, art, runtime)
+
+    monkeypatch.setattr(Pipeline, "judge", judge)
+    return calls
+
+
+class SlowTorchRunner(TorchRunner):
+    """PyTorch eager with a sleep in every call: a runtime that is really slower."""
+
+    name = "test-slow"
+
+    def _run(self, batch):
+        time.sleep(SLEEP_S)
+        return super()._run(batch)
+
+
+def test_screening_subsample_and_margin():
+    from modelpress.datasets import PairDataset
+
+    assert screen_size(1500) == 200 and screen_size(5000) == 500  # a tenth, at least 200 rows
+    assert screen_size(300) == 0 and screen_size(300, 60) == 60 and screen_size(300, 0) == 0  # too small to save anything; forced
+    assert screen_margin(200) == pytest.approx(0.5 / 200**0.5) and screen_margin(10**6) == 0.01
+    ds = PairDataset("d", [f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)], [float(i) for i in range(10)])
+    sub = subsample(ds, 4)
+    assert sub.sentences1 == ["a0", "a3", "a6", "a9"] and sub.scores == [0.0, 3.0, 6.0, 9.0]  # spread over the split
+    assert subsample(ds, 4) == sub  # the same rows every time
+    loose = screening_gate(GateConfig.for_task("embedding", max_drop=0.01, min_agreement=0.95), {"spearman": 0.8}, 0.03)
+    assert [(t.min_recovery, t.min_value) for t in loose.thresholds] == [(pytest.approx(0.96), None), (None, pytest.approx(0.92))]
+
+
+@pytest.mark.needs_data
+def test_stages_slower_and_screened_out_candidates_are_never_fully_scored(tiny_encoder, tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))  # a cache of its own
+    # the order the search sees: the destroyed variant looks fastest, the faithful one next, a near copy slowest
+    inject_first_speedups(
+        monkeypatch,
+        {"test-weight-noise@torch(sigma=3.0)": 3.0, "test-weight-noise@torch": 2.0, "test-weight-noise@torch(sigma=0.001)": 1.5},
+    )
+    judged = count_full_scores(monkeypatch)
+    cands = ["torch", noise(3.0), noise(0.0), noise(0.001)]
+    res = tune(str(tiny_encoder), candidates=cands, gate=GATE, screen_rows=SCREEN_ROWS, budget_s=600, output=tmp_path / "out", **FAST)
+    by = {p.label: p for p in res.points}
+    broken, clean, near = (
+        by["test-weight-noise@torch(sigma=3.0)"],
+        by["test-weight-noise@torch"],
+        by["test-weight-noise@torch(sigma=0.001)"],
+    )
+    # every candidate was built and timed; the broken one failed screening and was never scored in full
+    assert all(p.first_speedup is not None and p.latency_p50_ms for p in res.points)
+    assert (broken.stage, broken.stop, broken.status) == ("screened", STOP_SCREEN, "timed")
+    assert broken.screen["rows"] == SCREEN_ROWS and not broken.screen["passed"] and broken.gate is None and broken.quality == {}
+    assert broken.screen["quality"]["mean_cosine"] < 0.99 - screen_margin(SCREEN_ROWS)
+    # the faithful one passed screening and the full gate; the near copy, slower than it, was not even screened
+    assert (clean.stage, clean.stop, clean.passed, clean.screen["passed"]) == ("scored", None, True, True)
+    assert (near.stage, near.stop, near.screen) == ("timed", STOP_SLOWER, None) and clean.label in near.reason
+    assert len(judged) == 1 and "'sigma': 0.0" in judged[0]  # one full evaluation in all (the baseline's is the original's)
+    assert by["fp32@torch"].stage == "scored" and by["fp32@torch"].passed
+    assert res.search["stages"] == {"built": 4, "timed": 4, "screened": 3, "scored": 2}  # reached at least (the baseline: scored)
+    # the report and the JSON show each candidate's stage and why it stopped
+    page = (tmp_path / "out/report.html").read_text()
+    assert "stage reached" in page and STOP_SCREEN in page and STOP_SLOWER in page and "id='stages'" in page
+    points = {p["label"]: p for p in json.loads((tmp_path / "out/tune.json").read_text())["points"]}
+    assert points[broken.label]["stop"] == STOP_SCREEN and points[near.label]["stage"] == "timed"
+
+    # again: every stage comes from the cache; the screening verdict is kept, nothing is scored again
+    judged.clear()
+    again = tune(str(tiny_encoder), candidates=cands, gate=GATE, screen_rows=SCREEN_ROWS, budget_s=600, report=False, **FAST)
+    assert all(p.cached for p in again.points) and judged == []
+    assert {p.label: (p.stage, p.stop) for p in again.points} == {p.label: (p.stage, p.stop) for p in res.points}
+
+
+@pytest.mark.needs_data
+def test_the_pick_comes_from_the_final_interleaved_retiming(tiny_encoder, monkeypatch, data_dir):
+    monkeypatch.setitem(RUNTIMES, "test-slow", SlowTorchRunner)
+    inject_first_speedups(monkeypatch, {"fp32@test-slow": 3.0})  # its first timing says 3x (a quiet moment, say)
+    res = tune(str(tiny_encoder), candidates=[Candidate("torch"), Candidate("test-slow")], gate=GATE, budget_s=600, use_cache=False, **FAST)
+    by = {p.label: p for p in res.points}
+    slow = by["fp32@test-slow"]
+    assert slow.passed and slow.first_speedup == pytest.approx(3.0)  # it passes the gate and looked fastest ...
+    assert slow.retimed and slow.speedup < 0.7  # ... but timed side by side with the others it is slower
+    assert res.chosen is by["fp32@torch"] and res.chosen.retimed  # so the pick is the baseline, from the re-timing
+    assert res.search["retimed"] == ["fp32@torch", "fp32@test-slow"]
+
+
+@pytest.mark.needs_data
+def test_a_spent_budget_leaves_every_candidate_timed_with_a_clear_reason(tiny_encoder, tmp_path, data_dir):
+    from rich.console import Console
+
+    from modelpress.cli.optimize import tune_table
+
+    cands = ["torch", noise(0.0), noise(3.0)]
+    out = tmp_path / "o"
+    res = tune(str(tiny_encoder), candidates=cands, gate=GATE, budget_s=1e-3, exhaustive=True, use_cache=False, output=out, **FAST)
+    others = [p for p in res.points if p.label != "fp32@torch"]
+    assert all(p.stage == "timed" and p.stop == STOP_BUDGET and "budget" in p.reason for p in others)
+    assert res.chosen.label == "fp32@torch"  # the original passes by definition
+    assert res.notes and "more than the budget" in res.notes[0]
+    buf = io.StringIO()
+    Console(file=buf, width=400).print(tune_table(res))
+    table = buf.getvalue()
+    assert "more than the budget" in table and "stage" in table
+    assert all(any(p.label in line and STOP_BUDGET in line for line in table.splitlines()) for p in others)
+    assert STOP_BUDGET in (out / "report.html").read_text()
