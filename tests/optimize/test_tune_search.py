@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 
 import pytest
@@ -165,3 +166,55 @@ def test_a_spent_budget_leaves_every_candidate_timed_with_a_clear_reason(tiny_en
     assert "more than the budget" in table and "stage" in table
     assert all(any(p.label in line and STOP_BUDGET in line for line in table.splitlines()) for p in others)
     assert STOP_BUDGET in (out / "report.html").read_text()
+
+
+@pytest.mark.needs_data
+def test_the_report_in_headless_chromium_shows_the_plots_the_stages_and_the_pick(tiny_encoder, tmp_path, data_dir):
+    from html.parser import HTMLParser
+
+    from .._processes import run_group
+    from ..serving.test_dashboard import CHROMIUM_FLAGS, CHROMIUM_TIMEOUT_S, _find_or_install_chromium
+
+    chromium, why = _find_or_install_chromium()
+    if chromium is None:
+        pytest.skip(why)
+    out = tmp_path / "o"
+    res = tune(
+        str(tiny_encoder), candidates=["torch", noise(0.0), noise(3.0)], gate=GATE, budget_s=600, use_cache=False, output=out, **FAST
+    )
+    # a copy of the report with a probe: once the page has loaded, how many of its images decoded (and how big they are)
+    probe = (
+        "<script>window.addEventListener('load', () => document.body.setAttribute('data-plots', "
+        "[...document.images].filter(i => i.complete && i.naturalWidth > 200).map(i => i.alt).join(',')));</script></body>"
+    )
+    page = out / "probe.html"
+    assert res.report == str(out / "report.html")
+    page.write_text((out / "report.html").read_text().replace("</body>", probe))
+    with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
+        done = run_group(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=2000", "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=CHROMIUM_TIMEOUT_S,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body: dict[str, str] = {}
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "body":
+                self.body = {k: v or "" for k, v in attrs}
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    dom = Cells()
+    dom.feed(done.stdout)
+    assert dom.body.get("data-plots", "").split(",") == ["pareto", "latency"]  # both plots decoded and drawn
+    text = " ".join(dom.text)
+    assert f"Chosen: {res.chosen.label}" in text and "stage reached" in text and "picked" in text
+    assert all(p.label in text for p in res.points) and "scored" in text
