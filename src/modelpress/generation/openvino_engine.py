@@ -8,7 +8,11 @@ modules (embeddings, norms, projections, MLPs, rotary embedding): only attention
 so the cache is plain tensors in and out and the graph has no Python control flow::
 
     (input_ids [B,S], position_ids [B,S], attention_mask [B,T+S], past_k, past_v [B, layers*kv_heads, T, head_dim])
-        -> (logits of the last position [B, vocab], present_k, present_v [B, layers*kv_heads, T+S, head_dim])
+        -> (logits of the last position [B, vocab], new_k, new_v [B, layers*kv_heads, S, head_dim])
+
+Decode steps keep the cache in a buffer whose length grows in blocks of ``KV_BLOCK`` positions
+(the unused ones masked): the graph sees a new input shape once per block instead of at every
+token (a new shape costs OpenVINO milliseconds), and only the new position is written per step.
 
 The IR is cached by the model's files and the options (``cache_dir``, default
 ``$MODELPRESS_HOME/cache/generation``). ``precision``: ``f32`` (default without ``quantize``:
@@ -35,10 +39,11 @@ from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 
-FORMAT_VERSION = 2  # bump when the exported graph changes meaning
+FORMAT_VERSION = 3  # bump when the exported graph changes meaning
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP_SIZE = 128
+KV_BLOCK = 64  # decode-cache positions added at a time (one new input shape per block)
 
 
 def supported(source: Any) -> bool:
@@ -100,10 +105,10 @@ class _Decoder(torch.nn.Module):
             v = attn.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             lo, hi = i * self.kv_heads, (i + 1) * self.kv_heads
-            k = torch.cat([past_k[:, lo:hi], k], dim=2)
-            v = torch.cat([past_v[:, lo:hi], v], dim=2)
             new_k.append(k)
             new_v.append(v)
+            k = torch.cat([past_k[:, lo:hi], k], dim=2)
+            v = torch.cat([past_v[:, lo:hi], v], dim=2)
             kr = k.repeat_interleave(group, dim=1) if group > 1 else k
             vr = v.repeat_interleave(group, dim=1) if group > 1 else v
             o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=visible, scale=self.scaling)
@@ -154,7 +159,7 @@ def export_decoder(hf_model: Any, folder: Path) -> Path:
         # none of it is about this graph, whose output is checked against the reference in the tests
         warnings.simplefilter("ignore")
         model = ov.convert_model(dec, example_input=example, input=[(name, ov.PartialShape(shape), t) for name, shape, t in inputs])
-    for out, name in zip(model.outputs, ("logits", "present_k", "present_v"), strict=True):
+    for out, name in zip(model.outputs, ("logits", "new_k", "new_v"), strict=True):
         out.get_tensor().set_names({name})
     ov.save_model(model, str(folder / "decoder.xml"), compress_to_fp16=False)
     (folder / "engine.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "quantize": None, "model_type": cfg.model_type}))
@@ -234,6 +239,8 @@ class OpenVINOEngine(BatchingEngine):
             props["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(self.ir_path)), "CPU", props)
         self.request = self.compiled.create_infer_request()
+        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode cache (see KV_BLOCK)
+        self._buffer_len = 0
         attn_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.layers = int(attn_cfg.num_hidden_layers)
         self.kv_heads = int(getattr(attn_cfg, "num_key_value_heads", None) or attn_cfg.num_attention_heads)
@@ -253,12 +260,12 @@ class OpenVINOEngine(BatchingEngine):
         )
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[torch.Tensor, KV]:
+        """One inference: logits and the K/V of the new positions (copied: the request reuses its output buffers)."""
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_k": k, "past_v": v}
         self.request.infer(inputs, share_inputs=True)  # no copy of the cache in
-        # the request reuses its output buffers: copy what is kept beyond the next call
         logits = torch.from_numpy(self.request.get_tensor("logits").data.copy())
-        new_k = torch.from_numpy(self.request.get_tensor("present_k").data.copy())
-        new_v = torch.from_numpy(self.request.get_tensor("present_v").data.copy())
+        new_k = torch.from_numpy(self.request.get_tensor("new_k").data.copy())
+        new_v = torch.from_numpy(self.request.get_tensor("new_v").data.copy())
         return logits, [(new_k, new_v)]
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
@@ -273,7 +280,25 @@ class OpenVINOEngine(BatchingEngine):
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
         (k, v) = kv[0]
-        return self._run(tokens.numpy()[:, None], positions.numpy()[:, None], mask.numpy(), k.numpy(), v.numpy())
+        b, n, t, d = k.shape
+        buf = self._buffer
+        # the cache the last step returned is a view of the buffer: go on in place; anything else
+        # (a sequence joined or left, a new batch) is copied into a fresh buffer
+        if buf is None or buf[0].shape[0] != b or buf[0].shape[2] <= t or k.data_ptr() != buf[0].data_ptr() or self._buffer_len != t:
+            size = (t // KV_BLOCK + 1) * KV_BLOCK
+            buf = (k.new_zeros(b, n, size, d), v.new_zeros(b, n, size, d))
+            buf[0][:, :, :t], buf[1][:, :, :t] = k, v
+            self._buffer = buf
+        size = buf[0].shape[2]
+        full_mask = torch.zeros(b, size + 1, dtype=mask.dtype)
+        full_mask[:, :t] = mask[:, :t]
+        full_mask[:, size] = 1  # the new token, last in the graph's key order
+        logits, new = self._run(tokens.numpy()[:, None], positions.numpy()[:, None], full_mask.numpy(), buf[0].numpy(), buf[1].numpy())
+        buf[0][:, :, t : t + 1], buf[1][:, :, t : t + 1] = new[0]
+        self._buffer_len = t + 1
+        if t + 1 == size:  # full: the next step starts a larger buffer
+            self._buffer = None
+        return logits, [(buf[0][:, :, : t + 1], buf[1][:, :, : t + 1])]
 
 
 def _load_hf(src: ModelSource) -> Any:
