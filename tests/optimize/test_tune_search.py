@@ -22,7 +22,7 @@ from modelpress.optimize.configs import parse_step
 from modelpress.optimize.gate import GateConfig
 from modelpress.optimize.search import tune as tune_mod
 from modelpress.optimize.search.stages import screen_margin, screen_size, screening_gate, subsample
-from modelpress.optimize.search.tune import STOP_BUDGET, STOP_SCREEN, STOP_SLOWER, Candidate, tune
+from modelpress.optimize.search.tune import SPEED_TIE, STOP_BUDGET, STOP_SCREEN, STOP_SLOWER, Candidate, tune
 from modelpress.optimize.step import Pipeline
 from modelpress.runtimes.base import RUNTIMES
 from modelpress.runtimes.torch import TorchRunner
@@ -32,6 +32,7 @@ from .test_recipe import WeightNoise  # noqa: F401  (registers the test techniqu
 ROWS = 300  # STS-B dev pairs scored in full
 NOISY, CLEAN, NEAR = "test-weight-noise@torch(sigma=3.0)", "test-weight-noise@torch", "test-weight-noise@torch(sigma=0.001)"
 SCREEN_ROWS = 60  # the screening subsample
+BROKEN, CLEAN, SLOW = "test-weight-noise@torch(sigma=3.0)", "test-weight-noise@torch", "fp32@test-slow"
 GATE = GateConfig(thresholds=[{"metric": "mean_cosine", "min_value": 0.99}])
 FAST = {"task": "embedding", "data": "stsb-dev", "limit": ROWS, "threads": 1, "batch_size": 4, "seq_len": 16, "bench_seconds": 0.1}
 SLEEP_S = 0.02  # per call of the slow runtime: several times a tiny encoder's own call
@@ -96,28 +97,26 @@ def test_screening_subsample_and_margin():
 @pytest.mark.needs_data
 def test_stages_slower_and_screened_out_candidates_are_never_fully_scored(tiny_encoder, tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))  # a cache of its own
-    # the order the search sees: the destroyed variant looks fastest, the faithful one next, a near copy slowest
-    inject_first_speedups(
-        monkeypatch,
-        {"test-weight-noise@torch(sigma=3.0)": 3.0, "test-weight-noise@torch": 2.0, "test-weight-noise@torch(sigma=0.001)": 1.5},
-    )
+    monkeypatch.setitem(RUNTIMES, "test-slow", SlowTorchRunner)
+    # the order the search sees: the destroyed variant looks fastest, the faithful one next, the slow runtime last
+    inject_first_speedups(monkeypatch, {BROKEN: 3.0, CLEAN: 2.0, SLOW: 1.5})
     judged = count_full_scores(monkeypatch)
-    cands = ["torch", noise(3.0), noise(0.0), noise(0.001)]
+    cands = ["torch", noise(3.0), noise(0.0), Candidate("test-slow")]
     res = tune(str(tiny_encoder), candidates=cands, gate=GATE, screen_rows=SCREEN_ROWS, budget_s=600, output=tmp_path / "out", **FAST)
     by = {p.label: p for p in res.points}
-    broken, clean, near = (
-        by["test-weight-noise@torch(sigma=3.0)"],
-        by["test-weight-noise@torch"],
-        by["test-weight-noise@torch(sigma=0.001)"],
-    )
+    broken, clean, slow = by[BROKEN], by[CLEAN], by[SLOW]
     # every candidate was built and timed; the broken one failed screening and was never scored in full
     assert all(p.first_speedup is not None and p.latency_p50_ms for p in res.points)
     assert (broken.stage, broken.stop, broken.status) == ("screened", STOP_SCREEN, "timed")
     assert broken.screen["rows"] == SCREEN_ROWS and not broken.screen["passed"] and broken.gate is None and broken.quality == {}
     assert broken.screen["quality"]["mean_cosine"] < 0.99 - screen_margin(SCREEN_ROWS)
-    # the faithful one passed screening and the full gate; the near copy, slower than it, was not even screened
+    # the faithful one passed screening and the full gate; the slow one, timed side by side with it
+    # before being dropped, was slower: never screened, never scored
     assert (clean.stage, clean.stop, clean.passed, clean.screen["passed"]) == ("scored", None, True, True)
-    assert (near.stage, near.stop, near.screen) == ("timed", STOP_SLOWER, None) and clean.label in near.reason
+    assert (slow.stage, slow.stop, slow.screen, slow.gate) == ("timed", STOP_SLOWER, None, None)
+    assert clean.label in slow.reason and "side by side" in slow.reason
+    (confirmation,) = res.search["confirmations"]
+    assert confirmation["best"] == CLEAN and confirmation[SLOW] < confirmation[CLEAN] * (1 - SPEED_TIE)
     assert len(judged) == 1 and "'sigma': 0.0" in judged[0]  # one full evaluation in all (the baseline's is the original's)
     assert by["fp32@torch"].stage == "scored" and by["fp32@torch"].passed
     assert res.search["stages"] == {"built": 4, "timed": 4, "screened": 3, "scored": 2}  # reached at least (the baseline: scored)
@@ -125,9 +124,9 @@ def test_stages_slower_and_screened_out_candidates_are_never_fully_scored(tiny_e
     page = (tmp_path / "out/report.html").read_text()
     assert "stage reached" in page and STOP_SCREEN in page and STOP_SLOWER in page and "id='stages'" in page
     points = {p["label"]: p for p in json.loads((tmp_path / "out/tune.json").read_text())["points"]}
-    assert points[broken.label]["stop"] == STOP_SCREEN and points[near.label]["stage"] == "timed"
+    assert points[BROKEN]["stop"] == STOP_SCREEN and points[SLOW]["stage"] == "timed"
 
-    # again: every stage comes from the cache; the screening verdict is kept, nothing is scored again
+    # again: every stage comes from the cache; the screening and gate verdicts are kept, nothing is scored again
     judged.clear()
     again = tune(str(tiny_encoder), candidates=cands, gate=GATE, screen_rows=SCREEN_ROWS, budget_s=600, report=False, **FAST)
     assert all(p.cached for p in again.points) and judged == []
@@ -135,16 +134,24 @@ def test_stages_slower_and_screened_out_candidates_are_never_fully_scored(tiny_e
 
 
 @pytest.mark.needs_data
-def test_the_pick_comes_from_the_final_interleaved_retiming(tiny_encoder, monkeypatch, data_dir):
+def test_the_pick_comes_from_timing_candidates_together_not_from_their_first_timings(tiny_encoder, monkeypatch, data_dir):
     monkeypatch.setitem(RUNTIMES, "test-slow", SlowTorchRunner)
-    inject_first_speedups(monkeypatch, {"fp32@test-slow": 3.0})  # its first timing says 3x (a quiet moment, say)
-    res = tune(str(tiny_encoder), candidates=[Candidate("torch"), Candidate("test-slow")], gate=GATE, budget_s=600, use_cache=False, **FAST)
+    # first timings that mislead: the slow runtime looks fastest (a quiet moment, say), the faithful copy next
+    inject_first_speedups(monkeypatch, {SLOW: 3.0, CLEAN: 2.0})
+    judged = count_full_scores(monkeypatch)
+    cands = [Candidate("torch"), Candidate("test-slow"), noise(0.0)]
+    res = tune(str(tiny_encoder), candidates=cands, gate=GATE, budget_s=600, use_cache=False, **FAST)
     by = {p.label: p for p in res.points}
-    slow = by["fp32@test-slow"]
+    slow, clean = by[SLOW], by[CLEAN]
     assert slow.passed and slow.first_speedup == pytest.approx(3.0)  # it passes the gate and looked fastest ...
-    assert slow.retimed and slow.speedup < 0.7  # ... but timed side by side with the others it is slower
-    assert res.chosen is by["fp32@torch"] and res.chosen.retimed  # so the pick is the baseline, from the re-timing
-    assert res.search["retimed"] == ["fp32@torch", "fp32@test-slow"]
+    # ... so the copy, at 2x, would have been dropped as slower; timed side by side with it first, it is not
+    (confirmation,) = res.search["confirmations"]
+    assert confirmation["best"] == SLOW and confirmation[CLEAN] > confirmation[SLOW]
+    assert clean.stage == "scored" and clean.passed and len(judged) == 2
+    # the final re-timing of every passing candidate together shows the slow one for what it is
+    assert slow.retimed and slow.speedup < 0.7 and clean.retimed
+    assert res.chosen in (by["fp32@torch"], clean) and res.chosen.retimed
+    assert set(res.search["retimed"]) == {"fp32@torch", SLOW, CLEAN}
 
 
 @pytest.mark.needs_data

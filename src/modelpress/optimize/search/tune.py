@@ -8,7 +8,7 @@ in stages, spending the budget where the answer is (docs/tune.md):
    interleaved rounds: cheap next to scoring a full dataset, and done for every candidate
    whatever the budget;
 3. in order of speed-up, fastest first: drop a candidate slower than the best one already
-   passing the gate; screen the rest on a small fixed subsample of the dataset, dropping clear
+   passing the gate (timed side by side with it first, when that one is not the baseline); screen the rest on a small fixed subsample of the dataset, dropping clear
    failures (below the gate by a margin that covers the subsample's noise);
 4. score the survivors on the full dataset and gate them, until one passes (near ties of it are
    scored too), while the budget lasts;
@@ -59,6 +59,10 @@ SPEED_ROUNDS = 3  # interleaved rounds of each candidate and the baseline
 # one's: its own timing and the best one's were taken at different moments, and on a loaded
 # machine such ratios move by several percent (the final re-timing settles near ties).
 SPEED_TIE = 0.10
+# Before candidates are dropped as slower than a passing one (other than the baseline), it is timed
+# side by side with this many of the next candidates: enough to catch a lucky first timing of the
+# best, few enough that the runners loaded together stay cheap.
+CONFIRM_RIVALS = 3
 
 # Why a candidate went no further (Point.stop); None: it was scored in full and passed the gate.
 STOP_SLOWER = "slower than a passing candidate"
@@ -213,6 +217,11 @@ def _set_speed(point: Point, speed: dict[str, Any] | None) -> None:
     point.latency_p99_ms = figures.get("latency_p99_ms")
     point.speedup = figures.get("speedup")
     point.size_bytes = (speed or {}).get("variant_size_bytes")
+
+
+def _x(v: float) -> str:
+    """A speed-up as people read it: 1.87x, 58x, 1800x."""
+    return f"{v:.3g}x" if v < 100 else f"{v:.0f}x"
 
 
 def _first_timing(pipe: Any, art: Artifact, runtime: str) -> dict[str, Any] | None:
@@ -426,18 +435,62 @@ def tune(
     )
     t_scoring = time.perf_counter()
     bar = progress(f"scoring the fastest candidates ({'every one' if exhaustive else 'until one passes'})", len(order))
-    for p in order:
+    # When a candidate other than the baseline passes, the next ones are compared with it by figures
+    # taken at different moments; before dropping any as slower, the best and the next few are timed
+    # together (one interleaved run), so a lucky first timing of the best does not drop them all.
+    confirmed: dict[int, float] = {}  # id(point) -> its speed-up in the confirmation run of ``confirmed_for``
+    confirmed_for: Point | None = None
+
+    def speed_of(p: Point, other: Point) -> tuple[float, float, bool]:
+        """``p``'s and ``other``'s speed-ups, from the same confirmation run when both have one."""
+        if confirmed_for is not None and id(p) in confirmed and id(other) in confirmed:
+            return confirmed[id(p)], confirmed[id(other)], True
+        bar_ = other.first_speedup or 0.0
+        if id(other) in confirmed:  # the best's fresh figure may be lower than its first one: the fairer bar
+            bar_ = min(bar_, confirmed[id(other)])
+        return p.first_speedup or 0.0, bar_, False
+
+    def confirm(best_: Point, i: int) -> None:
+        nonlocal confirmed, confirmed_for
+        confirmed_for, confirmed = best_, {}
+        rivals = [q for q in order[i:] if q.stop is None and q.stage != "scored"][:CONFIRM_RIVALS]
+        group = [best_, *rivals]
+        advance = progress(f"timing {best_.label} side by side with the next {len(rivals)} candidates", None)
+        try:
+            recs = retime(
+                original,
+                [(Artifact.open(q.artifact) if q.artifact else original, q.runtime) for q in group],
+                config=bcfg,
+                threads=threads,
+                data_dir=ddir,
+            )
+        except ModelpressError as exc:
+            notes.append(f"Timing {best_.label} side by side with its rivals failed ({exc.message}); their own timings were compared.")
+            return
+        finally:
+            advance(1)
+        confirmed = {id(q): float(r.get("throughput_ratio") or 0.0) for q, r in zip(group, recs, strict=True)}
+        confirmations.append({"best": best_.label, **{q.label: confirmed[id(q)] for q in group}})
+
+    confirmations: list[dict[str, Any]] = []
+    for i, p in enumerate(order):
         bar(1)
         if p.stage == "scored" or p.stop in (STOP_SCREEN, STOP_GATE, STOP_ERROR):  # known from the cache
-            if p.passed and (best is None or (p.first_speedup or 0.0) > (best.first_speedup or 0.0)):
+            if p.passed and (best is None or speed_of(p, best)[0] > speed_of(p, best)[1]):
                 best = p
             report_point(p)
             continue
-        if not exhaustive and best is not None and (p.first_speedup or 0.0) < (best.first_speedup or 0.0) * (1.0 - SPEED_TIE):
-            p.stop = STOP_SLOWER
-            p.reason = f"{p.first_speedup:.3g}x, slower than {best.label} ({best.first_speedup:.3g}x), which passes the gate"
-            report_point(p)
-            continue
+        if not exhaustive and best is not None:
+            mine, theirs, together = speed_of(p, best)
+            if mine < theirs * (1.0 - SPEED_TIE) and best is not baseline and confirmed_for is not best:
+                confirm(best, i)  # about to drop it: first time it side by side with the best
+                mine, theirs, together = speed_of(p, best)
+            if mine < theirs * (1.0 - SPEED_TIE):
+                p.stop = STOP_SLOWER
+                how = "timed side by side with it" if together else "each timed on its own against the baseline"
+                p.reason = f"{_x(mine)} against {_x(theirs)} for {best.label}, which passes the gate ({how})"
+                report_point(p)
+                continue
         if elapsed() > budget_s:
             p.stop = STOP_BUDGET
             what = "screened" if n_screen and p.stage == "timed" else "scored"
@@ -474,7 +527,7 @@ def tune(
                     record(art, evaluation, verdict, art.manifest.metrics.get("speed"))
                 if not verdict.passed:
                     p.stop, p.reason = STOP_GATE, verdict.summary()
-                elif best is None or (p.first_speedup or 0.0) > (best.first_speedup or 0.0):
+                elif best is None or speed_of(p, best)[0] > speed_of(p, best)[1]:
                     best = p
         except ModelpressError as exc:
             p.status, p.stop, p.error = "failed", STOP_ERROR, exc.message
@@ -530,6 +583,7 @@ def tune(
         "seconds": seconds,
         "stages": stages,
         "retimed": [p.label for p in points if p.retimed],
+        "confirmations": confirmations,  # the best passing candidate timed side by side with its next rivals
     }
 
     result = TuneResult(
