@@ -8,8 +8,9 @@ in stages, spending the budget where the answer is (docs/tune.md):
    interleaved rounds: cheap next to scoring a full dataset, and done for every candidate
    whatever the budget;
 3. in order of speed-up, fastest first: drop a candidate slower than the best one already
-   passing the gate (timed side by side with it first, when that one is not the baseline); screen the rest on a small fixed subsample of the dataset, dropping clear
-   failures (below the gate by a margin that covers the subsample's noise);
+   passing the gate (timed side by side with it first, when that one is not the baseline);
+   screen the rest on a small fixed subsample of the dataset, dropping clear failures (below
+   the gate by a margin that covers the subsample's noise);
 4. score the survivors on the full dataset and gate them, until one passes (near ties of it are
    scored too), while the budget lasts;
 5. re-time the Pareto front and the passing candidates together, in one process and
