@@ -65,7 +65,7 @@ STREAMS = 8
 BATCH_TARGET = 4.0  # the target: 8 concurrent streams >= 4x the same 8 one after another
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 # bytes read per weight: GGUF Q8_0 = 32 int8 + one fp16 scale per 32; Q4_0 = 32 nibbles + one fp16 scale;
-# NNCF int8_asym per channel ~1 (scale + zero point per output row); int4_sym group 128 = 0.5 + fp16 scale / 128
+# NNCF int8_sym per channel ~1 (one scale per output row); int4_sym group 128 = 0.5 + fp16 scale / 128
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
 # the head (and embeddings) are kept in int8 by NNCF's int4 mode and in Q6_K/Q8_0-like types by nobody here: count them at int8
 HEAD_BYTES = {"int4": 1.0, "Q4_0": 18 / 32}

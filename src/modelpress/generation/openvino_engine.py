@@ -1,5 +1,5 @@
 """The fast CPU engine: the decoder exported to OpenVINO with an explicit KV cache, its weights
-compressed by NNCF (``quantize="int8"``: INT8_ASYM per channel; ``"int4"``: INT4_SYM in groups
+compressed by NNCF (``quantize="int8"``: INT8_SYM per channel; ``"int4"``: INT4_SYM in groups
 of 128, embeddings and head in int8; None: as loaded), run by the same step loop as the
 reference (continuous batching by left padding, :mod:`modelpress.generation._core`).
 
@@ -39,7 +39,7 @@ from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 
-FORMAT_VERSION = 3  # bump when the exported graph changes meaning
+FORMAT_VERSION = 4  # bump when the exported graph changes meaning
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP_SIZE = 128
@@ -172,7 +172,9 @@ def compress_decoder(f32_ir: Path, folder: Path, quantize: str) -> Path:
     ov = require("openvino", "openvino")
     model = ov.Core().read_model(str(f32_ir))
     if quantize == "int8":
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        # symmetric: no zero point to apply; measured here on the 1.1B config, 4 interleaved rounds
+        # on a loaded machine: 8.7 tok/s against 7.5 for INT8_ASYM
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
     else:
         # a layer whose input size is no multiple of the group gets the largest group that divides it
         adjust = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
