@@ -196,3 +196,7 @@ class DisallowedHostError(UserInputError):
 
 class ServerBusyError(ServerOverloadedError):
     """The server answers as many requests at once as it allows (max_concurrent_requests). HTTP 503 with Retry-After."""
+
+
+class RequestBodyTimeoutError(UserInputError):
+    """A client did not send its whole request body within the server's body-read timeout (a stalled upload). HTTP 408."""

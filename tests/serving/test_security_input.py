@@ -35,7 +35,10 @@ async def test_huge_shape_lists_are_refused_at_once_for_any_model(served):
             started = time.perf_counter()
             r = await c.post(f"/v2/models/{model}/infer", content=body, headers={"content-type": "application/json"})
             seconds = time.perf_counter() - started
-            assert r.status_code == 400 and message in r.json()["error"], (model, r.text[:300])
+            if model == "enc":
+                assert r.status_code == 400 and message in r.json()["error"], (model, r.text[:300])
+            else:  # an unknown model answers 404 before the body is read
+                assert r.status_code == 404, r.text[:300]
             assert seconds < HOSTILE_ANSWER_S, f"{seconds:.2f} s"
 
 
@@ -107,3 +110,109 @@ async def test_500_class_errors_answer_a_generic_message(served, caplog):
     r = await c.post("/v2/models/enc/infer", json=text_request(["a"]))
     assert r.status_code == 500 and "/srv/secret" not in r.text and "Internal error" in r.json()["error"]
     assert any("/srv/secret" in rec.getMessage() for rec in caplog.records)  # the detail is in the server log
+
+
+# -- review of the hardening (issue 12): parsing off the loop, deep JSON --------------------------------------
+BIG_ELEMENTS = 4_000_000  # '0,' each: an FP32 body just under the default 8 MiB limit
+# /v2/health/live while two such bodies are parsed: parsing runs in worker threads, so the loop only waits for the
+# longest C call that holds the GIL (orjson's parse or numpy's conversion of one body, ~0.1 s each), twice over at
+# worst, plus slack for a loaded machine; parsed on the loop (before the fix) one body took 1.3 s
+LIVE_WHILE_PARSING_S = 0.3
+
+
+PAUSE_S = 0.01
+
+
+def _big_fp32_body() -> bytes:
+    return orjson.dumps({"inputs": [{"name": "x", "shape": [BIG_ELEMENTS], "datatype": "FP32", "data": [0] * BIG_ELEMENTS}]})
+
+
+async def test_an_unknown_model_answers_404_before_its_body_is_read(served):
+    _, c = served
+    body = _big_fp32_body()
+    for path in ("/v2/models/no-such-model/infer", "/v2/models/enc/versions/99/infer"):
+        started = time.perf_counter()
+        r = await c.post(path, content=body, headers={"content-type": "application/json"})
+        seconds = time.perf_counter() - started
+        assert r.status_code == 404, r.text[:300]
+        assert seconds < HOSTILE_ANSWER_S, f"{path}: {seconds:.2f} s"
+
+
+async def test_tensor_parsing_runs_off_the_event_loop(served):
+    import anyio
+
+    _, c = served
+    body = _big_fp32_body()
+    statuses: list[int] = []
+
+    async def post() -> None:
+        r = await c.post("/v2/models/enc/infer", content=body, headers={"content-type": "application/json"})
+        statuses.append(r.status_code)
+
+    latencies: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(post)
+        tg.start_soon(post)
+        await anyio.sleep(0.05)  # both bodies handed over: parsing has started
+        while len(statuses) < 2:  # each round: one live request and a short sleep (a loop blocked in either shows)
+            started = time.perf_counter()
+            assert (await c.get("/v2/health/live")).status_code == 200
+            await anyio.sleep(PAUSE_S)
+            latencies.append(time.perf_counter() - started - PAUSE_S)
+    assert statuses == [400, 400]  # parsed, then refused: an FP32 tensor is not what a text model takes
+    assert len(latencies) >= 3, latencies  # the loop answered while the bodies were parsed
+    assert max(latencies) < LIVE_WHILE_PARSING_S, [round(x, 3) for x in latencies]
+
+
+@pytest.mark.parametrize("depth", [1100, 100_000])
+async def test_json_nested_too_deep_answers_400_on_every_json_route(served, depth):
+    _, c = served
+    deep = b"[" * depth + b"]" * depth
+    for path, body in [
+        ("/v2/models/enc/infer", deep),
+        ("/invocations", deep),
+        ("/v1/embeddings", b'{"model": "enc", "input": ' + deep + b"}"),
+        ("/v1/chat/completions", b'{"model": "enc", "messages": ' + deep + b"}"),
+        ("/feedback", deep),
+        ("/v2/repository/index", deep),
+    ]:
+        r = await c.post(path, content=body, headers={"content-type": "application/json", "x-api-key": API_KEY})
+        assert r.status_code == 400, (depth, path, r.status_code, r.text[:300])
+        if path != "/v1/chat/completions":  # FastAPI parses that body itself (and says only that it could not)
+            assert "nested more than 1024" in r.text, (path, r.text[:300])
+
+
+async def test_nan_is_named_without_parsing_the_body_twice():
+    from modelpress.errors import InvalidInputError
+    from modelpress.serving.http import loads
+
+    for body in (b"[NaN]", b'{"a": [1, -Infinity]}', b"[Infinity]"):
+        with pytest.raises(InvalidInputError, match="NaN or Infinity"):
+            loads(body, example="{}")
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        loads(b"[1,]", example="{}")
+
+
+def test_chat_parts_and_token_prompts_are_bounded():
+    from pydantic import ValidationError
+
+    from modelpress.errors import InvalidInputError
+    from modelpress.serving.protocols.openai_llm import (
+        MAX_PARTS,
+        MAX_PARTS_PER_MESSAGE,
+        MAX_PROMPT_IDS,
+        ChatRequest,
+        CompletionRequest,
+    )
+
+    part = {"type": "text", "text": "a"}
+    with pytest.raises(ValidationError):
+        ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [part] * (MAX_PARTS_PER_MESSAGE + 1)}]})
+    many = [{"role": "user", "content": [part] * MAX_PARTS_PER_MESSAGE}] * (MAX_PARTS // MAX_PARTS_PER_MESSAGE + 1)
+    with pytest.raises(InvalidInputError, match="content parts"):
+        ChatRequest.model_validate({"model": "m", "messages": many}).check_supported()
+    ChatRequest.model_validate({"model": "m", "messages": many[:-1]}).check_supported()  # exactly MAX_PARTS: accepted
+    for prompt in ([0] * (MAX_PROMPT_IDS + 1), [[0] * (MAX_PROMPT_IDS + 1)]):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    CompletionRequest.model_validate({"model": "m", "prompt": [0] * MAX_PROMPT_IDS})

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from modelpress.rollout.routing import DEFAULT_STICKY_HEADER, ShadowPolicy, SinglePolicy, SplitPolicy, TrafficPolicy
 
 STRATEGIES = ("canary", "shadow-then-canary", "blue-green", "ab")
+SPEC_EXAMPLE = '{"candidate": "2", "strategy": "canary", "steps": [5, 25, 50, 100], "window_s": 60}'  # what parse_spec's errors show
 ACTIVE = ("loading", "running", "paused")  # a rollout in one of these states is not over (a restarted server resumes it)
 # The other states: succeeded (promoted), rolled_back (a window breached), aborted (by hand, or
 # traffic changed outside the rollout) and failed (the candidate could not be loaded).
@@ -71,7 +72,7 @@ class RolloutSpec(BaseModel):
 def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     from modelpress.serving.config import validated
 
-    return validated(RolloutSpec, data, "the rollout")
+    return validated(RolloutSpec, data, "the rollout", what="rollout spec", example=SPEC_EXAMPLE)
 
 
 def phases_of(spec: RolloutSpec) -> list[dict[str, Any]]:

@@ -60,6 +60,8 @@ class ModelServer:
         self.check_host = False  # set when served on a loopback address: the Host header must name it (DNS rebinding)
         self.answering = 0  # requests being answered now (GuardMiddleware: at most config.max_concurrent_requests)
         self._key: str | None = self.config.api_key
+        self.large_body_gate = asyncio.Semaphore(1)  # large infer bodies are parsed one at a time (kserve_v2.LARGE_BODY_BYTES)
+        self.drain_timed_out = False  # set when a SIGTERM drain ran past drain_timeout_s (the process then exits non-zero)
         self.app = create_app(self)
         for extension in extensions:
             self.add_extension(extension)
@@ -87,6 +89,7 @@ class ModelServer:
         self.started = True
         self.draining = False
         self.loop = asyncio.get_running_loop()
+        self.large_body_gate = asyncio.Semaphore(1)  # of this loop
         for cfg in self.config.models:
             await self.repository.load(cfg)
         for extension in self.extensions.values():
@@ -305,7 +308,11 @@ def create_app(server: ModelServer) -> Any:
 
     app.add_middleware(GuardMiddleware, server=server)  # inside the serving middleware: its errors get request ids and metrics
     app.add_middleware(
-        ServingMiddleware, metrics=server.metrics, max_body_bytes=server.config.max_body_bytes, access_log_enabled=server.config.access_log
+        ServingMiddleware,
+        metrics=server.metrics,
+        max_body_bytes=server.config.max_body_bytes,
+        access_log_enabled=server.config.access_log,
+        body_timeout_s=server.config.body_timeout_s,
     )
     return app
 

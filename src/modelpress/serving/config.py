@@ -25,6 +25,9 @@ from modelpress.errors import ConfigError
 
 MiB = 1 << 20
 MAX_THREADS = 1024  # threads per runner instance: beyond any machine's cores; bounds what a load request may ask
+# A client must send its whole request body within this many seconds of the first read (else 408): a client that sends
+# half a body and stalls holds one of the max_concurrent_requests slots; 30 s lets a slow link (~300 KB/s) send 8 MiB.
+BODY_READ_TIMEOUT_S = 30.0
 
 
 class BatchConfig(BaseModel):
@@ -93,6 +96,7 @@ class ServerConfig(BaseModel):
     max_models: int = Field(64, ge=1, le=10_000)  # model names served at once; a load of one more answers 409
     registry: str | None = None  # registry URL or SQLite file for NAME@stage / NAME:VERSION sources
     drain_timeout_s: float = Field(30.0, ge=0.0)  # graceful shutdown: how long in-flight requests may finish
+    body_timeout_s: float = Field(BODY_READ_TIMEOUT_S, gt=0.0, le=3600.0)  # a request body must arrive within this (else 408)
     access_log: bool = True
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
@@ -129,15 +133,18 @@ class ServerConfig(BaseModel):
         return validated(cls, {"models": [{"source": s, **model, "batching": batch} for s in sources]}, "the serve options")
 
 
-def validated(kind: type[BaseModel], data: Any, where: str) -> Any:
+SERVER_CONFIG_EXAMPLE = "{models: [{source: minilm, batching: {max_batch_size: 32}}], port: 8000}"
+
+
+def validated(
+    kind: type[BaseModel], data: Any, where: str, *, what: str = "server configuration", example: str = SERVER_CONFIG_EXAMPLE
+) -> Any:
+    """``data`` as a ``kind``, or a :class:`ConfigError` naming ``what`` was invalid in ``where``, with a valid ``example``."""
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(
-            f"Invalid server configuration in {where}: {problems}",
-            hint="Example: {models: [{source: minilm, batching: {max_batch_size: 32}}], port: 8000}. Unknown keys are rejected.",
-        ) from None
+        raise ConfigError(f"Invalid {what} in {where}: {problems}", hint=f"Example: {example}. Unknown keys are rejected.") from None
 
 
 def load_config(path: str | os.PathLike) -> ServerConfig:

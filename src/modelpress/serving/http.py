@@ -10,7 +10,7 @@ it sent a sane one, else a new one), and after the response records
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
 import time
@@ -26,6 +26,7 @@ from modelpress.errors import (
     ModelNotReadyError,
     ModelpressError,
     PayloadTooLargeError,
+    RequestBodyTimeoutError,
     RequestTimeoutError,
     RolloutConflictError,
     RolloutNotFoundError,
@@ -36,12 +37,14 @@ from modelpress.errors import (
     UnsupportedMediaTypeError,
     UserInputError,
 )
+from modelpress.serving.config import BODY_READ_TIMEOUT_S
 from modelpress.serving.metrics import Metrics
 
 access_log = logging.getLogger("modelpress.access")
 log = logging.getLogger("modelpress.serving")
 
 MAX_REQUEST_ID = 128
+MAX_JSON_DEPTH = 1024  # orjson's nesting limit (arrays and objects); deeper documents answer 400
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -96,18 +99,20 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 def loads(body: bytes | memoryview, *, example: str) -> Any:
-    """Parse a JSON body; malformed JSON and NaN/Infinity literals answer 400 with what is wrong."""
+    """Parse a JSON body; malformed JSON, NaN/Infinity literals and nesting deeper than :data:`MAX_JSON_DEPTH` answer
+    400 with what is wrong. The error is read off orjson's message and position: the body is never parsed twice."""
     if not body:
         raise InvalidInputError("The request body is empty; a JSON document was expected.", hint=f"Example: {example}")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        try:  # the standard parser accepts NaN and Infinity, which JSON does not: say so
-            json.loads(bytes(body))
-            non_finite = True
-        except (ValueError, UnicodeDecodeError):
-            non_finite = False
-        if non_finite:
+        if "depth limit" in exc.msg or "recursion" in exc.msg.lower():
+            raise InvalidInputError(
+                f"The request body is JSON nested more than {MAX_JSON_DEPTH} levels deep (arrays or objects).",
+                hint=f"Send a flatter document. Example: {example}",
+            ) from None
+        at = bytes(body[exc.pos : exc.pos + 8]) if isinstance(exc.pos, int) else b""
+        if at.startswith((b"NaN", b"Infinity")):  # literals Python's json writes, which JSON does not have: say so
             raise InvalidInputError(
                 "The request holds NaN or Infinity, which are not JSON numbers and are not accepted as model inputs.",
                 hint="Send finite numbers (replace NaN before sending).",
@@ -123,6 +128,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (RolloutConflictError, 409),
     (PayloadTooLargeError, 413),
     (UnauthorizedError, 401),
+    (RequestBodyTimeoutError, 408),
     (ForbiddenError, 403),
     (UnsupportedMediaTypeError, 415),
     (ServerBusyError, 503),
@@ -152,6 +158,8 @@ def error_headers(exc: BaseException, status: int) -> dict[str, str]:
         return {"Retry-After": str(exc.retry_after_s)}
     if status == 401:  # Basic where a browser should ask for the key (the dashboard), else Bearer
         return {"WWW-Authenticate": getattr(exc, "challenge", None) or "Bearer"}
+    if status == 408:  # the rest of the body may still come: the connection cannot carry another request
+        return {"Connection": "close"}
     return {}
 
 
@@ -198,12 +206,19 @@ def _request_id(raw: bytes | None) -> str:
 
 class ServingMiddleware:
     def __init__(
-        self, app: Callable[..., Awaitable[None]], *, metrics: Metrics, max_body_bytes: int, access_log_enabled: bool = True
+        self,
+        app: Callable[..., Awaitable[None]],
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        access_log_enabled: bool = True,
+        body_timeout_s: float = BODY_READ_TIMEOUT_S,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.access_log = access_log_enabled
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -232,9 +247,23 @@ class ServingMiddleware:
             await send(message)
 
         limit = self.max_body
+        body_timeout = self.body_timeout_s
+        body: dict[str, Any] = {"done": False, "deadline": None}
 
         async def receive_limited() -> dict[str, Any]:
-            message = await receive()
+            if body["done"]:  # the body is in: later reads wait for a disconnect (streaming answers), for as long as it takes
+                return await receive()
+            if body["deadline"] is None:
+                body["deadline"] = time.monotonic() + body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body["deadline"] - time.monotonic()))
+            except TimeoutError:
+                raise RequestBodyTimeoutError(
+                    f"The request body did not arrive within {body_timeout:g} s ({state['bytes_in']:,} bytes came).",
+                    hint="Send the whole body at once; a slow upload is cut off so that it does not hold a request slot.",
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body["done"] = True
             if message["type"] == "http.request":
                 state["bytes_in"] += len(message.get("body", b""))
                 if state["bytes_in"] > limit:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelpress._fs import crash_point
 from modelpress.errors import ConfigError, ModelNotFoundError, ModelNotReadyError, UnknownServedModelError
 from modelpress.serving.batching import Batcher
 from modelpress.serving.config import ModelConfig, ServerConfig, validated
@@ -128,6 +129,7 @@ def build_version(
         name, version = artifact.name, "1"
     name = validate_name(cfg.name or name)
     version = cfg.version or version
+    crash_point(f"version-loading:{name}:{version}")  # fault runs: a version's runner about to load (in this worker thread)
     task = task_for(artifact)
     if task.name == "causal-lm" and runner is None:  # a generation engine batches its sequences itself
         from modelpress.serving.llm import build_generation
@@ -179,6 +181,15 @@ class ModelRepository:
                 f"No model named '{name}' is served here.", hint=f"Served models: {', '.join(sorted(self.routers)) or 'none'}."
             )
         return router.route(ctx or RequestContext(), version)
+
+    def check_served(self, name: str, version: str | None = None) -> None:
+        """404 (:class:`UnknownServedModelError`) unless ``name`` (and ``version``, when given) is served; no routing
+        decision is made. Inference routes call it before they read a body, so an unknown name costs nothing."""
+        router = self.routers.get(name)
+        if router is None:
+            self.route(name)  # raises the 404 with the served names
+        elif version and version not in router.versions:
+            raise UnknownServedModelError(f"Model '{name}' has no version '{version}' loaded.", hint=router.versions_hint())
 
     def get(self, name: str, version: str | None = None) -> LoadedVersion:
         return self.route(name, version)[0]
@@ -290,6 +301,8 @@ class ModelRepository:
         self.metrics.track_version(
             new.name, new.version, inflight=lambda: new.inflight, depth=lambda: new.batcher.depth, load_seconds=new.load_seconds
         )
+        if make_default and new.name in self.routers:
+            crash_point(f"hot-swap:{new.name}:{new.version}")  # fault runs: the new version loaded and warm, traffic not switched yet
         replaced = router.versions.get(new.version)
         router.versions[new.version] = new  # a reload of the same label replaces it in place
         if make_default or router.policy is None:

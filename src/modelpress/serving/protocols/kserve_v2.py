@@ -16,6 +16,7 @@ Embedding models answer ``embedding`` (FP32 ``[N, D]``); classifiers ``label`` (
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -43,6 +44,11 @@ _infer_doc = openapi_body(
     InferRequestBody,
     extra_content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},  # the binary tensor extension
 )
+# Bodies at least this large are parsed one at a time (ModelServer.large_body_gate, waited for on the loop, not in a
+# thread): parsing is mostly C calls that hold the GIL (orjson, numpy; ~0.1 s each for 8 MiB), so parallel parses are
+# no faster, and each extra parsing thread is one more the event loop waits behind (two 8 MiB bodies at once stalled
+# it for 0.5 s; one at a time, about 0.1 s)
+LARGE_BODY_BYTES = 1 << 20
 LOAD_EXAMPLE = '{"parameters": {"config": "{\\"source\\": \\"minilm@production\\"}"}}'
 
 
@@ -247,8 +253,16 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         info.model = model
     try:
         server.check_inference_key(request)
+        server.repository.check_served(model, version)  # 404 before the body is read, whatever its size
         body = await request.body()
-        req = parse_request(body, request.headers.get("inference-header-content-length"))
+        # parsing walks up to body-size elements in Python (flatten, type checks, numpy conversion): a worker thread keeps
+        # the event loop answering; max_concurrent_requests bounds how many such threads there are
+        header_length = request.headers.get("inference-header-content-length")
+        if len(body) < LARGE_BODY_BYTES:
+            req = await asyncio.to_thread(parse_request, body, header_length)
+        else:
+            async with server.large_body_gate:
+                req = await asyncio.to_thread(parse_request, body, header_length)
         lv, results, _ = await server.infer(
             model, version, info, lambda h: h.decode(_task_inputs(h.kind, req, [t.name for t in h.inputs_info()])), request.headers
         )

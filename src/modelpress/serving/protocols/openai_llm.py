@@ -50,6 +50,9 @@ MAX_PROMPTS = 16  # prompts in one completions request
 MAX_STOP = 4  # stop strings (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
+MAX_PARTS_PER_MESSAGE = 64  # content parts of one message (clients send one or a few); with MAX_PARTS, bounds validation
+MAX_PARTS = 1024  # content parts of all messages of one request together
+MAX_PROMPT_IDS = 1 << 17  # token ids in one prompt: the longest context of common open LLMs (131,072); longer fits no model
 MAX_TOKENS_LIMIT = 1 << 20  # a bound for the schema; the model's context is the real one (checked by the engine)
 MAX_SEED = (1 << 62) - MAX_N  # seed + choice index stays a valid torch seed
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -118,8 +121,11 @@ class CompletionRequest(_Sampling):
     prompt: (
         str
         | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-        | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]],
+            Field(min_length=1, max_length=MAX_PROMPTS),
+        ]
     ) = Field(description="A string, strings, token ids, or lists of token ids.")
     echo: bool = Field(False, description="Only false is supported.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Only null is supported.")
@@ -147,7 +153,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_PARTS_PER_MESSAGE)] | None = None
     name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
@@ -169,6 +175,12 @@ class ChatRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
+        parts = sum(len(m.content) for m in self.messages if isinstance(m.content, list))
+        if parts > MAX_PARTS:
+            raise InvalidInputError(
+                f"The messages have {parts:,} content parts together; at most {MAX_PARTS:,} are accepted in one request.",
+                hint="Join the text parts of each message into one string.",
+            )
         if self.logprobs or self.top_logprobs:
             raise InvalidInputError("'logprobs' is not supported by this server.", hint="Leave 'logprobs' and 'top_logprobs' out.")
 
