@@ -192,3 +192,62 @@ async def test_shadow_agreement_and_sticky_split_in_the_server(tiny_encoder, tin
                 seen.setdefault(f"u{u}", set()).add(r.json()["model_version"])
         assert all(len(v) == 1 for v in seen.values()) and {next(iter(v)) for v in seen.values()} == {"1", "2"}
         assert (await c.get("/v2/models/cls")).json()["parameters"]["policy"]["policy"] == "split"
+
+
+class _HeldCandidate:
+    """A candidate version whose answers wait until the test opens ``gate`` (the model itself does not matter here)."""
+
+    def __init__(self, gate) -> None:
+        from types import SimpleNamespace
+
+        self.gate = gate
+        self.handler = SimpleNamespace(kind="text")
+        self.batcher = SimpleNamespace(accepting=True)
+        self.calls = 0
+
+    async def infer(self, decoded):
+        self.calls += 1
+        await self.gate.wait()
+        return [decoded], decoded
+
+
+@pytest.mark.anyio
+async def test_mirrored_copies_past_the_in_flight_bound_are_dropped_and_counted():
+    import asyncio
+
+    from modelpress.serving.routing import MAX_SHADOW_INFLIGHT, Mirror
+
+    assert Mirror().max_inflight == MAX_SHADOW_INFLIGHT  # the server's mirror uses the bound
+    bound, sent = 3, 8
+    gate = asyncio.Event()
+    router: Router = Router("m")
+    candidate = _HeldCandidate(gate)
+    router.add("2", candidate)
+    mirror = Mirror(max_inflight=bound)
+
+    class Observer:
+        def __init__(self) -> None:
+            self.dropped_calls: list[tuple[str, str]] = []
+            self.answered_calls = 0
+
+        def dropped(self, model, version):
+            self.dropped_calls.append((model, version))
+
+        def failed(self, candidate, seconds, error):
+            raise AssertionError(f"a held copy failed: {error!r}")
+
+        def answered(self, primary, primary_results, candidate, results, seconds):
+            self.answered_calls += 1
+
+    observer = Observer()
+    mirror.observers.append(observer)
+    for i in range(sent):
+        mirror.send(router, Decision("1", ("2",)), lambda handler, i=i: f"request {i}", object(), [])
+    assert mirror.inflight == bound
+    assert mirror.dropped == sent - bound and observer.dropped_calls == [("m", "2")] * (sent - bound)
+    gate.set()
+    await mirror.wait(timeout=10)
+    assert mirror.inflight == 0 and observer.answered_calls == bound and candidate.calls == bound
+    mirror.send(router, Decision("1", ("2",)), lambda handler: "after", object(), [])  # room again: sent, not dropped
+    await mirror.wait(timeout=10)
+    assert observer.answered_calls == bound + 1 and mirror.dropped == sent - bound

@@ -216,3 +216,11 @@ def test_chat_parts_and_token_prompts_are_bounded():
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": prompt})
     CompletionRequest.model_validate({"model": "m", "prompt": [0] * MAX_PROMPT_IDS})
+
+
+async def test_a_rollout_start_without_a_candidate_shows_a_rollout_spec_example(served):
+    _, c = served
+    r = await c.post("/rollouts/enc/start", json={"strategy": "canary"}, headers={"x-api-key": API_KEY})
+    message = r.json()["error"]
+    assert r.status_code == 400 and "rollout spec" in message and "candidate" in message, message
+    assert "server configuration" not in message and "models:" not in message, message

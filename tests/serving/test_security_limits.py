@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,69 @@ def test_metrics_and_known_configs_are_bounded():
     for i in range(MAX_KNOWN + 10):
         repo._remember_config(f"m{i}", ModelConfig(source="m@production", name=f"m{i}"))
     assert len(repo.known) == MAX_KNOWN and "m0" not in repo.known and f"m{MAX_KNOWN + 9}" in repo.known
+
+
+# -- slow bodies, drains past their timeout (review of issue 12) -----------------------------------------------
+SHORT_BODY_TIMEOUT_S = 0.5  # the server's body-read timeout in these tests (the default, 30 s, is too long to wait for)
+SOCKET_TIMEOUT_S = 10  # the test's own bound on waiting for the server's answer
+
+
+def _stalled_upload(url: str, path: str = "/v1/embeddings") -> Any:
+    """A raw socket that sent the headers and half of a 100-byte body, then stalls (127.0.0.1 only)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    sock.sendall(head.encode() + b'{"model": "m", "input": "' + b"a" * 24)
+    return sock
+
+
+def test_a_client_that_stalls_mid_body_gets_408_and_frees_its_slot():
+    import time
+
+    import httpx
+
+    from modelpress.serving.app import ModelServer
+    from modelpress.serving.config import ServerConfig
+
+    server = ModelServer(ServerConfig(api_key=API_KEY, access_log=False, body_timeout_s=SHORT_BODY_TIMEOUT_S, max_concurrent_requests=1))
+    with server.in_thread() as running:
+        sock = _stalled_upload(running.url)
+        try:
+            started = time.monotonic()
+            answer = sock.recv(4096)
+            waited = time.monotonic() - started
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"did not arrive within" in answer and SHORT_BODY_TIMEOUT_S <= waited + 0.05 < SOCKET_TIMEOUT_S, waited
+        # the only request slot is free again
+        assert httpx.get(f"{running.url}/v1/models", timeout=SOCKET_TIMEOUT_S).status_code == 200
+
+
+def test_a_drain_past_its_timeout_is_flagged_and_ends_the_process_by_the_signal(monkeypatch):
+    import signal
+
+    from modelpress.serving.app import ModelServer, _uvicorn_server
+    from modelpress.serving.config import ServerConfig
+
+    # a request still running when drain_timeout_s ends (a body that never completes): the drain is flagged as cut short
+    server = ModelServer(ServerConfig(api_key=API_KEY, access_log=False, drain_timeout_s=0.3))
+    with server.in_thread() as running:
+        sock = _stalled_upload(running.url)
+        try:
+            running.stop()
+        finally:
+            sock.close()
+    assert server.drain_timed_out
+    # what the process does then: a complete drain exits 0 (the signal is not re-raised), a cut-short one ends by it
+    raised: list[int] = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    for timed_out in (False, True):
+        other = ModelServer(ServerConfig(api_key=API_KEY, access_log=False))
+        uv = _uvicorn_server(other, other.config, lifespan="on")
+        with uv.capture_signals():
+            uv.handle_exit(signal.SIGTERM, None)
+            other.drain_timed_out = timed_out
+    assert raised == [signal.SIGTERM]

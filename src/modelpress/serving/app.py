@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -124,12 +125,12 @@ class ModelServer:
             from modelpress.serving.security import load_or_create_key
 
             key, created = load_or_create_key()
-            if created:
-                log.warning(
-                    "No API key configured: generated the management key %s (written to %s, readable by this user only; "
-                    "`modelpress rollout ...` on this machine reads it from there).",
-                    key,
-                    key_file_path(),
+            if created:  # printed, not logged: --log-level error must not hide the one place the key is shown
+                print(
+                    f"No API key configured: generated the management key {key} (written to {key_file_path()}, readable by "
+                    "this user only; `modelpress rollout ...` on this machine reads it from there).",
+                    file=sys.stderr,
+                    flush=True,
                 )
             else:
                 log.info("No API key configured: management routes take the key in %s.", key_file_path())
@@ -331,13 +332,25 @@ def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: Literal
             server.draining = True  # readiness answers 503 from now on
             await super().shutdown(sockets)
 
+        async def _wait_tasks_to_complete(self) -> None:
+            # uvicorn cancels this wait when timeout_graceful_shutdown (drain_timeout_s) passes, then cancels the requests
+            try:
+                await super()._wait_tasks_to_complete()
+            except asyncio.CancelledError:
+                server.drain_timed_out = True
+                log.error("The drain ran past drain_timeout_s (%s s): requests still running were cancelled.", cfg.drain_timeout_s)
+                raise
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             # uvicorn re-raises SIGTERM / SIGINT once it has shut down, so the process would end with -15 after a
-            # complete drain; a drained server exits 0 instead (the signal was the request to stop, and it was done)
+            # complete drain; a drained server exits 0 instead (the signal was the request to stop, and it was done).
+            # A drain that ran past drain_timeout_s (requests cancelled) keeps the re-raise: the process ends by the
+            # signal (status -15, 143 in a shell), so a supervisor sees that requests were lost.
             with super().capture_signals():
                 yield
-                self._captured_signals.clear()
+                if not server.drain_timed_out and not self.force_exit:
+                    self._captured_signals.clear()
 
     config = uvicorn.Config(
         server.app,
