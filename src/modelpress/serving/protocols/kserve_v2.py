@@ -44,6 +44,15 @@ _infer_doc = openapi_body(
     InferRequestBody,
     extra_content={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},  # the binary tensor extension
 )
+_infer_doc["parameters"] = [  # the binary tensor extension: the length of the JSON part at the start of the body
+    {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "required": False,
+        "description": "With application/octet-stream: the bytes of the JSON header; the tensors' bytes follow it",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+]
 # Bodies at least this large are parsed one at a time (ModelServer.large_body_gate, waited for on the loop, not in a
 # thread): parsing is mostly C calls that hold the GIL (orjson, numpy; ~0.1 s each for 8 MiB), so parallel parses are
 # no faster, and each extra parsing thread is one more the event loop waits behind (two 8 MiB bodies at once stalled
