@@ -1,7 +1,13 @@
 """Fault runs (issue 12, item 6): real ``modelpress`` processes SIGKILLed at several points of
-``registry register``, ``optimize`` and ``tune``; afterwards ``modelpress registry check``
-passes, the caches hold no half-written entry that a later run would read, and the next run
-resumes or starts clean.
+``registry register``, ``optimize``, ``tune``, and of a ``modelpress serve`` running a canary and
+hot swaps; afterwards ``modelpress registry check`` passes, the caches hold no half-written entry
+that a later run would read, and the next run resumes or starts clean (a restarted server resumes
+the rollout exactly as the registry recorded it).
+
+The server's points: ``version-loading:NAME:VERSION`` (a version's runner about to load, in the
+load's worker thread), ``hot-swap:NAME:VERSION`` (a new default loaded and warm, traffic not
+switched yet) and ``rollout-recorded:ACTION`` (a rollout decision committed in the registry, not
+yet applied to traffic; ``promote`` is the promotion's transaction).
 
 The kill points are named hooks (``MODELPRESS_TEST_CRASH_AT``, :func:`modelpress._fs.crash_point`):
 the process kills itself there, or (with ``MODELPRESS_TEST_CRASH_PAUSE``) stops there and the
@@ -214,12 +220,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(url: str, port: int, home: Path, log: Path):
-    cmd = [*CLI, "serve", "tiny-enc@production", "--registry", url, "--port", str(port), "--api-key", KEY, "--threads", "1"]
-    with open(log, "ab") as fh:
-        return popen_group([*cmd, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT, env=_env(home))
-
-
 def _ready(base: str, proc, log: Path) -> None:
     import httpx
 
@@ -235,29 +235,65 @@ def _ready(base: str, proc, log: Path) -> None:
     raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
 
 
-def _traffic(base: str, stop) -> list[int]:
-    """Requests until ``stop`` is set or the server dies; the status codes answered."""
+def _traffic(base: str, stop, codes: list[int]) -> None:
+    """Requests until ``stop`` is set or the server dies; the status codes answered go to ``codes``."""
     import httpx
 
-    codes: list[int] = []
     with httpx.Client(base_url=base, timeout=30) as c:
         while not stop.is_set():
             try:
                 codes.append(c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code)
             except httpx.HTTPError:  # SIGKILLed mid-request: traffic ends
-                break
-    return codes
+                return
+
+
+@contextlib.contextmanager
+def _server_under_traffic(url: str, port: int, home: Path, log: Path, crash: str | None = None, mark: Path | None = None):
+    """A ``modelpress serve`` (with the kill point ``crash``, self-kill, or only marked with ``mark``) that must come
+    up ready, with traffic from a thread from then on; afterwards every request it answered was a 200 (none failed
+    but those cut off by the kill)."""
+    import threading
+
+    extra = {CRASH_ENV: crash, **({CRASH_MARK_ENV: str(mark)} if mark else {})} if crash else {}
+    cmd = [*CLI, "serve", "tiny-enc@production", "--registry", url, "--port", str(port), "--api-key", KEY, "--threads", "1"]
+    with open(log, "ab") as fh:
+        proc = popen_group([*cmd, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT, env=_env(home, **extra))
+    base, stop, codes = f"http://127.0.0.1:{port}", threading.Event(), []
+    sender = threading.Thread(target=_traffic, args=(base, stop, codes), daemon=True)
+    try:
+        _ready(base, proc, log)
+        sender.start()
+        deadline = time.monotonic() + 30
+        while len(codes) < 3:  # answering before anything else happens
+            assert sender.is_alive() and time.monotonic() < deadline, f"no traffic answered: {codes}"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        stop.set()
+        if sender.is_alive():
+            sender.join(30)
+        proc.end_group(grace=0 if crash else 5)
+    assert all(code == 200 for code in codes), sorted(set(codes))  # answered until the kill, never a 5xx
+
+
+def _killed(proc, log: Path, timeout_s: float = 90) -> None:
+    """Wait for a server to kill itself at its point (or be killed by the test)."""
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the server was not killed in {timeout_s} s: {log.read_text()[-3000:]}") from None
+    assert proc.returncode == -signal.SIGKILL, f"exited {proc.returncode}, not killed: {log.read_text()[-3000:]}"
 
 
 @pytest.mark.slow
-def test_a_server_killed_mid_hot_swap_during_a_canary_restarts_clean(home, tmp_path, tiny_encoder):
-    import threading
-
+def test_a_canary_and_hot_swaps_killed_at_four_points_each_restart_resumes_as_the_registry_recorded(home, tmp_path, tiny_encoder):
+    """One registry, one port, five servers in turn: four SIGKILLed (mid candidate load, a hot swap loaded but not
+    switched during the canary, an advance recorded but not applied, a promotion recorded but not applied), the
+    last one clean. Each comes up ready, answers only 200s, and picks up the rollout where the registry says it is."""
     import httpx
 
     import modelpress as mp
     from modelpress.registry.api import Registry
-    from modelpress.rollout.spec import ACTIVE
 
     v2 = tmp_path / "enc-v2"
     shutil.copytree(tiny_encoder, v2)
@@ -268,49 +304,82 @@ def test_a_server_killed_mid_hot_swap_during_a_canary_restarts_clean(home, tmp_p
         reg.register(mp.load(str(v2)), "tiny-enc")
     port, log = _free_port(), tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
-    load = {"parameters": {"config": json.dumps({"source": "tiny-enc:2"})}}
-
     spec = {"candidate": "2", "steps": [50, 100], "window_s": 1.5, "min_requests": 3, "max_p99_ratio": 1000.0, "max_error_rate": 0.5}
-    proc = _serve(url, port, home, log)
-    stop, codes = threading.Event(), []
-    try:  # a canary to version 2 in its first window, then a hot swap under traffic, killed 0.2 s into the load
-        _ready(base, proc, log)
-        sender = threading.Thread(target=lambda: codes.extend(_traffic(base, stop)), daemon=True)
-        sender.start()
+
+    def recorded() -> tuple[dict, int, list[dict]]:
+        """The rollout state, the version in production and the decisions, as the registry has them."""
+        with Registry(url) as reg:
+            events = [e["decision"] for e in reg.rollouts.events("tiny-enc")]
+            return reg.rollouts.get("tiny-enc")["rollout_state"], reg.get("tiny-enc@production").version, events
+
+    def rollout(c) -> dict:
+        res = c.get("/rollouts/tiny-enc")
+        assert res.status_code == 200, res.text
+        return res.json()
+
+    # 1. The canary starts with version 2 not loaded: it loads in the background, killed 0.1 s into that load.
+    marker = tmp_path / "reached"
+    with _server_under_traffic(url, port, home, log, "version-loading:tiny-enc:2", marker) as proc:
         with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
-            assert c.post("/rollouts/tiny-enc/start", json=spec).status_code == 201
+            assert c.post("/rollouts/tiny-enc/start", json=spec).json()["status"] == "loading"
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        _killed(proc, log)
+    state, production, events = recorded()
+    assert (state["status"], state["step"], production, events[-1]["action"]) == ("loading", 0, 1, "start"), state
+
+    # 2. Restarted: the candidate loads again and step 0 (50/50) begins. Paused (so that no window decides
+    #    meanwhile), a hot swap to version 2 is killed with that version loaded and warm, traffic not switched.
+    with _server_under_traffic(url, port, home, log, "hot-swap:tiny-enc:2") as proc:
+        with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
             deadline = time.monotonic() + 60
-            while c.get("/rollouts/tiny-enc").json()["status"] != "running":
-                assert time.monotonic() < deadline
+            while (now := rollout(c))["status"] != "running":
+                assert now["status"] == "loading" and time.monotonic() < deadline, now
                 time.sleep(0.05)
-            time.sleep(0.3)
-            threading.Thread(target=lambda: _quiet_post(c, "/v2/repository/models/tiny-enc/load", load), daemon=True).start()
-            time.sleep(0.2)
-            proc.send_signal(signal.SIGKILL)
-        sender.join(30)
-    finally:
-        stop.set()
-        proc.end_group(grace=0)
-    assert proc.returncode == -signal.SIGKILL
-    assert codes and all(code == 200 for code in codes), sorted(set(codes))  # answered until the kill, never a 5xx
-    # The next start: ready, the canary picked up where it was, a hot swap completes, the registry intact.
-    proc = _serve(url, port, home, log)
-    try:
-        _ready(base, proc, log)
+            assert now["weights"] == {"1": 50.0, "2": 50.0}, now
+            assert c.post("/rollouts/tiny-enc/pause", json={}).json()["status"] == "paused"
+            load = {"parameters": {"config": json.dumps({"source": "tiny-enc:2"})}}
+            with contextlib.suppress(httpx.HTTPError):  # the server dies under it
+                c.post("/v2/repository/models/tiny-enc/load", json=load)
+        _killed(proc, log)
+    state, production, events = recorded()
+    assert [e["action"] for e in events] == ["start", "resume", "loaded", "pause"], events
+    assert (state["status"], state["step"], state["weights"], production) == ("paused", 0, {"1": 50.0, "2": 50.0}, 1), state
+
+    # 3. Restarted paused at step 0, 50/50 (the hot swap never happened); resumed by hand, its window passes and
+    #    the advance to step 1 is recorded, then the server is killed before it routes by it.
+    with _server_under_traffic(url, port, home, log, "rollout-recorded:advance") as proc:
         with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
-            assert c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code == 200
-            assert c.get("/rollouts/tiny-enc").json()["status"] in ACTIVE  # killed in its first window: picked up again
-            assert c.post("/rollouts/tiny-enc/abort", json={}).status_code in (200, 409)
-            assert c.post("/v2/repository/models/tiny-enc/load", json=load).status_code == 200
-            assert c.post("/v2/models/tiny-enc/infer", json=TEXT).status_code == 200
-    finally:
-        proc.end_group()
+            now = rollout(c)
+            assert (now["status"], now["step"], now["weights"]) == ("paused", 0, {"1": 50.0, "2": 50.0}), now
+            assert c.post("/rollouts/tiny-enc/resume", json={}).json()["status"] == "running"  # its lease taken back at once
+        _killed(proc, log)
+    state, production, events = recorded()
+    assert [(e["action"], e["step"]) for e in events[-3:]] == [("resume", 0), ("resume", 0), ("advance", 1)], events
+    assert (state["status"], state["step"], state["weights"], production) == ("running", 1, {"2": 100.0}, 1), state
+
+    # 4. Restarted at step 1, as recorded; the last window passes and the promotion is committed (version 2 in
+    #    production, in the same transaction as the decision), then the server is killed before it routes by it.
+    with _server_under_traffic(url, port, home, log, "rollout-recorded:promote") as proc:
+        _killed(proc, log)
+    state, production, events = recorded()
+    assert [(e["action"], e["step"]) for e in events[-2:]] == [("resume", 1), ("promote", 1)], events
+    assert (state["status"], state["promoted"], production) == ("succeeded", "tiny-enc:2", 2), state
+
+    # 5. A clean start serves the promoted version; the finished rollout is not resumed; a hot swap completes.
+    with _server_under_traffic(url, port, home, log), httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
+        assert c.post("/v2/models/tiny-enc/infer", json=TEXT).json()["model_version"] == "2"
+        load = {"parameters": {"config": json.dumps({"source": "tiny-enc:1"})}}
+        assert c.post("/v2/repository/models/tiny-enc/load", json=load).status_code == 200
+        assert c.post("/v2/models/tiny-enc/infer", json=TEXT).json()["model_version"] == "1"
+    assert recorded()[2][-1]["action"] == "promote"  # nothing recorded since
+    registry_check_at(url, home)
+
+
+def registry_check_at(url: str, home: Path) -> None:
     report = json.loads(cli(["registry", "check", "--registry", url, "--json"], home))
-    assert report["ok"], report
-
-
-def _quiet_post(c, path: str, body: dict) -> None:
-    import httpx
-
-    with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
-        c.post(path, json=body)
+    assert report["ok"] and not report["corrupt"] and not report["missing"], report

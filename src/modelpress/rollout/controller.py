@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from modelpress._fs import crash_point
 from modelpress.errors import ConfigError, RolloutConflictError, RolloutNotFoundError
 from modelpress.rollout.analysis import compare
 from modelpress.rollout.observations import Observations
@@ -157,6 +158,7 @@ class RolloutManager:
                 self._demote(ro)
                 raise
             ro.recorded = True
+            crash_point(f"rollout-recorded:{event['action'] if event else 'state'}")  # fault runs: recorded, not applied here yet
         ro.state.clear()
         ro.state.update(state)
         if event is not None:
