@@ -196,7 +196,6 @@ async def test_nan_is_named_without_parsing_the_body_twice():
 def test_chat_parts_and_token_prompts_are_bounded():
     from pydantic import ValidationError
 
-    from modelpress.errors import InvalidInputError
     from modelpress.serving.protocols.openai_llm import (
         MAX_PARTS,
         MAX_PARTS_PER_MESSAGE,
@@ -209,8 +208,8 @@ def test_chat_parts_and_token_prompts_are_bounded():
     with pytest.raises(ValidationError):
         ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [part] * (MAX_PARTS_PER_MESSAGE + 1)}]})
     many = [{"role": "user", "content": [part] * MAX_PARTS_PER_MESSAGE}] * (MAX_PARTS // MAX_PARTS_PER_MESSAGE + 1)
-    with pytest.raises(InvalidInputError, match="content parts"):
-        ChatRequest.model_validate({"model": "m", "messages": many}).check_supported()
+    with pytest.raises(ValidationError, match="content parts"):  # counted before the parts are validated
+        ChatRequest.model_validate({"model": "m", "messages": many})
     ChatRequest.model_validate({"model": "m", "messages": many[:-1]}).check_supported()  # exactly MAX_PARTS: accepted
     for prompt in ([0] * (MAX_PROMPT_IDS + 1), [[0] * (MAX_PROMPT_IDS + 1)]):
         with pytest.raises(ValidationError):
@@ -224,3 +223,11 @@ async def test_a_rollout_start_without_a_candidate_shows_a_rollout_spec_example(
     message = r.json()["error"]
     assert r.status_code == 400 and "rollout spec" in message and "candidate" in message, message
     assert "server configuration" not in message and "models:" not in message, message
+
+
+async def test_a_refused_llm_body_is_not_echoed_back(served):
+    _, c = served
+    big = orjson.dumps({"model": "enc", "prompt": [0] * 200_000})  # past MAX_PROMPT_IDS: refused by the schema
+    r = await c.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "at most 131072" in r.text, r.text[:300]
+    assert len(r.content) < 2000, len(r.content)  # where and what was wrong; the input's repr was the whole list

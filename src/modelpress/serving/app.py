@@ -301,9 +301,12 @@ def create_app(server: ModelServer) -> Any:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return Response(
-            error_body(protocol_of(request.url.path), 400, f"Invalid request: {exc.errors()}"), 400, media_type="application/json"
-        )
+        # where and what, for the first few problems; never the input itself (an 8 MiB body's repr is tens of MB)
+        errors = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg', '')}" for e in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        message = f"Invalid request: {'; '.join(parts)}{more}."
+        return Response(error_body(protocol_of(request.url.path), 400, message), 400, media_type="application/json")
 
     from modelpress.serving.security import GuardMiddleware
 

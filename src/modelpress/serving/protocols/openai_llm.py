@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response, StreamingResponse
 
 from modelpress.errors import InvalidInputError, ModelpressError
@@ -173,14 +173,22 @@ class ChatRequest(_Sampling):
     logprobs: bool = Field(False, description="Only false is supported.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Only null is supported.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _count_parts(cls, data: Any) -> Any:
+        """At most MAX_PARTS content parts in all messages, counted on the raw JSON before each part is validated."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list):
+            parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+            if parts > MAX_PARTS:
+                raise ValueError(
+                    f"the messages have {parts:,} content parts together; at most {MAX_PARTS:,} are accepted in one request "
+                    "(join the text parts of each message into one string)"
+                )
+        return data
+
     def check_supported(self) -> None:
         super().check_supported()
-        parts = sum(len(m.content) for m in self.messages if isinstance(m.content, list))
-        if parts > MAX_PARTS:
-            raise InvalidInputError(
-                f"The messages have {parts:,} content parts together; at most {MAX_PARTS:,} are accepted in one request.",
-                hint="Join the text parts of each message into one string.",
-            )
         if self.logprobs or self.top_logprobs:
             raise InvalidInputError("'logprobs' is not supported by this server.", hint="Leave 'logprobs' and 'top_logprobs' out.")
 
