@@ -303,7 +303,7 @@ def create_app(server: ModelServer) -> Any:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         # where and what, for the first few problems; never the input itself (an 8 MiB body's repr is tens of MB)
         errors = exc.errors()
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg', '')}" for e in errors[:3]]
+        parts = [f"{_where(tuple(e.get('loc', ())))}: {e.get('msg', '')}" for e in errors[:3]]
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         message = f"Invalid request: {'; '.join(parts)}{more}."
         return Response(error_body(protocol_of(request.url.path), 400, message), 400, media_type="application/json")
@@ -319,6 +319,14 @@ def create_app(server: ModelServer) -> Any:
         body_timeout_s=server.config.body_timeout_s,
     )
     return app
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """``body field 'messages.0.role'`` for pydantic's ``('body', 'messages', 0, 'role')``."""
+    if not loc:
+        return "body"
+    field = ".".join(str(p) for p in loc[1:])
+    return f"{loc[0]} field '{field}'" if field else str(loc[0])
 
 
 def _uvicorn_server(server: ModelServer, cfg: ServerConfig, *, lifespan: Literal["auto", "on", "off"]) -> Any:
