@@ -360,6 +360,7 @@ def test_a_canary_and_hot_swaps_killed_at_four_points_each_restart_resumes_as_th
         _killed(proc, log)
     state, production, events = recorded()
     assert [(e["action"], e["step"]) for e in events[-3:]] == [("resume", 0), ("resume", 0), ("advance", 1)], events
+    assert events[-2]["weights"] == {"1": 50.0, "2": 50.0}, events  # resumed with the recorded split
     assert (state["status"], state["step"], state["weights"], production) == ("running", 1, {"2": 100.0}, 1), state
 
     # 4. Restarted at step 1, as recorded; the last window passes and the promotion is committed (version 2 in
@@ -368,6 +369,7 @@ def test_a_canary_and_hot_swaps_killed_at_four_points_each_restart_resumes_as_th
         _killed(proc, log)
     state, production, events = recorded()
     assert [(e["action"], e["step"]) for e in events[-2:]] == [("resume", 1), ("promote", 1)], events
+    assert events[-2]["weights"] == {"2": 100.0}, events  # resumed with the split the advance recorded
     assert (state["status"], state["promoted"], production) == ("succeeded", "tiny-enc:2", 2), state
 
     # 5. A clean start serves the promoted version; the finished rollout is not resumed; a hot swap completes.
