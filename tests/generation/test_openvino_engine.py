@@ -69,5 +69,6 @@ def test_unknown_quantize_is_a_config_error(stories260k):
 
 
 def test_auto_picks_openvino_for_a_llama(stories260k, ir_cache):
-    eng = create_engine(stories260k, engine="auto", quantize=None, cache_dir=ir_cache)
+    # precision is an openvino option: auto picks openvino even where the llamacpp engine is installed
+    eng = create_engine(stories260k, engine="auto", quantize=None, precision="f32", cache_dir=ir_cache)
     assert eng.name == "openvino" and eng.export_seconds < 5  # the IR the first test exported is reused

@@ -1,10 +1,13 @@
 """Text generation for causal LMs: engines with a KV cache and continuous batching (see ``base``).
 
 ``create_engine(source, engine="torch")``: ``torch`` is the reference (transformers, fp32 or
-bf16); ``openvino`` is the fast CPU engine (the decoder exported with an explicit KV cache,
-weights compressed to ``quantize="int8"`` (default) or ``"int4"`` by NNCF, or None);
-``auto`` picks ``openvino`` when it is installed and the model is a Llama-style decoder, else
-``torch``.
+bf16); ``llamacpp`` is the fastest measured on CPU (llama.cpp through llama-cpp-python, an
+optional extra: the model converted to GGUF ``quantize="q8_0"`` (default), ``"q4_0"``, ``"f16"``
+or None, with llama.cpp's own continuous batching); ``openvino`` is the fast CPU engine of the
+default install (the decoder exported with an explicit KV cache, weights compressed to
+``quantize="int8"`` (default) or ``"int4"`` by NNCF, or None); ``auto`` picks ``llamacpp`` when
+llama_cpp and gguf import and the model is a Llama-architecture folder, else ``openvino`` when it
+is installed and the model is a Llama-style decoder, else ``torch``.
 """
 
 from __future__ import annotations
@@ -14,20 +17,27 @@ from typing import Any
 from modelpress.errors import UnsupportedModelError
 from modelpress.generation.base import Engine, EngineStats, GenerationResult, SamplingParams, SequenceHandle, TokenEvent
 
-ENGINES = ("torch", "openvino", "auto")
+ENGINES = ("torch", "openvino", "llamacpp", "auto")
+# the options the llamacpp engine takes: ``auto`` gives it only calls it can honour (else openvino)
+_LLAMACPP_OPTIONS = {"quantize", "threads", "cache_dir", "gguf_path", "max_batch_size", "max_waiting"}
 
 
 def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
     """An engine for ``source`` (a Hugging Face model folder or an Artifact of one); not started.
 
     ``options``: ``max_batch_size``, ``max_waiting``, and the engine's own (torch: ``dtype``,
-    ``threads``; openvino: ``quantize``, ``threads``, ``cache_dir``).
+    ``threads``; openvino: ``quantize``, ``threads``, ``cache_dir``; llamacpp: ``quantize``,
+    ``threads``, ``cache_dir``, ``gguf_path``).
     """
     if engine == "auto":
         engine = "torch"
         from importlib.util import find_spec
 
-        if find_spec("openvino") is not None and find_spec("nncf") is not None:
+        from modelpress.generation import llamacpp_engine
+
+        if llamacpp_engine.available() and set(options) <= _LLAMACPP_OPTIONS and llamacpp_engine.supported(source):
+            engine = "llamacpp"
+        elif find_spec("openvino") is not None and find_spec("nncf") is not None:
             from modelpress.generation.openvino_engine import supported
 
             if supported(source):
@@ -36,6 +46,10 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
         from modelpress.generation.torch_engine import TorchEngine
 
         return TorchEngine(source, **options)
+    if engine == "llamacpp":
+        from modelpress.generation.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(source, **options)
     if engine == "openvino":
         from modelpress.generation.openvino_engine import OpenVINOEngine
 

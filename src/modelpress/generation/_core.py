@@ -361,7 +361,8 @@ class BatchingEngine(Engine):
                             self._finish(seq, "cancelled")
                         self._waiting.clear()
                     if self._stopping and not self._running and not self._waiting:
-                        self._running, self._kv, self._mask = [], [], None
+                        self._running = []
+                        self._reset_batch()
                         return
                     for seq in [q for q in self._waiting if q.handle.cancelled]:
                         self._waiting.remove(seq)
@@ -377,7 +378,12 @@ class BatchingEngine(Engine):
                         for seq in [*self._running, *admit]:
                             if seq.finished is None:
                                 self._finish(seq, "error", error=str(exc))
-                        self._running, self._kv, self._mask = [], [], None
+                        self._running = []
+                        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        """Forget the running batch's cache (the batch is empty: stopped, or a step failed)."""
+        self._kv, self._mask = [], None
 
     def _step(self, admit: list[_Seq]) -> None:
         live = []
