@@ -49,7 +49,7 @@ def resolve(source: Any) -> ModelSource:
 def load_tokenizer(where: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(where.parent if where.is_file() else where))
+    return AutoTokenizer.from_pretrained(str(where.parent if where.is_file() else where), trust_remote_code=False)
 
 
 def stop_ids_of(config: Any, generation_config: Any = None) -> list[int]:

@@ -161,7 +161,7 @@ class LlamaCppEngine(BatchingEngine):
         self._slots: dict[int, int] = {}  # id(seq) -> its llama.cpp seq_id
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         try:
-            gen_cfg = GenerationConfig.from_pretrained(str(src.folder), trust_remote_code=False)
+            gen_cfg = GenerationConfig.from_pretrained(str(src.folder))
         except OSError:
             gen_cfg = None
         super().__init__(

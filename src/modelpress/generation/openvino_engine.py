@@ -38,6 +38,7 @@ from modelpress.errors import ConfigError, ModelpressError, UnsupportedModelErro
 from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
+from modelpress.runtimes.torch import hf_load_kwargs
 
 FORMAT_VERSION = 4  # bump when the exported graph changes meaning
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
@@ -216,7 +217,7 @@ class OpenVINOEngine(BatchingEngine):
             )
         from transformers import AutoConfig, GenerationConfig
 
-        config = src.module.config if src.module is not None else AutoConfig.from_pretrained(str(src.folder))
+        config = src.module.config if src.module is not None else AutoConfig.from_pretrained(str(src.folder), trust_remote_code=False)
         self.quantize = quantize
         self.precision = precision
         root = Path(cache_dir) if cache_dir else cache_root("generation")
@@ -308,4 +309,5 @@ def _load_hf(src: ModelSource) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32).eval()
+    kwargs = hf_load_kwargs(src.folder)  # no remote code; pickled-only weights refused unless allowed
+    return AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32, **kwargs).eval()

@@ -13,6 +13,7 @@ import torch
 from modelpress.errors import UnsupportedModelError
 from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import load_tokenizer, resolve, stop_ids_of
+from modelpress.runtimes.torch import hf_load_kwargs
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -33,7 +34,8 @@ class TorchEngine(BatchingEngine):
         if src.module is not None:
             model = src.module
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=DTYPES[dtype])
+            kwargs = hf_load_kwargs(src.folder)  # no remote code; pickled-only weights refused unless allowed
+            model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=DTYPES[dtype], **kwargs)
         self.model = model.eval()
         self.dtype = dtype
         self.config = model.config
