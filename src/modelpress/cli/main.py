@@ -394,6 +394,9 @@ def _mount_subcommands() -> None:
     from modelpress.cli.ship import register_commands as register_ship
 
     register_ship(app)
+    from modelpress.cli.chat import register_commands as register_chat
+
+    register_chat(app)
 
 
 _mount_subcommands()
