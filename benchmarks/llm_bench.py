@@ -8,15 +8,17 @@ smoke run of the script.
 
 1. decode tokens/s at batch 1 (a 16-token prompt, ``--tokens`` new tokens, greedy, the median of
    ``--rounds`` interleaved rounds) for: the torch reference engine in fp32 and bf16 (eager),
-   our fast engine (OpenVINO, weights int8 and int4), and llama.cpp Q8_0 / Q4_0 when
-   ``llama_cpp`` and ``gguf`` import here (``pip install 'modelpress[llamacpp]' gguf``; the random
-   HF model is converted to GGUF with ``gguf``'s writer and quantizer), else a printed reason.
+   OpenVINO (weights int8 and int4), and, when ``llama_cpp`` and ``gguf`` import here
+   (``pip install 'modelpress[llamacpp]'``), our llamacpp engine (``ours-llamacpp-Q8_0/Q4_0``: our
+   step loop and sampler over llama.cpp) beside the peer, llama-cpp-python's own generate loop
+   (``llamacpp-Q8_0/Q4_0``), on the same GGUF file (converted once by
+   ``modelpress.generation.gguf_convert``), else a printed reason.
    Each is also shown as a fraction of the memory-read roofline: weight bytes read per token x
    tokens/s against the read bandwidth measured here (a numpy sum over a 1 GB array);
-2. continuous batching on the fast engine (int4): 8 concurrent streams against the same 8
+2. continuous batching on each fast int4 engine (ours-llamacpp Q4_0, OpenVINO int4): 8 concurrent streams against the same 8
    requests one after another (aggregate tokens/s, target >= 4x), and time to first token
    p50/p99 under that load;
-3. served batch-1 decode: ``modelpress serve --engine openvino`` (int8) streaming
+3. served batch-1 decode: ``modelpress serve`` with the fastest int8 engine (llamacpp Q8_0, else openvino int8) streaming
    ``/v1/completions`` against the same engine in this process, in interleaved rounds (target:
    within 5%). ``--no-serve`` skips it.
 
@@ -156,8 +158,11 @@ class EngineRow:
         self.engine.stop(drain=False)
 
 
-class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, driven with token ids (the ``generate`` of the bench only)."""
+class RawLlamaCpp:
+    """The peer: llama-cpp-python's own ``Llama.generate`` loop (its sampler, one sequence) over the
+    same GGUF file as our llamacpp engine, driven with token ids."""
+
+    name = "llama-cpp-python"
 
     def __init__(self, gguf_path: Path, threads: int) -> None:
         import llama_cpp
@@ -184,88 +189,23 @@ class LlamaCppEngine:
 
 
 def llamacpp_ggufs(folder: Path, kinds: list[str]) -> tuple[dict[str, Path], str | None]:
-    """The random model as GGUF files of ``kinds`` (converted once with the ``gguf`` package), or why not."""
+    """The model as GGUF files of ``kinds`` (converted once by :mod:`modelpress.generation.gguf_convert`
+    into ``CACHE/gguf``: the file our llamacpp engine and the raw peer both run), or why not."""
     try:
-        import gguf
+        import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
     except ImportError as exc:
         wheels = sorted((CACHE.parent / "wheels").glob("llama_cpp_python-*.whl"))
-        hint = f"pip install {wheels[-1]} gguf" if wheels else "pip install 'modelpress[llamacpp]' gguf"
+        hint = f"pip install {wheels[-1]} gguf" if wheels else "pip install 'modelpress[llamacpp]'"
         return {}, f"llama.cpp skipped: {exc.name} is not importable here ({hint})"
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
+    from modelpress.generation.gguf_convert import cached_gguf
 
-    cfg = AutoConfig.from_pretrained(str(folder))
     out = {}
     for kind in kinds:
-        path = folder / f"model-{kind}.gguf"
-        out[kind] = path
-        if path.is_file():
-            continue
-        print(f"converting to GGUF {kind} ...", flush=True)
-        qtype = getattr(gguf.GGMLQuantizationType, kind)
-        w = gguf.GGUFWriter(str(path) + ".tmp", "llama")
-        w.add_name("tinyllama-random")
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-        w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(["<unk>", "<s>", "</s>", *[f"t{i}" for i in range(3, cfg.vocab_size)]])
-        w.add_token_scores([0.0] * cfg.vocab_size)
-        w.add_token_types([2, 3, 3, *[1] * (cfg.vocab_size - 3)])
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        tensors: dict[str, torch.Tensor] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            tensors.update(load_file(str(f)))
-        names = {
-            "model.embed_tokens.weight": "token_embd.weight",
-            "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight",
-        }
-        per_layer = {
-            "self_attn.q_proj": "attn_q",
-            "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate",
-            "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-            "input_layernorm": "attn_norm",
-            "post_attention_layernorm": "ffn_norm",
-        }
-        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        for name, t in tensors.items():
-            if name in names:
-                gname = names[name]
-            else:
-                parts = name.split(".")  # model.layers.N.<module>.<sub>.weight
-                gname = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}.weight"
-            x = t.float()
-            # llama.cpp's rotary embedding pairs neighbours: permute q/k rows as convert_hf_to_gguf.py does
-            if gname.endswith(("attn_q.weight", "attn_k.weight")):
-                n = heads if gname.endswith("attn_q.weight") else kv_heads
-                x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-            a = x.numpy()
-            if (a.ndim == 2 and "norm" not in gname and gname != "token_embd.weight") or (gname == "token_embd.weight" and kind == "Q8_0"):
-                data = gguf.quants.quantize(a, qtype)
-                w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
-            else:
-                w.add_tensor(gname, a.astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        Path(str(path) + ".tmp").rename(path)
+        t0 = time.perf_counter()
+        out[kind] = cached_gguf(folder, kind.lower(), CACHE / "gguf")
+        if time.perf_counter() - t0 > 5:
+            print(f"converted to GGUF {kind} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out, None
 
 
@@ -346,7 +286,11 @@ def served(folder: Path, row: EngineRow, tokens: int, rounds: int) -> None:
     with Procs() as procs:
         port = free_port()
         cfg = CACHE / "serve-llm.json"
-        model = {"source": str(folder), "name": "llm", "engine": "openvino", "threads": THREADS, "runtime_options": {"quantize": row.kind}}
+        engine = row.engine.name
+        options: dict[str, Any] = {"quantize": row.kind.lower()}
+        if engine == "llamacpp":
+            options["cache_dir"] = str(CACHE / "gguf")  # the GGUF the in-process engine runs
+        model = {"source": str(folder), "name": "llm", "engine": engine, "threads": THREADS, "runtime_options": options}
         cfg.write_text(json.dumps({"models": [model], "access_log": False, "log_level": "warning"}))
         serve = "from modelpress.cli import main; main()"  # the `modelpress` command of this environment
         proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
@@ -412,17 +356,29 @@ def main() -> int:
         eng.start()
         print(f"loaded {label} in {time.perf_counter() - t0:.1f} s", flush=True)
         rows.append(EngineRow(label, kind, eng))
-    ggufs, why = llamacpp_ggufs(folder, [k for k in ("Q8_0", "Q4_0") if not wanted or f"llamacpp-{k}" in wanted])
+    kinds = [k for k in ("Q8_0", "Q4_0") if not wanted or {f"llamacpp-{k}", f"ours-llamacpp-{k}"} & wanted]
+    ggufs, why = llamacpp_ggufs(folder, kinds)
     if why:
         print(why)
     for kind, path in ggufs.items():
-        rows.append(EngineRow(f"llamacpp-{kind}", kind, LlamaCppEngine(path, THREADS)))
+        # ours: our engine (our step loop, continuous batching, our sampler) over llama.cpp; the peer:
+        # llama-cpp-python's own generate loop; the same GGUF file, timed interleaved
+        if not wanted or f"ours-llamacpp-{kind}" in wanted:
+            t0 = time.perf_counter()
+            eng = create_engine(folder, "llamacpp", quantize=kind.lower(), gguf_path=path, threads=THREADS)
+            eng.start()
+            print(f"loaded ours-llamacpp-{kind} in {time.perf_counter() - t0:.1f} s", flush=True)
+            rows.append(EngineRow(f"ours-llamacpp-{kind}", kind, eng))
+        if not wanted or f"llamacpp-{kind}" in wanted:
+            rows.append(EngineRow(f"llamacpp-{kind}", kind, RawLlamaCpp(path, THREADS)))
     try:
         decode_table(rows, shape, bw, tokens, rounds)
-        fast = next((r.engine for r in rows if r.label == "openvino-int4"), None)
-        if fast is not None:
-            batching(fast, tokens)
-        int8 = next((r for r in rows if r.label == "openvino-int8"), None)
+        for label in ("ours-llamacpp-Q4_0", "openvino-int4"):  # continuous batching on each fast int4 engine
+            fast = next((r.engine for r in rows if r.label == label), None)
+            if fast is not None:
+                batching(fast, tokens)
+        # served batch-1 decode on the fastest int8 engine there is
+        int8 = next((r for label in ("ours-llamacpp-Q8_0", "openvino-int8") for r in rows if r.label == label), None)
         if int8 is not None and not args.no_serve:
             served(folder, int8, tokens, rounds)
     finally:

@@ -33,6 +33,7 @@ QUANTIZE = {None: "F32", "f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4
 ALIASES = {"int8": "q8_0", "int4": "q4_0", "fp32": "f32", "fp16": "f16"}
 MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer.model")
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 _NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 _PER_LAYER = {
     "self_attn.q_proj": "attn_q",
@@ -200,7 +201,11 @@ def content_hash(folder: str | os.PathLike) -> str:
     h = hashlib.sha256(f"gguf-v{FORMAT_VERSION}".encode())
     files = sorted({p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
     for p in files:
-        h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _FILE_HASHES:  # a 2 GB checkpoint takes seconds: hashed once per process while unchanged
+            _FILE_HASHES[key] = sha256_file(p)
+        h.update(f"{p.name}\0{_FILE_HASHES[key]}\n".encode())
     return h.hexdigest()
 
 

@@ -40,7 +40,7 @@ from modelpress.generation.gguf_convert import cached_gguf, check_supported, nor
 log = logging.getLogger("modelpress.generation.llamacpp")
 
 N_BATCH = 512  # tokens per llama_decode call: a longer step (long prompts) is split into calls
-_GGML_LOG_ERROR = 3
+_GGML_LOG_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _init_lock = threading.Lock()
 _log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
 
