@@ -35,7 +35,10 @@ def register_commands(app: typer.Typer) -> None:
         ] = None,
         engine: Annotated[
             str | None,
-            typer.Option("--engine", help="Causal LMs: the generation engine (torch, openvino, auto; default torch). See docs/llm.md."),
+            typer.Option(
+                "--engine",
+                help="Causal LMs: the generation engine (torch, openvino, llamacpp, auto; default torch, the reference). docs/llm.md.",
+            ),
         ] = None,
         instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
         max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
