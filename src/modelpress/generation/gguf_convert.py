@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -120,17 +121,26 @@ def _vocab(folder: Path, size: int) -> tuple[list[str], list[int]]:
 def convert(folder: str | os.PathLike, out: str | os.PathLike, quantize: str | None = None) -> Path:
     """Write ``folder`` (a Hugging Face Llama) as a GGUF file at ``out`` (see the module's doc)."""
     gguf = require("gguf", "llamacpp")
-    from safetensors import safe_open
-
     folder, out = Path(folder), Path(out)
     cfg = check_supported(folder)
     q = normalize_quantize(quantize)
+    quiet = logging.getLogger("gguf")  # its writer logs each file at INFO: the CLI and server stay quiet
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return _write(gguf, folder, out, cfg, q)
+    finally:
+        quiet.setLevel(level)
+
+
+def _write(gguf: Any, folder: Path, out: Path, cfg: dict[str, Any], q: str | None) -> Path:
+    from safetensors import safe_open
+
     qtype = getattr(gguf.GGMLQuantizationType, QUANTIZE[q])
     hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     vocab = int(cfg["vocab_size"])
-
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name(folder.resolve().name)
     w.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
