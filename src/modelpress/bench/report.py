@@ -78,3 +78,24 @@ def eval_table(result: dict[str, Any]) -> Table:
         table.add_row(f"agreement {k}", f"{v:.4f}")
     table.caption = f"runtime {result['runtime']} | {result['seconds']:.1f} s"
     return table
+
+
+def generation_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Generation engines' figures (``generation.measure``): decode tokens/s at batch 1, time to first
+    token and, from ``evaluate``, how far the greedy tokens follow the torch reference."""
+    table = Table(title=title, title_justify="left")
+    for col in ("engine", "options", "decode tok/s", "first token ms", "greedy identical", "greedy prefix"):
+        table.add_column(col, justify="left" if col in ("engine", "options") else "right")
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+        tps, ttft = r.get("decode_tokens_per_s"), r.get("ttft_s")
+        same, prefix = r.get("greedy_identical"), r.get("greedy_prefix_agreement")
+        table.add_row(
+            str(r.get("engine", "")),
+            opts,
+            f"{tps:.1f}" if tps is not None else "",
+            f"{ttft * 1000:.1f}" if ttft is not None else "",
+            f"{same:.0%}" if same is not None else "",
+            f"{prefix:.0%}" if prefix is not None else "",
+        )
+    return table

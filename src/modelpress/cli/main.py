@@ -100,11 +100,20 @@ def evaluate(
         typer.Option("--option", "-o", help="Task setting KEY=VALUE, e.g. context=256, stride=128, max_eval_tokens=20000."),
     ] = None,
     tokenizer: TokOpt = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine", help="Causal LMs: also generate with this engine (torch, openvino, llamacpp, auto) against the reference."
+        ),
+    ] = None,
+    engine_option: Annotated[
+        list[str] | None, typer.Option("--engine-option", help="The engine's setting KEY=VALUE, e.g. quantize=int4 (repeatable).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a model on a dataset with its task's metric."""
     from modelpress import api
-    from modelpress.bench.report import eval_table
+    from modelpress.bench.report import eval_table, generation_table
 
     cols = {k: str(v) for k, v in parse_kv(columns, "Column mapping", "--columns text=review").items()}
     opts = parse_kv(option, "Option", "--option context=256")
@@ -122,12 +131,16 @@ def evaluate(
             reference=reference,
             tokenizer=tokenizer,
             task_options=opts or None,
+            engine=engine,
+            engine_options=parse_kv(engine_option, "Engine option", "--engine-option quantize=int4") or None,
             progress=prog,
         )
     if as_json:
         emit_json(result)
     else:
         out.print(eval_table(result))
+        if result.get("generation"):
+            out.print(generation_table([result["generation"]], f"Generation with the {engine} engine against the torch reference"))
 
 
 @app.command()
@@ -156,12 +169,22 @@ def bench(
     data_dir: DataDirOpt = None,
     tokenizer: TokOpt = None,
     output: Annotated[Path | None, typer.Option("--output", help="Also write the JSON report to this file.")] = None,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine", help="Causal LMs: also time decode tokens/s at batch 1 on this engine (repeatable): torch, openvino, llamacpp."
+        ),
+    ] = None,
+    engine_option: Annotated[
+        list[str] | None,
+        typer.Option("--engine-option", help="ENGINE.KEY=VALUE, e.g. openvino.quantize=int4 or llamacpp.quantize=q4_0 (repeatable)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency percentiles, throughput by batch size, memory and size, on one or more runtimes."""
     from modelpress import api
     from modelpress.bench.measure import BenchConfig
-    from modelpress.bench.report import bench_table
+    from modelpress.bench.report import bench_table, generation_table
 
     def ints(text: str, what: str) -> list[int]:
         try:
@@ -180,6 +203,8 @@ def bench(
             config=cfg,
             data_dir=data_dir,
             tokenizer=tokenizer,
+            engines=engine or None,
+            engine_options=_engine_options(engine_option),
             progress=prog,
         )
     if output is not None:
@@ -189,6 +214,21 @@ def bench(
         emit_json(report)
     else:
         out.print(bench_table(report))
+        if report.get("generation"):
+            out.print(generation_table(report["generation"], "Decode speed at batch 1"))
+
+
+def _engine_options(items: list[str] | None) -> dict[str, dict[str, object]] | None:
+    """``["openvino.quantize=int4"]`` -> ``{"openvino": {"quantize": "int4"}}``."""
+    out: dict[str, dict[str, object]] = {}
+    for key, value in parse_kv(items, "Engine option", "--engine-option openvino.quantize=int4").items():
+        name, dot, setting = key.partition(".")
+        if not dot or not name or not setting:
+            raise ConfigError(
+                f"Engine option '{key}' must name its engine: ENGINE.KEY=VALUE.", hint="Example: --engine-option openvino.quantize=int4"
+            )
+        out.setdefault(name, {})[setting] = value
+    return out or None
 
 
 @app.command()
