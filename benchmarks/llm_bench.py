@@ -384,7 +384,8 @@ def main() -> int:
             rows.append(EngineRow(f"llamacpp-{kind}", kind, RawLlamaCpp(path, THREADS)))
     try:
         decode_table(rows, shape, bw, tokens, rounds)
-        for label in ("ours-llamacpp-Q4_0", "openvino-int4"):  # continuous batching on each fast int4 engine
+        # continuous batching on each fast engine (int8 too: at batch 8 the int8 kernels' compute matters, not only the bytes read)
+        for label in ("ours-llamacpp-Q4_0", "openvino-int4", "ours-llamacpp-Q8_0", "openvino-int8"):
             fast = next((r.engine for r in rows if r.label == label), None)
             if fast is not None:
                 batching(fast, tokens)
