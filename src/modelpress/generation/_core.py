@@ -385,13 +385,18 @@ class BatchingEngine(Engine):
         """Forget the running batch's cache (the batch is empty: stopped, or a step failed)."""
         self._kv, self._mask = [], None
 
-    def _step(self, admit: list[_Seq]) -> None:
+    def _live(self, admit: list[_Seq]) -> list[_Seq]:
+        """The admitted sequences still wanted: those cancelled while they waited are finished here."""
         live = []
         for seq in admit:
             if seq.handle.cancelled:
                 self._finish(seq, "cancelled")
             else:
                 live.append(seq)
+        return live
+
+    def _step(self, admit: list[_Seq]) -> None:
+        live = self._live(admit)
         if live:
             logits, kv, kv_mask = self._prefill_all([q.prompt for q in live])
             for i, seq in enumerate(live):

@@ -181,12 +181,7 @@ class LlamaCppEngine(BatchingEngine):
 
     # --- the step: one llama_decode for every running sequence's next token and every admitted prompt
     def _step(self, admit: list[_Seq]) -> None:
-        live = []
-        for seq in admit:
-            if seq.handle.cancelled:
-                self._finish(seq, "cancelled")
-            else:
-                live.append(seq)
+        live = self._live(admit)
         self._drop_finished()
         running = list(self._running)
         if not running and not live:
