@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from modelpress.errors import InvalidInputError, ModelNotReadyError, RequestTimeoutError, ServerOverloadedError
+from modelpress.errors import InvalidInputError, ModelNotReadyError, ModelpressRuntimeError, RequestTimeoutError, ServerOverloadedError
 from modelpress.generation.base import (
     Engine,
     EngineStats,
@@ -123,7 +123,8 @@ class Handle(SequenceHandle):
                     f"Request {self.request_id} did not finish within {timeout} s.",
                     hint="Pass a larger timeout, or a smaller max_tokens.",
                 )
-            assert self._result is not None
+            if self._result is None:  # an invariant of the step loop, not user input
+                raise ModelpressRuntimeError("generation: the step loop lost its state (_result).")
             return self._result
 
 
@@ -410,7 +411,8 @@ class BatchingEngine(Engine):
         running = list(self._running)
         tokens = torch.tensor([q.tokens[-1] for q in running], dtype=torch.long)
         positions = torch.tensor([q.length - 1 for q in running], dtype=torch.long)
-        assert self._mask is not None
+        if self._mask is None:  # an invariant of the step loop, not user input
+            raise ModelpressRuntimeError("generation: the step loop lost its state (_mask).")
         mask = torch.cat([self._mask, torch.ones(len(running), 1, dtype=self._mask.dtype)], 1)
         logits, self._kv = self._decode(tokens, positions, self._kv, mask)
         self._mask = mask
@@ -461,7 +463,8 @@ class BatchingEngine(Engine):
                 self._kv, self._mask = kv, mask
                 self._running.extend(seqs[i] for i in rows)
                 return
-            assert self._mask is not None
+            if self._mask is None:  # an invariant of the step loop, not user input
+                raise ModelpressRuntimeError("generation: the step loop lost its state (_mask).")
             t = self._mask.shape[1]
             size = max(t, length)
 
@@ -490,7 +493,8 @@ class BatchingEngine(Engine):
             if not keep:
                 self._kv, self._mask = [], None
                 return
-            assert self._mask is not None
+            if self._mask is None:  # an invariant of the step loop, not user input
+                raise ModelpressRuntimeError("generation: the step loop lost its state (_mask).")
             rows = torch.tensor(keep, dtype=torch.long)
             mask = self._mask[rows]
             first = int((mask.sum(0) > 0).nonzero()[0])  # padding no remaining row needs
