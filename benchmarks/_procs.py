@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -113,6 +114,28 @@ def leftovers(var: str, value: str, grace: float = 5.0) -> list[psutil.Process]:
 
 # -- the load around a measured section ------------------------------------------------------------
 LOAD_LOG: list[dict[str, Any]] = []
+
+
+def wait_ready(url: str, proc: Any, timeout: float = 600.0, *, interval: float = 0.5, log: Any = None) -> None:
+    """Poll ``url`` (a health route) until it answers 200; a ``RuntimeError`` when ``proc`` exits first or
+    ``timeout`` seconds pass, ending with the last 3,000 characters of ``log`` (a path) when given.
+    The benchmarks and the tests that start ``modelpress serve`` wait with this one poll."""
+    import httpx
+
+    def tail() -> str:
+        return f": {Path(log).read_text()[-3000:]}" if log is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready{tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s{tail()}")
 
 
 def load1() -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _loadgen import free_port, percentiles
-from _procs import Procs, load_section, main_guard
+from _procs import Procs, load_section, main_guard, wait_ready
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MEMORY_TOLERANCE = 0.05  # the bound: resident memory after the run within 5% of after warm-up
@@ -125,22 +125,6 @@ def rss_mb(pid: int) -> float:
     return sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20
 
 
-def wait_ready(port: int, proc: Any, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server on port {port} was not ready within {timeout} s")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=int(os.environ.get("BENCH_OVERLOAD_REQUESTS", "100000")))
@@ -175,7 +159,7 @@ def main() -> int:
         env = {"MODELPRESS_HOME": os.environ.get("MODELPRESS_HOME", str(Path(tmpdir) / "home"))}
         print(f"modelpress serve {args.model} (queue {args.queue}, max_concurrent_requests {args.max_concurrent}) ...", flush=True)
         proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(path), "--port", str(port)], env=env)
-        wait_ready(port, proc)
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         run(overload(port, [bodies[i % len(bodies)] for i in range(WARMUP_REQUESTS)], args.concurrency))
         time.sleep(SETTLE_S)
         warm_mb = rss_mb(proc.pid)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from _loadgen import free_port, percentiles, run_load
 from _peers import PEER_VERSIONS, peer_python, start_peer
-from _procs import LOAD_LOG, Procs, busy_sections, load_section, main_guard
+from _procs import LOAD_LOG, Procs, busy_sections, load_section, main_guard, wait_ready
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MAX_BATCH = 32
@@ -90,22 +90,6 @@ class InProcess:
 
 
 # -- servers ---------------------------------------------------------------------------------------
-def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server on port {port} was not ready within {timeout} s")
-
-
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -140,7 +124,7 @@ def start_ours(runtime: str, tmp: Path, procs: Procs, load_test: bool) -> tuple[
     cfg.write_text(json.dumps({"models": models, "access_log": False, "log_level": "warning"}))
     serve = "from modelpress.cli import main; main()"  # the `modelpress` command of this environment
     proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
-    wait_ready(port, "/v2/health/ready", proc)
+    wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
     return proc, port
 
 

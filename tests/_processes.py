@@ -32,6 +32,7 @@ def _bench_procs() -> Any:
 
 _procs = _bench_procs()
 alive = _procs.alive  # running and not a zombie
+wait_ready = _procs.wait_ready  # poll a started server's health route until it answers 200
 
 
 def end(procs: list[psutil.Process], groups: tuple[int, ...] = (), grace: float = 5.0) -> list[psutil.Process]:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests._processes import popen_group
+from tests._processes import popen_group, wait_ready
 
 from modelpress._fs import CRASH_ENV, CRASH_MARK_ENV, CRASH_PAUSE_ENV
 from modelpress.artifacts import Artifact, Manifest, Signature, TensorSpec
@@ -220,21 +220,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ready(base: str, proc, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}: {log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
-
-
 def _traffic(base: str, stop, codes: list[int]) -> None:
     """Requests until ``stop`` is set or the server dies; the status codes answered go to ``codes``."""
     import httpx
@@ -261,7 +246,7 @@ def _server_under_traffic(url: str, port: int, home: Path, log: Path, crash: str
     base, stop, codes = f"http://127.0.0.1:{port}", threading.Event(), []
     sender = threading.Thread(target=_traffic, args=(base, stop, codes), daemon=True)
     try:
-        _ready(base, proc, log)
+        wait_ready(f"{base}/v2/health/ready", proc, SERVER_START_TIMEOUT_S, interval=0.1, log=log)
         sender.start()
         deadline = time.monotonic() + 30
         while len(codes) < 3:  # answering before anything else happens

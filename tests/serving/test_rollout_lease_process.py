@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from .._processes import wait_ready
 from .conftest import text_request
-from .test_rollout_process import _free_port, _wait_ready
+from .test_rollout_process import SERVER_START_TIMEOUT_S, _free_port
 
 KEY = "test-key-123456"
 AUTH = {"x-api-key": KEY}
@@ -89,7 +90,7 @@ def test_two_servers_one_controller_the_follower_routes_the_recorded_split_and_t
     senders = [threading.Thread(target=traffic, args=(u,), daemon=True) for u in (a_url, b_url)]
     try:
         for proc, u, log in zip(procs, (a_url, b_url), logs, strict=True):
-            _wait_ready(u, proc, log)
+            wait_ready(f"{u}/v2/health/ready", proc, SERVER_START_TIMEOUT_S, interval=0.1, log=log)
         with httpx.Client(base_url=a_url, headers=AUTH, timeout=60) as a, httpx.Client(base_url=b_url, headers=AUTH, timeout=60) as b:
             spec = {  # loose thresholds: this test is about who decides, not about the SLO checks
                 "candidate": "2",

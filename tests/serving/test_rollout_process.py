@@ -11,6 +11,7 @@ from modelpress.errors import ConfigError
 from modelpress.rollout.spec import ACTIVE
 from modelpress.serving.config import ModelConfig
 
+from .._processes import wait_ready
 from .conftest import make_server, registry_at, text_request
 
 KEY = "test-key-123456"
@@ -59,22 +60,6 @@ def _spawn_server(registry_url: str, port: int, log_path):
         return popen_group(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _wait_ready(url: str, proc, log_path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the server did not get ready in {SERVER_START_TIMEOUT_S} s: {log_path.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_weights(registry_url, tmp_path):
     import threading
@@ -85,7 +70,7 @@ def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_
     url, log_path = f"http://127.0.0.1:{port}", tmp_path / "server.log"
     proc = _spawn_server(registry_url, port, log_path)
     try:
-        _wait_ready(url, proc, log_path)
+        wait_ready(f"{url}/v2/health/ready", proc, SERVER_START_TIMEOUT_S, interval=0.1, log=log_path)
         stop = threading.Event()
 
         def traffic() -> None:
@@ -122,7 +107,7 @@ def test_sigkill_mid_canary_then_restart_resumes_at_the_same_step_with_the_same_
                 t.join(30)
         assert status["weights"] == {"2": 40.0, "1": 60.0}
         proc = _spawn_server(registry_url, port, log_path)
-        _wait_ready(url, proc, log_path)
+        wait_ready(f"{url}/v2/health/ready", proc, SERVER_START_TIMEOUT_S, interval=0.1, log=log_path)
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
             after = c.get("/rollouts/tiny-enc").json()
             served = c.get("/v2/models/tiny-enc").json()
