@@ -3,12 +3,8 @@ compressed by NNCF (``quantize="int8"``: INT8_SYM per channel; ``"int4"``: INT4_
 of 128, embeddings and head in int8; None: as loaded), run by the same step loop as the
 reference (continuous batching by left padding, :mod:`modelpress.generation._core`).
 
-The exported graph is a Llama decoder written out here with the transformers model's own
-modules (embeddings, norms, projections, MLPs, rotary embedding): only attention is spelled out,
-so the cache is plain tensors in and out and the graph has no Python control flow::
-
-    (input_ids [B,S], position_ids [B,S], attention_mask [B,T+S], past_k, past_v [B, layers*kv_heads, T, head_dim])
-        -> (logits of the last position [B, vocab], new_k, new_v [B, layers*kv_heads, S, head_dim])
+The exported graph is :class:`modelpress.export.kv_decoder.KVDecoder`: a Llama decoder with the
+cache as plain tensors in and out (past K/V in, the new positions' K/V out).
 
 Decode steps keep the cache in a buffer whose length grows in blocks of ``KV_BLOCK`` positions
 (the unused ones masked): the graph sees a new input shape once per block instead of at every
@@ -35,13 +31,13 @@ import torch
 
 from modelpress._fs import atomic_folder
 from modelpress.errors import ConfigError, ModelpressError, UnsupportedModelError, require
+from modelpress.export.kv_decoder import SUPPORTED_TYPES, KVDecoder
 from modelpress.generation._core import KV, BatchingEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 from modelpress.runtimes.torch import hf_load_kwargs
 
-FORMAT_VERSION = 4  # bump when the exported graph changes meaning
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
+FORMAT_VERSION = 5  # bump when the exported graph changes meaning (5: grouped-query attention without repeating K/V)
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP_SIZE = 128
 KV_BLOCK = 64  # decode-cache positions added at a time (one new input shape per block)
@@ -63,62 +59,6 @@ def _read_config(src: ModelSource) -> dict[str, Any]:
     return json.loads((Path(src.folder) / "config.json").read_text()) if src.folder else {}
 
 
-class _Decoder(torch.nn.Module):
-    """The export graph: one forward over new tokens given the cache of earlier ones."""
-
-    def __init__(self, hf_model: Any) -> None:
-        super().__init__()
-        cfg = hf_model.config
-        self.inner = hf_model.model
-        self.lm_head = hf_model.lm_head
-        self.layers = len(self.inner.layers)
-        attn = self.inner.layers[0].self_attn
-        self.head_dim = int(attn.head_dim)
-        self.heads = int(cfg.num_attention_heads)
-        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
-        self.scaling = float(attn.scaling)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-    def forward(self, input_ids, position_ids, attention_mask, past_k, past_v):
-        b, s = input_ids.shape
-        h = self.inner.embed_tokens(input_ids)
-        cos, sin = self.inner.rotary_emb(h, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
-        t = past_k.shape[2]
-        # query i (absolute position t+i) sees key j when j <= t+i and the key is not padding
-        keys = torch.arange(t + s).view(1, 1, 1, t + s)
-        queries = (torch.arange(s) + t).view(1, 1, s, 1)
-        # a padding query (left padding of a batched prefill) sees itself too: no row is empty, since an
-        # empty row gives NaN, and a NaN key or value of a padding position would spoil later steps
-        visible = ((keys <= queries) & attention_mask.view(b, 1, 1, t + s).bool()) | (keys == queries)
-        group = self.heads // self.kv_heads
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            lo, hi = i * self.kv_heads, (i + 1) * self.kv_heads
-            new_k.append(k)
-            new_v.append(v)
-            k = torch.cat([past_k[:, lo:hi], k], dim=2)
-            v = torch.cat([past_v[:, lo:hi], v], dim=2)
-            kr = k.repeat_interleave(group, dim=1) if group > 1 else k
-            vr = v.repeat_interleave(group, dim=1) if group > 1 else v
-            o = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=visible, scale=self.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.lm_head(self.inner.norm(h[:, -1:]))[:, 0]
-        return logits, torch.cat(new_k, dim=1), torch.cat(new_v, dim=1)
-
-
 def _fingerprint(src: ModelSource, quantize: str | None) -> str:
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{quantize}".encode())
     if src.folder is not None:
@@ -138,15 +78,9 @@ def export_decoder(hf_model: Any, folder: Path) -> Path:
     ov = require("openvino", "openvino")
 
     cfg = hf_model.config
-    dec = _Decoder(hf_model).eval()
-    n = dec.layers * dec.kv_heads
-    example = (
-        torch.ones(2, 3, dtype=torch.long),
-        torch.tensor([[4, 5, 6], [2, 3, 4]]),
-        torch.ones(2, 7, dtype=torch.long),
-        torch.zeros(2, n, 4, dec.head_dim),
-        torch.zeros(2, n, 4, dec.head_dim),
-    )
+    dec = KVDecoder(hf_model).eval()
+    n = dec.cache_heads
+    example = dec.example_inputs()
     inputs = [
         ("input_ids", [-1, -1], ov.Type.i64),
         ("position_ids", [-1, -1], ov.Type.i64),
