@@ -72,3 +72,33 @@ def test_auto_picks_openvino_for_a_llama(stories260k, ir_cache):
     # precision is an openvino option: auto picks openvino even where the llamacpp engine is installed
     eng = create_engine(stories260k, engine="auto", quantize=None, precision="f32", cache_dir=ir_cache)
     assert eng.name == "openvino" and eng.export_seconds < 5  # the IR the first test exported is reused
+
+
+def test_a_prebuilt_decoder_folder_runs_as_it_is(stories260k, reference, tmp_path):
+    """The folder LLM quantization writes (IR + engine.json + config + tokenizer) is loaded, not
+    exported again; an all-logits graph (perplexity on the graph that generates) gives the same tokens."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.generation.openvino_engine import export_decoder
+
+    folder = tmp_path / "decoder"
+    folder.mkdir()
+    for p in stories260k.iterdir():
+        if p.is_file() and p.suffix in (".json", ".model") and p.name != "engine.json":
+            shutil.copy(p, folder / p.name)
+    export_decoder(AutoModelForCausalLM.from_pretrained(str(stories260k)).eval(), folder, all_logits=True)
+    eng = create_engine(folder, engine="openvino", cache_dir=tmp_path / "unused")
+    eng.start()
+    try:
+        assert eng.quantize is None and eng.precision == "f32" and eng.ir_path == folder / "decoder.xml"
+        assert eng.generate(eng.encode("Once upon a time"), GREEDY).token_ids == reference["Once upon a time"]
+    finally:
+        eng.stop()
+    assert not (tmp_path / "unused").exists()  # nothing exported or compressed
+    meta = json.loads((folder / "engine.json").read_text())
+    (folder / "engine.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(ConfigError, match="this modelpress reads format"):
+        create_engine(folder, engine="openvino")

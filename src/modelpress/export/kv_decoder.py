@@ -8,6 +8,8 @@ has no Python control flow::
     (input_ids [B,S], position_ids [B,S], attention_mask [B,T+S], past_k, past_v [B, layers*kv_heads, T, head_dim])
         -> (logits of the last position [B, vocab], new_k, new_v [B, layers*kv_heads, S, head_dim])
 
+(``all_logits=True``: logits of every new position, ``[B, S, vocab]``.)
+
 Grouped-query attention is computed per KV head with the queries of its group stacked
 (``[B, kv_heads, group*S, head_dim]``) instead of repeating the keys and values ``group`` times:
 the repeat copies the whole cache ``group`` times per layer and step, which at batch 8 costs more
@@ -28,8 +30,11 @@ INPUT_NAMES = ("input_ids", "position_ids", "attention_mask", "past_k", "past_v"
 class KVDecoder(torch.nn.Module):
     """The export graph: one forward over new tokens given the cache of earlier ones."""
 
-    def __init__(self, hf_model: Any) -> None:
+    def __init__(self, hf_model: Any, *, all_logits: bool = False) -> None:
         super().__init__()
+        # all_logits: the logits of every new position ([B, S, vocab]), for perplexity on the same
+        # graph that generates; else only the last position's ([B, vocab]), the cheap prefill
+        self.all_logits = all_logits
         cfg = hf_model.config
         self.inner = hf_model.model
         self.lm_head = hf_model.lm_head
@@ -96,5 +101,8 @@ class KVDecoder(torch.nn.Module):
             o = o.reshape(b, self.heads, s, self.head_dim)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.lm_head(self.inner.norm(h[:, -1:]))[:, 0]
+        if self.all_logits:
+            logits = self.lm_head(self.inner.norm(h))
+        else:
+            logits = self.lm_head(self.inner.norm(h[:, -1:]))[:, 0]
         return logits, torch.cat(new_k, dim=1), torch.cat(new_v, dim=1)

@@ -73,12 +73,16 @@ def _fingerprint(src: ModelSource, quantize: str | None) -> str:
     return h.hexdigest()[:20]
 
 
-def export_decoder(hf_model: Any, folder: Path) -> Path:
-    """Trace the decoder and write its f32 IR, ``decoder.xml``, into ``folder``."""
+def export_decoder(hf_model: Any, folder: Path, *, all_logits: bool = False) -> Path:
+    """Trace the decoder and write its f32 IR, ``decoder.xml``, and ``engine.json`` into ``folder``.
+
+    ``all_logits``: the graph returns the logits of every new position (perplexity on the graph
+    that generates; the engine reads the last one), else only the last position's.
+    """
     ov = require("openvino", "openvino")
 
     cfg = hf_model.config
-    dec = KVDecoder(hf_model).eval()
+    dec = KVDecoder(hf_model, all_logits=all_logits).eval()
     n = dec.cache_heads
     example = dec.example_inputs()
     inputs = [
@@ -97,7 +101,8 @@ def export_decoder(hf_model: Any, folder: Path) -> Path:
     for out, name in zip(model.outputs, ("logits", "new_k", "new_v"), strict=True):
         out.get_tensor().set_names({name})
     ov.save_model(model, str(folder / "decoder.xml"), compress_to_fp16=False)
-    (folder / "engine.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "quantize": None, "model_type": cfg.model_type}))
+    meta = {"format_version": FORMAT_VERSION, "quantize": None, "model_type": cfg.model_type, "all_logits": all_logits}
+    (folder / "engine.json").write_text(json.dumps(meta))
     return folder / "decoder.xml"
 
 
@@ -139,6 +144,7 @@ class OpenVINOEngine(BatchingEngine):
         require("nncf", "openvino")
         if quantize not in QUANTIZE:
             raise ConfigError(f"Unknown quantize '{quantize}' for the openvino engine.", hint="Use quantize='int8', 'int4' or None.")
+        precision_arg = precision
         precision = precision or ("f32" if quantize is None else "bf16")
         if precision not in ("f32", "bf16"):
             raise ConfigError(f"Unknown precision '{precision}'.", hint="Use precision='f32' or 'bf16'.")
@@ -154,12 +160,19 @@ class OpenVINOEngine(BatchingEngine):
         config = src.module.config if src.module is not None else AutoConfig.from_pretrained(str(src.folder), trust_remote_code=False)
         self.quantize = quantize
         self.precision = precision
+        prebuilt = prebuilt_decoder(src)
+        if prebuilt is not None:  # a decoder IR written by modelpress (e.g. GPTQ/AWQ): run as it is
+            meta = json.loads((prebuilt.parent / "engine.json").read_text())
+            self.quantize = meta.get("quantize")
+            self.precision = precision = precision_arg or ("f32" if self.quantize is None else "bf16")
         root = Path(cache_dir) if cache_dir else cache_root("generation")
         # the f32 IR is traced once; each quantized variant is compressed from it
         f32 = root / f"{src.name}-fp32-{_fingerprint(src, None)}"
         target = root / f"{src.name}-{quantize}-{_fingerprint(src, quantize)}" if quantize else f32
         t0 = time.perf_counter()
-        if not (target / "decoder.xml").is_file():
+        if prebuilt is not None:
+            target = prebuilt.parent
+        elif not (target / "decoder.xml").is_file():
             if not (f32 / "decoder.xml").is_file():
                 hf_model = src.module if src.module is not None else _load_hf(src)
                 with atomic_folder(f32) as tmp:
@@ -176,6 +189,7 @@ class OpenVINOEngine(BatchingEngine):
             props["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(self.ir_path)), "CPU", props)
         self.request = self.compiled.create_infer_request()
+        self.all_logits = bool(json.loads((target / "engine.json").read_text()).get("all_logits", False))
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode cache (see KV_BLOCK)
         self._buffer_len = 0
         attn_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -200,7 +214,8 @@ class OpenVINOEngine(BatchingEngine):
         """One inference: logits and the K/V of the new positions (copied: the request reuses its output buffers)."""
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "past_k": k, "past_v": v}
         self.request.infer(inputs, share_inputs=True)  # no copy of the cache in
-        logits = torch.from_numpy(self.request.get_tensor("logits").data.copy())
+        out = self.request.get_tensor("logits").data
+        logits = torch.from_numpy((out[:, -1] if self.all_logits else out).copy())
         new_k = torch.from_numpy(self.request.get_tensor("new_k").data.copy())
         new_v = torch.from_numpy(self.request.get_tensor("new_v").data.copy())
         return logits, [(new_k, new_v)]
@@ -236,6 +251,26 @@ class OpenVINOEngine(BatchingEngine):
         if t + 1 == size:  # full: the next step starts a larger buffer
             self._buffer = None
         return logits, [(buf[0][:, :, : t + 1], buf[1][:, :, : t + 1])]
+
+
+def prebuilt_decoder(src: ModelSource) -> Path | None:
+    """``folder/decoder.xml`` when ``src`` is a folder holding a decoder IR this engine wrote
+    (``engine.json`` of the current format beside it), else None.
+
+    Such a folder (the IR, ``engine.json``, ``config.json``, the tokenizer files, optionally
+    ``generation_config.json``) is what LLM quantization writes: the engine runs it as it is.
+    """
+    if src.folder is None or not (Path(src.folder) / "decoder.xml").is_file():
+        return None
+    meta_path = Path(src.folder) / "engine.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"'{src.folder}' holds an OpenVINO decoder of format {meta.get('format_version')!r}; "
+            f"this modelpress reads format {FORMAT_VERSION}.",
+            hint="Write it again from the original model with this version, e.g. modelpress optimize MODEL --recipe recipes/llm-int4.yaml.",
+        )
+    return Path(src.folder) / "decoder.xml"
 
 
 def _load_hf(src: ModelSource) -> Any:
