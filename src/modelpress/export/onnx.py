@@ -4,6 +4,11 @@ Batch and sequence axes stay dynamic. The export is run next to its source on re
 inputs of two shapes before the folder is renamed into place, on the runner that will serve it
 (ONNX Runtime, with its serving options) against the source on the PyTorch runner; a mismatch
 raises :class:`~modelpress.errors.ParityError` and nothing is written.
+
+A causal LM (``kv_cache=True``, the default of the export verb) also gets ``decoder.onnx``, the
+decoder with past keys and values for generation (:mod:`modelpress.export.onnx_decoder`), checked
+on generated tokens before the rename; ``model.onnx`` stays the full-sequence graph the runners
+score. The export cache (:func:`as_onnx`) writes ``model.onnx`` only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from modelpress.artifacts import Artifact, Manifest, Signature
 from modelpress.errors import ExportError
+from modelpress.export import onnx_decoder
 from modelpress.export.cache import cached
 from modelpress.export.parity import check_parity, parity_batches
 from modelpress.locations import find_data_dir
@@ -124,8 +130,12 @@ def export_onnx(
     dynamo: bool = True,
     attn_implementation: str | None = None,
     overwrite: bool = False,
+    kv_cache: bool = True,
 ) -> Artifact:
-    """Export ``source`` (HF folder or torch module) to an ONNX artifact folder at ``output``."""
+    """Export ``source`` (HF folder or torch module) to an ONNX artifact folder at ``output``.
+
+    ``kv_cache``: a Llama-style causal LM also gets ``decoder.onnx`` (past keys and values in and out).
+    """
     if source.format == "onnx":
         raise ExportError(f"'{source.name}' is already ONNX.", hint="Use it directly, or export it to OpenVINO with --format openvino.")
     import torch
@@ -141,13 +151,36 @@ def export_onnx(
         with torch.inference_mode():
             how = torch_to_onnx(module, args, tmp / "model.onnx", sig, opset=opset, dynamo=dynamo)
         report = check_served(reference, manifest, tmp, task, batches, "onnxruntime")
-        return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "onnx", "exporter": how, "opset": opset}}
+        out = {"metrics": {"parity_max_abs_diff": report}, "step": {"export": "onnx", "exporter": how, "opset": opset}}
+        if kv_cache and task.name == "causal-lm":
+            _add_decoder(getattr(module, "model", module), task, tmp, out, dynamo=dynamo, opset=opset)
+        return out
 
     return Artifact.write(output, manifest, fill, overwrite=overwrite)
 
 
+def _add_decoder(hf_model: Any, task: Any, folder: Path, out: dict[str, Any], *, dynamo: bool, opset: int) -> None:
+    """Write the KV-cache decoder of a causal LM into ``folder``, checked on generated tokens (raises
+    :class:`~modelpress.errors.ParityError` on a mismatch); record it in the manifest updates ``out``."""
+    if not hasattr(hf_model, "config") or not onnx_decoder.supported(hf_model.config):
+        kind = getattr(getattr(hf_model, "config", None), "model_type", type(hf_model).__name__)
+        log.warning(
+            "ONNX export: no KV-cache decoder for a '%s' model (only %s); model.onnx only", kind, ", ".join(onnx_decoder.SUPPORTED_TYPES)
+        )
+        out["step"]["kv_decoder"] = None
+        return
+    if task.tokenizer is not None:
+        prompts = [task.encode(p) for p in onnx_decoder.PARITY_PROMPTS]
+    else:  # a module without a tokenizer: any ids of its vocabulary prompt it
+        prompts = [[1, 2, 3, 4], [5, 6]]
+    report = onnx_decoder.write_checked(hf_model, folder, prompts, dynamo=dynamo, opset=opset)
+    out["step"].update({"kv_decoder": onnx_decoder.DECODER_FILE, "kv_decoder_exporter": report.pop("exporter")})
+    report.pop("reference_tokens")
+    out["metrics"]["kv_decoder_parity"] = report
+
+
 def as_onnx(artifact: Artifact) -> Artifact:
-    """``artifact`` as ONNX: itself, or its export from the cache (made on first use)."""
+    """``artifact`` as ONNX: itself, or its export from the cache (made on first use; the runners' graph only)."""
     if artifact.format == "onnx":
         return artifact
-    return cached(artifact, "onnx", lambda target: export_onnx(artifact, target, overwrite=True))
+    return cached(artifact, "onnx", lambda target: export_onnx(artifact, target, overwrite=True, kv_cache=False))

@@ -7,7 +7,10 @@ or None, with llama.cpp's own continuous batching); ``openvino`` is the fast CPU
 default install (the decoder exported with an explicit KV cache, weights compressed to
 ``quantize="int8"`` (default) or ``"int4"`` by NNCF, or None); ``auto`` picks ``llamacpp`` when
 llama_cpp and gguf import and the model is a Llama-architecture folder, else ``openvino`` when it
-is installed and the model is a Llama-style decoder, else ``torch``.
+is installed and the model is a Llama-style decoder, else ``torch``; ``onnxruntime`` runs the
+KV-cache ONNX decoder (the folder ``modelpress export MODEL --format onnx`` writes, or a Hugging
+Face folder exported on first use; ``quantize=None`` (default), ``"int8"`` or ``"int4"``). An
+exported ONNX folder runs only on ``onnxruntime`` (``auto`` picks it there).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from modelpress.errors import UnsupportedModelError
 from modelpress.generation.base import Engine, EngineStats, GenerationResult, SamplingParams, SequenceHandle, TokenEvent
 
-ENGINES = ("torch", "openvino", "llamacpp", "auto")
+ENGINES = ("torch", "openvino", "llamacpp", "onnxruntime", "auto")
 # the options the llamacpp engine takes: ``auto`` gives it only calls it can honour (else openvino)
 _LLAMACPP_OPTIONS = {"quantize", "threads", "cache_dir", "gguf_path", "max_batch_size", "max_waiting"}
 
@@ -27,8 +30,16 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
 
     ``options``: ``max_batch_size``, ``max_waiting``, and the engine's own (torch: ``dtype``,
     ``threads``; openvino: ``quantize``, ``threads``, ``cache_dir``; llamacpp: ``quantize``,
-    ``threads``, ``cache_dir``, ``gguf_path``).
+    ``threads``, ``cache_dir``, ``gguf_path``; onnxruntime: ``quantize``, ``threads``, ``cache_dir``).
     """
+    if _is_onnx(source):
+        if engine == "auto":
+            engine = "onnxruntime"
+        elif engine in ENGINES and engine != "onnxruntime":
+            raise UnsupportedModelError(
+                f"'{source}' is an ONNX export: the {engine} engine runs Hugging Face folders.",
+                hint="Run it with engine='onnxruntime' (modelpress serve DIR --engine onnxruntime), or pass the original model folder.",
+            )
     if engine == "auto":
         engine = "torch"
         from importlib.util import find_spec
@@ -54,7 +65,18 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
         from modelpress.generation.openvino_engine import OpenVINOEngine
 
         return OpenVINOEngine(source, **options)
+    if engine == "onnxruntime":
+        from modelpress.generation.onnxruntime_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(source, **options)
     raise UnsupportedModelError(f"Unknown generation engine '{engine}'.", hint=f"Use one of {', '.join(ENGINES)}, e.g. engine='torch'.")
+
+
+def _is_onnx(source: Any) -> bool:
+    """An exported ONNX artifact (or its folder): only the onnxruntime engine runs it."""
+    from modelpress.generation.onnxruntime_engine import onnx_folder
+
+    return onnx_folder(source) is not None
 
 
 __all__ = ["ENGINES", "Engine", "EngineStats", "GenerationResult", "SamplingParams", "SequenceHandle", "TokenEvent", "create_engine"]

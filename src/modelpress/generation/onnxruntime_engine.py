@@ -1,0 +1,192 @@
+"""ONNX Runtime engine: the KV-cache decoder graph (``decoder.onnx``, :mod:`modelpress.export.onnx_decoder`)
+run by ONNX Runtime in the shared step loop (continuous batching, sampling, stops and streaming
+are :mod:`modelpress.generation._core`'s).
+
+Sources:
+
+- a folder written by ``modelpress export MODEL --format onnx`` (or its :class:`Artifact`): its
+  ``decoder.onnx``, checked on generated tokens when it was exported;
+- a Hugging Face folder (or an Artifact of one): the decoder is exported once into the cache
+  (``cache_dir``, default ``$MODELPRESS_HOME/cache/generation``) and checked the same way.
+
+``quantize``: None (default: the float graph, greedy tokens equal the torch reference), ``"int8"``
+(ONNX Runtime's dynamic quantization: int8 weights per channel, integer matmuls) or ``"int4"``
+(weight-only ``MatMulNBits``); the quantized graph is made once from the float one and cached.
+
+Decode steps keep the cache in a buffer grown in blocks of ``KV_BLOCK`` positions (the unused ones
+masked), so a step writes only its new position instead of copying the whole cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelpress._fs import atomic_folder
+from modelpress.artifacts import MANIFEST_NAME, Artifact
+from modelpress.errors import ConfigError, UnsupportedModelError, require
+from modelpress.export import onnx_decoder
+from modelpress.generation._core import KV, BatchingEngine
+from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
+from modelpress.locations import cache_dir as cache_root
+from modelpress.runtimes.torch import hf_load_kwargs
+
+KV_BLOCK = 64  # decode-cache positions added at a time
+
+
+def _fingerprint(parts: str, files: list[Path]) -> str:
+    """A cache key from ``parts`` and the names, sizes and times of ``files``."""
+    h = hashlib.sha256(parts.encode())
+    for p in sorted(files):
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:20]
+
+
+def onnx_folder(source: Any) -> Path | None:
+    """The folder of an exported ONNX artifact (``source`` an Artifact of format onnx, or a path to one), else None."""
+    if isinstance(source, Artifact):
+        return source.path if source.format == "onnx" and source.path is not None else None
+    if isinstance(source, str | os.PathLike):
+        folder = Path(source)
+        if (folder / MANIFEST_NAME).is_file():
+            art = Artifact.open(folder)
+            return folder if art.format == "onnx" else None
+    return None
+
+
+class OnnxRuntimeEngine(BatchingEngine):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        quantize: str | None = None,
+        threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> None:
+        require("onnxruntime", "onnx")
+        if quantize not in onnx_decoder.QUANTIZE:
+            raise ConfigError(f"Unknown quantize '{quantize}' for the onnxruntime engine.", hint="Use quantize='int8', 'int4' or None.")
+        self.quantize = quantize
+        root = Path(cache_dir) if cache_dir else cache_root("generation")
+        t0 = time.perf_counter()
+        exported = onnx_folder(source)
+        if exported is not None:
+            name, tokenizer_dir, f32 = exported.resolve().name, exported, exported
+            onnx_decoder.read_meta(exported)  # a clear error when the export has no KV-cache decoder
+            key_files = [p for p in exported.glob(onnx_decoder.DECODER_FILE + "*")]
+        else:
+            src = resolve(source)
+            name, tokenizer_dir = src.name, src.tokenizer
+            f32 = root / f"{src.name}-onnx-fp32-{_source_key(src)}"
+            if not (f32 / onnx_decoder.DECODER_FILE).is_file():
+                self._export(src, f32)
+            key_files = list(f32.glob(onnx_decoder.DECODER_FILE + "*"))
+        folder = f32
+        if quantize:
+            folder = root / f"{name}-onnx-{quantize}-{_fingerprint(f'v{onnx_decoder.FORMAT_VERSION}|{quantize}', key_files)}"
+            if not (folder / onnx_decoder.DECODER_FILE).is_file():
+                with atomic_folder(folder) as tmp:
+                    onnx_decoder.quantize_decoder(f32, Path(tmp), quantize)
+        self.export_seconds = time.perf_counter() - t0
+        self.decoder_path = folder / onnx_decoder.DECODER_FILE
+        self.session = onnx_decoder.DecoderSession(folder, threads)
+        meta = self.session.meta
+        self.cache_heads, self.head_dim = self.session.cache_heads, self.session.head_dim
+        self.vocab_size = int(meta["vocab_size"])
+        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode cache (see KV_BLOCK)
+        self._buffer_len = 0
+        config = SimpleNamespace(eos_token_id=meta.get("eos_token_id"), bos_token_id=meta.get("bos_token_id"))
+        gen_cfg = SimpleNamespace(eos_token_id=meta.get("generation_eos_token_id"), bos_token_id=meta.get("generation_bos_token_id"))
+        super().__init__(
+            tokenizer=load_tokenizer(Path(tokenizer_dir)),
+            context_length=int(meta["context_length"]),
+            stop_token_ids=stop_ids_of(config, gen_cfg),
+            bos_token_id=meta.get("bos_token_id"),
+            model_name=name,
+            **options,
+        )
+
+    @staticmethod
+    def _export(src: ModelSource, target: Path) -> None:
+        """Export the decoder of ``src`` into ``target`` (atomically), checked on the parity prompts."""
+        hf_model = src.module if src.module is not None else _load_hf(src)
+        if not onnx_decoder.supported(hf_model.config):
+            raise UnsupportedModelError(
+                f"The onnxruntime engine runs {', '.join(onnx_decoder.SUPPORTED_TYPES)} decoders without sliding windows; "
+                f"'{src.name}' is a '{getattr(hf_model.config, 'model_type', None)}'.",
+                hint="Use engine='torch' for this model.",
+            )
+        tok = load_tokenizer(src.tokenizer)
+        prompts = [tok(p)["input_ids"] for p in onnx_decoder.PARITY_PROMPTS]
+        bos = getattr(hf_model.config, "bos_token_id", None)
+        prompts = [[bos, *p] if bos is not None and (not p or p[0] != bos) else list(p) for p in prompts]
+        with atomic_folder(target) as tmp:
+            onnx_decoder.write_checked(hf_model, Path(tmp), prompts)
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[torch.Tensor, KV]:
+        logits, new_k, new_v = self.session.run(ids, positions, mask, k, v)  # fresh arrays: no copy needed
+        return torch.from_numpy(logits), [(torch.from_numpy(new_k), torch.from_numpy(new_v))]
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
+        x = np.asarray([ids], dtype=np.int64)
+        empty = self.session.empty(1)
+        logits, kv = self._run(x, np.arange(len(ids), dtype=np.int64)[None], np.ones_like(x), empty, empty)
+        return logits[0], kv
+
+    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        empty = self.session.empty(ids.shape[0])
+        return self._run(ids.numpy(), positions.numpy(), mask.numpy(), empty, empty)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        (k, v) = kv[0]
+        b, n, t, d = k.shape
+        buf = self._buffer
+        # the cache the last step returned is a view of the buffer: go on in place; anything else
+        # (a sequence joined or left, a new batch) is copied into a fresh buffer
+        if buf is None or buf[0].shape[0] != b or buf[0].shape[2] <= t or k.data_ptr() != buf[0].data_ptr() or self._buffer_len != t:
+            size = (t // KV_BLOCK + 1) * KV_BLOCK
+            buf = (k.new_zeros(b, n, size, d), v.new_zeros(b, n, size, d))
+            buf[0][:, :, :t], buf[1][:, :, :t] = k, v
+            self._buffer = buf
+        size = buf[0].shape[2]
+        full_mask = torch.zeros(b, size + 1, dtype=mask.dtype)
+        full_mask[:, :t] = mask[:, :t]
+        full_mask[:, size] = 1  # the new token, last in the graph's key order
+        logits, new = self._run(tokens.numpy()[:, None], positions.numpy()[:, None], full_mask.numpy(), buf[0].numpy(), buf[1].numpy())
+        buf[0][:, :, t : t + 1], buf[1][:, :, t : t + 1] = new[0]
+        self._buffer_len = t + 1
+        if t + 1 == size:  # full: the next step starts a larger buffer
+            self._buffer = None
+        return logits, [(buf[0][:, :, : t + 1], buf[1][:, :, : t + 1])]
+
+
+def _source_key(src: ModelSource) -> str:
+    parts = f"v{onnx_decoder.FORMAT_VERSION}|fp32"
+    if src.folder is not None:
+        files = [p for p in Path(src.folder).glob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")]
+        return _fingerprint(parts, files)
+    h = hashlib.sha256(parts.encode())
+    for name, t in src.module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:20]
+
+
+def _load_hf(src: ModelSource) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs = hf_load_kwargs(src.folder)  # no remote code; pickled-only weights refused unless allowed
+    return AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32, **kwargs).eval()
