@@ -86,7 +86,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     if not path.is_file() or not (Path(folder) / DECODER_FILE).is_file():
         raise UnsupportedModelError(
             f"'{folder}' holds no KV-cache decoder ({DECODER_FILE} and {META_FILE}).",
-            hint="Export the causal LM with its KV cache first: modelpress export ../shared/data/models/stories260k --format onnx -o out/stories-onnx",
+            hint="Export the causal LM with its KV cache: modelpress export ../shared/data/models/stories260k --format onnx -o out/st",
         )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
@@ -135,6 +135,8 @@ def export_decoder(hf_model: Any, folder: str | Path, *, dynamo: bool = True, op
                     dec, example, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                     dynamic_shapes=tuple(shapes), opset_version=max(opset, DEFAULT_OPSET), verbose=False,
                 )  # fmt: skip
+                if program is None:
+                    raise ExportError("torch.onnx.export returned no program.")
                 program.save(str(path), external_data=external)
             except Exception as exc:  # noqa: BLE001 - the dynamo exporter raises many types; fall back and say why
                 reason = f"the dynamo exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -235,7 +237,8 @@ def _compare(name: str, ref_tokens: list[int], ref_logits: list[np.ndarray], got
         worst, tol = max(worst, diff), max(tol, step_tol)
         if diff > step_tol:
             raise ParityError(
-                f"The KV-cache decoder differs from its source ({name}, step {step}): logits max-abs-diff {diff:.3g} > tolerance {step_tol:.3g}.",
+                f"The KV-cache decoder differs from its source ({name}, step {step}): "
+                f"logits max-abs-diff {diff:.3g} > tolerance {step_tol:.3g}.",
                 max_abs_diff=diff,
                 tolerance=step_tol,
                 hint="Try the other exporter (dynamo=False), or export without the KV cache (kv_cache=False); nothing was written.",
@@ -313,13 +316,13 @@ def quantize_decoder(source: str | Path, folder: str | Path, quantize: str) -> P
         # the quantizers log advice (pre-processing, per-channel) through warnings; the result is measured by greedy agreement
         warnings.simplefilter("ignore")
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
 
             quantize_dynamic(
                 src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=external
             )
         else:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # type: ignore[import-untyped]
 
             q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=INT4_BLOCK_SIZE, is_symmetric=True)
             q.process()

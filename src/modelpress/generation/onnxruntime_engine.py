@@ -84,7 +84,7 @@ class OnnxRuntimeEngine(BatchingEngine):
         if exported is not None:
             name, tokenizer_dir, f32 = exported.resolve().name, exported, exported
             onnx_decoder.read_meta(exported)  # a clear error when the export has no KV-cache decoder
-            key_files = [p for p in exported.glob(onnx_decoder.DECODER_FILE + "*")]
+            key_files = list(exported.glob(onnx_decoder.DECODER_FILE + "*"))
         else:
             src = resolve(source)
             name, tokenizer_dir = src.name, src.tokenizer
@@ -188,5 +188,7 @@ def _load_hf(src: ModelSource) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if src.folder is None:  # resolve() gives a module or a folder
+        raise UnsupportedModelError(f"'{src.name}' has neither a module nor a folder.")
     kwargs = hf_load_kwargs(src.folder)  # no remote code; pickled-only weights refused unless allowed
     return AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32, **kwargs).eval()
