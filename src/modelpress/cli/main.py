@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from modelpress.cli import deploy
 from modelpress.cli.common import (
     DataDirOpt,
     JsonOpt,
@@ -26,6 +27,7 @@ from modelpress.cli.common import (
     show_third_party_noise,
 )
 from modelpress.errors import ConfigError
+from modelpress.export import FORMATS as EXPORT_FORMATS
 
 app = typer.Typer(
     name="modelpress",
@@ -234,18 +236,53 @@ def _engine_options(items: list[str] | None) -> dict[str, dict[str, object]] | N
 @app.command()
 @handle_errors
 def export(
-    model: Annotated[str, typer.Argument(help="Model folder, or short name (minilm).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    model: Annotated[str, typer.Argument(help="Model folder, short name (minilm), or with --to a registry reference (NAME@production).")],
+    dest: deploy.DestArg = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(EXPORT_FORMATS)}.")] = "onnx",
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the exported artifact to.")] = Path("exported"),
+    to: deploy.ToOpt = None,
     task: TaskOpt = None,
     tokenizer: TokOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
     legacy: Annotated[bool, typer.Option("--legacy", help="ONNX: use the TorchScript exporter instead of dynamo.")] = False,
+    runtime: deploy.RuntimeOpt = None,
+    name: deploy.NameOpt = None,
+    registry: deploy.RegistryOpt = None,
+    max_batch_size: deploy.MaxBatchOpt = 32,
+    max_queue_delay_ms: deploy.DelayOpt = 5.0,
+    max_queue_size: deploy.QueueOpt = 1024,
+    instances: deploy.InstancesOpt = 1,
+    pad_to_length: deploy.PadOpt = None,
+    storage_uri: deploy.StorageOpt = "s3://models/modelpress",
+    image: deploy.ImageOpt = None,
+    min_replicas: deploy.MinRepOpt = 1,
+    max_replicas: deploy.MaxRepOpt = 3,
+    scale_metric: deploy.MetricOpt = "concurrency",
+    scale_target: deploy.TargetOpt = None,
+    cpu: deploy.CpuOpt = "2",
+    memory: deploy.MemOpt = "4Gi",
+    gpus: deploy.GpuOpt = 0,
+    namespace: deploy.NamespaceOpt = None,
+    rollout: deploy.RolloutOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export to ONNX or OpenVINO IR; the export is checked against its source before it is written."""
+    """Export to another format (checked against its source before it is written), or with --to kserve|triton
+    write what KServe (an InferenceService) or Triton (a model repository) serves."""
     from modelpress import api
 
+    if to is not None:
+        options = {
+            k: v
+            for k, v in locals().items()
+            if k not in {"api", "model", "dest", "fmt", "output", "to", "task", "tokenizer", "force", "legacy", "as_json"}
+        }
+        deploy.export_to(to, model, dest or output, force=force, as_json=as_json, options=options)
+        return
+    if dest is not None:
+        raise ConfigError(
+            f"'{dest}' is a destination, which only --to takes.",
+            hint="Use -o DIR for an export, e.g. modelpress export minilm -f onnx -o out/minilm-onnx",
+        )
     options = {"dynamo": False} if legacy and fmt == "onnx" else {}
     with progress_bars(not as_json) as prog:
         prog(f"exporting to {fmt} and checking parity", None)
