@@ -13,6 +13,7 @@ registry; :mod:`modelpress.optimize.techniques` imports every backend), so parsi
 loads a backend.
 """
 
+from modelpress.optimize.configs import llm as llm  # registers gptq, awq, smoothquant (names: .llm)
 from modelpress.optimize.configs.base import (
     CALIBRATION_DEFAULTS,
     RUNTIME_NAMES,

@@ -9,13 +9,16 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from modelpress.optimize.configs.base import Calibration, RuntimeName, TechniqueConfig, register_config
+from modelpress.optimize.configs.base import RUNTIME_NAMES, Calibration, RuntimeName, TechniqueConfig, register_config
 
 PrecisionHint = Literal["bf16", "fp16", "fp32"]
+# The runtime of a causal LM's KV-cache decoder IR (modelpress.runtimes.openvino_decoder): the
+# graph the OpenVINO generation engine runs, compressed by optimize/quantize/llm.py.
+DECODER_RUNTIME = "openvino-decoder"
 
 
 def _check_precision_hint(cfg: TechniqueConfig) -> None:
-    if getattr(cfg, "precision_hint", None) is not None and cfg.runtime != "openvino":
+    if getattr(cfg, "precision_hint", None) is not None and cfg.runtime not in ("openvino", DECODER_RUNTIME):
         raise ValueError(
             f"precision_hint sets OpenVINO's inference precision; {cfg.runtime} has no such setting "
             "(drop precision_hint, or add a precision step for the float math)"
@@ -78,10 +81,14 @@ class WeightOnly(TechniqueConfig):
     onnxruntime: ``MatMulNBitsQuantizer`` (MatMulNBits, 4 or 8 bits per block of
     ``group_size``, default 128; the last block is padded). torch: torchao
     ``Int8WeightOnlyConfig`` / ``IntxWeightOnlyConfig`` (int4 groups), under ``torch.compile``.
+    openvino-decoder (causal LMs): NNCF ``compress_weights`` on the KV-cache decoder the LLM
+    engine runs (round-to-nearest; GPTQ and AWQ are the ``gptq`` and ``awq`` techniques).
     """
 
     technique_name: ClassVar[str] = "weight-only"
+    supported_runtimes: ClassVar[tuple[str, ...]] = (*RUNTIME_NAMES, DECODER_RUNTIME)
     technique: Literal["weight-only"] = "weight-only"
+    runtime: RuntimeName | Literal["openvino-decoder"] = "onnxruntime"
     bits: Literal[4, 8] = 8
     group_size: int | None = None  # None: per output channel for 8 bits, 128 for 4 bits; -1: per channel
     symmetric: bool = True
@@ -101,9 +108,9 @@ class WeightOnly(TechniqueConfig):
         return value
 
     def check(self) -> None:
-        if self.bits == 8 and self.group_size not in (None, -1) and self.runtime == "openvino":
+        if self.bits == 8 and self.group_size not in (None, -1) and self.runtime in ("openvino", DECODER_RUNTIME):
             raise ValueError("NNCF compresses 8-bit weights per output channel: drop group_size, or use bits: 4")
-        if self.ratio != 1.0 and self.runtime != "openvino":
+        if self.ratio != 1.0 and self.runtime not in ("openvino", DECODER_RUNTIME):
             raise ValueError("ratio (a mix of 4- and 8-bit layers) is an NNCF option: use runtime: openvino, or drop ratio")
         if self.runtime == "onnxruntime" and self.group_size == -1:
             raise ValueError(
