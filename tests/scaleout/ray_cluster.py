@@ -1,0 +1,175 @@
+"""Run inside a fresh network and PID namespace (tests/scaleout/test_ray_serve.py starts it with unshare):
+a Ray cluster of two nodes on 127.0.0.1, the model server deployed on it, driven through its one
+HTTP endpoint. Prints one JSON line of what it saw; every Ray process dies with the namespace.
+
+    python tests/scaleout/ray_cluster.py '{"port": 8123, "rollout": true}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+API_KEY = "ray-test-key-0123"
+TEXTS = ["A man is playing a guitar.", "A woman is slicing an onion.", "Two dogs run on the beach.", "The stock market fell today."]
+LOAD_CLIENTS = 8  # concurrent clients while scaling up: 4 per replica at 2 replicas, above target_ongoing_requests (2)
+MAX_LOAD_REQUESTS = 4000  # the load phase stops here at the latest, whatever happened
+SCALE_UP_LIMIT_S = 60.0
+SCALE_DOWN_LIMIT_S = 45.0
+
+
+def replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return 0
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def kserve(texts: list[str]) -> dict[str, Any]:
+    return {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+
+
+def main(spec: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from modelpress.scaleout.ray_serve import RayOptions, deploy
+    from modelpress.serving.config import ServerConfig
+
+    out: dict[str, Any] = {"timings": {}}
+    t0 = time.monotonic()
+    mark = lambda what: out["timings"].__setitem__(what, round(time.monotonic() - t0, 1))  # noqa: E731
+    temp = tempfile.mkdtemp(prefix="mpray", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
+    # one logical CPU per node and one per replica: two replicas cannot share a node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    mark("cluster")
+
+    port = spec["port"]
+    config = ServerConfig.from_models(["minilm"], max_batch_size=8, max_queue_delay_ms=2)
+    config = config.model_copy(update={"port": port, "api_key": API_KEY, "log_level": "warning", "access_log": False})
+    options = RayOptions(
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=2,
+        upscale_delay_s=0,
+        downscale_delay_s=2,
+        autoscaling={"metrics_interval_s": 0.5, "look_back_period_s": 2},
+        replica_cpus=1,
+        ingress_cpus=0,
+        proxy_location="HeadOnly",  # one HTTP endpoint: both nodes share this host's port space
+    )
+    service = deploy(config, options)
+    mark("deployed")
+    out["applications"] = service.applications()
+    app, dep = "modelpress.minilm.v1", "minilm-v1"
+    base = service.url
+    with httpx.Client(base_url=base, timeout=60) as client:
+        # every protocol through the one endpoint
+        kv = client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1]))
+        oa = client.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS[:1]})
+        sm = client.post("/invocations", json={"inputs": TEXTS[:1]}, headers={"X-Amzn-SageMaker-Target-Model": "minilm"})
+        out["protocols"] = {
+            "kserve_v2": [kv.status_code, kv.json()["outputs"][0]["data"][:8] if kv.status_code == 200 else kv.text],
+            "openai": [oa.status_code, oa.json()["data"][0]["embedding"][:8] if oa.status_code == 200 else oa.text],
+            "sagemaker": [sm.status_code, sm.text[:2000]],
+        }
+        bad = client.post("/v2/models/minilm/infer", json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [7]}]})
+        out["bad_input"] = [bad.status_code, bad.text[:300]]
+        out["replicas_before"] = replicas(app, dep)
+
+        # load until a second replica serves (both nodes answer), bounded in time and requests
+        answered: dict[str, int] = {}
+        sent = [0]
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def client_loop() -> None:
+            with httpx.Client(base_url=base, timeout=60) as c:
+                while not stop.is_set():
+                    with lock:
+                        if sent[0] >= MAX_LOAD_REQUESTS:
+                            return
+                        sent[0] += 1
+                    r = c.post("/v2/models/minilm/infer", json=kserve(TEXTS))
+                    if r.status_code == 200:
+                        node = r.headers.get("x-modelpress-node", "?")
+                        with lock:
+                            answered[node] = answered.get(node, 0) + 1
+
+        started = time.monotonic()
+        peak = out["replicas_before"]
+        with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+            futures = [pool.submit(client_loop) for _ in range(LOAD_CLIENTS)]
+            while time.monotonic() - started < SCALE_UP_LIMIT_S and not all(f.done() for f in futures):
+                peak = max(peak, replicas(app, dep))
+                with lock:
+                    both = len(answered) >= 2
+                if peak >= 2 and both:
+                    time.sleep(1.0)  # a little traffic on both replicas
+                    break
+                time.sleep(0.25)
+            stop.set()
+        out["scale_up"] = {"peak_replicas": peak, "seconds": round(time.monotonic() - started, 1), "requests": sent[0]}
+        out["answered_by_node"] = answered
+        mark("scaled_up")
+
+        # idle: back down to min_replicas
+        started = time.monotonic()
+        while time.monotonic() - started < SCALE_DOWN_LIMIT_S and replicas(app, dep) > 1:
+            time.sleep(0.5)
+        out["scale_down"] = {"replicas": replicas(app, dep), "seconds": round(time.monotonic() - started, 1)}
+        mark("scaled_down")
+
+        if spec.get("rollout"):
+            out["rollout"] = rollout(client)
+            out["applications_after_rollout"] = service.applications()
+            mark("rollout")
+    service.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    mark("shutdown")
+    return out
+
+
+def rollout(client: httpx.Client) -> dict[str, Any]:
+    """An A/B split with a second version (deployed by the rollout controller), then its abort (the version retired)."""
+    keys = {"X-API-Key": API_KEY}
+    spec = {"candidate": "2", "source": "minilm", "strategy": "ab", "steps": [50], "window_s": 3600, "promote": False}
+    started = client.post("/rollouts/minilm/start", json=spec, headers=keys)
+    result: dict[str, Any] = {"start": [started.status_code, started.text[:300]]}
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = client.get("/rollouts/minilm", headers=keys).json()
+        if status.get("status") != "loading":
+            break
+        time.sleep(0.5)
+    result["status"] = status.get("status")
+    versions: dict[str, int] = {}
+    for i in range(40):
+        r = client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1]), headers={"x-user-id": f"user-{i}"})
+        if r.status_code == 200:
+            v = r.json()["model_version"]
+            versions[v] = versions.get(v, 0) + 1
+    result["versions_answered"] = versions
+    aborted = client.post("/rollouts/minilm/abort", json={"why": "test over"}, headers=keys)
+    result["abort"] = aborted.status_code
+    time.sleep(1.0)
+    result["served_after_abort"] = sorted(m["version"] for m in client.get("/v2/models").json())
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)

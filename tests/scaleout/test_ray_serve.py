@@ -1,0 +1,72 @@
+"""The model server on Ray Serve: a two-node cluster on this machine, one HTTP endpoint, scaling up and down.
+
+Ray binds some of its services to the host's interface address, so the cluster runs inside a
+network namespace of its own with only the loopback interface (``unshare -rn``), and a PID
+namespace (``-p --fork --mount-proc``): when the script ends, the kernel ends every Ray process
+it started. Where namespaces are not permitted, the test skips and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).with_name("ray_cluster.py")
+RUN_LIMIT_S = 240  # the whole cluster run (two nodes, three deployments, the load) ends within this
+EMBEDDING_ATOL = 1e-5  # one text embedded through three protocols' codecs: the same float32 numbers, printed by two encoders
+
+
+def _namespace_command() -> list[str]:
+    base = ["unshare", "-rnp", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("unshare or ip (util-linux, iproute2) is not installed: the Ray cluster would bind to the host's interfaces")
+    probe = subprocess.run([*base, "ip", "link", "set", "lo", "up"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"network and PID namespaces are not permitted here ({probe.stderr.strip()}): the Ray test needs them")
+    return base
+
+
+@pytest.mark.slow
+def test_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'modelpress[ray]'")
+    ns = _namespace_command()
+    spec = json.dumps({"port": 8123, "rollout": True})
+    shell = f'ip link set lo up && exec "{sys.executable}" "{SCRIPT}" \'{spec}\''
+    proc = subprocess.run([*ns, "sh", "-c", shell], capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(out["timings"]))
+
+    # one ingress application and one per model version
+    assert out["applications"] == ["modelpress", "modelpress.minilm.v1"]
+
+    # KServe v2, OpenAI and SageMaker answer through the one endpoint with the same embedding
+    protocols = out["protocols"]
+    assert all(status == 200 for status, _ in protocols.values()), protocols
+    kv, oa = np.asarray(protocols["kserve_v2"][1]), np.asarray(protocols["openai"][1])
+    sm = np.asarray(json.loads(protocols["sagemaker"][1])["embeddings"][0][:8])
+    np.testing.assert_allclose(kv, oa, atol=EMBEDDING_ATOL)
+    np.testing.assert_allclose(kv, sm, atol=EMBEDDING_ATOL)
+    # a bad input is answered by the ingress with the server's own 400
+    assert out["bad_input"][0] == 400 and "string" in out["bad_input"][1]
+
+    # under load a second replica starts, on the other node, and both nodes answer
+    assert out["replicas_before"] == 1
+    assert out["scale_up"]["peak_replicas"] == 2, out["scale_up"]
+    assert set(out["answered_by_node"]) == set(out["nodes"]), (out["answered_by_node"], out["nodes"])
+    assert len(out["nodes"]) == 2
+    # idle, it scales back down to min_replicas
+    assert out["scale_down"]["replicas"] == 1, out["scale_down"]
+
+    # a rollout's candidate is deployed as its own application, the split sends traffic to both, the abort retires it
+    ro = out["rollout"]
+    assert ro["start"][0] == 201 and ro["status"] == "running", ro
+    assert set(ro["versions_answered"]) == {"1", "2"}, ro
+    assert ro["abort"] == 200 and ro["served_after_abort"] == ["1"], ro
+    assert out["applications_after_rollout"] == ["modelpress", "modelpress.minilm.v1"]
