@@ -17,7 +17,11 @@ its own in ``task_config["runtime_options"]["torch"]``):
 * ``allow_pickle`` (bool, default False): read a Hugging Face folder that has only pickled
   weights (``pytorch_model.bin``). Refused by default: a pickle can run code when it is read.
   Allowed only with torch >= 2.6 (``torch.load(weights_only=True)`` is bypassable before it,
-  CVE-2025-32434); ``MODELPRESS_ALLOW_PICKLE=1`` allows it for every loader (CLI included).
+  CVE-2025-32434); ``MODELPRESS_ALLOW_PICKLE=1`` allows it for every loader (CLI included);
+* ``tensor_parallel`` (int, default 1): split the model over that many worker processes
+  (:mod:`.tensor_parallel`, ``docs/tensor-parallel.md``; eager only, with ``attn_implementation``
+  and ``allow_pickle``); ``device`` ("cpu": gloo, default; "cuda": NCCL, one GPU per rank)
+  says where the ranks run. ``close()`` ends the workers.
 
 Compiling costs time on the first call (MiniLM: about 30-60 s on 2 cores, see docs/runtimes.md)
 and again for each new shape class (batch of 1, or every shape with ``dynamic=False``).
@@ -38,7 +42,11 @@ from modelpress.tasks import task_for
 
 # The weights of a torch-module artifact stored as a folder (its code is never stored).
 MODULE_WEIGHTS = "model.safetensors"
-OPTIONS = ("compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation", "allow_pickle")
+OPTIONS = (
+    "compile", "freezing", "dynamic", "dtype", "transform", "calibration", "attn_implementation", "allow_pickle",
+    "tensor_parallel", "device",
+)  # fmt: skip
+TENSOR_PARALLEL_OPTIONS = ("attn_implementation", "allow_pickle", "tensor_parallel", "device")  # what a split model takes
 ALLOW_PICKLE_ENV = "MODELPRESS_ALLOW_PICKLE"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # weights torch.load would unpickle
 SAFE_TORCH_LOAD = (2, 6)  # torch.load(weights_only=True) can run code before 2.6 (CVE-2025-32434)
@@ -184,7 +192,7 @@ def load_torch_module(
 @register_runtime
 class TorchRunner(Runner):
     """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``,
-    ``allow_pickle``."""
+    ``allow_pickle``, ``tensor_parallel``, ``device``."""
 
     name = "torch"
     formats = ("hf", "torch")
@@ -197,6 +205,8 @@ class TorchRunner(Runner):
                 hint=f"Valid options: {', '.join(OPTIONS)}. Example: create_runner(art, 'torch', compile=True, dtype='bf16')",
             )
         super().__init__(artifact, threads=threads, **options)
+        self.tensor_parallel = self._tensor_parallel()
+        self._group: Any = None  # the tensor-parallel workers (runtimes.tensor_parallel.WorkerGroup)
         self.specs = self._specs()
         self.dynamic = bool(options.get("dynamic", True))
         self.freezing = bool(options.get("freezing", True))
@@ -209,6 +219,24 @@ class TorchRunner(Runner):
         runner = cls(artifact, threads=threads)
         runner.module, runner.signature, runner._call, runner._loaded = module, signature, module, True
         return runner
+
+    def _tensor_parallel(self) -> int:
+        from modelpress.runtimes.tensor_parallel import check_degree
+
+        size = check_degree(self.options.get("tensor_parallel", 1))
+        if size > 1:
+            other = sorted(k for k, v in self.options.items() if k not in TENSOR_PARALLEL_OPTIONS and v not in (None, False))
+            if other:
+                raise ConfigError(
+                    f"tensor_parallel runs the eager model; it does not take {', '.join(other)}.",
+                    hint="Drop those options, e.g. create_runner(art, 'torch', tensor_parallel=2).",
+                )
+        elif self.options.get("device") not in (None, "cpu"):
+            raise ConfigError(
+                "device applies to the tensor-parallel ranks; the one-process torch runner runs on the CPU.",
+                hint="Example: create_runner(art, 'torch', tensor_parallel=2, device='cuda')",
+            )
+        return size
 
     def _specs(self) -> list[dict[str, Any]]:
         from modelpress.runtimes.torch_transforms import normalize_transforms
@@ -231,6 +259,16 @@ class TorchRunner(Runner):
 
         from modelpress.runtimes.torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
 
+        if self.tensor_parallel > 1:
+            from modelpress.runtimes.tensor_parallel import start_runner
+
+            keep = ("attn_implementation", "allow_pickle")
+            options = {k: v for k, v in self.options.items() if k in keep and v is not None}
+            self._group = start_runner(
+                self.loadable(), self.tensor_parallel, threads=self.threads, device=self.options.get("device") or "cpu", options=options
+            )
+            self.signature = self.signature or self._group.info
+            return
         torch.set_num_threads(self.threads)
         module, sig = load_torch_module(
             self.artifact, attn_implementation=self.options.get("attn_implementation"), allow_pickle=self.options.get("allow_pickle")
@@ -288,6 +326,8 @@ class TorchRunner(Runner):
         sig = self.signature
         if sig is None:  # _load always sets it
             raise UnsupportedModelError(f"The torch runner of '{self.artifact.name}' has no signature.", hint="Call runner.load() first.")
+        if self._group is not None:
+            return dict(zip(sig.output_names, self._group.call("run", batch), strict=True))
         args = []
         for n in sig.input_names:
             t = torch.from_numpy(batch[n])
@@ -311,3 +351,9 @@ class TorchRunner(Runner):
         if isinstance(out, torch.Tensor):
             out = (out,)
         return {n: t.float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(sig.output_names, out, strict=True)}
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()  # joins the workers, and kills those that do not exit
+            self._group = None
+        super().close()
