@@ -97,7 +97,10 @@ def evaluate(
         )
     if shadow and spec.min_agreement is not None:
         if candidate.n_agreement == 0 and candidate.n:
-            reasons.append("no shadow copy answered, so agreement cannot be measured")
+            reasons.append(
+                "no shadow copy answered with a comparable result, so agreement cannot be measured "
+                "(an LLM's copies are scored on greedy requests only: send some with temperature 0)"
+            )
         elif math.isfinite(candidate.agreement) and candidate.agreement < spec.min_agreement:
             reasons.append(f"agreement {candidate.agreement:.4f} < {spec.min_agreement:g}")
     if reasons:

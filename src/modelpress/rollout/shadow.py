@@ -5,6 +5,12 @@ for; :class:`ShadowRecorder` is told each outcome and records it in the
 :class:`~modelpress.rollout.observations.Observations` (latency, error, agreement with what the
 primary answered) and as Prometheus series (``modelpress_shadow_requests_total``,
 ``modelpress_shadow_agreement``).
+
+Causal LMs (:mod:`modelpress.serving.llm_shadow`): a copy's results are what the candidate
+generated for each prompt; its agreement is the share of greedy prompts whose first token is the
+primary's (:func:`~modelpress.serving.llm_shadow.first_token_agreement`; None, not scored, when
+the client sampled), and its latency is the candidate's time to first token, the latency the
+primary reported for the same request.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 from modelpress.rollout.analysis import agreement
 from modelpress.rollout.observations import Observations
+from modelpress.serving.llm_shadow import GenerationAnswer, first_token_agreement
 
 log = logging.getLogger("modelpress.rollout")
 
@@ -36,6 +43,9 @@ class ShadowRecorder:
             self.metrics.observe_shadow(candidate.name, candidate.version, "error")
 
     def answered(self, primary: Any, primary_results: list[Any], candidate: Any, results: list[Any], seconds: float) -> None:
+        if results and all(isinstance(r, GenerationAnswer) for r in results):
+            self._generated(primary_results, candidate, results, seconds)
+            return
         try:
             agree = agreement(primary.task, primary_results, results)
         except Exception as exc:  # noqa: BLE001  (outputs that cannot be compared, e.g. other shapes, are a disagreement)
@@ -49,6 +59,14 @@ class ShadowRecorder:
             )
             agree = 0.0
         self.observations.shadow(candidate.name, candidate.version, seconds, ok=True, agreement=agree)
+        if self.metrics is not None:
+            self.metrics.observe_shadow(candidate.name, candidate.version, "ok", agree)
+
+    def _generated(self, primary_results: list[Any], candidate: Any, results: list[GenerationAnswer], seconds: float) -> None:
+        """An LLM's copy: first-token agreement on the greedy prompts, the candidate's time to first token."""
+        agree = first_token_agreement(primary_results, results)
+        ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
+        self.observations.shadow(candidate.name, candidate.version, max(ttfts) if ttfts else seconds, ok=True, agreement=agree)
         if self.metrics is not None:
             self.metrics.observe_shadow(candidate.name, candidate.version, "ok", agree)
 

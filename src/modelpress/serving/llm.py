@@ -17,7 +17,13 @@ The pieces the repository expects of a version, over the engine:
 
 Engine settings come from the model's config: ``engine`` (torch, ...), ``batching.max_batch_size``
 (sequences decoded together), ``batching.max_queue_size`` (waiting sequences before 429),
-``threads`` and ``runtime_options`` (passed to the engine as they are).
+``threads`` and ``runtime_options`` (passed to the engine as they are). Without ``engine``, a
+folder holding a prebuilt OpenVINO decoder (what LLM quantization writes) runs on ``openvino``,
+a version whose ``runtime`` names an engine (a rollout candidate loaded on the runtime its
+manifest records) runs on that engine, and anything else on ``torch``.
+
+Shadow copies (a rollout's shadow phase, :mod:`modelpress.serving.llm_shadow`): the candidate's
+:meth:`EngineBatcher.infer` generates the mirrored prompts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, ClassVar
 
 from modelpress.errors import InvalidInputError, ModelNotReadyError
@@ -40,6 +47,7 @@ WARMUP_TOKENS = 2  # one prefill and one decode step before the version reports 
 DRAIN_POLL_S = 0.02  # how often a draining version looks whether its sequences have finished
 WINDOW_S = 60.0  # the dashboard's recent latencies and tokens/s cover this many seconds
 MAX_SAMPLES = 20_000  # recent latency samples kept per version (bounded memory under any load)
+ENGINE_RUNTIMES = ("torch", "openvino", "llamacpp", "onnxruntime")  # runtimes that name a generation engine too
 GENERATE_EXAMPLE = (
     'curl -s localhost:8000/v1/completions -H "Content-Type: application/json" '
     '-d \'{"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 32}\''
@@ -175,7 +183,13 @@ class EngineBatcher:
         return 1
 
     async def infer(self, rows: list[Any], lengths: list[int] | None = None, timeout: float | None = None) -> list[Any]:
-        raise InvalidInputError(f"Model '{self.name}' generates text through /v1/completions.", hint=f"Example: {GENERATE_EXAMPLE}")
+        """Generate mirrored prompts (``llm_shadow.ShadowPrompt`` rows, a rollout's shadow copies); other rows answer 400."""
+        from modelpress.serving.llm_shadow import ShadowPrompt, generate_answer
+
+        if not rows or not all(isinstance(r, ShadowPrompt) for r in rows):
+            raise InvalidInputError(f"Model '{self.name}' generates text through /v1/completions.", hint=f"Example: {GENERATE_EXAMPLE}")
+        self.check_accepting()
+        return list(await asyncio.gather(*(generate_answer(self.engine, r) for r in rows)))
 
     def check_accepting(self) -> None:
         if not self.accepting:
@@ -202,6 +216,18 @@ class EngineBatcher:
         await self.drain(0)
 
 
+def engine_for(cfg: Any, artifact: Any) -> str:
+    """The engine a version runs on: ``cfg.engine``; else openvino for a prebuilt decoder folder, the
+    ``runtime`` when it names an engine, else torch."""
+    if getattr(cfg, "engine", None):
+        return str(cfg.engine)
+    folder = getattr(artifact, "path", None) or (artifact if isinstance(artifact, str | Path) else None)
+    if folder is not None and (Path(folder) / "decoder.xml").is_file():
+        return "openvino"
+    runtime = getattr(cfg, "runtime", None)
+    return str(runtime) if runtime in ENGINE_RUNTIMES else DEFAULT_ENGINE
+
+
 def engine_options(cfg: Any) -> dict[str, Any]:
     """The engine's keyword options from a model config (batching sizes, threads, runtime_options)."""
     options: dict[str, Any] = {"max_batch_size": cfg.batching.max_batch_size, "max_waiting": cfg.batching.max_queue_size}
@@ -217,7 +243,7 @@ def build_generation(
     """Create, start and warm up the engine of one causal-LM version (blocking: a worker thread calls it)."""
     from modelpress.generation import SamplingParams, create_engine
 
-    engine_name = getattr(cfg, "engine", None) or DEFAULT_ENGINE
+    engine_name = engine_for(cfg, artifact)
     engine = create_engine(artifact, engine=engine_name, **engine_options(cfg))
     forget = None
     if metrics is not None:
@@ -245,4 +271,12 @@ def is_generation(lv: Any) -> bool:
     return isinstance(getattr(lv, "handler", None), GenerationHandler)
 
 
-__all__ = ["EngineBatcher", "EngineRunner", "GenerationHandler", "build_generation", "engine_options", "is_generation"]
+__all__ = [
+    "EngineBatcher",
+    "EngineRunner",
+    "GenerationHandler",
+    "build_generation",
+    "engine_for",
+    "engine_options",
+    "is_generation",
+]

@@ -25,6 +25,11 @@ answers 400 in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`
 model 404; a full generation queue 429 with ``Retry-After``; a model that is shutting down 503.
 A client that disconnects (streaming or not) cancels its sequences at the engine's next step.
 Penalties, ``logit_bias``, ``logprobs`` and ``echo`` are accepted only at their neutral values.
+
+Rollouts: the latency a request reports to the request observers (rollout windows, the A/B
+report, the dashboard) is its time to first token (an error: the time until it failed); when
+the routing decision mirrors, the answered request is copied to the candidate
+(:mod:`modelpress.serving.llm_shadow`).
 """
 
 from __future__ import annotations
@@ -206,7 +211,7 @@ class _Call:
         self.server.check_inference_key(request)
         body.check_supported()
         ctx = RequestContext(self.info.request_id, self.info.protocol, request.headers)
-        self.lv, _decision = self.server.repository.route(body.model, None, ctx)
+        self.lv, self.decision = self.server.repository.route(body.model, None, ctx)
         self.info.model, self.info.version = self.lv.name, self.lv.version
         if not is_generation(self.lv):
             raise InvalidInputError(
@@ -220,6 +225,9 @@ class _Call:
         self.handles: list[Any] = []
         self.ended: set[int] = set()  # choices whose end has been counted
         self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.tokens: dict[int, list[int]] = {}  # each choice's first tokens (what a shadow copy is compared with)
+        self.shadow_prompts: list[Any] = []  # serving.llm.ShadowPrompt per prompt, set by the route
         self.created = int(time.time())
 
     def check_text(self, text: str, what: str) -> None:
@@ -280,6 +288,8 @@ class _Call:
                 i, event = await queue.get()
                 if isinstance(event, BaseException):
                     raise event
+                if event.token_id is not None:
+                    self._token(i, int(event.token_id))
                 if event.finish_reason is not None:
                     remaining -= 1
                     if i not in self.ended:
@@ -291,14 +301,43 @@ class _Call:
             for t in tasks:
                 t.cancel()
 
+    def _token(self, i: int, token_id: int) -> None:
+        from modelpress.serving.llm_shadow import SHADOW_MAX_TOKENS
+
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        tokens = self.tokens.setdefault(i, [])
+        if len(tokens) < SHADOW_MAX_TOKENS:
+            tokens.append(token_id)
+
+    def shadow_prompt(self, max_tokens: int, *, ids: Sequence[int] | None = None, text: str | None = None, messages: Any = None) -> None:
+        """Remember one prompt as a shadow copy sends it (the client's sampling, fewer tokens; scored when greedy)."""
+        from modelpress.serving.llm_shadow import SHADOW_MAX_TOKENS, ShadowPrompt
+
+        msgs = tuple((m["role"], m["content"]) for m in messages) if messages is not None else None
+        params = self.params(0, min(max_tokens, SHADOW_MAX_TOKENS))
+        self.shadow_prompts.append(ShadowPrompt(params, None if ids is None else tuple(ids), text, msgs, self.body.temperature == 0))
+
+    def mirror(self) -> None:
+        """The shadow copies the routing decision asks for, once the client has its answer (never waited for)."""
+        from modelpress.serving.llm_shadow import GenerationAnswer, send_copies
+
+        if self.decision.mirrors:
+            ttft = None if self.first_token_at is None else self.first_token_at - self.started
+            n = self.body.n
+            primary = [GenerationAnswer(list(self.tokens.get(i * n, [])), ttft, scored=p.scored) for i, p in enumerate(self.shadow_prompts)]
+            send_copies(self.server, self.lv, self.decision, self.shadow_prompts, primary)
+
     def finished(self, reason: str) -> None:
         from modelpress.serving.llm_metrics import llm_metrics
 
         llm_metrics(self.server.metrics).finish(self.lv.name, self.lv.version, reason)
 
     def observe(self, ok: bool) -> None:
-        """Tell the request observers (metrics, a rollout's observations) how this request went."""
-        seconds = time.perf_counter() - self.started
+        """Tell the request observers (metrics, a rollout's observations) how this request went: the latency
+        of an answered request is its time to first token, of a failed one the time until it failed."""
+        end = self.first_token_at if ok and self.first_token_at is not None else time.perf_counter()
+        seconds = end - self.started
         for observer in self.server.request_observers:
             observer(self.lv.name, self.lv.version, seconds, ok, self.info.request_id if ok else None)
 
@@ -361,6 +400,7 @@ class _Call:
                     yield _sse(first_or_chunk_usage(chunk, self.usage(prompt_tokens, completion_tokens)))
                 yield b"data: [DONE]\n\n"
                 ok = True
+                self.mirror()
             except ModelpressError as exc:
                 yield _sse(_error_doc(status_for(exc), message_of(exc)))
                 yield b"data: [DONE]\n\n"
@@ -417,6 +457,13 @@ def _prompt_ids(call: _Call, prompt: Any) -> list[list[int]]:
     return out
 
 
+def _shadow_prompts(call: _Call, prompt: Any, max_tokens: int) -> None:
+    """What a shadow copy of this completion sends: texts as texts (the candidate encodes them), ids as ids."""
+    if call.decision.mirrors:
+        for p in [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt:
+            call.shadow_prompt(max_tokens, **({"text": p} if isinstance(p, str) else {"ids": p}))
+
+
 @router.post("/v1/completions", summary="Text completion (OpenAI)", response_model=None)
 async def completions(request: Request, body: CompletionRequest) -> Response:
     try:
@@ -424,6 +471,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
         prompts = _prompt_ids(call, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
         call.submit(prompts, [max_tokens] * len(prompts))
+        _shadow_prompts(call, body.prompt, max_tokens)
     except ModelpressError as exc:
         return _fail(exc, request)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -452,6 +500,7 @@ async def _answer(call: _Call, prompt_tokens: int, choice: Any) -> Response:
             "usage": call.usage(prompt_tokens, sum(c["tokens"] for c in out.values())),
         }
         ok = True
+        call.mirror()
     except ModelpressError as exc:
         return _fail(exc, call.request)
     except RuntimeError as exc:
@@ -487,6 +536,8 @@ async def chat_completions(request: Request, body: ChatRequest) -> Response:
         context = int(getattr(call.engine, "context_length", 0) or 0)
         max_tokens = limit if limit is not None else max(1, context - len(ids))
         call.submit([ids], [max_tokens])
+        if call.decision.mirrors:
+            call.shadow_prompt(max_tokens, messages=messages)
     except ModelpressError as exc:
         return _fail(exc, request)
     rid, model = f"chatcmpl-{call.info.request_id}", call.lv.name
