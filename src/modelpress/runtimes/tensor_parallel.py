@@ -414,42 +414,4 @@ class WorkerGroup:
             self._break("closed")
 
 
-# --- the runner's program --------------------------------------------------------------------------------------
-def runner_program(spec: Any, rank: Rank) -> tuple[Callable[..., Any], Any]:
-    """Load the artifact's module (the task's wrapper of a transformers model), keep this rank's shard, run batches."""
-    from modelpress.runtimes.torch import load_torch_module
-
-    artifact, options = spec
-    module, signature = load_torch_module(artifact, **options)
-    shard_model(module, rank)
-    module.to(rank.device)
-    names = signature.input_names
-
-    def handle(method: str, batch: dict[str, Any]) -> Any:
-        if method != "run":
-            raise ModelpressRuntimeError(f"tensor-parallel runner: unknown call '{method}'.")
-        out = module(*(torch.from_numpy(batch[n]).to(rank.device) for n in names))
-        if rank.rank != 0:
-            return None
-        out = (out,) if isinstance(out, torch.Tensor) else out
-        return [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out]
-
-    return handle, signature
-
-
-def start_runner(artifact: Any, size: int, *, threads: int, device: str = "cpu", options: dict[str, Any] | None = None) -> WorkerGroup:
-    """The workers of a tensor-parallel torch runner on a Hugging Face folder artifact (checked before any process starts)."""
-    from transformers import AutoConfig
-
-    if artifact.format != "hf" or artifact.path is None:
-        raise UnsupportedModelError(
-            f"tensor_parallel splits a Hugging Face model folder; '{artifact.name}' is a '{artifact.format}' artifact.",
-            hint="Load the model from its folder (modelpress.load('path/to/model')), or run it in one process.",
-        )
-    config = AutoConfig.from_pretrained(str(artifact.path), trust_remote_code=False)
-    check_degree(size, config)
-    check_device(device, size)
-    return WorkerGroup(size, runner_program, (artifact, dict(options or {})), threads=threads, device=device, name=artifact.name)
-
-
-__all__ = ["Rank", "RowParallelLinear", "WorkerGroup", "check_degree", "check_device", "plan_of", "shard_model", "start_runner"]
+__all__ = ["Rank", "RowParallelLinear", "WorkerGroup", "check_degree", "check_device", "plan_of", "shard_model"]

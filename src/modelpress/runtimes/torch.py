@@ -260,11 +260,9 @@ class TorchRunner(Runner):
         from modelpress.runtimes.torch_transforms import DTYPES, apply_transforms, copy_module, load_batches
 
         if self.tensor_parallel > 1:
-            from modelpress.runtimes.tensor_parallel import start_runner
-
             keep = ("attn_implementation", "allow_pickle")
             options = {k: v for k, v in self.options.items() if k in keep and v is not None}
-            self._group = start_runner(
+            self._group = _start_tensor_parallel(
                 self.loadable(), self.tensor_parallel, threads=self.threads, device=self.options.get("device") or "cpu", options=options
             )
             self.signature = self.signature or self._group.info
@@ -357,3 +355,46 @@ class TorchRunner(Runner):
             self._group.close()  # joins the workers, and kills those that do not exit
             self._group = None
         super().close()
+
+
+# --- tensor parallelism (runtimes.tensor_parallel runs the workers; the runner's program is here, beside the loader)
+def _tensor_parallel_program(spec: Any, rank: Any) -> tuple[Any, Signature]:
+    """In each worker: load the artifact's module (the task's wrapper of a transformers model), keep this rank's
+    shard, run batches (rank 0's outputs go back to the runner)."""
+    import torch
+
+    from modelpress.runtimes.tensor_parallel import shard_model
+
+    artifact, options = spec
+    module, signature = load_torch_module(artifact, **options)
+    shard_model(module, rank)
+    module.to(rank.device)
+    names = signature.input_names
+
+    def handle(method: str, batch: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        if method != "run":
+            raise UnsupportedModelError(f"tensor-parallel runner: unknown call '{method}'.")
+        out = module(*(torch.from_numpy(batch[n]).to(rank.device) for n in names))
+        if rank.rank != 0:
+            return None
+        out = (out,) if isinstance(out, torch.Tensor) else out
+        return [t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out]
+
+    return handle, signature
+
+
+def _start_tensor_parallel(artifact: Artifact, size: int, *, threads: int, device: str, options: dict[str, Any]) -> Any:
+    """The workers of a tensor-parallel runner on a Hugging Face folder artifact (checked before any process starts)."""
+    from transformers import AutoConfig
+
+    from modelpress.runtimes.tensor_parallel import WorkerGroup, check_degree, check_device
+
+    if artifact.format != "hf" or artifact.path is None:
+        raise UnsupportedModelError(
+            f"tensor_parallel splits a Hugging Face model folder; '{artifact.name}' is a '{artifact.format}' artifact.",
+            hint="Load the model from its folder (modelpress.load('path/to/model')), or run it in one process.",
+        )
+    config = AutoConfig.from_pretrained(str(artifact.path), trust_remote_code=False)
+    check_degree(size, config)
+    check_device(device, size)
+    return WorkerGroup(size, _tensor_parallel_program, (artifact, options), threads=threads, device=device, name=artifact.name)
