@@ -155,6 +155,20 @@ def follow(
         time.sleep(poll_s)
 
 
+def name_and_source(name: str, source: str | None) -> tuple[str, str]:
+    """(served name, model to optimize) from ship's arguments: NAME may be a model folder (then it is the source
+    and its folder name the served name, unless ``--from`` names another source)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve().name, source or str(path)
+    if source is None:
+        raise ConfigError(
+            f"'{name}' is not a model folder, so ship needs the model to optimize.",
+            hint=f"Example: modelpress ship {name} --from path/to/model --recipe recipe.yaml",
+        )
+    return name, source
+
+
 def describe_event(e: dict[str, Any]) -> str:
     weights = ", ".join(f"{k}: {w:g}%" for k, w in (e.get("weights") or {}).items())
     reasons = "; ".join(e.get("reasons") or [])
@@ -263,4 +277,4 @@ def serve_foreground(source: str, runtime: str | None, name: str, *, port: int =
         announce("stopped")
 
 
-__all__ = ["ShipResult", "ensure_served", "follow", "serve_foreground", "ship"]
+__all__ = ["ShipResult", "ensure_served", "follow", "name_and_source", "serve_foreground", "ship"]

@@ -18,8 +18,12 @@ def register_commands(app: typer.Typer) -> None:
     @app.command("ship")
     @handle_errors
     def ship_cmd(
-        name: Annotated[str, typer.Argument(help="The served (and registry) model name.")],
-        source: Annotated[str, typer.Option("--from", help="The model to optimize: a folder, short name (minilm) or registry ref.")],
+        name: Annotated[
+            str, typer.Argument(help="The served (and registry) model name; or a model folder: its name is the folder's, --from it.")
+        ],
+        source: Annotated[
+            str | None, typer.Option("--from", help="The model to optimize: a folder, short name (minilm) or registry ref (default: NAME).")
+        ] = None,
         recipe: Annotated[Path | None, typer.Option("--recipe", help="A recipe file (YAML/JSON); every step must pass the gate.")] = None,
         tune_: Annotated[bool, typer.Option("--tune", help="Let the tuner pick the fastest variant that passes the gate.")] = False,
         max_drop: Annotated[str, typer.Option("--max-drop", help="The primary metric may drop at most this much.")] = "1%",
@@ -37,9 +41,17 @@ def register_commands(app: typer.Typer) -> None:
         api_key: Annotated[str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="The server's API key.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
-        """Optimize with the gate, register, shadow, canary to production; exit 0 only on promotion."""
+        """Optimize with the gate, register, shadow, canary to production; exit 0 only on promotion.
+
+        A causal LM (e.g. modelpress ship ../shared/data/models/stories260k --recipe recipes/llm-ship-gptq-int4.yaml
+        --data tinystories --min-agreement 0.6) is shadowed with greedy first-token agreement and held to its
+        time to first token (docs/rollouts.md, "LLMs").
+        """
         from modelpress.cli.optimize import parse_duration as parse_budget
         from modelpress.cli.optimize import parse_fraction as parse_max_drop
+        from modelpress.ship import name_and_source
+
+        name, source = name_and_source(name, source)
 
         def show(e: dict[str, Any]) -> None:
             if not as_json:

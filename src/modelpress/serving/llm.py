@@ -228,6 +228,14 @@ def engine_for(cfg: Any, artifact: Any) -> str:
     return str(runtime) if runtime in ENGINE_RUNTIMES else DEFAULT_ENGINE
 
 
+def decoder_precision(artifact: Any) -> str:
+    """The float precision a decoder variant was evaluated with (``openvino-decoder``'s runtime options; f32 unless
+    it was made with a ``precision_hint``): the engine serves it the same way."""
+    manifest = getattr(artifact, "manifest", None)
+    stored = ((manifest.task_config.get("runtime_options") or {}) if manifest is not None else {}).get("openvino-decoder") or {}
+    return str(stored.get("precision") or "f32")
+
+
 def engine_options(cfg: Any) -> dict[str, Any]:
     """The engine's keyword options from a model config (batching sizes, threads, runtime_options)."""
     options: dict[str, Any] = {"max_batch_size": cfg.batching.max_batch_size, "max_waiting": cfg.batching.max_queue_size}
@@ -244,7 +252,11 @@ def build_generation(
     from modelpress.generation import SamplingParams, create_engine
 
     engine_name = engine_for(cfg, artifact)
-    engine = create_engine(artifact, engine=engine_name, **engine_options(cfg))
+    options = engine_options(cfg)
+    path = getattr(artifact, "path", None)
+    if engine_name == "openvino" and path is not None and (Path(path) / "decoder.xml").is_file():
+        options.setdefault("precision", decoder_precision(artifact))  # served as it was evaluated (else the engine's bf16)
+    engine = create_engine(artifact, engine=engine_name, **options)
     forget = None
     if metrics is not None:
         from modelpress.serving.llm_metrics import llm_metrics

@@ -14,6 +14,13 @@ bet first (the tuner measures them all and keeps the fastest that passes the gat
 * ``nvidia``: a CUDA GPU: torch fp16/bf16 under ``torch.compile`` and torchao weight-only int8/int4
   for language models (the other candidates target CPU kernels).
 
+Causal LMs on a CPU preset: the LLM quantization of docs/llm-compression.md on the KV-cache
+decoder the OpenVINO generation engine runs (``runtime: openvino-decoder``): round-to-nearest
+int8 per channel, GPTQ and AWQ int4 in groups of 32, round-to-nearest int4 in groups of 32,
+SmoothQuant W8A8 where the CPU multiplies int8 in hardware (VNNI), and int8 weights with bf16
+math where the CPU has bf16. Every candidate is a folder the engine runs as it is, so the tuner
+times decoding itself (:mod:`modelpress.optimize.search.llm_speed`).
+
 :func:`detect_preset` picks one from the machine's CPU flags (``/proc/cpuinfo`` on Linux,
 ``platform`` elsewhere) and whether torch sees a CUDA GPU.
 """
@@ -27,9 +34,29 @@ from pathlib import Path
 
 from modelpress.errors import UnknownTechniqueError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly
+from modelpress.optimize.configs.llm import AWQ, GPTQ, SmoothQuant
 
 TEXT_TASKS = ("embedding", "text-classification")
 TASKS = (*TEXT_TASKS, "image-classification", "causal-lm")
+# 4-bit groups of 32 input channels: the smallest power of two NNCF groups by; stories260k's widths (64, 172) divide by
+# no group above 4, so its FFN falls back per layer (group_size_fallback: adjust), and larger models lose less at 32 than
+# at 128 (the issue's measurements: GPTQ with scale estimation at group 32 closed about 60% of RTN's perplexity gap)
+LLM_GROUP = 32
+
+
+def _decoder(*, vnni: bool, bf16: bool) -> list[TechniqueConfig]:
+    """Causal LMs on a CPU: the LLM quantization of docs/llm-compression.md, best bet first."""
+    out: list[TechniqueConfig] = [
+        WeightOnly(runtime="openvino-decoder", bits=8),  # int8 RTN per channel: half the bytes read per token, near-lossless
+        GPTQ(bits=4, group_size=LLM_GROUP, scale_estimation=True),
+        AWQ(bits=4, group_size=LLM_GROUP),
+        WeightOnly(runtime="openvino-decoder", bits=4, group_size=LLM_GROUP),  # RTN int4: what GPTQ and AWQ must beat
+    ]
+    if vnni:
+        out.append(SmoothQuant())  # W8A8: int8 matmuls in hardware
+    if bf16:
+        out.append(WeightOnly(runtime="openvino-decoder", bits=8, precision_hint="bf16"))  # small models can lose in bf16: measured
+    return out
 
 
 def _avx512_vnni(task: str) -> list[TechniqueConfig]:
@@ -49,14 +76,7 @@ def _avx512_vnni(task: str) -> list[TechniqueConfig]:
             Precision(runtime="openvino", dtype="bf16"),
             StaticInt8(runtime="torch", compile=True),
         ]
-    return [  # causal-lm: decoding reads every weight once per token
-        WeightOnly(runtime="openvino", bits=8, symmetric=False, precision_hint="bf16"),
-        WeightOnly(runtime="openvino", bits=8, symmetric=False),  # small models can lose in bf16: f32 math
-        WeightOnly(runtime="openvino", bits=4, group_size=128, precision_hint="bf16"),
-        Precision(runtime="openvino", dtype="bf16"),
-        WeightOnly(runtime="torch", bits=8, compile=True),
-        Precision(runtime="torch", dtype="bf16", compile=True),
-    ]
+    return _decoder(vnni=True, bf16=True)  # causal-lm: decoding reads every weight once per token
 
 
 def _avx2(task: str) -> list[TechniqueConfig]:
@@ -73,12 +93,7 @@ def _avx2(task: str) -> list[TechniqueConfig]:
             StaticInt8(runtime="onnxruntime", per_channel=True),
             StaticInt8(runtime="torch", compile=True),
         ]
-    return [
-        WeightOnly(runtime="openvino", bits=8, symmetric=False),
-        WeightOnly(runtime="openvino", bits=4, group_size=128),
-        WeightOnly(runtime="onnxruntime", bits=4, group_size=32),
-        WeightOnly(runtime="torch", bits=8, compile=True),
-    ]
+    return _decoder(vnni=False, bf16=False)
 
 
 def _arm64(task: str) -> list[TechniqueConfig]:
@@ -95,11 +110,7 @@ def _arm64(task: str) -> list[TechniqueConfig]:
             Precision(runtime="openvino", dtype="fp16"),
             Precision(runtime="torch", dtype="fp16", compile=True),
         ]
-    return [
-        WeightOnly(runtime="onnxruntime", bits=4, group_size=32),
-        WeightOnly(runtime="openvino", bits=8, symmetric=False, precision_hint="fp16"),
-        WeightOnly(runtime="torch", bits=8, compile=True),
-    ]
+    return _decoder(vnni=False, bf16=False)  # OpenVINO's ARM plugin runs the same decoder IR
 
 
 def _nvidia(task: str) -> list[TechniqueConfig]:

@@ -125,6 +125,8 @@ def default_candidates(task: str, preset: str | None = None, runtimes: list[str]
 
     cands = [Candidate(BASELINE_RUNTIME)]
     cands += [Candidate(cfg.runtime, cfg) for cfg in expand_preset(preset or detect_preset(), task)]
+    if task == "causal-lm":  # every candidate must run on a generation engine (timed decoding): the float decoder too
+        return [c for c in [*cands, Candidate("openvino-decoder")] if not runtimes or c.runtime in runtimes]
     peers = peer_candidates(task)
     for c in cands:  # a preset config that is also a peer's recipe is marked as that peer
         for peer in peers:
@@ -148,7 +150,7 @@ def parse_candidates(items: list[Any]) -> list[Candidate]:
     for i, item in enumerate(items):
         if isinstance(item, Candidate):
             out.append(item)
-        elif isinstance(item, str) and item in ("torch", "onnxruntime", "openvino"):
+        elif isinstance(item, str) and item in ("torch", "onnxruntime", "openvino", "openvino-decoder"):
             out.append(Candidate(item))
         else:
             cfg = parse_step(item, where=f"candidate {i + 1}")
@@ -226,7 +228,12 @@ def _x(v: float) -> str:
 
 
 def _first_timing(pipe: Any, art: Artifact, runtime: str) -> dict[str, Any] | None:
-    """A candidate's own timing (stage 2): side by side with the baseline in interleaved rounds."""
+    """A candidate's own timing (stage 2): side by side with the baseline in interleaved rounds (a causal LM:
+    decode tokens/s on its generation engine, :mod:`.llm_speed`)."""
+    if pipe.original.task == "causal-lm":
+        from modelpress.optimize.search.llm_speed import time_decode
+
+        return time_decode(pipe.original, [(art, runtime)], rounds=SPEED_ROUNDS, threads=pipe.threads)[0]
     return pipe.measure(art, runtime)
 
 
@@ -274,6 +281,7 @@ def tune(
     from modelpress.bench.measure import BenchConfig, machine_info
     from modelpress.locations import cache_dir, find_data_dir
     from modelpress.optimize.evaluation import Evaluator
+    from modelpress.optimize.search.llm_speed import retime_decode
     from modelpress.optimize.search.stages import retime, screen_margin, screen_size, screening_gate, subsample
     from modelpress.optimize.step import Pipeline, Speed, record
 
@@ -313,6 +321,8 @@ def tune(
     )
     evaluator = pipe.evaluator
     text = evaluator.task.uses_tokenizer()
+    if original.task == "causal-lm":
+        retime = retime_decode  # decode tokens/s on each candidate's generation engine
     n_screen = 0 if exhaustive else screen_size(len(evaluator.dataset), screen_rows)
     margin = screen_margin(n_screen) if n_screen else 0.0
     settings = {
