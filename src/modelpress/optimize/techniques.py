@@ -14,6 +14,7 @@ import modelpress.optimize.distill.distill
 import modelpress.optimize.prune.llm
 import modelpress.optimize.prune.magnitude
 import modelpress.optimize.prune.structured
+import modelpress.optimize.quantize.llm
 import modelpress.optimize.quantize.onnxruntime
 import modelpress.optimize.quantize.openvino
 import modelpress.optimize.quantize.torch  # noqa: F401

@@ -73,7 +73,7 @@ class OpenVINODecoderRunner(Runner):
                 "--recipe recipes/llm-int8.yaml.",
             )
         self.compiled = compile_model(art.path / MODEL_FILE, self.threads, precision=precision, performance_hint=hint)
-        past = next(p for p in self.compiled.inputs if p.get_any_name() == "past_k").get_partial_shape()
+        past = next(p for p in self.compiled.inputs if "past_k" in p.get_names()).get_partial_shape()
         self._cache_heads, self._head_dim = int(past[1].get_length()), int(past[3].get_length())
         self.signature = self.signature or art.manifest.signature
         self._local = threading.local()  # one infer request per thread
