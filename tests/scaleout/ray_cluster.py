@@ -83,7 +83,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         out["protocols"] = {
             "kserve_v2": [kv.status_code, kv.json()["outputs"][0]["data"][:8] if kv.status_code == 200 else kv.text],
             "openai": [oa.status_code, oa.json()["data"][0]["embedding"][:8] if oa.status_code == 200 else oa.text],
-            "sagemaker": [sm.status_code, sm.text[:2000]],
+            "sagemaker": [sm.status_code, sm.json()["embeddings"][0][:8] if sm.status_code == 200 else sm.text],
         }
         bad = client.post("/v2/models/minilm/infer", json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [7]}]})
         out["bad_input"] = [bad.status_code, bad.text[:300]]

@@ -50,7 +50,7 @@ def test_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
     protocols = out["protocols"]
     assert all(status == 200 for status, _ in protocols.values()), protocols
     kv, oa = np.asarray(protocols["kserve_v2"][1]), np.asarray(protocols["openai"][1])
-    sm = np.asarray(json.loads(protocols["sagemaker"][1])["embeddings"][0][:8])
+    sm = np.asarray(protocols["sagemaker"][1])
     np.testing.assert_allclose(kv, oa, atol=EMBEDDING_ATOL)
     np.testing.assert_allclose(kv, sm, atol=EMBEDDING_ATOL)
     # a bad input is answered by the ingress with the server's own 400
@@ -70,3 +70,71 @@ def test_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
     assert set(ro["versions_answered"]) == {"1", "2"}, ro
     assert ro["abort"] == 200 and ro["served_after_abort"] == ["1"], ro
     assert out["applications_after_rollout"] == ["modelpress", "modelpress.minilm.v1"]
+
+
+# -- fast: options, the mapping to Ray's settings, errors ---------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "ray", "--max-replicas", "0"], "max_replicas: Input should be greater than or equal to 1"),
+        (["--backend", "ray", "--min-replicas", "3", "--max-replicas", "2"], "min_replicas (3) is above max_replicas (2)"),
+        (["--backend", "ray", "--downscale-delay", "soon"], "--downscale-delay 'soon' is not a duration"),
+        (["--backend", "kubernetes"], "'kubernetes' is not a serving backend"),
+        (["--max-replicas", "4"], "(--max-replicas) apply to --backend ray only"),
+    ],
+)
+def test_bad_serve_options_fail_before_anything_starts(args, message):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "minilm", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "hint:" in res.output and "Traceback" not in res.output
+
+
+def test_options_map_to_ray_deployment_settings():
+    from modelpress.scaleout.ray_serve import RayOptions
+    from modelpress.serving.config import ModelConfig
+
+    model = ModelConfig(source="minilm", batching={"max_batch_size": 16, "instances": 2, "max_queue_size": 300, "timeout_s": 9})
+    fixed = RayOptions(min_replicas=3, max_replicas=3, replica_cpus=2).replica_deployment_options(model)
+    assert fixed == {
+        "ray_actor_options": {"num_cpus": 2.0},
+        "max_ongoing_requests": 64,  # 16 rows x 2 worker threads x 2 batches in flight each
+        "max_queued_requests": 300,
+        "graceful_shutdown_timeout_s": 9.0,
+        "num_replicas": 3,
+    }
+    scaled = RayOptions(max_replicas=4, downscale_delay_s=60, autoscaling={"look_back_period_s": 5}).replica_deployment_options(model)
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 2.0,
+        "downscale_delay_s": 60.0,
+        "upscale_delay_s": 30.0,
+        "look_back_period_s": 5,
+    }
+    assert "num_replicas" not in scaled
+    from modelpress.errors import ConfigError
+    from modelpress.scaleout.ray_serve import ray_options
+
+    with pytest.raises(ConfigError, match="autoscaling repeats"):
+        ray_options(autoscaling={"max_replicas": 9})
+    with pytest.raises(ConfigError, match="initial_replicas"):
+        ray_options(min_replicas=2, max_replicas=4, initial_replicas=1)
+
+
+def test_errors_cross_the_ray_boundary_with_their_class_hint_and_fields():
+    import pickle
+
+    from modelpress.errors import InvalidInputError, ModelpressRuntimeError, ServerOverloadedError
+    from modelpress.scaleout.ray_versions import error_state, rebuild_error
+
+    sent = ServerOverloadedError("Model 'minilm:1' has 900 rows queued.", retry_after_s=7, hint="Retry later.")
+    back = rebuild_error(pickle.loads(pickle.dumps(error_state(sent))))  # as Ray moves it: pickled data
+    assert type(back) is ServerOverloadedError and back.retry_after_s == 7 and back.hint == "Retry later." and str(back) == str(sent)
+    bad = rebuild_error(error_state(InvalidInputError("Input 0 is an int.", hint='Example: ["a text"]')))
+    assert isinstance(bad, ValueError) and bad.message == "Input 0 is an int."
+    other = rebuild_error(error_state(KeyError("input_ids")))  # not ours: a runtime error naming it
+    assert type(other) is ModelpressRuntimeError and "KeyError('input_ids')" in other.message

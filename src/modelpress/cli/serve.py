@@ -1,10 +1,22 @@
-"""The ``modelpress serve`` command: the model server with rollouts and the dashboard (:func:`modelpress.rollout.serve`)."""
+"""The ``modelpress serve`` command: the model server with rollouts and the dashboard (:func:`modelpress.rollout.serve`),
+or the same server on Ray Serve with ``--backend ray`` (:func:`modelpress.scaleout.ray_serve.serve`)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+
+RAY = "Ray Serve (--backend ray)"  # the help panel of the scale-out options
+RAY_FLAGS = {  # RayOptions field -> its flag
+    "address": "--ray-address",
+    "min_replicas": "--min-replicas",
+    "max_replicas": "--max-replicas",
+    "target_ongoing_requests": "--target-ongoing-requests",
+    "downscale_delay_s": "--downscale-delay",
+    "upscale_delay_s": "--upscale-delay",
+    "replica_cpus": "--replica-cpus",
+}
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -85,6 +97,44 @@ def register_commands(app: typer.Typer) -> None:
             typer.Option("--registry", help="Registry URL or SQLite file (default: $MODELPRESS_REGISTRY_URL, then ~/.modelpress)."),
         ] = None,
         log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error (default info).")] = None,
+        backend: Annotated[
+            str, typer.Option("--backend", help="local (this process) or ray (Ray Serve deployments; docs/ray.md).", rich_help_panel=RAY)
+        ] = "local",
+        ray_address: Annotated[
+            str | None,
+            typer.Option(
+                "--ray-address", help="Ray cluster to deploy to (auto, HOST:6379); default: a new local Ray.", rich_help_panel=RAY
+            ),
+        ] = None,
+        min_replicas: Annotated[
+            int | None, typer.Option("--min-replicas", help="Replicas per model version, at least (default 1).", rich_help_panel=RAY)
+        ] = None,
+        max_replicas: Annotated[
+            int | None,
+            typer.Option("--max-replicas", help="Replicas per model version, at most (default: --min-replicas).", rich_help_panel=RAY),
+        ] = None,
+        target_ongoing_requests: Annotated[
+            float | None,
+            typer.Option(
+                "--target-ongoing-requests", help="Requests in flight per replica the autoscaler aims at (default 2).", rich_help_panel=RAY
+            ),
+        ] = None,
+        downscale_delay: Annotated[
+            str | None,
+            typer.Option(
+                "--downscale-delay", help="Load must stay low this long before a replica goes (default 10m).", rich_help_panel=RAY
+            ),
+        ] = None,
+        upscale_delay: Annotated[
+            str | None,
+            typer.Option(
+                "--upscale-delay", help="Load must stay high this long before a replica is added (default 30s).", rich_help_panel=RAY
+            ),
+        ] = None,
+        replica_cpus: Annotated[
+            float | None,
+            typer.Option("--replica-cpus", help="CPUs each model replica reserves and runs on (default 1).", rich_help_panel=RAY),
+        ] = None,
     ) -> None:
         """Serve models over HTTP: KServe v2, OpenAI embeddings, completions and chat (causal LMs), SageMaker; /metrics for Prometheus."""
         from modelpress.errors import require
@@ -92,6 +142,16 @@ def register_commands(app: typer.Typer) -> None:
 
         require("fastapi", "serve")
         require("uvicorn", "serve")
+        ray_flags = {
+            "address": ray_address,
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests,
+            "downscale_delay_s": _seconds(downscale_delay, "--downscale-delay"),
+            "upscale_delay_s": _seconds(upscale_delay, "--upscale-delay"),
+            "replica_cpus": replica_cpus,
+        }
+        ray_opts = _ray_options(backend, ray_flags)  # bad flags fail here, before any model loads
         cfg = load_config(config) if config is not None else ServerConfig()
         if models:  # models named on the command line come after the config file's
             named = ServerConfig.from_models(
@@ -137,6 +197,41 @@ def register_commands(app: typer.Typer) -> None:
         from modelpress.serving.app import check_bind
 
         check_bind(cfg)  # before any model loads: a non-loopback address needs a key
+        if ray_opts is not None:
+            from modelpress.scaleout.ray_serve import serve as serve_on_ray
+
+            serve_on_ray(cfg, ray_opts)
+            return
         from modelpress.rollout import serve as run_server
 
         run_server(cfg)
+
+
+def _seconds(text: str | None, what: str) -> float | None:
+    """A duration flag in seconds (0 allowed: no delay), None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("0", "0s", "0ms"):
+        return 0.0
+    from modelpress.units import parse_duration
+
+    return parse_duration(text, what)
+
+
+def _ray_options(backend: str, flags: dict[str, object]) -> object:
+    """The Ray options for ``--backend ray`` (None for local); Ray flags with the local backend are an error."""
+    from modelpress.scaleout.ray_serve import check_backend, ray_options
+
+    if check_backend(backend) == "ray":
+        if flags["max_replicas"] is None:  # --min-replicas alone: that many, fixed
+            flags = {**flags, "max_replicas": flags["min_replicas"]}
+        return ray_options(**flags)
+    given = sorted(RAY_FLAGS[name] for name, value in flags.items() if value is not None)
+    if given:
+        from modelpress.errors import ConfigError
+
+        raise ConfigError(
+            f"Replica and Ray options ({', '.join(given)}) apply to --backend ray only.",
+            hint="Example: modelpress serve minilm --backend ray --min-replicas 1 --max-replicas 4",
+        )
+    return None

@@ -123,7 +123,7 @@ class RayOptions(BaseModel):
 def ray_options(**values: Any) -> RayOptions:
     """:class:`RayOptions` from keyword values (None: the default), or a :class:`ConfigError` naming what is wrong."""
     data = {k: v for k, v in values.items() if v is not None}
-    return validated(RayOptions, data, "the Ray options", what="Ray Serve options", example=RAY_OPTIONS_EXAMPLE)
+    return validated(RayOptions, data, "the Ray Serve options", what="replica settings", example=RAY_OPTIONS_EXAMPLE)
 
 
 def check_backend(backend: str) -> str:
