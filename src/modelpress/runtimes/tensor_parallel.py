@@ -100,9 +100,9 @@ def check_degree(size: Any, config: Any = None) -> int:
     for what, n in sizes.items():
         if n % size:
             valid = [d for d in range(2, heads + 1) if all(v % d == 0 for v in sizes.values())]
-            larger = " is larger than and" if size > n else ""
+            why = f"is more than the model's {n} {what}" if size > n else f"does not divide the model's {n} {what}"
             raise ConfigError(
-                f"tensor_parallel={size}{larger} does not divide the model's {n} {what}: every rank needs an equal share.",
+                f"tensor_parallel={size} {why}: every rank needs an equal share of them.",
                 hint=f"Valid values for this model: {', '.join(map(str, [1, *valid]))}. {example}",
             )
     return size
@@ -354,29 +354,36 @@ class WorkerGroup:
                     hint="Load the model again (a new runner or engine).",
                 )
             data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)  # once for every rank
-            try:
-                for conn in self._conns:
+            for r, conn in enumerate(self._conns):
+                try:
                     conn.send_bytes(data)
-            except OSError as exc:  # a worker is gone
-                self._break(f"a rank is gone: {exc}")
-                raise ModelpressRuntimeError(f"The tensor-parallel workers of '{self.name}' are gone ({exc}).") from exc
+                except OSError as exc:  # that rank is gone
+                    code = self.procs[r].wait(JOIN_S) if self.procs[r].poll() is None else self.procs[r].returncode
+                    self._break(f"rank {r} exited (code {code})")
+                    raise ModelpressRuntimeError(f"tensor-parallel rank {r} exited (code {code}) before '{method}'.") from exc
             return self._gather(None, method)
 
     def _gather(self, timeout: float | None, what: str) -> Any:
-        """Every rank's answer to one call: rank 0's value, or the first error raised as its class. A rank that
-        exits closes its connection, which ``wait`` reports as ready and ``recv`` as EOF."""
+        """Every rank's answer to one call: rank 0's value, or the error raised as its class. A rank that exits
+        closes its connection, which ``wait`` reports as ready and ``recv`` as EOF; that ends the group (the others
+        may be stuck in a collective), and its exit is the error reported."""
         replies: dict[int, tuple[Any, ...]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         failed: tuple[Any, ...] | None = None
-        while len(replies) < self.size:
+        while len(replies) < self.size and self.broken is None:
             if failed is not None and deadline is None:
                 deadline = time.monotonic() + ERROR_GRACE_S  # the others may be stuck in a collective the failed rank left
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             pending = [r for r in range(self.size) if r not in replies]
             ready = wait([self._conns[r] for r in pending], left)
             if not ready:
-                self._break(f"{len(pending)} rank(s) did not answer '{what}' in time")
-                failed = failed or ("error", "ModelpressRuntimeError", f"tensor-parallel '{what}': {self.broken}", None)
+                failed = failed or (
+                    "error",
+                    "ModelpressRuntimeError",
+                    f"{len(pending)} tensor-parallel rank(s) did not answer '{what}'",
+                    None,
+                )
+                self._break(failed[2])
                 break
             for r in pending:
                 if self._conns[r] not in ready:
@@ -385,8 +392,9 @@ class WorkerGroup:
                     replies[r] = self._conns[r].recv()
                 except (EOFError, OSError):
                     code = self.procs[r].wait(JOIN_S) if self.procs[r].poll() is None else self.procs[r].returncode
-                    replies[r] = ("error", "ModelpressRuntimeError", f"tensor-parallel rank {r} exited (code {code}) during '{what}'", None)
-                    self._break(f"rank {r} exited (code {code})")
+                    failed = ("error", "ModelpressRuntimeError", f"tensor-parallel rank {r} exited (code {code}) during '{what}'", None)
+                    self._break(failed[2])
+                    break
                 if failed is None and replies[r][0] == "error":
                     failed = replies[r]
         if failed is not None:
@@ -396,6 +404,8 @@ class WorkerGroup:
             if not (isinstance(cls, type) and issubclass(cls, errors.ModelpressError)):
                 cls = ModelpressRuntimeError
             raise cls(failed[2], hint=failed[3])
+        if len(replies) < self.size:
+            raise ModelpressRuntimeError(f"The tensor-parallel workers of '{self.name}' are gone ({self.broken}).")
         return replies[0][1]
 
     def _break(self, why: str) -> None:
