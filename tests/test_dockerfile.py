@@ -136,6 +136,7 @@ def _fake_modelpress(tmp_path: Path) -> dict[str, str]:
     [
         ([], {}, ["serve", "/opt/ml/model", "--host", "0.0.0.0", "--port", "8080"]),
         (["serve"], {"MODEL_DIR": "/repository", "PORT": "9000"}, ["serve", "/repository", "--host", "0.0.0.0", "--port", "9000"]),
+        (["serve"], {"SAGEMAKER_BIND_TO_PORT": "8081", "PORT": "9000"}, ["serve", "/opt/ml/model", "--host", "0.0.0.0", "--port", "8081"]),
         (["serve", "--config", "/mnt/models/serve.yaml"], {}, ["serve", "--config", "/mnt/models/serve.yaml"]),
         (["info", "minilm"], {}, ["info", "minilm"]),
     ],
