@@ -8,11 +8,14 @@ HTTP endpoint. Prints one JSON line of what it saw; every Ray process dies with 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +26,7 @@ LOAD_CLIENTS = 8  # concurrent clients while scaling up: 4 per replica at 2 repl
 MAX_LOAD_REQUESTS = 4000  # the load phase stops here at the latest, whatever happened
 SCALE_UP_LIMIT_S = 60.0
 SCALE_DOWN_LIMIT_S = 45.0
+DEPLOY_LIMIT_S = 120.0
 
 
 def replicas(app: str, deployment: str) -> int:
@@ -42,9 +46,6 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from modelpress.scaleout.ray_serve import RayOptions, deploy
-    from modelpress.serving.config import ServerConfig
-
     out: dict[str, Any] = {"timings": {}}
     t0 = time.monotonic()
     mark = lambda what: out["timings"].__setitem__(what, round(time.monotonic() - t0, 1))  # noqa: E731
@@ -57,24 +58,62 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     mark("cluster")
 
     port = spec["port"]
-    config = ServerConfig.from_models(["minilm"], max_batch_size=8, max_queue_delay_ms=2)
-    config = config.model_copy(update={"port": port, "api_key": API_KEY, "log_level": "warning", "access_log": False})
-    options = RayOptions(
-        min_replicas=1,
-        max_replicas=2,
-        target_ongoing_requests=2,
-        upscale_delay_s=0,
-        downscale_delay_s=2,
-        autoscaling={"metrics_interval_s": 0.5, "look_back_period_s": 2},
-        replica_cpus=1,
-        ingress_cpus=0,
-        proxy_location="HeadOnly",  # one HTTP endpoint: both nodes share this host's port space
-    )
-    service = deploy(config, options)
-    mark("deployed")
-    out["applications"] = service.applications()
+    base = f"http://127.0.0.1:{port}"
     app, dep = "modelpress.minilm.v1", "minilm-v1"
-    base = service.url
+    options = Path(temp) / "ray.yaml"  # what the flags do not cover: fast autoscaling decisions, one proxy, the ingress's CPUs
+    options.write_text(
+        "autoscaling: {metrics_interval_s: 0.5, look_back_period_s: 2}\n"
+        "ingress_cpus: 0\n"
+        "proxy_location: HeadOnly  # one HTTP endpoint: both nodes share this host's port space\n"
+    )
+    command = [
+        str(Path(sys.executable).with_name("modelpress")), "serve", "minilm", "--backend", "ray", "--ray-address", cluster.address,
+        "--ray-options", str(options), "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
+        "--upscale-delay", "0", "--downscale-delay", "2s", "--replica-cpus", "1",
+        "--port", str(port), "--api-key", API_KEY, "--max-batch-size", "8", "--max-queue-delay-ms", "2", "--log-level", "warning",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + DEPLOY_LIMIT_S
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            server.kill()
+            raise RuntimeError(f"modelpress serve --backend ray did not get ready: {server.communicate()[0][-3000:]}")
+        mark("deployed")
+        out["applications"] = applications()
+        scenario(out, base, app, dep, mark, rollout_too=spec.get("rollout", False))
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)  # what Ctrl-C does: the service's applications are deleted
+        try:
+            server_log = server.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server_log = server.communicate()[0]
+    out["serve_exit"] = server.returncode
+    out["serve_log"] = server_log[-2000:]
+    time.sleep(1.0)
+    out["applications_after_exit"] = applications()
+    ray.shutdown()
+    cluster.shutdown()
+    mark("shutdown")
+    return out
+
+
+def applications() -> list[str]:
+    from ray import serve
+
+    apps = serve.status().applications
+    return sorted(name for name, status in apps.items() if status.status != "DELETING")
+
+
+def scenario(out: dict[str, Any], base: str, app: str, dep: str, mark: Any, *, rollout_too: bool) -> None:
     with httpx.Client(base_url=base, timeout=60) as client:
         # every protocol through the one endpoint
         kv = client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1]))
@@ -132,15 +171,10 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         out["scale_down"] = {"replicas": replicas(app, dep), "seconds": round(time.monotonic() - started, 1)}
         mark("scaled_down")
 
-        if spec.get("rollout"):
+        if rollout_too:
             out["rollout"] = rollout(client)
-            out["applications_after_rollout"] = service.applications()
+            out["applications_after_rollout"] = applications()
             mark("rollout")
-    service.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
-    mark("shutdown")
-    return out
 
 
 def rollout(client: httpx.Client) -> dict[str, Any]:

@@ -33,7 +33,8 @@ def _namespace_command() -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
+def test_serve_backend_ray_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
+    """`modelpress serve --backend ray` on a two-node cluster: protocols, autoscaling across nodes, a rollout, Ctrl-C."""
     pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'modelpress[ray]'")
     ns = _namespace_command()
     spec = json.dumps({"port": 8123, "rollout": True})
@@ -70,6 +71,10 @@ def test_two_nodes_one_endpoint_scale_up_and_down_with_a_rollout():
     assert set(ro["versions_answered"]) == {"1", "2"}, ro
     assert ro["abort"] == 200 and ro["served_after_abort"] == ["1"], ro
     assert out["applications_after_rollout"] == ["modelpress", "modelpress.minilm.v1"]
+
+    # SIGTERM (Ctrl-C) ends `modelpress serve --backend ray` cleanly and deletes its applications
+    assert out["serve_exit"] == 0, out["serve_log"]
+    assert out["applications_after_exit"] == []
 
 
 # -- fast: options, the mapping to Ray's settings, errors ---------------------------------------

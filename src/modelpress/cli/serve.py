@@ -16,6 +16,7 @@ RAY_FLAGS = {  # RayOptions field -> its flag
     "downscale_delay_s": "--downscale-delay",
     "upscale_delay_s": "--upscale-delay",
     "replica_cpus": "--replica-cpus",
+    "options": "--ray-options",
 }
 
 
@@ -131,6 +132,14 @@ def register_commands(app: typer.Typer) -> None:
                 "--upscale-delay", help="Load must stay high this long before a replica is added (default 30s).", rich_help_panel=RAY
             ),
         ] = None,
+        ray_options_file: Annotated[
+            str | None,
+            typer.Option(
+                "--ray-options",
+                help="A YAML or JSON file of further Ray options (autoscaling, proxy_location, ingress_cpus; docs/ray.md); flags win.",
+                rich_help_panel=RAY,
+            ),
+        ] = None,
         replica_cpus: Annotated[
             float | None,
             typer.Option("--replica-cpus", help="CPUs each model replica reserves and runs on (default 1).", rich_help_panel=RAY),
@@ -151,7 +160,7 @@ def register_commands(app: typer.Typer) -> None:
             "upscale_delay_s": _seconds(upscale_delay, "--upscale-delay"),
             "replica_cpus": replica_cpus,
         }
-        ray_opts = _ray_options(backend, ray_flags)  # bad flags fail here, before any model loads
+        ray_opts = _ray_options(backend, ray_options_file, ray_flags)  # bad flags fail here, before any model loads
         cfg = load_config(config) if config is not None else ServerConfig()
         if models:  # models named on the command line come after the config file's
             named = ServerConfig.from_models(
@@ -218,15 +227,15 @@ def _seconds(text: str | None, what: str) -> float | None:
     return parse_duration(text, what)
 
 
-def _ray_options(backend: str, flags: dict[str, object]) -> object:
+def _ray_options(backend: str, path: str | None, flags: dict[str, object]) -> object:
     """The Ray options for ``--backend ray`` (None for local); Ray flags with the local backend are an error."""
     from modelpress.scaleout.ray_serve import check_backend, ray_options
 
     if check_backend(backend) == "ray":
-        if flags["max_replicas"] is None:  # --min-replicas alone: that many, fixed
+        if path is None and flags["max_replicas"] is None and flags["min_replicas"] is not None:  # --min-replicas alone: that many
             flags = {**flags, "max_replicas": flags["min_replicas"]}
-        return ray_options(**flags)
-    given = sorted(RAY_FLAGS[name] for name, value in flags.items() if value is not None)
+        return ray_options(path, **flags)
+    given = sorted(RAY_FLAGS[name] for name, value in {**flags, "options": path}.items() if value is not None)
     if given:
         from modelpress.errors import ConfigError
 

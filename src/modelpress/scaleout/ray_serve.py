@@ -32,6 +32,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -120,10 +121,38 @@ class RayOptions(BaseModel):
         return out
 
 
-def ray_options(**values: Any) -> RayOptions:
-    """:class:`RayOptions` from keyword values (None: the default), or a :class:`ConfigError` naming what is wrong."""
-    data = {k: v for k, v in values.items() if v is not None}
-    return validated(RayOptions, data, "the Ray Serve options", what="replica settings", example=RAY_OPTIONS_EXAMPLE)
+def ray_options(path: str | os.PathLike | None = None, **values: Any) -> RayOptions:
+    """:class:`RayOptions` from a YAML or JSON file (``path``) and keyword values over it (None: not given).
+
+    A file or value that is wrong is a :class:`ConfigError` naming what is wrong.
+    """
+    data: dict[str, Any] = {}
+    where = "the Ray Serve options"
+    if path is not None:
+        data = _read_mapping(Path(path))
+        where = f"{where} ({path} and the flags)"
+    data.update({k: v for k, v in values.items() if v is not None})
+    return validated(RayOptions, data, where, what="replica settings", example=RAY_OPTIONS_EXAMPLE)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(
+            f"The Ray options file '{path}' does not exist.", hint="Example: modelpress serve minilm --backend ray --ray-options ray.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"The Ray options file '{path}' could not be parsed: {exc}", hint="Check the syntax (indentation, colons)."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"The Ray options file '{path}' must hold a mapping.", hint="Example: {max_replicas: 4, proxy_location: HeadOnly}"
+        )
+    return data
 
 
 def check_backend(backend: str) -> str:
@@ -202,21 +231,34 @@ def deploy(config: ServerConfig, options: RayOptions | None = None) -> RayServic
     (or ``RAY_ADDRESS``), else starts a local Ray; the model sources must be readable on every
     node (the same paths, or registry references on a shared registry).
     """
+    options = options or RayOptions()
+    _check(config)
+    return _deploy(config, options, started_ray=_connect(options))
+
+
+def _check(config: ServerConfig) -> None:
     from modelpress.serving.app import check_bind
 
-    options = options or RayOptions()
     if not config.models:
         raise ConfigError("No model to serve.", hint="Example: ServerConfig.from_models(['minilm'])")
     check_bind(config)
     require("ray", "ray")
+
+
+def _connect(options: RayOptions) -> bool:
+    """Connect to Ray (``options.address``, else RAY_ADDRESS, else a new local Ray); True when this started it."""
     import ray
+
+    if ray.is_initialized():
+        return False
+    address = options.address or os.environ.get("RAY_ADDRESS") or "local"  # "local": a new Ray in this process
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    return address == "local"
+
+
+def _deploy(config: ServerConfig, options: RayOptions, *, started_ray: bool) -> RayService:
     from ray import serve
 
-    started_ray = False
-    if not ray.is_initialized():
-        address = options.address or os.environ.get("RAY_ADDRESS") or "local"  # "local": a new Ray in this process
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        started_ray = address == "local"
     serve.start(proxy_location=options.proxy_location, http_options={"host": config.host, "port": config.port})
     ingress = serve.deployment(
         serve.ingress()(Ingress),
@@ -226,22 +268,27 @@ def deploy(config: ServerConfig, options: RayOptions | None = None) -> RayServic
         max_ongoing_requests=config.max_concurrent_requests,
         graceful_shutdown_timeout_s=config.drain_timeout_s,
     )
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    service = RayService(f"http://{host}:{config.port}", options.app_name, started_ray=started_ray)
     try:
         serve.run(ingress.bind(config.model_dump_json(), options.model_dump_json()), name=options.app_name, route_prefix="/")
     except Exception as exc:
+        service.shutdown()  # what did deploy goes (or the Ray this started)
         raise ModelpressRuntimeError(
             f"The Ray Serve deployment '{options.app_name}' did not start: {exc}",
             hint="Read the replica logs (ray logs, or the Ray dashboard) for the error; check the models load with the local backend.",
         ) from exc
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    return RayService(f"http://{host}:{config.port}", options.app_name, started_ray=started_ray)
+    return service
 
 
 def serve(config: ServerConfig, options: RayOptions | None = None) -> None:
     """Deploy, then wait until SIGINT / SIGTERM and shut the service down (what ``modelpress serve --backend ray`` runs)."""
+    options = options or RayOptions()
+    _check(config)
+    started_ray = _connect(options)
     stop = threading.Event()
-    with _signals(stop):
-        service = deploy(config, options)
+    with _signals(stop):  # after connecting: Ray's own SIGTERM handler would end the process before the shutdown
+        service = _deploy(config, options, started_ray=started_ray)
         try:
             names = ", ".join(m.name or m.source for m in config.models)
             print(f"modelpress serving {names} on Ray Serve at {service.url} (Ctrl-C to stop)", flush=True)
