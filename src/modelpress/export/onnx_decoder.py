@@ -21,10 +21,11 @@ within :data:`~modelpress.export.parity.PARITY_RTOL` of the reference's largest 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ QUANTIZE = (None, "int8", "int4")
 INT4_BLOCK_SIZE = 32
 PARITY_PROMPTS = ("Once upon a time", "The little dog")
 PARITY_NEW_TOKENS = 16  # greedy tokens generated per prompt by the parity check
+# the reference loop runs one small forward per token: below this many parameters it runs on one
+# torch thread (stories260k on 2 loaded cores: 16 tokens in 12 s with 2 OpenMP threads, 0.19 s with one)
+ONE_THREAD_PARAMS = 50_000_000
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit: larger graphs keep their weights beside the file
 
 
@@ -182,13 +186,29 @@ class DecoderSession:
         return logits, new_k, new_v
 
 
+@contextlib.contextmanager
+def _reference_threads(hf_model: Any) -> Iterator[None]:
+    """One torch thread for a small model while the reference runs (see :data:`ONE_THREAD_PARAMS`), restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    small = sum(p.numel() for p in hf_model.parameters()) < ONE_THREAD_PARAMS
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(old)
+
+
 def reference_greedy(hf_model: Any, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
     """The torch model's greedy tokens and each step's last-position logits, by a plain loop without a cache."""
     import torch
 
     ids = list(prompt)
     tokens, logits = [], []
-    with torch.no_grad():
+    with torch.no_grad(), _reference_threads(hf_model):
         for _ in range(new_tokens):
             x = torch.tensor([ids], dtype=torch.long)
             row = hf_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1].float().numpy()
