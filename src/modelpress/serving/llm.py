@@ -254,9 +254,11 @@ def build_generation(
     engine_name = engine_for(cfg, artifact)
     options = engine_options(cfg)
     path = getattr(artifact, "path", None)
+    source = artifact
     if engine_name == "openvino" and path is not None and (Path(path) / "decoder.xml").is_file():
         options.setdefault("precision", decoder_precision(artifact))  # served as it was evaluated (else the engine's bf16)
-    engine = create_engine(artifact, engine=engine_name, **options)
+        source = str(path)  # the engine reads a decoder variant from its folder (IR, engine.json, config, tokenizer)
+    engine = create_engine(source, engine=engine_name, **options)
     forget = None
     if metrics is not None:
         from modelpress.serving.llm_metrics import llm_metrics

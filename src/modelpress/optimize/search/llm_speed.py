@@ -64,7 +64,10 @@ def time_decode(
     from modelpress.generation.measure import decode_speed
 
     specs: list[tuple[str, dict[str, Any]]] = [("torch", {})] + [engine_spec(art, rt, original) for art, rt in variants]
-    sources = [original, *(art for art, _ in variants)]
+    sources = [original]
+    for (art, _), (name, opts) in zip(variants, specs[1:], strict=True):
+        # a decoder variant is read from its folder (IR, engine.json, config, tokenizer), the original as it is
+        sources.append(str(art.path) if name == "openvino" and "quantize" not in opts else art)
     engines: list[Any] = []
     try:
         for source, (name, options) in zip(sources, specs, strict=True):
