@@ -123,8 +123,9 @@ def test_an_active_rollout_becomes_a_canary(registry, validator, tmp_path):
         reg.rollouts.save(
             "enc", model="enc", version=1, traffic_policy=split, rollout_state={"status": "running", "baseline": "1", "candidate": "2"}
         )
-    w = write_kserve_manifest("enc@production", tmp_path / "k", storage_uri="s3://m/mp")
+    w = write_kserve_manifest("enc@production", tmp_path / "k", storage_uri="s3://m/mp", deployment_mode="Serverless")
     assert errors(validator, w.manifest) == []
+    assert w.manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"  # KServe's canary needs it
     pred = w.manifest["spec"]["predictor"]
     assert pred["canaryTrafficPercent"] == 10 and w.version == "2"
     assert w.canary == {"deployment": "enc", "baseline": "1", "candidate": "2", "percent": 10, "policy": "split"}

@@ -50,6 +50,7 @@ CpuOpt = Annotated[str, typer.Option("--cpu", help="With --to kserve: CPU reques
 MemOpt = Annotated[str, typer.Option("--memory", help="With --to kserve: memory request and limit per replica.")]
 GpuOpt = Annotated[int, typer.Option("--gpus", help="With --to kserve: NVIDIA GPUs per replica.")]
 NamespaceOpt = Annotated[str | None, typer.Option("--namespace", help="With --to kserve: the Kubernetes namespace.")]
+ModeOpt = Annotated[str | None, typer.Option("--deployment-mode", help="With --to kserve: Serverless (canary needs it) or RawDeployment.")]
 RolloutOpt = Annotated[bool, typer.Option("--rollout/--no-rollout", help="With --to kserve: follow an active rollout as a canary.")]
 
 

@@ -263,6 +263,7 @@ def export(
     memory: deploy.MemOpt = "4Gi",
     gpus: deploy.GpuOpt = 0,
     namespace: deploy.NamespaceOpt = None,
+    deployment_mode: deploy.ModeOpt = None,
     rollout: deploy.RolloutOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
