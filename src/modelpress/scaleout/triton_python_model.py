@@ -95,7 +95,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(here, int(self.settings["max_length"])) if self.stage == "tokenize" else None
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        import triton_python_backend_utils as pb_utils  # only inside Triton
+        import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # exists only inside Triton
 
         responses = []
         for request in requests:
