@@ -29,8 +29,8 @@ def default_threads() -> int:
 
 Converter = Callable[[Artifact], Artifact]
 
-# target format -> the function that makes an artifact a runner can load: "onnx" and "openvino"
-# (an export, registered by modelpress.export).
+# target format -> the function that makes an artifact a runner can load: "onnx", "openvino",
+# "aoti", "torchscript" (an export, registered by modelpress.export).
 CONVERTERS: dict[str, Converter] = {}
 
 
@@ -52,17 +52,22 @@ def convert(artifact: Artifact, target: str, runtime: str) -> Artifact:
     return converter(artifact)
 
 
+# artifact format -> the runtime that serves it as it is (hf and torch: "torch").
+FORMAT_RUNTIMES: dict[str, str] = {"onnx": "onnxruntime", "openvino": "openvino", "aoti": "aoti", "torchscript": "torchscript"}
+
+
 def runtime_of(artifact: Artifact) -> str:
     """The runtime an artifact is meant to run on: the one its manifest records, else the one its format needs.
 
     An optimization step records its runtime in ``manifest.step["runtime"]`` (the tuner's ONNX
-    Runtime variant: ``onnxruntime``); an ONNX file runs on ``onnxruntime``, an OpenVINO IR on
-    ``openvino``; everything else on ``torch``.
+    Runtime variant: ``onnxruntime``); each exported format runs on its runtime
+    (:data:`FORMAT_RUNTIMES`: ONNX on ``onnxruntime``, an AOTInductor package on ``aoti``, ...);
+    everything else on ``torch``.
     """
     recorded = (artifact.manifest.step or {}).get("runtime")
     if isinstance(recorded, str) and recorded in RUNTIMES:
         return recorded
-    return {"onnx": "onnxruntime", "openvino": "openvino"}.get(artifact.format, "torch")
+    return FORMAT_RUNTIMES.get(artifact.format, "torch")
 
 
 class Runner(ABC):
