@@ -39,7 +39,10 @@ PadOpt = Annotated[
 StorageOpt = Annotated[
     str, typer.Option("--storage-uri", help="With --to kserve: where storage/ is uploaded (s3://, gs://, pvc://, https://).")
 ]
-ImageOpt = Annotated[str | None, typer.Option("--image", help="With --to kserve: the modelpress image (default: the published CPU image).")]
+IMAGE_HELP = (
+    "With --to kserve: the image to run (default ghcr.io/modelpress/modelpress:0.1.0-cpu; build and push yours from the Dockerfile)."
+)
+ImageOpt = Annotated[str | None, typer.Option("--image", help=IMAGE_HELP)]
 MinRepOpt = Annotated[int, typer.Option("--min-replicas", help="With --to kserve: fewest replicas (0 scales to zero).")]
 MaxRepOpt = Annotated[int, typer.Option("--max-replicas", help="With --to kserve: most replicas.")]
 MetricOpt = Annotated[str, typer.Option("--scale-metric", help="With --to kserve: concurrency, rps, cpu or memory.")]

@@ -257,6 +257,25 @@ def triton_configs(
     }, settings
 
 
+def _copy_model(src: Path, model_file: str | None, runtime: str, dest: Path) -> None:
+    """The model file(s) under the names Triton's backend loads (model.onnx; model.xml + model.bin), and the manifest."""
+    main = src / (model_file or BACKENDS[runtime][2][0])
+    if not main.is_file():
+        raise UnsupportedModelError(
+            f"The exported model has no file {main.name}.", hint="Export it again: modelpress export NAME --format onnx"
+        )
+    if runtime == "onnxruntime":
+        shutil.copy2(main, dest / "model.onnx")
+        for data in src.glob(main.name + "*.data"):  # external weights (over 2 GB): the graph names them, keep the name
+            shutil.copy2(data, dest / data.name)
+        for data in src.glob(main.stem + ".data"):
+            shutil.copy2(data, dest / data.name)
+    else:  # an IR reads the .bin beside its .xml by stem
+        shutil.copy2(main, dest / "model.xml")
+        shutil.copy2(main.with_suffix(".bin"), dest / "model.bin")
+    shutil.copy2(src / "modelpress.json", dest / "modelpress.json")  # provenance: parity figures, parent hash
+
+
 def write_triton_repository(
     source: str,
     output: str | os.PathLike,
@@ -302,12 +321,7 @@ def write_triton_repository(
         for model_name, config in configs.items():
             (tmp / model_name / v).mkdir(parents=True)
             (tmp / model_name / "config.pbtxt").write_text(to_pbtxt(config))
-        mdl = tmp / f"{resolved.name}_model" / v
-        for f in BACKENDS[runtime][2]:
-            shutil.copy2(Path(exported.path) / f, mdl / f)
-        for data in Path(exported.path).glob("model.onnx.data"):  # ONNX external weights (models over 2 GB)
-            shutil.copy2(data, mdl / data.name)
-        shutil.copy2(Path(exported.path) / "modelpress.json", mdl / "modelpress.json")  # provenance: parity figures, parent hash
+        _copy_model(Path(exported.path), exported.manifest.model_file, runtime, tmp / f"{resolved.name}_model" / v)
         for stage in ("tokenize", "postprocess"):
             folder = tmp / f"{resolved.name}_{stage}" / v
             shutil.copy2(triton_python_model.__file__, folder / "model.py")
