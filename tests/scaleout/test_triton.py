@@ -188,6 +188,68 @@ async def test_the_metadata_triton_reports_equals_our_servers(repo):
     np.testing.assert_allclose(emb, served, atol=EMBEDDING_ATOL)
 
 
+class _PbUtils:
+    """The three names of Triton's ``triton_python_backend_utils`` that model.py uses, as Triton documents them
+    (``Tensor(name, array)`` with ``as_numpy()``, ``InferenceResponse(output_tensors=...)``, ``get_input_tensor_by_name``),
+    so that the test can drive ``initialize`` and ``execute`` as Triton's Python backend does."""
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self._name, self._array = name, array
+
+        def name(self) -> str:
+            return self._name
+
+        def as_numpy(self) -> np.ndarray:
+            return self._array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Any]) -> None:
+            self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict[str, Any], name: str) -> Any:
+        return _PbUtils.Tensor(name, request[name])
+
+
+def _python_step(repo: Any, stage: str) -> Any:
+    """The step's model.py, initialized with the ``args`` Triton passes (its config as JSON, its folder, its version)."""
+    from google.protobuf import json_format
+
+    folder = repo.path / f"{repo.name}_{stage}"
+    spec = importlib.util.spec_from_file_location(f"_triton_step_{stage}", folder / repo.version / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json_format.MessageToJson(parse(folder), preserving_proto_field_name=True)
+    model.initialize({"model_config": config, "model_repository": str(folder), "model_version": repo.version, "model_name": folder.name})
+    return model
+
+
+def test_the_ensemble_steps_run_as_tritons_python_backend_runs_them(repo, monkeypatch):
+    """initialize + execute of both Python steps around the ONNX file, two requests in one execute call, give what
+    the server's pipeline gives (tokenize -> runner -> task postprocess) on the same texts."""
+    import onnxruntime as ort
+
+    import modelpress as mp
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _PbUtils)
+    tokenize, post = _python_step(repo, "tokenize"), _python_step(repo, "postprocess")
+    requests = [{"text": np.asarray([t.encode() for t in TEXTS], dtype=object)}, {"text": np.asarray([b"one more"], dtype=object)}]
+    session = ort.InferenceSession(str(repo.path / f"{repo.name}_model" / repo.version / "model.onnx"), providers=["CPUExecutionProvider"])
+    task = mp.task_for(mp.load("minilm"))
+    for req, tokens in zip(requests, tokenize.execute(requests), strict=True):
+        feeds = {n: tokens.outputs[n] for n in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = session.run(["last_hidden_state"], feeds)[0]
+        (answer,) = post.execute([{"last_hidden_state": hidden, "attention_mask": tokens.outputs["attention_mask"]}])
+        texts = [t.decode() for t in req["text"]]
+        batch = task.preprocess(texts)
+        np.testing.assert_array_equal(tokens.outputs["input_ids"], batch["input_ids"])
+        want = task.postprocess({"last_hidden_state": session.run(["last_hidden_state"], batch)[0]}, batch)
+        np.testing.assert_allclose(answer.outputs["embedding"], want, atol=EMBEDDING_ATOL)
+
+
 def test_openvino_backend(tmp_path):
     from modelpress.scaleout.triton import write_triton_repository
 
