@@ -177,10 +177,12 @@ class Ingress:
         from modelpress.rollout.extension import with_rollouts
         from modelpress.scaleout.ray_versions import RayRepository, ReplicaHeaderMiddleware
         from modelpress.serving.app import ModelServer
+        from modelpress.serving.security import is_loopback
 
         logging.basicConfig(level=getattr(logging, self.config.log_level.upper()), format="%(message)s")
         server = ModelServer(self.config)
         server.repository = RayRepository(self.config, server.metrics, self.options)  # before any extension sees it
+        server.check_host = is_loopback(self.config.host)  # as `modelpress serve` does: on loopback, Host must name it
         with_rollouts(server)
         server.app.add_middleware(ReplicaHeaderMiddleware)
         self.server = server
