@@ -281,7 +281,7 @@ def tune(
     from modelpress.bench.measure import BenchConfig, machine_info
     from modelpress.locations import cache_dir, find_data_dir
     from modelpress.optimize.evaluation import Evaluator
-    from modelpress.optimize.search.llm_speed import retime_decode
+    from modelpress.optimize.search.llm_speed import DECODE_TOKENS, PROMPT_TOKENS, retime_decode
     from modelpress.optimize.search.stages import retime, screen_margin, screen_size, screening_gate, subsample
     from modelpress.optimize.step import Pipeline, Speed, record
 
@@ -373,7 +373,8 @@ def tune(
             "machine": _machine_key(machine),
             "dataset": evaluator.dataset_name,
             "limit": limit,
-            "bench": [batch_size, seq_len, bench_seconds],
+            # a causal LM is timed by decode tokens/s (llm_speed), whatever the batch settings
+            "bench": ["decode", DECODE_TOKENS, PROMPT_TOKENS] if original.task == "causal-lm" else [batch_size, seq_len, bench_seconds],
             "threads": threads,
             "gate": gate.model_dump(mode="json"),
         }
