@@ -122,7 +122,7 @@ def test_a_broken_export_is_never_written(stories, tmp_path, monkeypatch):
 def test_bad_inputs_are_clear_errors(tmp_path, exported):
     with pytest.raises(UnsupportedModelError, match="no KV-cache decoder"):
         onnx_decoder.read_meta(tmp_path)
-    with pytest.raises(ConfigError, match="quantize='int8' or 'int4'"):
+    with pytest.raises(ConfigError, match="quantize='int8', 'int4' or 'int8-dynamic'"):
         onnx_decoder.quantize_decoder(exported, tmp_path, "int3")
     with pytest.raises(ConfigError, match="non-empty prompts"):
         onnx_decoder.check_decoder(None, onnx_decoder.DecoderSession(exported, threads=1), [[]])

@@ -10,8 +10,10 @@ Sources:
   (``cache_dir``, default ``$MODELPRESS_HOME/cache/generation``) and checked the same way.
 
 ``quantize``: None (default: the float graph, greedy tokens equal the torch reference), ``"int8"``
-(ONNX Runtime's dynamic quantization: int8 weights per channel, integer matmuls) or ``"int4"``
-(weight-only ``MatMulNBits``); the quantized graph is made once from the float one and cached.
+or ``"int4"`` (weight-only ``MatMulNBits``), ``"int8-dynamic"`` (ONNX Runtime's dynamic
+quantization: int8 weights and activations, integer matmuls); see
+:func:`modelpress.export.onnx_decoder.quantize_decoder`. The quantized graph is made once from the
+float one and cached.
 
 Decode steps keep the cache in a buffer grown in blocks of ``KV_BLOCK`` positions (the unused ones
 masked), so a step writes only its new position instead of copying the whole cache.
@@ -76,7 +78,9 @@ class OnnxRuntimeEngine(BatchingEngine):
     ) -> None:
         require("onnxruntime", "onnx")
         if quantize not in onnx_decoder.QUANTIZE:
-            raise ConfigError(f"Unknown quantize '{quantize}' for the onnxruntime engine.", hint="Use quantize='int8', 'int4' or None.")
+            raise ConfigError(
+                f"Unknown quantize '{quantize}' for the onnxruntime engine.", hint="Use quantize='int8', 'int4', 'int8-dynamic' or None."
+            )
         self.quantize = quantize
         root = Path(cache_dir) if cache_dir else cache_root("generation")
         t0 = time.perf_counter()
