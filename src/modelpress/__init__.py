@@ -18,6 +18,7 @@ from modelpress.tasks import task_for
 
 if TYPE_CHECKING:
     from modelpress.optimize.api import Recipe, apply_technique, run, tune
+    from modelpress.optimize.search.compare import compare
 
 # The optimize verbs are imported on first use, so that importing a lower layer (modelpress.serving,
 # modelpress.registry) does not import the optimize package, its techniques and their libraries.
@@ -29,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from modelpress.optimize import api
 
         return getattr(api, name)
+    if name == "compare":  # model selection (modelpress compare), loaded on first use like the optimize verbs
+        from modelpress.optimize.search.compare import compare
+
+        return compare
     raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
 
 
@@ -74,6 +79,7 @@ __all__ = [
     "TensorSpec",
     "apply_technique",
     "bench",
+    "compare",
     "create_runner",
     "evaluate",
     "export",
