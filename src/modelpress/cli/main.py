@@ -450,6 +450,9 @@ def _mount_subcommands() -> None:
     from modelpress.cli.optimize import register_commands
 
     register_commands(app)
+    from modelpress.cli.compare import register_commands as register_compare
+
+    register_compare(app)
     with contextlib.suppress(ImportError):
         from modelpress.cli.registry import app as registry_app
 

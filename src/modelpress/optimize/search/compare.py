@@ -66,7 +66,9 @@ def resolve_price(price_per_hour: float | None = None, instance: str | None = No
     """``price_per_hour`` (USD) wins; else the ``instance`` preset's price; else None (no cost)."""
     if price_per_hour is not None:
         if not math.isfinite(price_per_hour) or price_per_hour <= 0:
-            raise ConfigError(f"The price per hour must be a positive number of USD, got {price_per_hour}.", hint="Example: --price-per-hour 0.085")
+            raise ConfigError(
+                f"The price per hour must be a positive number of USD, got {price_per_hour}.", hint="Example: --price-per-hour 0.085"
+            )
         return Price(float(price_per_hour), instance=instance)
     if instance is None:
         return None
@@ -239,7 +241,9 @@ def _labels(models: list[Any], arts: list[Any]) -> list[str]:
     labels = [m if isinstance(m, str) else a.name for m, a in zip(models, arts, strict=True)]
     if len(set(labels)) != len(labels):
         dup = sorted({x for x in labels if labels.count(x) > 1})
-        raise ConfigError(f"A model is named twice: {', '.join(dup)}.", hint="Compare different models, e.g. modelpress compare minilm out/minilm-pruned")
+        raise ConfigError(
+            f"A model is named twice: {', '.join(dup)}.", hint="Compare different models, e.g. modelpress compare minilm out/minilm-pruned"
+        )
     return labels
 
 
@@ -296,7 +300,9 @@ def compare(
     from modelpress.tasks import task_for
 
     if len(models) < 2:
-        raise ConfigError(f"compare needs at least two models, got {len(models)}.", hint="Example: modelpress compare minilm out/minilm-pruned")
+        raise ConfigError(
+            f"compare needs at least two models, got {len(models)}.", hint="Example: modelpress compare minilm out/minilm-pruned"
+        )
     for name, v in (("max_p99_ms", max_p99_ms), ("max_cost_per_million", max_cost_per_million)):
         if v is not None and (not math.isfinite(v) or v <= 0):
             raise ConfigError(f"{name} must be a positive number, got {v}.", hint="Example: --max-p99-ms 50")
