@@ -50,12 +50,10 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     mark = lambda what: out["timings"].__setitem__(what, round(time.monotonic() - t0, 1))  # noqa: E731
     temp = tempfile.mkdtemp(prefix="mpray", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
-    # one logical CPU per node and one per replica: two replicas cannot share a node
+    # one logical CPU per node and one per replica: two replicas cannot share a node; the head's is the first replica's
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp})
-    cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    mark("cluster")
+    mark("head")
 
     port = spec["port"]
     base = f"http://127.0.0.1:{port}"
@@ -72,8 +70,13 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         "--upscale-delay", "0", "--downscale-delay", "2s", "--replica-cpus", "1",
         "--port", str(port), "--api-key", API_KEY, "--max-batch-size", "8", "--max-queue-delay-ms", "2", "--log-level", "warning",
     ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = Path(temp) / "serve.log"  # a file, not a pipe nobody reads while the test runs
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
+        cluster.add_node(num_cpus=1)  # the second node joins while the first replica loads
+        out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        mark("second_node")
         deadline = time.monotonic() + DEPLOY_LIMIT_S
         while time.monotonic() < deadline and server.poll() is None:
             try:
@@ -84,7 +87,8 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.5)
         else:
             server.kill()
-            raise RuntimeError(f"modelpress serve --backend ray did not get ready: {server.communicate()[0][-3000:]}")
+            server.wait()
+            raise RuntimeError(f"modelpress serve --backend ray did not get ready: {log_path.read_text()[-3000:]}")
         mark("deployed")
         out["applications"] = applications()
         scenario(out, base, app, dep, mark, rollout_too=spec.get("rollout", False))
@@ -92,12 +96,12 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)  # what Ctrl-C does: the service's applications are deleted
         try:
-            server_log = server.communicate(timeout=60)[0]
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            server_log = server.communicate()[0]
+            server.wait()
     out["serve_exit"] = server.returncode
-    out["serve_log"] = server_log[-2000:]
+    out["serve_log"] = log_path.read_text()[-2000:]
     time.sleep(1.0)
     out["applications_after_exit"] = applications()
     ray.shutdown()
