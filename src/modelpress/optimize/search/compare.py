@@ -56,7 +56,7 @@ def instances() -> dict[str, dict[str, Any]]:
     """The instance presets shipped with modelpress (``instances.yaml``): name -> price and its source."""
     from importlib import resources
 
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
 
     text = resources.files("modelpress.optimize.search").joinpath(INSTANCES_FILE).read_text()
     return dict(yaml.safe_load(text)["instances"])
@@ -216,8 +216,8 @@ def recommend(entries: list[Entry], goal: Goal, metric: str, higher_is_better: b
     if ok:
         top = max(e.throughput or 0.0 for e in ok)
         near = [e for e in ok if (e.throughput or 0.0) >= top * (1 - COST_TIE)]
-        sign = 1.0 if higher_is_better else -1.0
-        best = max(near, key=lambda e: (sign * (e.quality if e.quality is not None else -sign * math.inf), e.throughput or 0.0))
+        direction = 1.0 if higher_is_better else -1.0
+        best = max(near, key=lambda e: (direction * e.quality if e.quality is not None else -math.inf, e.throughput or 0.0))
     for e in entries:
         if e is best:
             e.verdict = "recommended: the cheapest that meets the goal" + (" (a near tie, better quality)" if len(near) > 1 else "")
@@ -331,7 +331,7 @@ def compare(
         from modelpress.optimize.search.tune import tune as run_tune
 
         for i, (e, a) in enumerate(zip(entries, arts, strict=True)):
-            res = run_tune(
+            tuned = run_tune(
                 a,
                 data=data,
                 data_dir=data_dir,
@@ -346,12 +346,12 @@ def compare(
                 progress=progress,
                 **(tune_options or {}),
             )
-            if res.chosen is None or res.chosen.artifact is None:
+            if tuned.chosen is None or tuned.chosen.artifact is None:
                 notes.append(f"{e.label}: no variant passed the tune's gate; compared as it is")
                 continue
-            arts[i] = as_artifact(res.chosen.artifact)
-            e.tuned_from, e.variant = e.label, res.chosen.label
-            e.label, e.path, e.runtime = f"{e.label} ({res.chosen.label})", str(arts[i].path), res.chosen.runtime
+            arts[i] = as_artifact(tuned.chosen.artifact)
+            e.tuned_from, e.variant = e.label, tuned.chosen.label
+            e.label, e.path, e.runtime = f"{e.label} ({tuned.chosen.label})", str(arts[i].path), tuned.chosen.runtime
 
     dataset_name = data or tsk0.default_dataset
     for e, a in zip(entries, arts, strict=True):
@@ -387,12 +387,12 @@ def compare(
     finally:
         for r in runners:
             r.close()
-    for e, r in zip(entries, results, strict=True):
-        e.runtime = r.get("runtime", e.runtime)
-        e.p50_ms, e.p99_ms = r["latency_ms"]["p50"], r["latency_ms"]["p99"]
-        thr = r["throughput"][0]
+    for e, timing in zip(entries, results, strict=True):
+        e.runtime = timing.get("runtime", e.runtime)
+        e.p50_ms, e.p99_ms = timing["latency_ms"]["p50"], timing["latency_ms"]["p99"]
+        thr = timing["throughput"][0]
         e.throughput, e.throughput_spread = thr["items_per_s"], thr["spread"]
-        e.memory_mb, e.size_bytes = r["memory_mb"]["rise"], r["size_bytes"]
+        e.memory_mb, e.size_bytes = timing["memory_mb"]["rise"], timing["size_bytes"]
         if price is not None and e.throughput:
             e.cost_per_million = cost_per_million(price.usd_per_hour, e.throughput)
     pareto(entries, higher)

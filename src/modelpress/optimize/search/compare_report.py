@@ -30,18 +30,23 @@ def quality_cost_plot(result: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     priced = result.price is not None
-    pts = [e for e in result.entries if e.quality is not None and _x(e, priced) is not None]
+    xs: dict[int, float] = {}
+    for e in result.entries:
+        x = _x(e, priced)
+        if e.quality is not None and x is not None:
+            xs[id(e)] = x
+    pts = [e for e in result.entries if id(e) in xs]
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for e in pts:
         color = "#2a9d8f" if e.meets else "#e76f51"
-        ax.scatter(_x(e, priced), e.quality, s=70 if e.on_front else 40, c=color, edgecolors="black" if e.on_front else "none", zorder=3)
-        ax.annotate(e.label[:40], (_x(e, priced), e.quality), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    front = sorted([e for e in pts if e.on_front], key=lambda e: _x(e, priced) or 0.0)
+        ax.scatter(xs[id(e)], e.quality, s=70 if e.on_front else 40, c=color, edgecolors="black" if e.on_front else "none", zorder=3)
+        ax.annotate(e.label[:40], (xs[id(e)], e.quality), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    front = sorted([e for e in pts if e.on_front], key=lambda e: xs[id(e)])
     if front:
-        ax.plot([_x(e, priced) for e in front], [e.quality for e in front], "--", color="black", lw=1, zorder=2, label="Pareto front")
+        ax.plot([xs[id(e)] for e in front], [e.quality for e in front], "--", color="black", lw=1, zorder=2, label="Pareto front")
     best = result.recommended
-    if best is not None and best in pts:
-        ax.scatter(_x(best, priced), best.quality, s=260, facecolors="none", edgecolors="#264653", lw=2, zorder=4, label="recommended")
+    if best is not None and id(best) in xs:
+        ax.scatter(xs[id(best)], best.quality, s=260, facecolors="none", edgecolors="#264653", lw=2, zorder=4, label="recommended")
     ax.scatter([], [], c="#2a9d8f", label="meets the goal")
     ax.scatter([], [], c="#e76f51", label="misses the goal")
     if priced:
