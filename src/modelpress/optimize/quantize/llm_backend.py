@@ -17,6 +17,8 @@ from modelpress.optimize.configs import TechniqueConfig, WeightOnly
 from modelpress.optimize.configs.llm import AWQ, GPTQ, DecoderWeights, SmoothQuant
 from modelpress.optimize.quantize import openvino_backend as vb
 
+FLOAT_OPS = ("ScaledDotProductAttention",)  # kept in float by SmoothQuant (see smoothquant)
+
 
 def cache_shape(model: Any) -> tuple[int, int]:
     """(layers * kv_heads, head_dim): the static dimensions of the decoder's ``past_k`` input."""
@@ -112,7 +114,9 @@ def smoothquant(model: Any, config: SmoothQuant, items: list[dict[str, np.ndarra
         "model_type": nncf.ModelType.TRANSFORMER,
         "preset": nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE,
         "subset_size": len(items),
-        "ignored_scope": vb.ignored_scope(ignored),
+        # Attention stays in float: its inputs include the cache, empty while calibrating (the statistics
+        # of an empty tensor are infinite), and SmoothQuant's W8A8 is about the linear layers.
+        "ignored_scope": nncf.IgnoredScope(names=list(ignored), types=list(FLOAT_OPS), validate=False),
         "advanced_parameters": advanced,
     }
     with vb.quiet_nncf():
