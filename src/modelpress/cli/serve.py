@@ -3,9 +3,12 @@ or the same server on Ray Serve with ``--backend ray`` (:func:`modelpress.scaleo
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from modelpress.scaleout.ray_serve import RayOptions
 
 RAY = "Ray Serve (--backend ray)"  # the help panel of the scale-out options
 RAY_FLAGS = {  # RayOptions field -> its flag
@@ -227,7 +230,7 @@ def _seconds(text: str | None, what: str) -> float | None:
     return parse_duration(text, what)
 
 
-def _ray_options(backend: str, path: str | None, flags: dict[str, object]) -> object:
+def _ray_options(backend: str, path: str | None, flags: dict[str, Any]) -> RayOptions | None:
     """The Ray options for ``--backend ray`` (None for local); Ray flags with the local backend are an error."""
     from modelpress.scaleout.ray_serve import check_backend, ray_options
 

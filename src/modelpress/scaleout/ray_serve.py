@@ -166,27 +166,33 @@ def check_backend(backend: str) -> str:
 
 # -- the ingress ----------------------------------------------------------------------------
 class Ingress:
-    """The ingress deployment's class: the model server (with rollouts) over a :class:`RayRepository`."""
+    """The ingress deployment's class: the model server (with rollouts) over a :class:`RayRepository`.
 
-    def __init__(self, server_json: str, options_json: str) -> None:
-        self.config = ServerConfig.model_validate_json(server_json)
-        self.options = RayOptions.model_validate_json(options_json)
+    The constructor deploys and routes every model (``server.start``), so a model that fails to
+    load fails the replica with its own error, which Ray reports in the application's status; the
+    app's lifespan then finds the server started, and stops it when the replica stops.
+    """
 
-    def __serve_build_asgi_app__(self) -> Any:
-        """The server's FastAPI app; Ray runs its lifespan, which deploys and routes the models."""
+    async def __init__(self, server_json: str, options_json: str) -> None:  # type: ignore[misc]  # Ray awaits an async constructor
         from modelpress.rollout.extension import with_rollouts
         from modelpress.scaleout.ray_versions import RayRepository, ReplicaHeaderMiddleware
         from modelpress.serving.app import ModelServer
         from modelpress.serving.security import is_loopback
 
-        logging.basicConfig(level=getattr(logging, self.config.log_level.upper()), format="%(message)s")
-        server = ModelServer(self.config)
-        server.repository = RayRepository(self.config, server.metrics, self.options)  # before any extension sees it
-        server.check_host = is_loopback(self.config.host)  # as `modelpress serve` does: on loopback, Host must name it
+        config = ServerConfig.model_validate_json(server_json)
+        options = RayOptions.model_validate_json(options_json)
+        logging.basicConfig(level=getattr(logging, config.log_level.upper()), format="%(message)s")
+        server = ModelServer(config)
+        server.repository = RayRepository(config, server.metrics, options)  # before any extension sees it
+        server.check_host = is_loopback(config.host)  # as `modelpress serve` does: on loopback, Host must name it
         with_rollouts(server)
         server.app.add_middleware(ReplicaHeaderMiddleware)
         self.server = server
-        return server.app
+        await server.start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The server's FastAPI app (Ray runs its lifespan: the start is a no-op by then; the stop drains)."""
+        return self.server.app
 
 
 # -- deploying ------------------------------------------------------------------------------
@@ -263,24 +269,38 @@ def _deploy(config: ServerConfig, options: RayOptions, *, started_ray: bool) -> 
 
     serve.start(proxy_location=options.proxy_location, http_options={"host": config.host, "port": config.port})
     ingress = serve.deployment(
-        serve.ingress()(Ingress),
         name="ingress",
         num_replicas=1,
         ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=config.max_concurrent_requests,
         graceful_shutdown_timeout_s=config.drain_timeout_s,
-    )
+    )(serve.ingress()(Ingress))
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     service = RayService(f"http://{host}:{config.port}", options.app_name, started_ray=started_ray)
     try:
         serve.run(ingress.bind(config.model_dump_json(), options.model_dump_json()), name=options.app_name, route_prefix="/")
     except Exception as exc:
+        why = _failure_reason(options.app_name) or str(exc)
         service.shutdown()  # what did deploy goes (or the Ray this started)
         raise ModelpressRuntimeError(
-            f"The Ray Serve deployment '{options.app_name}' did not start: {exc}",
-            hint="Read the replica logs (ray logs, or the Ray dashboard) for the error; check the models load with the local backend.",
+            f"The Ray Serve deployment '{options.app_name}' did not start: {why}",
+            hint="The replica logs have the whole story (ray logs, or the Ray dashboard); check the models load with the local backend.",
         ) from exc
     return service
+
+
+def _failure_reason(app_name: str) -> str | None:
+    """The last error line of the ingress's status message (a replica's traceback, as Ray reports it), if any."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+        messages = [app.message, *(d.message for d in app.deployments.values())] if app is not None else []
+    except Exception:  # noqa: BLE001  (a status Ray cannot give leaves the error Ray raised)
+        return None
+    lines = [ln.strip() for m in messages for ln in (m or "").splitlines() if "Error: " in ln and "RuntimeError: Traceback" not in ln]
+    useful = [ln for ln in lines if "lifespan startup failed" not in ln]
+    return (useful or lines or [None])[-1]
 
 
 def serve(config: ServerConfig, options: RayOptions | None = None) -> None:

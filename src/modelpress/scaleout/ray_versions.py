@@ -109,7 +109,7 @@ class ModelReplica:
     :class:`ServerConfig` as JSON (what every replica is built from).
     """
 
-    async def __init__(self, model_json: str, server_json: str) -> None:
+    async def __init__(self, model_json: str, server_json: str) -> None:  # type: ignore[misc]  # Ray awaits an async constructor
         import ray
         from ray import serve
 
@@ -294,7 +294,7 @@ class RayRepository(ModelRepository):
             )
         pinned = cfg.model_copy(update={"name": name, "version": version, "threads": cfg.threads or self.options.replica_threads})
         app_name, deployment_name = deployment_names(self.options.app_name, name, version)
-        deployment = serve.deployment(ModelReplica, name=deployment_name, **self.options.replica_deployment_options(pinned))
+        deployment = serve.deployment(name=deployment_name, **self.options.replica_deployment_options(pinned))(ModelReplica)
         app = deployment.bind(pinned.model_dump_json(), self.config.model_dump_json())
         log.info("deploying %s:%s as the Ray Serve application %s", name, version, app_name)
         handle = serve.run(app, name=app_name, route_prefix=None)  # returns once its replicas are up (loaded and warm)
