@@ -237,6 +237,8 @@ def ship(
     ensure_served(name, production, url, api_key)
     spec: dict[str, Any] = {
         "candidate": candidate_ref.split(":")[-1],
+        # from the registry ship registered it in, even when the server serves NAME from a folder it was started with
+        "source": candidate_ref,
         "strategy": "shadow-then-canary",
         "window_s": window_s,  # the server loads the candidate on the runtime its manifest records
         **(rollout or {}),
