@@ -24,7 +24,7 @@ API_KEY = "ray-test-key-0123"
 TEXTS = ["A man is playing a guitar.", "A woman is slicing an onion.", "Two dogs run on the beach.", "The stock market fell today."]
 LOAD_CLIENTS = 8  # concurrent clients while scaling up: 4 per replica at 2 replicas, above target_ongoing_requests (2)
 MAX_LOAD_REQUESTS = 4000  # the load phase stops here at the latest, whatever happened
-SCALE_UP_LIMIT_S = 60.0
+SCALE_UP_LIMIT_S = 90.0
 SCALE_DOWN_LIMIT_S = 45.0
 DEPLOY_LIMIT_S = 120.0
 

@@ -47,6 +47,10 @@ RAY_OPTIONS_EXAMPLE = "RayOptions(min_replicas=1, max_replicas=4, target_ongoing
 # Requests one replica takes at once (Ray's max_ongoing_requests) when not given: a batch running on every worker thread
 # and one more forming, so the replica's batcher sees enough requests to fill its batches.
 BATCHES_IN_FLIGHT_PER_INSTANCE = 2
+# Ray tries a replica's constructor this many times before a deployment fails (Ray's default is 20): loading a model fails
+# the same way each time (a wrong path, a runtime that cannot load it), and each try loads the model again. Counted only
+# until a replica has started: later failures (a node lost) are restarted as usual.
+CONSTRUCTOR_TRIES = 2
 
 
 class RayOptions(BaseModel):
@@ -112,6 +116,7 @@ class RayOptions(BaseModel):
             "max_ongoing_requests": ongoing,
             "max_queued_requests": batching.max_queue_size,  # requests waiting for a replica beyond this answer 429
             "graceful_shutdown_timeout_s": batching.timeout_s,
+            "max_constructor_retry_count": CONSTRUCTOR_TRIES,
         }
         scaling = self.autoscaling_config()
         if scaling is None:
@@ -274,6 +279,7 @@ def _deploy(config: ServerConfig, options: RayOptions, *, started_ray: bool) -> 
         ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=config.max_concurrent_requests,
         graceful_shutdown_timeout_s=config.drain_timeout_s,
+        max_constructor_retry_count=CONSTRUCTOR_TRIES,
     )(serve.ingress()(Ingress))
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     service = RayService(f"http://{host}:{config.port}", options.app_name, started_ray=started_ray)
