@@ -182,6 +182,7 @@ class RemoteBatcher:
         self.accepting = False
         self.depth = 0
         self.requests = 0
+        self.app_name = ""  # the version's Ray Serve application
 
     def start(self) -> RemoteBatcher:
         self.accepting = True
@@ -195,12 +196,18 @@ class RemoteBatcher:
         limit = (self.config.timeout_s if timeout is None else timeout) + TRANSPORT_MARGIN_S
         self.depth += len(rows)
         self.requests += 1
-        response = self.handle.infer.remote(rows, lengths)
+        response = None
         try:
+            response = self.handle.infer.remote(rows, lengths)
             async with asyncio.timeout(limit):
                 answer = await response
+        except asyncio.CancelledError:  # the client went away: so does the request on its replica
+            if response is not None:
+                response.cancel()
+            raise
         except TimeoutError:
-            response.cancel()
+            if response is not None:
+                response.cancel()
             raise RequestTimeoutError(
                 f"No replica of '{self.name}' answered within {limit:g} s.",
                 hint="Retry later, or raise max_replicas (more replicas) or timeout_s in the model's serve config.",
@@ -302,10 +309,14 @@ class RayRepository(ModelRepository):
         handler = handler_for(task, RemoteRunner(handle, info["runtime"]), pinned)
 
         async def retire() -> None:
-            if not self.closing:  # a version taken out of service: its application goes too
+            # a version taken out of service: its application goes too, unless a reload of the same label (the same
+            # application, updated in place by Ray) serves it now
+            in_use = any(getattr(v.batcher, "app_name", None) == app_name and v.batcher is not batcher for v in self.versions())
+            if not self.closing and not in_use:
                 await asyncio.to_thread(serve.delete, app_name, _blocking=False)
 
         batcher = RemoteBatcher(handle, pinned.batching, name=f"{name}:{version}", on_drained=retire)
+        batcher.app_name = app_name
         return LoadedVersion(name, version, handler, batcher, pinned, artifact, time.perf_counter() - t0, registry_ref=ref)  # type: ignore[arg-type]
 
     async def close(self, timeout: float | None = None) -> None:
