@@ -91,7 +91,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"modelpress serve --backend ray did not get ready: {log_path.read_text()[-3000:]}")
         mark("deployed")
         out["applications"] = applications()
-        scenario(out, base, app, dep, mark, rollout_too=spec.get("rollout", False))
+        scenario(out, base, app, dep, mark, rollout_too=spec.get("rollout", False), reload_too=spec.get("reload", False))
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)  # what Ctrl-C does: the service's applications are deleted
@@ -117,7 +117,7 @@ def applications() -> list[str]:
     return sorted(name for name, status in apps.items() if status.status != "DELETING")
 
 
-def scenario(out: dict[str, Any], base: str, app: str, dep: str, mark: Any, *, rollout_too: bool) -> None:
+def scenario(out: dict[str, Any], base: str, app: str, dep: str, mark: Any, *, rollout_too: bool, reload_too: bool = False) -> None:
     with httpx.Client(base_url=base, timeout=60) as client:
         # every protocol through the one endpoint
         kv = client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1]))
@@ -179,6 +179,12 @@ def scenario(out: dict[str, Any], base: str, app: str, dep: str, mark: Any, *, r
             out["rollout"] = rollout(client)
             out["applications_after_rollout"] = applications()
             mark("rollout")
+        if reload_too:  # run by hand (another replica load): a reload of the serving label keeps its application
+            loaded = client.post("/v2/repository/models/minilm/load", json={}, headers={"X-API-Key": API_KEY})
+            time.sleep(1.0)
+            answer = client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1]))
+            out["reload"] = {"load": [loaded.status_code, loaded.text[:300]], "infer": answer.status_code, "apps": applications()}
+            mark("reload")
 
 
 def rollout(client: httpx.Client) -> dict[str, Any]:
