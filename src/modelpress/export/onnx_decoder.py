@@ -322,6 +322,29 @@ def write_checked(hf_model: Any, folder: str | Path, prompts: Sequence[Sequence[
     return {"exporter": how, **report}
 
 
+class _DropAdvice(logging.Filter):
+    """Drops ONNX Runtime's quantize_dynamic advice to pre-process first (logged on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
+@contextlib.contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """ONNX Runtime's quantizers log on the root logger, and importing ``matmul_nbits_quantizer`` calls
+    ``logging.basicConfig(level=INFO)`` (a handler and the INFO level for the whole process): undo both."""
+    root = logging.getLogger()
+    handlers, level, advice = list(root.handlers), root.level, _DropAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def quantize_decoder(source: str | Path, folder: str | Path, quantize: str) -> Path:
     """``source``'s ``decoder.onnx`` with quantized weights, written into ``folder``.
 
@@ -338,8 +361,8 @@ def quantize_decoder(source: str | Path, folder: str | Path, quantize: str) -> P
     meta = read_meta(source)
     src, dst = source / DECODER_FILE, folder / DECODER_FILE
     external = src.stat().st_size > EXTERNAL_DATA_BYTES or any(p.name != DECODER_FILE for p in source.glob(DECODER_FILE + "*"))
-    with warnings.catch_warnings():
-        # the quantizers log advice (pre-processing, per-channel) through warnings; the result is measured by greedy agreement
+    with warnings.catch_warnings(), _quiet_quantizers():
+        # the quantizers' advice (pre-processing, per-channel) is about their own heuristics; the result is measured by greedy agreement
         warnings.simplefilter("ignore")
         if quantize == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
@@ -349,6 +372,8 @@ def quantize_decoder(source: str | Path, folder: str | Path, quantize: str) -> P
             )
         else:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # type: ignore[import-untyped]
+
+            logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # one INFO line per layer otherwise
 
             bits, block, symmetric = NBITS[quantize]
             q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric)
