@@ -115,7 +115,11 @@ def register_commands(app: typer.Typer) -> None:
         ] = None,
         max_replicas: Annotated[
             int | None,
-            typer.Option("--max-replicas", help="Replicas per model version, at most (default: --min-replicas).", rich_help_panel=RAY),
+            typer.Option(
+                "--max-replicas",
+                help="Replicas per model version, at most (default 1, or --min-replicas when only that is given).",
+                rich_help_panel=RAY,
+            ),
         ] = None,
         target_ongoing_requests: Annotated[
             float | None,
