@@ -9,7 +9,8 @@ default install (the decoder exported with an explicit KV cache, weights compres
 llama_cpp and gguf import and the model is a Llama-architecture folder, else ``openvino`` when it
 is installed and the model is a Llama-style decoder, else ``torch``; ``onnxruntime`` runs the
 KV-cache ONNX decoder (the folder ``modelpress export MODEL --format onnx`` writes, or a Hugging
-Face folder exported on first use; ``quantize=None`` (default), ``"int8"`` or ``"int4"``). An
+Face folder exported on first use; ``quantize=None`` (default), ``"int8"``, ``"int4"`` or
+``"int8-dynamic"``). An
 exported ONNX folder runs only on ``onnxruntime`` (``auto`` picks it there).
 """
 
@@ -37,7 +38,7 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
             engine = "onnxruntime"
         elif engine in ENGINES and engine != "onnxruntime":
             raise UnsupportedModelError(
-                f"'{source}' is an ONNX export: the {engine} engine runs Hugging Face folders.",
+                f"'{getattr(source, 'name', source)}' is an ONNX export: the {engine} engine runs Hugging Face folders.",
                 hint="Run it with engine='onnxruntime' (modelpress serve DIR --engine onnxruntime), or pass the original model folder.",
             )
     if engine == "auto":

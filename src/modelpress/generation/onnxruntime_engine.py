@@ -86,7 +86,7 @@ class OnnxRuntimeEngine(BatchingEngine):
         t0 = time.perf_counter()
         exported = onnx_folder(source)
         if exported is not None:
-            name, tokenizer_dir, f32 = exported.resolve().name, exported, exported
+            name, tokenizer_dir, f32 = Artifact.open(exported).name, exported, exported
             onnx_decoder.read_meta(exported)  # a clear error when the export has no KV-cache decoder
             key_files = list(exported.glob(onnx_decoder.DECODER_FILE + "*"))
         else:
