@@ -35,10 +35,17 @@ def _close_enough(one: np.ndarray, split: np.ndarray) -> float:
     return diff
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _gone(pids: list[int]) -> bool:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]:
+        if not any(_running(p) for p in pids):
             return True
         time.sleep(0.1)
     return False
