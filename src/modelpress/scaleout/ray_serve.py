@@ -187,8 +187,7 @@ class Ingress:
         config = ServerConfig.model_validate_json(server_json)
         options = RayOptions.model_validate_json(options_json)
         logging.basicConfig(level=getattr(logging, config.log_level.upper()), format="%(message)s")
-        server = ModelServer(config)
-        server.repository = RayRepository(config, server.metrics, options)  # before any extension sees it
+        server = ModelServer(config, repository=lambda cfg, metrics: RayRepository(cfg, metrics, options))
         server.check_host = is_loopback(config.host)  # as `modelpress serve` does: on loopback, Host must name it
         with_rollouts(server)
         server.app.add_middleware(ReplicaHeaderMiddleware)

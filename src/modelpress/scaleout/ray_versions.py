@@ -262,24 +262,15 @@ class RayRepository(ModelRepository):
         self.options = options
         self.closing = False
 
-    async def load(
-        self, cfg: ModelConfig, *, make_default: bool = True, retire_previous: bool = True, runner: Any = None, artifact: Any = None
-    ) -> LoadedVersion:
+    async def build(self, cfg: ModelConfig, *, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+        """Deploy the version to Ray instead of loading it here (``load``'s lock, failure record
+        and install are the server's own)."""
         if runner is not None or artifact is not None:
             raise ConfigError(
                 "The Ray backend loads models by source only (its replicas load them).",
                 hint="Pass the model's folder, short name or registry reference as the config's source.",
             )
-        key = cfg.name or cfg.source
-        async with self._lock(key):  # the same per-name lock and failure record as the server's own load
-            try:
-                loaded = await asyncio.to_thread(self._deploy, cfg)
-            except Exception as exc:
-                if cfg.name:
-                    self._remember_failure(cfg.name, str(getattr(exc, "message", exc)))
-                raise
-        async with self._lock(loaded.name):
-            return await self._install(loaded, make_default=make_default, retire_previous=retire_previous)
+        return await asyncio.to_thread(self._deploy, cfg)
 
     def _deploy(self, cfg: ModelConfig) -> LoadedVersion:
         """Deploy one version and wait for its replicas (blocking: runs in a worker thread)."""

@@ -48,10 +48,17 @@ THREAD_START_TIMEOUT_S = 600.0  # in_thread(): loading and warming up every conf
 class ModelServer:
     """Loaded models (a :class:`ModelRepository`), their metrics, and the ASGI app serving them."""
 
-    def __init__(self, config: ServerConfig | None = None, *, extensions: Sequence[ServerExtension] = ()) -> None:
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        extensions: Sequence[ServerExtension] = (),
+        repository: Callable[[ServerConfig, Metrics], ModelRepository] = ModelRepository,
+    ) -> None:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.repository = ModelRepository(self.config, self.metrics)
+        # repository: what makes the repository (the Ray backend's deploys each version to Ray Serve)
+        self.repository = repository(self.config, self.metrics)
         self.mirror = Mirror()  # runs the shadow copies a policy asks for; extensions observe them
         self.request_observers: list[RequestObserver] = []  # told of every answered or failed request
         self.extensions: dict[str, ServerExtension] = {}

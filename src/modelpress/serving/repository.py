@@ -285,13 +285,19 @@ class ModelRepository:
         key = cfg.name or cfg.source
         async with self._lock(key):
             try:
-                loaded = await asyncio.to_thread(build_version, cfg, self.config, self.metrics, runner=runner, artifact=artifact)
+                loaded = await self.build(cfg, runner=runner, artifact=artifact)
             except Exception as exc:
                 if cfg.name:
                     self._remember_failure(cfg.name, str(getattr(exc, "message", exc)))
                 raise
         async with self._lock(loaded.name):
             return await self._install(loaded, make_default=make_default, retire_previous=retire_previous)
+
+    async def build(self, cfg: ModelConfig, *, runner: Any = None, artifact: Any = None) -> LoadedVersion:
+        """Make the version ``load`` installs: here, the runner and handler in this process (in a
+        worker thread). The extension point of repositories whose versions live elsewhere (Ray
+        Serve deployments: :mod:`modelpress.scaleout.ray_versions`)."""
+        return await asyncio.to_thread(build_version, cfg, self.config, self.metrics, runner=runner, artifact=artifact)
 
     async def _install(self, new: LoadedVersion, *, make_default: bool, retire_previous: bool) -> LoadedVersion:
         router = self.routers.get(new.name)
