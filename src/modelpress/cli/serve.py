@@ -56,6 +56,15 @@ def register_commands(app: typer.Typer) -> None:
                 help="Causal LMs: the generation engine (torch, openvino, llamacpp, auto; default torch, the reference). docs/llm.md.",
             ),
         ] = None,
+        tensor_parallel: Annotated[
+            int | None,
+            typer.Option(
+                "--tensor-parallel",
+                min=1,
+                help="Split each model named on the command line over N worker processes on 127.0.0.1 (the torch runtime "
+                "and the torch engine; N divides the model's attention heads). docs/tensor-parallel.md.",
+            ),
+        ] = None,
         instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
         max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
         max_queue_delay_ms: Annotated[
@@ -168,6 +177,13 @@ def register_commands(app: typer.Typer) -> None:
             "replica_cpus": replica_cpus,
         }
         ray_opts = _ray_options(backend, ray_options_file, ray_flags)  # bad flags fail here, before any model loads
+        if tensor_parallel is not None and (runtime not in (None, "torch") or engine not in (None, "torch")):
+            from modelpress.errors import ConfigError
+
+            raise ConfigError(
+                f"--tensor-parallel splits a model on the torch runtime and the torch engine, not {runtime or engine!r}.",
+                hint="Example: modelpress serve minilm --tensor-parallel 2 (without --runtime/--engine, or with torch)",
+            )
         cfg = load_config(config) if config is not None else ServerConfig()
         if models:  # models named on the command line come after the config file's
             named = ServerConfig.from_models(
@@ -175,6 +191,7 @@ def register_commands(app: typer.Typer) -> None:
                 runtime=runtime,
                 engine=engine,
                 threads=threads,
+                runtime_options={"tensor_parallel": tensor_parallel} if tensor_parallel is not None else None,
                 instances=instances,
                 max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms,
