@@ -124,3 +124,22 @@ def test_cli_export_and_one_bench_table(aoti_dir, torchscript_dir, tmp_path):
     assert [r["runtime"] for r in report["results"]] == ["torch", "aoti", "torchscript"]
     assert all(r["throughput"] and r["latency_ms"] for r in report["results"]), report["results"]
     assert set(report["ratios"]) == {"1", "2"}
+
+
+@pytest.mark.slow  # lowering takes minutes under load even for a 2-layer encoder
+def test_executorch_program_is_checked_and_runs_batches_past_its_maximum(tiny_encoder, tmp_path):
+    pytest.importorskip("executorch", reason="the executorch format needs executorch (pip install 'modelpress[executorch]')")
+    source = mp.load(tiny_encoder)
+    art = mp.export(source, "executorch", tmp_path / "et", max_batch=4)
+    parity = art.manifest.metrics["parity_max_abs_diff"]
+    assert parity["last_hidden_state"] <= parity["last_hidden_state_tolerance"]
+    assert art.manifest.step["dynamic_axes"] == {"batch": [1, 4], "sequence": [1, 128]} and runtime_of(art) == "executorch"
+    ids = np.random.default_rng(0).integers(1000, 2000, size=(10, 9))  # 10 rows: three pieces of at most 4
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = mp.create_runner(mp.load(tmp_path / "et"), "executorch").run(batch)["last_hidden_state"]
+    ref = mp.create_runner(source, "torch").run(batch)["last_hidden_state"]
+    np.testing.assert_allclose(got, ref, atol=EMBEDDING_ATOL)
+    with pytest.raises(InvalidInputError, match=r"sequence 129"):
+        mp.create_runner(art, "executorch").run({"input_ids": np.ones((1, 129), dtype=np.int64)})
+    with pytest.raises(ConfigError, match="max_batch must be a positive integer"):
+        mp.export(source, "executorch", tmp_path / "bad", max_batch=0)

@@ -8,9 +8,11 @@ Formats (``FORMATS``, the names ``modelpress export --format`` takes):
 
 * ``onnx``: :mod:`.onnx` (served by ``onnxruntime``); ``openvino``: :mod:`.openvino` (IR);
 * ``aoti``: ``torch.export`` + AOTInductor ``.pt2`` (:mod:`.torch_export`, runtime ``aoti``);
-* ``torchscript``: ``torch.jit.trace`` ``.pt`` (:mod:`.torchscript`, runtime ``torchscript``).
+* ``torchscript``: ``torch.jit.trace`` ``.pt`` (:mod:`.torchscript`, runtime ``torchscript``);
+* ``executorch``: ``.pte`` lowered to XNNPACK (:mod:`.executorch`, runtime ``executorch``; the
+  ``executorch`` extra).
 
-TFLite / LiteRT and ExecuTorch are not formats here yet: docs/export.md says why.
+TFLite / LiteRT is not a format here: docs/export.md says why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 from modelpress.artifacts import Artifact
 from modelpress.errors import ConfigError
+from modelpress.export.executorch import as_executorch, export_executorch
 from modelpress.export.onnx import as_onnx, export_onnx
 from modelpress.export.openvino import as_openvino, export_openvino
 from modelpress.export.torch_export import as_aoti, export_aoti
@@ -32,13 +35,14 @@ _EXPORTERS: dict[str, tuple[Callable[..., Artifact], Callable[[Artifact], Artifa
     "openvino": (export_openvino, as_openvino),
     "aoti": (export_aoti, as_aoti),
     "torchscript": (export_torchscript, as_torchscript),
+    "executorch": (export_executorch, as_executorch),
 }
 FORMATS: tuple[str, ...] = tuple(_EXPORTERS)
 
 for _fmt, (_export, _as) in _EXPORTERS.items():
     register_converter(_fmt, _as)
 
-__all__ = ["FORMATS", "as_aoti", "as_onnx", "as_openvino", "as_torchscript", "export", "exported"]
+__all__ = ["FORMATS", "as_aoti", "as_executorch", "as_onnx", "as_openvino", "as_torchscript", "export", "exported"]
 
 
 def _unknown(fmt: object, example: str) -> ConfigError:

@@ -30,7 +30,7 @@ def default_threads() -> int:
 Converter = Callable[[Artifact], Artifact]
 
 # target format -> the function that makes an artifact a runner can load: "onnx", "openvino",
-# "aoti", "torchscript" (an export, registered by modelpress.export).
+# "aoti", "torchscript", "executorch" (an export, registered by modelpress.export).
 CONVERTERS: dict[str, Converter] = {}
 
 
@@ -53,7 +53,13 @@ def convert(artifact: Artifact, target: str, runtime: str) -> Artifact:
 
 
 # artifact format -> the runtime that serves it as it is (hf and torch: "torch").
-FORMAT_RUNTIMES: dict[str, str] = {"onnx": "onnxruntime", "openvino": "openvino", "aoti": "aoti", "torchscript": "torchscript"}
+FORMAT_RUNTIMES: dict[str, str] = {
+    "onnx": "onnxruntime",
+    "openvino": "openvino",
+    "aoti": "aoti",
+    "torchscript": "torchscript",
+    "executorch": "executorch",
+}
 
 
 def runtime_of(artifact: Artifact) -> str:
