@@ -346,10 +346,11 @@ def compare(
                 progress=progress,
                 **(tune_options or {}),
             )
-            if tuned.chosen is None or tuned.chosen.artifact is None:
-                notes.append(f"{e.label}: no variant passed the tune's gate; compared as it is")
+            if tuned.chosen is None:
+                notes.append(f"{e.label}: no variant kept the tune's gate; compared as it is")
                 continue
-            arts[i] = as_artifact(tuned.chosen.artifact)
+            if tuned.chosen.artifact is not None:  # None: the model as it is, on the chosen runtime
+                arts[i] = as_artifact(tuned.chosen.artifact)
             e.tuned_from, e.variant = e.label, tuned.chosen.label
             e.label, e.path, e.runtime = f"{e.label} ({tuned.chosen.label})", str(arts[i].path), tuned.chosen.runtime
 
