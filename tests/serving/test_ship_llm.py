@@ -151,3 +151,15 @@ def test_ship_promotes_gptq_int4_then_rolls_back_a_broken_candidate(stories260k,
         f"{good['agreement']:.3f} over {good['agreement_n']} copies, TTFT p99 {good['p99_ms']:.1f} ms; {t_good:.1f} s. "
         f"90%-pruned: agreement {bad['agreement']:.3f} over {bad['agreement_n']} copies; {time.monotonic() - t0:.1f} s in all"
     )
+
+
+def test_ship_names_a_folder_or_needs_a_source(stories260k, tmp_path):
+    from modelpress.errors import ConfigError
+    from modelpress.ship import name_and_source
+
+    assert name_and_source(str(stories260k), None) == ("stories260k", str(stories260k))
+    assert name_and_source(str(stories260k), "other/folder") == ("stories260k", "other/folder")
+    assert name_and_source("story", str(stories260k)) == ("story", str(stories260k))
+    with pytest.raises(ConfigError, match="not a model folder") as err:
+        name_and_source(str(tmp_path / "absent"), None)
+    assert "--from" in err.value.hint
