@@ -246,3 +246,24 @@ def test_instance_presets_have_a_price_a_source_and_a_date():
     res = CliRunner().invoke(app, ["instances", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout) == table
     assert mp.compare is compare
+
+
+def test_tune_compares_each_models_chosen_variant(stories_variants, data_dir, tmp_path):
+    """``tune=True``: the tuner runs on each model first (here on the torch baseline only, to stay short)
+    and the compare measures what it chose, labelled with the variant."""
+    models = stories_variants[:2]
+    res = compare(
+        models,
+        data="tinystories",
+        data_dir=data_dir,
+        tune=True,
+        tune_budget_s=60,
+        max_drop=0.05,
+        tune_options={"candidates": ["torch"], "use_cache": False},
+        output=tmp_path / "c",
+        **{**FAST, "batch_size": 4},
+    )
+    assert [e.tuned_from for e in res.entries] == models
+    assert all(e.variant == "fp32@torch" and e.label == f"{m} (fp32@torch)" for e, m in zip(res.entries, models, strict=True))
+    tuned = list((tmp_path / "c" / "tuned").iterdir())  # each tune's own output: its table, report and chosen variant
+    assert len(tuned) == 2 and all((d / "tune.json").is_file() for d in tuned) and res.recommended is not None
