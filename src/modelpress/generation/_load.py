@@ -27,6 +27,9 @@ def resolve(source: Any) -> ModelSource:
             return ModelSource(source.name, source.path, Path(tok or source.path))
         if source.format == "torch" and hasattr(source.module, "config") and tok:
             return ModelSource(source.name, None, Path(tok), module=source.module)
+        if source.format == "openvino" and source.path is not None and (source.path / "decoder.xml").is_file():
+            # a KV-cache decoder written by LLM quantization: the openvino engine runs it as it is
+            return ModelSource(source.name, source.path, Path(tok or source.path))
         raise UnsupportedModelError(
             f"The generation engines run a Hugging Face causal LM; artifact '{source.name}' has format '{source.format}'.",
             hint="Serve the model's Hugging Face folder (config.json + model.safetensors + tokenizer), "
