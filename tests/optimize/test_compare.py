@@ -228,6 +228,10 @@ def test_bad_input_gets_a_clear_error(minilm_trio, data_dir):
     assert "aws-c7i.large" in err.value.hint
     with pytest.raises(ConfigError, match="positive number of USD"):
         compare(minilm_trio[:2], price_per_hour=-1)
+    with pytest.raises(ConfigError, match="--max-p99-ms must be a positive number"):
+        compare(minilm_trio[:2], max_p99_ms=0)
+    with pytest.raises(ConfigError, match="rounds must be at least 1"):  # before any model is evaluated
+        compare(minilm_trio[:2], rounds=0)
     res = CliRunner().invoke(app, ["compare", "minilm", stories, "--data-dir", str(data_dir)])
     assert res.exit_code != 0 and "different tasks" in res.output and "hint:" in res.output
     res = CliRunner().invoke(app, ["compare", "minilm", "no-such-model-xyz"])

@@ -289,13 +289,13 @@ def compare(
     ``price_per_hour`` (USD) or ``instance`` (a preset of :func:`instances`) gives the cost per
     million requests. ``tune``: each model is replaced by its best variant
     (:func:`modelpress.optimize.search.tune.tune` with ``tune_budget_s``, ``max_drop`` and
-    ``tune_options``), written under ``output/tuned/``. ``output``: ``compare.json``,
-    ``report.html`` and the plots are written there.
+    ``tune_options``), written under ``output/tuned/`` (without ``output``: the cache folder
+    ``compare/tuned/``). ``output``: ``compare.json``, ``report.html`` and the plots are written there.
     """
     from modelpress.api import as_artifact, evaluate
     from modelpress.bench.measure import BenchConfig, bench_runners, machine_info
     from modelpress.datasets import load_dataset
-    from modelpress.locations import find_data_dir
+    from modelpress.locations import cache_dir, find_data_dir
     from modelpress.runtimes import create_runner, runtime_of
     from modelpress.tasks import task_for
 
@@ -303,9 +303,13 @@ def compare(
         raise ConfigError(
             f"compare needs at least two models, got {len(models)}.", hint="Example: modelpress compare minilm out/minilm-pruned"
         )
-    for name, v in (("max_p99_ms", max_p99_ms), ("max_cost_per_million", max_cost_per_million)):
+    for name, v, example in (("max-p99-ms", max_p99_ms, "50"), ("max-cost-per-million", max_cost_per_million, "0.5")):
         if v is not None and (not math.isfinite(v) or v <= 0):
-            raise ConfigError(f"{name} must be a positive number, got {v}.", hint="Example: --max-p99-ms 50")
+            raise ConfigError(f"--{name} must be a positive number, got {v}.", hint=f"Example: --{name} {example}")
+    if min_quality is not None and not math.isfinite(min_quality):
+        raise ConfigError(f"--min-quality must be a finite number, got {min_quality}.", hint="Example: --min-quality 0.8")
+    # the timing settings are checked before anything is evaluated
+    cfg = BenchConfig(batch_sizes=[batch_size], seq_lens=[seq_len], seconds=seconds, rounds=rounds)
     price = resolve_price(price_per_hour, instance)
     if max_cost_per_million is not None and price is None:
         raise ConfigError(
@@ -341,7 +345,7 @@ def compare(
                 seq_len=seq_len,
                 budget_s=tune_budget_s,
                 max_drop=max_drop,
-                output=(out_dir or Path("compared")) / "tuned" / _slug(e.label),
+                output=(out_dir or cache_dir("compare")) / "tuned" / _slug(e.label),
                 register=False,
                 progress=progress,
                 **(tune_options or {}),
@@ -372,7 +376,6 @@ def compare(
     for e in entries:
         e.quality = e.metrics.get(metric)
 
-    cfg = BenchConfig(batch_sizes=[batch_size], seq_lens=[seq_len], seconds=seconds, rounds=rounds)
     advance = progress(f"timing {len(arts)} models ({rounds} interleaved rounds)", rounds)
     runners = []
     try:
