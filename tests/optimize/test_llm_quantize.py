@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from modelpress.errors import ConfigError, UnsupportedModelError
 from modelpress.optimize.configs import parse_step
 
+pytestmark = pytest.mark.needs_data  # stories260k and TinyStories from the shared data folder
+
 # The handlers this file tests (tests/optimize/test_ort_ov.py checks every handler is covered).
 COVERED = {
     ("WeightOnly", "openvino-decoder"),
@@ -28,7 +30,7 @@ SAME_GRAPH_PPL_RTOL = 1e-4
 F32 = {"precision": "f32"}
 # W8A8 moves stories260k's perplexity by about 1.6% (64 calibration windows); a few windows, a little more.
 W8A8_MAX_PPL_RATIO = 1.05
-SMALL_CALIBRATION = {"dataset": "tinystories", "samples": 16, "seq_len": 64}
+SMALL_CALIBRATION = {"dataset": "tinystories", "samples": 8, "seq_len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,12 @@ def test_configs_name_the_llm_techniques_and_refuse_what_nncf_cannot_do():
     assert (
         gptq.runtime == "openvino-decoder" and gptq.label() == "gptq@openvino-decoder(group_size=32, scale_estimation=True, damping=0.05)"
     )
-    assert parse_step({"technique": "weight-only", "runtime": "openvino-decoder", "bits": 4, "group_size": -1}).effective_group_size == -1
+    assert (
+        parse_step(
+            {"technique": "weight-only", "runtime": "openvino-decoder", "bits": 4, "group_size": -1, "symmetric": False}
+        ).effective_group_size
+        == -1
+    )
     assert parse_step({"technique": "smoothquant"}).alpha == 0.95
     cases = [
         ({"technique": "gptq", "act_order": True}, "no activation ordering"),
@@ -66,14 +73,15 @@ def int4(tmp_path_factory, stories260k, data_dir):
     from modelpress.optimize.recipe import run_recipe
 
     steps = [
-        {"technique": "weight-only", "runtime": "openvino-decoder", "bits": 4, "group_size": -1},
-        {"technique": "gptq", "bits": 4, "group_size": -1, "calibration": SMALL_CALIBRATION},
-        {"technique": "awq", "bits": 4, "group_size": -1, "calibration": SMALL_CALIBRATION},
+        {"technique": "weight-only", "runtime": "openvino-decoder", "bits": 4, "group_size": -1, "symmetric": False},
+        {"technique": "gptq", "bits": 4, "group_size": -1, "symmetric": False, "calibration": SMALL_CALIBRATION},
+        {"technique": "awq", "bits": 4, "group_size": -1, "symmetric": False, "steps": 10, "calibration": SMALL_CALIBRATION},
     ]
     recipe = {"mode": "branch", "on_failure": "skip", "gate": {"perplexity": {"min_recovery": 0.5}}, "steps": steps}
     return run_recipe(stories260k, recipe, tmp_path_factory.mktemp("llm-int4"), data="tinystories", data_dir=data_dir)
 
 
+@pytest.mark.slow
 def test_rtn_gptq_and_awq_side_by_side_on_the_graph_that_generates(int4):
     assert int4.original["metrics"]["perplexity"] == pytest.approx(FLOAT_PPL, abs=1e-3)
     rtn, gptq, awq = int4.steps
@@ -88,10 +96,11 @@ def test_rtn_gptq_and_awq_side_by_side_on_the_graph_that_generates(int4):
         agreement = s.evaluation["agreement"]["top1_agreement"]
         assert 0.5 < agreement < 1.0  # the variants change some greedy tokens, not most
         assert {r.metric for r in s.gate.rows} == {"perplexity"}
-    assert gptq.technique["calibration"]["dataset"] == "tinystories" and gptq.technique["calibration"]["tokens"] == 16 * 64
+    assert gptq.technique["calibration"]["dataset"] == "tinystories" and gptq.technique["calibration"]["tokens"] == 8 * 64
     assert rtn.technique["algorithm"] == "int4-rtn" and awq.technique["algorithm"] == "int4-awq"
 
 
+@pytest.mark.slow
 def test_the_variant_is_a_decoder_folder_the_engine_serves_and_evaluate_scores(int4, data_dir):
     from pathlib import Path
 
@@ -139,6 +148,7 @@ def test_the_decoder_runtime_scores_the_float_model_as_pytorch_does(stories260k,
         mp.create_runner(mp.load("minilm"), "openvino-decoder").load()
 
 
+@pytest.mark.slow
 def test_smoothquant_w8a8_runs_on_the_decoder_graph(stories260k, data_dir, tmp_path):
     import modelpress as mp
     from modelpress.optimize.techniques import apply_technique
@@ -149,3 +159,17 @@ def test_smoothquant_w8a8_runs_on_the_decoder_graph(stories260k, data_dir, tmp_p
     assert json.loads((art.path / "engine.json").read_text())["quantize"] == "w8a8-smoothquant"
     got = mp.evaluate(str(art.path), data="tinystories", data_dir=data_dir)
     assert FLOAT_PPL < got["metrics"]["perplexity"] < FLOAT_PPL * W8A8_MAX_PPL_RATIO
+
+
+def test_calibration_text_comes_from_the_training_split_of_the_evaluation_data(tmp_path):
+    from modelpress.optimize.configs.llm import DecoderCalibration
+    from modelpress.optimize.handlers import StepContext
+    from modelpress.optimize.quantize.llm import calibration_dataset
+
+    ctx = StepContext(tmp_path)
+    assert calibration_dataset(DecoderCalibration(), ctx) == ("tinyshakespeare-train", "the default corpus")
+    ctx.data = "tinyshakespeare-test"  # what the step pipeline evaluates on (--data)
+    assert calibration_dataset(DecoderCalibration(), ctx)[0] == "tinyshakespeare-train"
+    ctx.data = "tinystories"  # no training split: the evaluation text itself, and the manifest says so
+    assert calibration_dataset(DecoderCalibration(), ctx) == ("tinystories", "the evaluation dataset (it has no training split)")
+    assert calibration_dataset(DecoderCalibration(dataset="wikitext2-test"), ctx)[0] == "wikitext2-test"
