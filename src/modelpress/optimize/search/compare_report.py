@@ -15,6 +15,12 @@ from typing import Any
 from modelpress.optimize.search.report import _fig_bytes, _fmt
 
 
+def _short(label: str) -> str:
+    """A plot label: a folder's last part (the table has the whole path), at most 40 characters."""
+    name = Path(label).name if "/" in label else label
+    return name if len(name) <= 40 else name[:37] + "..."
+
+
 def _x(entry: Any, priced: bool) -> float | None:
     """The plot's cost axis: USD per million requests, or, without a price, milliseconds of machine time per item."""
     if priced:
@@ -40,7 +46,7 @@ def quality_cost_plot(result: Any) -> bytes:
     for e in pts:
         color = "#2a9d8f" if e.meets else "#e76f51"
         ax.scatter(xs[id(e)], e.quality, s=70 if e.on_front else 40, c=color, edgecolors="black" if e.on_front else "none", zorder=3)
-        ax.annotate(e.label[:40], (xs[id(e)], e.quality), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(_short(e.label), (xs[id(e)], e.quality), fontsize=8, xytext=(4, 3), textcoords="offset points")
     front = sorted([e for e in pts if e.on_front], key=lambda e: xs[id(e)])
     if front:
         ax.plot([xs[id(e)] for e in front], [e.quality for e in front], "--", color="black", lw=1, zorder=2, label="Pareto front")
@@ -77,7 +83,7 @@ def latency_plot(result: Any) -> bytes:
     ax.barh([y - 0.2 for y in ys], [e.p50_ms for e in pts], height=0.4, color="#2a9d8f", label="p50")
     if result.goal.max_p99_ms is not None:
         ax.axvline(result.goal.max_p99_ms, color="#9d0208", ls=":", label=f"goal: p99 <= {result.goal.max_p99_ms:g} ms")
-    ax.set_yticks(list(ys), [e.label[:45] for e in pts], fontsize=8)
+    ax.set_yticks(list(ys), [_short(e.label) for e in pts], fontsize=8)
     ax.set_xlabel("latency at batch 1 (ms)")
     ax.set_title("latency percentiles")
     ax.grid(axis="x", alpha=0.3)
