@@ -75,6 +75,9 @@ def test_three_minilm_models_measured_side_by_side_with_cost_and_front(minilm_co
         assert e.cost_per_million == pytest.approx(price / (e.throughput * 3600) * 1e6)
         lo, hi = e.throughput_spread
         assert lo <= e.throughput <= hi
+        lo, hi = e.speedup_range  # against the first model, round by round
+        assert lo <= e.speedup <= hi
+    assert original.speedup == 1.0 and original.speedup_range == [1.0, 1.0]
     # the front: no model on it is beaten on both quality and throughput by another
     assert res.front and all(
         not (o.quality >= e.quality and o.throughput >= e.throughput and o is not e) for e in res.front for o in res.entries

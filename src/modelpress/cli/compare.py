@@ -22,13 +22,15 @@ def _size(n: int | None) -> str:
 def compare_table(res: Any) -> Table:
     """One row per model, fastest first: quality, latency, throughput, memory, size, cost, front, verdict."""
     table = Table(
-        title=f"modelpress compare: {res.task} on {res.dataset} (timed together, interleaved rounds; * = Pareto front of quality and cost)",
+        title=f"modelpress compare: {res.task} on {res.dataset} (timed together in interleaved rounds: the ratios to the first model are"
+        " medians of per-round ratios; * = Pareto front of quality and cost)",
         title_justify="left",
         caption="\n".join(res.notes) or None,
         caption_justify="left",
     )
     thr = f"items/s ({res.settings['shape']})"
-    for col in ("model", "runtime", res.metric, "p50 ms", "p99 ms", thr, "memory rise", "size", "USD / 1M req", "front", "verdict"):
+    vs = f"vs {res.entries[0].label} (range)"
+    for col in ("model", "runtime", res.metric, "p50 ms", "p99 ms", thr, vs, "memory rise", "size", "USD / 1M req", "front", "verdict"):
         table.add_column(col, overflow="fold", justify="left" if col in ("model", "runtime", "verdict") else "right")
     f = lambda v, d=4: "" if v is None else f"{v:.{d}g}"  # noqa: E731
     for e in sorted(res.entries, key=lambda e: -(e.throughput or 0.0)):
@@ -40,6 +42,9 @@ def compare_table(res: Any) -> Table:
             f(e.p50_ms),
             f(e.p99_ms),
             f(e.throughput),
+            ""
+            if e.speedup is None
+            else f"{e.speedup:.2f}x" + (f" ({e.speedup_range[0]:.2f}-{e.speedup_range[1]:.2f})" if e.speedup_range else ""),
             "" if e.memory_mb is None else f"{e.memory_mb:.0f} MB",
             _size(e.size_bytes),
             f(e.cost_per_million),

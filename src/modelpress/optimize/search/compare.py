@@ -115,6 +115,8 @@ class Entry:
     p99_ms: float | None = None
     throughput: float | None = None  # items/s at the compare's batch size
     throughput_spread: list[float] | None = None
+    speedup: float | None = None  # throughput against the first model: the median of the per-round ratios
+    speedup_range: list[float] | None = None
     memory_mb: float | None = None  # RSS rise when loaded and warmed up
     size_bytes: int | None = None
     cost_per_million: float | None = None
@@ -293,7 +295,7 @@ def compare(
     ``compare/tuned/``). ``output``: ``compare.json``, ``report.html`` and the plots are written there.
     """
     from modelpress.api import as_artifact, evaluate
-    from modelpress.bench.measure import BenchConfig, bench_runners, machine_info
+    from modelpress.bench.measure import BenchConfig, bench_runners, machine_info, ratios
     from modelpress.datasets import load_dataset
     from modelpress.locations import cache_dir, find_data_dir
     from modelpress.runtimes import create_runner, runtime_of
@@ -397,6 +399,9 @@ def compare(
         thr = timing["throughput"][0]
         e.throughput, e.throughput_spread = thr["items_per_s"], thr["spread"]
         e.memory_mb, e.size_bytes = timing["memory_mb"]["rise"], timing["size_bytes"]
+        rows = ratios(timing, results[0])["throughput_speedup"]  # paired per round: what holds on a busy machine
+        if rows:
+            e.speedup, e.speedup_range = rows[0]["speedup"], rows[0].get("range")
         if price is not None and e.throughput:
             e.cost_per_million = cost_per_million(price.usd_per_hour, e.throughput)
     pareto(entries, higher)

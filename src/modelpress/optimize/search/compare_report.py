@@ -93,6 +93,13 @@ def latency_plot(result: Any) -> bytes:
     return data
 
 
+def _speedup(e: Any) -> str:
+    if e.speedup is None:
+        return ""
+    lo, hi = e.speedup_range or (e.speedup, e.speedup)
+    return f"{e.speedup:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def _mb(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
@@ -109,7 +116,7 @@ def compare_report(result: Any, out_dir: Path) -> Path:
         cls = "chosen" if e is result.recommended else ("fail" if not e.meets else "")
         rows.append(
             f"<tr class='{cls}'><td>{_fmt(e.label)}</td><td>{_fmt(e.runtime)}</td><td>{_fmt(e.quality)}</td>"
-            f"<td>{_fmt(e.p50_ms, 3)}</td><td>{_fmt(e.p99_ms, 3)}</td><td>{_fmt(e.throughput, 4)}</td>"
+            f"<td>{_fmt(e.p50_ms, 3)}</td><td>{_fmt(e.p99_ms, 3)}</td><td>{_fmt(e.throughput, 4)}</td><td>{_speedup(e)}</td>"
             f"<td>{_fmt(e.memory_mb, 3)}</td><td>{_mb(e.size_bytes)}</td><td>{_fmt(e.cost_per_million, 4)}</td>"
             f"<td>{'*' if e.on_front else ''}</td><td class='verdict'>{_fmt(e.verdict)}</td></tr>"
         )
@@ -146,7 +153,8 @@ img{{max-width:100%}}</style></head><body>
 <h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
 <h2>Every model</h2>
 <table id="models"><tr><th>model</th><th>runtime</th><th>{html.escape(result.metric)}</th><th>p50 ms</th><th>p99 ms</th>
-<th>items/s ({html.escape(result.settings["shape"])})</th><th>memory rise MB</th><th>size MB</th><th>USD per million</th>
+<th>items/s ({html.escape(result.settings["shape"])})</th><th>vs {html.escape(result.entries[0].label)} (range)</th>
+<th>memory rise MB</th><th>size MB</th><th>USD per million</th>
 <th>front</th><th>verdict</th></tr>{"".join(rows)}</table>
 {notes}
 </body></html>"""
