@@ -116,7 +116,7 @@ def test_cli_export_and_one_bench_table(aoti_dir, torchscript_dir, tmp_path):
     cli = CliRunner()
     res = cli.invoke(app, ["export", "minilm", "--format", "aoti", "-o", str(tmp_path / "cli-aoti"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["manifest"]["format"] == "aoti"
+    assert json.loads(res.stdout)["format"] == "aoti"
     args = ["bench", "minilm", "-r", "torch", "-r", "aoti", "-r", "torchscript", "--baseline", "torch"]
     res = cli.invoke(app, [*args, "--batch-sizes", "1", "--seq-lens", "16", "--seconds", "0.2", "--json"])
     assert res.exit_code == 0, res.output
@@ -140,6 +140,6 @@ def test_executorch_program_is_checked_and_runs_batches_past_its_maximum(tiny_en
     ref = mp.create_runner(source, "torch").run(batch)["last_hidden_state"]
     np.testing.assert_allclose(got, ref, atol=EMBEDDING_ATOL)
     with pytest.raises(InvalidInputError, match=r"sequence 129"):
-        mp.create_runner(art, "executorch").run({"input_ids": np.ones((1, 129), dtype=np.int64)})
+        mp.create_runner(art, "executorch").run({"input_ids": np.ones((1, 129), dtype=np.int64), "attention_mask": np.ones((1, 129))})
     with pytest.raises(ConfigError, match="max_batch must be a positive integer"):
         mp.export(source, "executorch", tmp_path / "bad", max_batch=0)
