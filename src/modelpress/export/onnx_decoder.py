@@ -43,13 +43,16 @@ DECODER_FILE = "decoder.onnx"
 META_FILE = "decoder.json"
 DEFAULT_OPSET = 18
 QUANTIZE = (None, "int8", "int4", "int8-dynamic")
-# Weight-only MatMulNBits settings (bits -> block size, symmetric), chosen by greedy agreement with
-# the torch reference on stories260k (8 tinystories prompts x 32 tokens, identical / prefix share):
-# 8 bits: block 128 symmetric 8/8 identical (block 32: 6/8, 0.94; block 64: 7/8, 0.91);
-# 4 bits: block 32 asymmetric 0/8, 0.35 (block 32 symmetric 0.07, block 128 symmetric 0.18):
-# round-to-nearest 4 bits is too coarse for a model this small (GPTQ/AWQ are issue 14 item 1).
+# Weight-only MatMulNBits settings (bits, block size, symmetric, accuracy level), chosen by greedy
+# agreement with the torch reference on stories260k (8 tinystories prompts x 32 tokens: identical,
+# mean share before the first difference) and by decode speed on the 1.1B config (2 loaded cores):
+# accuracy level 4 (int8 activations per block, the VNNI kernels) takes 0.27 s per int8 step where
+# level 0 took 15 s (no fast 8-bit kernel), 0.23 s per int4 step against 0.55 s; its agreement:
+# int8 block 128 symmetric 7/8, 0.88 (8/8 at level 0; blocks of 32: 6/8, 64: 7/8);
+# int4 block 32 asymmetric 0/8, 0.25 (symmetric 0.10, block 128 0.09): round-to-nearest 4 bits is
+# too coarse for a model this small (GPTQ/AWQ are issue 14 item 1).
 # A layer whose input width is no multiple of the block is padded by the quantizer.
-NBITS = {"int8": (8, 128, True), "int4": (4, 32, False)}
+NBITS = {"int8": (8, 128, True, 4), "int4": (4, 32, False, 4)}
 PARITY_PROMPTS = ("Once upon a time", "The little dog")
 PARITY_NEW_TOKENS = 16  # greedy tokens generated per prompt by the parity check
 # the reference loop runs one small forward per token: below this many parameters it runs on one
@@ -375,8 +378,8 @@ def quantize_decoder(source: str | Path, folder: str | Path, quantize: str) -> P
 
             logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # one INFO line per layer otherwise
 
-            bits, block, symmetric = NBITS[quantize]
-            q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric)
+            bits, block, symmetric, level = NBITS[quantize]
+            q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level)
             q.process()
             q.model.save_model_to_file(str(dst), use_external_data_format=external)
     (folder / META_FILE).write_text(json.dumps({**meta, "quantize": quantize}, indent=2))

@@ -98,7 +98,8 @@ class OnnxRuntimeEngine(BatchingEngine):
             key_files = list(f32.glob(onnx_decoder.DECODER_FILE + "*"))
         folder = f32
         if quantize:
-            folder = root / f"{name}-onnx-{quantize}-{_fingerprint(f'v{onnx_decoder.FORMAT_VERSION}|{quantize}', key_files)}"
+            settings = f"v{onnx_decoder.FORMAT_VERSION}|{quantize}|{onnx_decoder.NBITS.get(quantize)}"
+            folder = root / f"{name}-onnx-{quantize}-{_fingerprint(settings, key_files)}"
             if not (folder / onnx_decoder.DECODER_FILE).is_file():
                 with atomic_folder(folder) as tmp:
                     onnx_decoder.quantize_decoder(f32, Path(tmp), quantize)
