@@ -234,7 +234,7 @@ def export(
     overwrite: bool = False,
     **options: Any,
 ) -> Artifact:
-    """Export ``model`` to ``fmt`` (onnx, openvino) at ``output``, checked for parity."""
+    """Export ``model`` to ``fmt`` (one of ``modelpress.export.FORMATS``) at ``output``, checked for parity."""
     from modelpress.export import export as _export
 
     return _export(as_artifact(model, task, tokenizer=tokenizer), fmt, output, overwrite=overwrite, **options)

@@ -31,7 +31,7 @@ from modelpress.errors import ArtifactError
 MANIFEST_NAME = "modelpress.json"
 SCHEMA_VERSION = 1
 
-Format = Literal["hf", "onnx", "openvino", "torch"]
+Format = Literal["hf", "onnx", "openvino", "torch", "aoti", "torchscript", "executorch"]
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
 

@@ -89,7 +89,11 @@ def evaluate(
     ] = None,
     runtime: Annotated[
         str | None,
-        typer.Option("--runtime", "-r", help="torch, onnxruntime, openvino (default: the one the model's manifest records, else torch)."),
+        typer.Option(
+            "--runtime",
+            "-r",
+            help="torch, onnxruntime, openvino, aoti, torchscript, executorch (default: the one the model's manifest records, else torch).",
+        ),
     ] = None,
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
@@ -152,7 +156,10 @@ def bench(
     runtime: Annotated[
         list[str] | None,
         typer.Option(
-            "--runtime", "-r", help="Runtime to measure (repeatable): torch, onnxruntime, openvino (default: the manifest's, else torch)."
+            "--runtime",
+            "-r",
+            help="Runtime to measure (repeatable): torch, onnxruntime, openvino, aoti, torchscript, executorch "
+            "(default: the manifest's, else torch).",
         ),
     ] = None,
     baseline: Annotated[
@@ -293,7 +300,9 @@ def export(
         return
     parity = art.manifest.metrics.get("parity_max_abs_diff", {})
     diffs = ", ".join(f"{k} {v:.2g} (tol {parity.get(k + '_tolerance', 0):.2g})" for k, v in parity.items() if not k.endswith("_tolerance"))
-    out.print(f"[green]wrote[/green] {art.path} ({fmt}; {art.manifest.step.get('exporter', '') if art.manifest.step else ''})")
+    step = art.manifest.step or {}
+    how = step.get("exporter") or step.get("export") or ""
+    out.print(f"[green]wrote[/green] {art.path} ({fmt}{'; ' + str(how) if how else ''})")
     out.print(f"parity max-abs-diff: {diffs}")
 
 

@@ -67,7 +67,7 @@ class LoadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str | None = Field(None, min_length=1, max_length=1024)
     version: str | None = Field(None, min_length=1, max_length=128)
-    runtime: Literal["torch", "onnxruntime", "openvino"] | None = None
+    runtime: Literal["torch", "onnxruntime", "openvino", "aoti", "torchscript", "executorch"] | None = None
     task: str | None = Field(None, max_length=64)
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     batching: BatchConfig | None = None
@@ -80,7 +80,7 @@ class LoadParameters(BaseModel):
     config: str | LoadConfig | None = Field(None, description="The model config, as a JSON string (tritonclient) or an object")
     source: str | None = Field(None, min_length=1, max_length=1024)
     version: str | None = Field(None, min_length=1, max_length=128)
-    runtime: Literal["torch", "onnxruntime", "openvino"] | None = None
+    runtime: Literal["torch", "onnxruntime", "openvino", "aoti", "torchscript", "executorch"] | None = None
 
 
 class LoadRequest(BaseModel):
