@@ -71,7 +71,7 @@ def evaluate(
     or ``{"max_eval_tokens": 20000}`` for causal-lm perplexity. ``runtime`` / ``reference_runtime``
     None: the runtime each artifact's manifest records (an optimized variant's), else torch.
     ``engine`` (causal LMs): also generate through that generation engine (``torch``,
-    ``openvino``, ``auto``; ``engine_options`` e.g. ``{"quantize": "int4"}``) and report under
+    ``openvino``, ``onnxruntime``, ``llamacpp``, ``auto``; ``engine_options`` e.g. ``{"quantize": "int4"}``) and report under
     ``generation`` how its greedy continuations of the dataset's first texts follow the torch
     reference engine's, and its decode tokens/s.
     """
@@ -116,6 +116,13 @@ def _evaluate_generation(art: Artifact, texts: Sequence[str], engine: str, optio
     from modelpress.generation import create_engine
     from modelpress.generation.measure import decode_speed, greedy_agreement, prompts_from_texts
 
+    if art.format in ("onnx", "openvino"):  # an exported decoder (ONNX, OpenVINO IR) has no torch model to compare with
+        raise ConfigError(
+            f"evaluate --engine compares the engine with the torch engine, which needs the Hugging Face folder; "
+            f"'{art.name}' is a '{art.format}' export.",
+            hint="Evaluate the original folder with the engine, e.g. "
+            "modelpress evaluate ../shared/data/models/stories260k --engine onnxruntime",
+        )
     eng, ref = create_engine(art, engine, **options), create_engine(art, "torch")
     eng.start()
     ref.start()

@@ -109,7 +109,8 @@ def evaluate(
     engine: Annotated[
         str | None,
         typer.Option(
-            "--engine", help="Causal LMs: also generate with this engine (torch, openvino, llamacpp, auto) against the reference."
+            "--engine",
+            help="Causal LMs: also generate with this engine (torch, openvino, onnxruntime, llamacpp, auto) against the reference.",
         ),
     ] = None,
     engine_option: Annotated[
@@ -181,7 +182,8 @@ def bench(
     engine: Annotated[
         list[str] | None,
         typer.Option(
-            "--engine", help="Causal LMs: also time decode tokens/s at batch 1 on this engine (repeatable): torch, openvino, llamacpp."
+            "--engine",
+            help="Causal LMs: also time decode tokens/s at batch 1 on this engine (repeatable): torch, openvino, onnxruntime, llamacpp.",
         ),
     ] = None,
     engine_option: Annotated[

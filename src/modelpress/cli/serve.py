@@ -53,7 +53,8 @@ def register_commands(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--engine",
-                help="Causal LMs: the generation engine (torch, openvino, llamacpp, auto; default torch, the reference). docs/llm.md.",
+                help="Causal LMs: the generation engine (torch, openvino, onnxruntime, llamacpp, auto; default torch, the reference). "
+                "docs/llm.md.",
             ),
         ] = None,
         tensor_parallel: Annotated[

@@ -30,9 +30,19 @@ def create_engine(source: Any, engine: str = "torch", **options: Any) -> Engine:
     """An engine for ``source`` (a Hugging Face model folder or an Artifact of one); not started.
 
     ``options``: ``max_batch_size``, ``max_waiting``, and the engine's own (torch: ``dtype``,
-    ``threads``; openvino: ``quantize``, ``threads``, ``cache_dir``; llamacpp: ``quantize``,
+    ``threads``, ``tensor_parallel`` and ``device`` (the model split over N worker processes:
+    docs/tensor-parallel.md); openvino: ``quantize``, ``threads``, ``cache_dir``; llamacpp: ``quantize``,
     ``threads``, ``cache_dir``, ``gguf_path``; onnxruntime: ``quantize``, ``threads``, ``cache_dir``).
     """
+    if "tensor_parallel" in options:  # only the torch engine splits a model over processes (docs/tensor-parallel.md)
+        if engine not in ("torch", "auto"):
+            raise UnsupportedModelError(
+                f"tensor_parallel runs on the torch engine, not '{engine}'.",
+                hint="Example: create_engine(path, 'torch', tensor_parallel=2), modelpress serve DIR --tensor-parallel 2",
+            )
+        from modelpress.generation.tensor_parallel import create_tensor_parallel
+
+        return create_tensor_parallel(source, **options)
     if _is_onnx(source):
         if engine == "auto":
             engine = "onnxruntime"

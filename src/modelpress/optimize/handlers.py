@@ -142,7 +142,9 @@ def onnx_source(artifact: Artifact, *, eager_attention: bool = False) -> Artifac
     from modelpress.export.onnx import export_onnx
 
     return cached(
-        artifact, "onnx-eager", lambda target: export_onnx(artifact, target, dynamo=False, attn_implementation="eager", overwrite=True)
+        artifact,
+        "onnx-eager",
+        lambda target: export_onnx(artifact, target, dynamo=False, attn_implementation="eager", overwrite=True, kv_cache=False),
     )
 
 
