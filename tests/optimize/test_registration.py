@@ -23,6 +23,9 @@ EVERY_TECHNIQUE = [
     {"technique": "sparsegpt", "sparsity": 0.5},
     {"technique": "wanda", "nm": "2:4"},
     {"technique": "structured-prune", "ratio": 0.25},
+    {"technique": "gptq"},
+    {"technique": "awq"},
+    {"technique": "smoothquant"},
 ]
 HEAVY = ("torch", "onnxruntime", "openvino", "nncf", "transformers", "onnx", "torchao")
 

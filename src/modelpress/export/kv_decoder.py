@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # decoders whose attention is the one spelled out below
-OUTPUT_NAMES = ("logits", "new_k", "new_v")
-INPUT_NAMES = ("input_ids", "position_ids", "attention_mask", "past_k", "past_v")
+from modelpress.export.decoder_spec import INPUT_NAMES, OUTPUT_NAMES, SUPPORTED_TYPES
+
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "SUPPORTED_TYPES", "KVDecoder"]
 
 
 class KVDecoder(torch.nn.Module):

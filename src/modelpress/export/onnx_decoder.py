@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.errors import ConfigError, ExportError, ParityError, UnsupportedModelError, require
-from modelpress.export.kv_decoder import INPUT_NAMES, OUTPUT_NAMES, SUPPORTED_TYPES, KVDecoder
+from modelpress.export.decoder_spec import INPUT_NAMES, OUTPUT_NAMES, SUPPORTED_TYPES
 from modelpress.export.parity import PARITY_RTOL
 from modelpress.runtimes.onnxruntime import session as ort_session
 
@@ -131,6 +131,8 @@ def export_decoder(hf_model: Any, folder: str | Path, *, dynamo: bool = True, op
             hint="Export it without the KV cache: mp.export(model, 'onnx', out, kv_cache=False).",
         )
     folder = Path(folder)
+    from modelpress.export.kv_decoder import KVDecoder  # imports torch: only when exporting
+
     dec = KVDecoder(hf_model).eval()
     example = dec.example_inputs()
     path = folder / DECODER_FILE

@@ -15,8 +15,8 @@ quantization: int8 weights and activations, integer matmuls); see
 :func:`modelpress.export.onnx_decoder.quantize_decoder`. The quantized graph is made once from the
 float one and cached.
 
-Decode steps keep the cache in a buffer grown in blocks of ``KV_BLOCK`` positions (the unused ones
-masked), so a step writes only its new position instead of copying the whole cache.
+The prefill and the decode step over a block-grown cache buffer are
+:class:`modelpress.generation._explicit_kv.ExplicitKVEngine`'s, shared with the OpenVINO engine.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ from modelpress._fs import atomic_folder
 from modelpress.artifacts import MANIFEST_NAME, Artifact
 from modelpress.errors import ConfigError, UnsupportedModelError, require
 from modelpress.export import onnx_decoder
-from modelpress.generation._core import KV, BatchingEngine
+from modelpress.generation._core import KV
+from modelpress.generation._explicit_kv import ExplicitKVEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 from modelpress.runtimes.torch import hf_load_kwargs
-
-KV_BLOCK = 64  # decode-cache positions added at a time
 
 
 def _fingerprint(parts: str, files: list[Path]) -> str:
@@ -64,7 +63,7 @@ def onnx_folder(source: Any) -> Path | None:
     return None
 
 
-class OnnxRuntimeEngine(BatchingEngine):
+class OnnxRuntimeEngine(ExplicitKVEngine):
     name = "onnxruntime"
 
     def __init__(
@@ -109,8 +108,6 @@ class OnnxRuntimeEngine(BatchingEngine):
         meta = self.session.meta
         self.cache_heads, self.head_dim = self.session.cache_heads, self.session.head_dim
         self.vocab_size = int(meta["vocab_size"])
-        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode cache (see KV_BLOCK)
-        self._buffer_len = 0
         config = SimpleNamespace(eos_token_id=meta.get("eos_token_id"), bos_token_id=meta.get("bos_token_id"))
         gen_cfg = SimpleNamespace(eos_token_id=meta.get("generation_eos_token_id"), bos_token_id=meta.get("generation_bos_token_id"))
         super().__init__(
@@ -142,38 +139,6 @@ class OnnxRuntimeEngine(BatchingEngine):
     def _run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[torch.Tensor, KV]:
         logits, new_k, new_v = self.session.run(ids, positions, mask, k, v)  # fresh arrays: no copy needed
         return torch.from_numpy(logits), [(torch.from_numpy(new_k), torch.from_numpy(new_v))]
-
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
-        x = np.asarray([ids], dtype=np.int64)
-        empty = self.session.empty(1)
-        logits, kv = self._run(x, np.arange(len(ids), dtype=np.int64)[None], np.ones_like(x), empty, empty)
-        return logits[0], kv
-
-    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        empty = self.session.empty(ids.shape[0])
-        return self._run(ids.numpy(), positions.numpy(), mask.numpy(), empty, empty)
-
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        (k, v) = kv[0]
-        b, n, t, d = k.shape
-        buf = self._buffer
-        # the cache the last step returned is a view of the buffer: go on in place; anything else
-        # (a sequence joined or left, a new batch) is copied into a fresh buffer
-        if buf is None or buf[0].shape[0] != b or buf[0].shape[2] <= t or k.data_ptr() != buf[0].data_ptr() or self._buffer_len != t:
-            size = (t // KV_BLOCK + 1) * KV_BLOCK
-            buf = (k.new_zeros(b, n, size, d), v.new_zeros(b, n, size, d))
-            buf[0][:, :, :t], buf[1][:, :, :t] = k, v
-            self._buffer = buf
-        size = buf[0].shape[2]
-        full_mask = torch.zeros(b, size + 1, dtype=mask.dtype)
-        full_mask[:, :t] = mask[:, :t]
-        full_mask[:, size] = 1  # the new token, last in the graph's key order
-        logits, new = self._run(tokens.numpy()[:, None], positions.numpy()[:, None], full_mask.numpy(), buf[0].numpy(), buf[1].numpy())
-        buf[0][:, :, t : t + 1], buf[1][:, :, t : t + 1] = new[0]
-        self._buffer_len = t + 1
-        if t + 1 == size:  # full: the next step starts a larger buffer
-            self._buffer = None
-        return logits, [(buf[0][:, :, : t + 1], buf[1][:, :, : t + 1])]
 
 
 def _source_key(src: ModelSource) -> str:

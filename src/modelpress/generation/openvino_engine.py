@@ -6,7 +6,8 @@ reference (continuous batching by left padding, :mod:`modelpress.generation._cor
 The exported graph is :class:`modelpress.export.kv_decoder.KVDecoder`: a Llama decoder with the
 cache as plain tensors in and out (past K/V in, the new positions' K/V out).
 
-Decode steps keep the cache in a buffer whose length grows in blocks of ``KV_BLOCK`` positions
+Decode steps (:class:`modelpress.generation._explicit_kv.ExplicitKVEngine`, shared with the ONNX
+Runtime engine) keep the cache in a buffer whose length grows in blocks of ``KV_BLOCK`` positions
 (the unused ones masked): the graph sees a new input shape once per block instead of at every
 token (a new shape costs OpenVINO milliseconds), and only the new position is written per step.
 
@@ -32,7 +33,8 @@ import torch
 from modelpress._fs import atomic_folder
 from modelpress.errors import ConfigError, ModelpressError, UnsupportedModelError, require
 from modelpress.export.kv_decoder import SUPPORTED_TYPES, KVDecoder
-from modelpress.generation._core import KV, BatchingEngine
+from modelpress.generation._core import KV
+from modelpress.generation._explicit_kv import ExplicitKVEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
 from modelpress.runtimes.torch import hf_load_kwargs
@@ -40,7 +42,6 @@ from modelpress.runtimes.torch import hf_load_kwargs
 FORMAT_VERSION = 5  # bump when the exported graph changes meaning (5: grouped-query attention without repeating K/V)
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP_SIZE = 128
-KV_BLOCK = 64  # decode-cache positions added at a time (one new input shape per block)
 
 
 def supported(source: Any) -> bool:
@@ -127,7 +128,7 @@ def compress_decoder(f32_ir: Path, folder: Path, quantize: str) -> Path:
     return folder / "decoder.xml"
 
 
-class OpenVINOEngine(BatchingEngine):
+class OpenVINOEngine(ExplicitKVEngine):
     name = "openvino"
 
     def __init__(
@@ -164,7 +165,7 @@ class OpenVINOEngine(BatchingEngine):
         if prebuilt is not None:  # a decoder IR written by modelpress (e.g. GPTQ/AWQ): run as it is
             meta = json.loads((prebuilt.parent / "engine.json").read_text())
             self.quantize = meta.get("quantize")
-            self.precision = precision = precision_arg or ("f32" if self.quantize is None else "bf16")
+            self.precision = precision = precision_arg or meta.get("precision") or ("f32" if self.quantize is None else "bf16")
         root = Path(cache_dir) if cache_dir else cache_root("generation")
         # the f32 IR is traced once; each quantized variant is compressed from it
         f32 = root / f"{src.name}-fp32-{_fingerprint(src, None)}"
@@ -190,12 +191,11 @@ class OpenVINOEngine(BatchingEngine):
         self.compiled = core.compile_model(core.read_model(str(self.ir_path)), "CPU", props)
         self.request = self.compiled.create_infer_request()
         self.all_logits = bool(json.loads((target / "engine.json").read_text()).get("all_logits", False))
-        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode cache (see KV_BLOCK)
-        self._buffer_len = 0
         attn_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.layers = int(attn_cfg.num_hidden_layers)
         self.kv_heads = int(getattr(attn_cfg, "num_key_value_heads", None) or attn_cfg.num_attention_heads)
         self.head_dim = int(getattr(attn_cfg, "head_dim", None) or attn_cfg.hidden_size // attn_cfg.num_attention_heads)
+        self.cache_heads = self.layers * self.kv_heads
         self.vocab_size = int(attn_cfg.vocab_size)
         try:
             gen_cfg = GenerationConfig.from_pretrained(str(src.folder)) if src.folder is not None else None
@@ -219,38 +219,6 @@ class OpenVINOEngine(BatchingEngine):
         new_k = torch.from_numpy(self.request.get_tensor("new_k").data.copy())
         new_v = torch.from_numpy(self.request.get_tensor("new_v").data.copy())
         return logits, [(new_k, new_v)]
-
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
-        x = np.asarray([ids], dtype=np.int64)
-        empty = np.zeros((1, self.layers * self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        logits, kv = self._run(x, np.arange(len(ids), dtype=np.int64)[None], np.ones_like(x), empty, empty)
-        return logits[0], kv
-
-    def _prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        empty = np.zeros((ids.shape[0], self.layers * self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        return self._run(ids.numpy(), positions.numpy(), mask.numpy(), empty, empty)
-
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        (k, v) = kv[0]
-        b, n, t, d = k.shape
-        buf = self._buffer
-        # the cache the last step returned is a view of the buffer: go on in place; anything else
-        # (a sequence joined or left, a new batch) is copied into a fresh buffer
-        if buf is None or buf[0].shape[0] != b or buf[0].shape[2] <= t or k.data_ptr() != buf[0].data_ptr() or self._buffer_len != t:
-            size = (t // KV_BLOCK + 1) * KV_BLOCK
-            buf = (k.new_zeros(b, n, size, d), v.new_zeros(b, n, size, d))
-            buf[0][:, :, :t], buf[1][:, :, :t] = k, v
-            self._buffer = buf
-        size = buf[0].shape[2]
-        full_mask = torch.zeros(b, size + 1, dtype=mask.dtype)
-        full_mask[:, :t] = mask[:, :t]
-        full_mask[:, size] = 1  # the new token, last in the graph's key order
-        logits, new = self._run(tokens.numpy()[:, None], positions.numpy()[:, None], full_mask.numpy(), buf[0].numpy(), buf[1].numpy())
-        buf[0][:, :, t : t + 1], buf[1][:, :, t : t + 1] = new[0]
-        self._buffer_len = t + 1
-        if t + 1 == size:  # full: the next step starts a larger buffer
-            self._buffer = None
-        return logits, [(buf[0][:, :, : t + 1], buf[1][:, :, : t + 1])]
 
 
 def prebuilt_decoder(src: ModelSource) -> Path | None:
