@@ -49,6 +49,7 @@ class StepContext:
     threads: int | None = None
     progress: ProgressFactory | None = None
     train_threads: int | None = None
+    data: str | None = None  # the dataset the step is evaluated on (--data): LLM calibration defaults to its training split
 
 
 Handler = Callable[[Artifact, Any, StepContext], Artifact]

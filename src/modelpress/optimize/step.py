@@ -198,7 +198,7 @@ class Pipeline:
         from modelpress.optimize.handlers import StepContext
         from modelpress.optimize.techniques import handler_for
 
-        ctx = StepContext(Path(target), self.data_dir, overwrite, self.threads, progress=self.progress)
+        ctx = StepContext(Path(target), self.data_dir, overwrite, self.threads, progress=self.progress, data=self.dataset_name)
         return handler_for(cfg)(source, cfg, ctx)
 
     def judge(self, art: Artifact, runtime: str) -> tuple[dict[str, Any], GateResult]:
