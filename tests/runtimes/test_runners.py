@@ -79,7 +79,8 @@ def test_bad_batches_are_refused(tiny_encoder):
 
 def test_unknown_runtime_threads_and_format(tiny_encoder, tmp_path):
     art = mp.load(tiny_encoder)
-    with pytest.raises(UnknownRuntimeError, match="Known runtimes: aoti, executorch, onnxruntime, openvino, openvino-decoder, torch, torchscript"):
+    known = "Known runtimes: aoti, executorch, onnxruntime, openvino, openvino-decoder, torch, torchscript"
+    with pytest.raises(UnknownRuntimeError, match=known):
         mp.create_runner(art, "tensorrt")
     with pytest.raises(ConfigError, match="threads"):
         mp.create_runner(art, "torch", threads=0)
