@@ -139,7 +139,11 @@ def test_every_transformers_loader_sets_trust_remote_code_false():
                 k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is False for k in node.keywords
             )
             via_kwargs = any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "kwargs" for k in node.keywords)
-            if not (explicit or (via_kwargs and "hf_load_kwargs" in path.read_text())):
+            direct = any(  # **hf_load_kwargs(folder) spread into the call itself
+                k.arg is None and isinstance(k.value, ast.Call) and ast.unparse(k.value.func).endswith("hf_load_kwargs")
+                for k in node.keywords
+            )
+            if not (explicit or direct or (via_kwargs and "hf_load_kwargs" in path.read_text())):
                 missing.append(f"{rel}:{node.lineno}")
     assert missing == []
 

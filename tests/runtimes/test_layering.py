@@ -64,4 +64,4 @@ def test_import_modelpress_registers_the_exporters_as_converters():
     code = "import modelpress; from modelpress.runtimes import CONVERTERS; print(sorted(CONVERTERS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['onnx', 'openvino']"
+    assert out.stdout.strip().splitlines()[-1] == "['aoti', 'executorch', 'onnx', 'openvino', 'torchscript']"
