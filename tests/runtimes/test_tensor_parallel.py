@@ -164,3 +164,31 @@ def test_bad_engine_degree_is_refused_before_any_process_starts(stories260k, siz
     with pytest.raises(ConfigError, match=match):
         create_tensor_parallel(stories260k, tensor_parallel=size)
     assert _children() <= before
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--tensor-parallel", "2", "--runtime", "onnxruntime"], "torch runtime and the torch engine, not 'onnxruntime'"),
+        (["--tensor-parallel", "2", "--engine", "openvino"], "not 'openvino'"),
+        (["--tensor-parallel", "0"], "greater than or equal to 1"),
+    ],
+)
+def test_serve_tensor_parallel_bad_flags_fail_before_anything_loads(args, match):
+    from typer.testing import CliRunner
+
+    from modelpress.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "minilm", *args])
+    assert result.exit_code == 2
+    text = " ".join((result.output + getattr(result, "stderr", "")).split()).replace("│", "")
+    assert match in " ".join(text.split())
+
+
+def test_serve_tensor_parallel_reaches_the_runner_options():
+    """`modelpress serve DIR --tensor-parallel N` puts tensor_parallel into the models' runtime options,
+    which serving passes to create_runner / create_engine (their tests above)."""
+    from modelpress.serving.config import ServerConfig
+
+    cfg = ServerConfig.from_models(["minilm"], runtime_options={"tensor_parallel": 2})
+    assert cfg.models[0].runtime_options == {"tensor_parallel": 2}
