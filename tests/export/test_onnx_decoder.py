@@ -24,11 +24,8 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0, stop_token_ids=())
 
 
 @pytest.fixture(scope="module")
-def stories(data_dir):
-    path = data_dir / "models/stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
-    return path
+def stories(stories260k):
+    return stories260k
 
 
 @pytest.fixture(scope="module")

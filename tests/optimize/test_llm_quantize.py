@@ -33,14 +33,6 @@ W8A8_MAX_PPL_RATIO = 1.05
 SMALL_CALIBRATION = {"dataset": "tinystories", "samples": 8, "seq_len": 64}
 
 
-@pytest.fixture(scope="module")
-def stories260k(data_dir):
-    path = data_dir / "models/stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
-    return path
-
-
 def test_configs_name_the_llm_techniques_and_refuse_what_nncf_cannot_do():
     gptq = parse_step({"technique": "gptq", "group_size": 32, "scale_estimation": True, "damping": 0.05})
     assert (

@@ -24,14 +24,6 @@ CANDIDATES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def stories260k(data_dir):
-    path = data_dir / "models/stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
-    return path
-
-
 def test_default_causal_lm_candidates_are_decoders_the_engine_runs():
     from modelpress.optimize.configs.llm import AWQ, GPTQ
     from modelpress.optimize.search.tune import default_candidates

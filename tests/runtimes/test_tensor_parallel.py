@@ -51,14 +51,6 @@ def _gone(pids: list[int]) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def stories260k(data_dir):
-    path = data_dir / "models/stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.needs_data
 def test_encoder_equals_one_process_and_a_dead_rank_errors_and_close_leaves_no_process(data_dir, minilm_path):

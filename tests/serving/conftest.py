@@ -143,15 +143,6 @@ LLM_MAX_WAITING = 4  # sequences it queues before answering 429
 
 
 @pytest.fixture(scope="session")
-def stories260k(data_dir) -> Any:
-    """The pretrained 260k-parameter Llama of the shared data folder."""
-    path = data_dir / "models/stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"stories260k is absent from the shared data folder ({path})")
-    return path
-
-
-@pytest.fixture(scope="session")
 def llm_server(stories260k) -> Any:
     """stories260k served on 127.0.0.1 for the whole session (with rollouts and the dashboard, as `modelpress serve`
     runs it): yields (server, base URL). Tests leave it idle: every sequence they start ends or is cancelled."""
