@@ -4,7 +4,7 @@
 #   docker build -t modelpress:cuda --build-arg VARIANT=cuda .        # CUDA: torch's CUDA wheels (they bring the CUDA
 #                                                                     # libraries); run with --gpus all
 #   docker run -p 8080:8080 -e MODELPRESS_API_KEY=... -v "$PWD/model:/opt/ml/model:ro" modelpress:cpu
-#   docker run -p 8080:8080 -e MODELPRESS_API_KEY=... -v ~/.modelpress:/registry:ro \
+#   docker run -p 8080:8080 -e MODELPRESS_API_KEY=... -v ~/.modelpress:/registry \
 #       modelpress:cpu serve minilm@production --registry /registry/registry.db --host 0.0.0.0 --port 8080
 #
 # docs/deploy.md: SageMaker, Hugging Face Inference Endpoints, KServe. tests/test_dockerfile.py lints this file.
