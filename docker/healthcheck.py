@@ -12,7 +12,8 @@ TIMEOUT_S = 4  # below the HEALTHCHECK's --timeout=5s
 
 
 def main() -> int:
-    port = os.environ.get("PORT", "8080")
+    # the entrypoint serves on SAGEMAKER_BIND_TO_PORT when SageMaker sets it, else on $PORT
+    port = os.environ.get("SAGEMAKER_BIND_TO_PORT") or os.environ.get("PORT", "8080")
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/health/ready")
     key = os.environ.get("MODELPRESS_API_KEY")
     if key:

@@ -178,6 +178,13 @@ def register_commands(app: typer.Typer) -> None:
             "replica_cpus": replica_cpus,
         }
         ray_opts = _ray_options(backend, ray_options_file, ray_flags)  # bad flags fail here, before any model loads
+        if tensor_parallel is not None and backend == "ray":
+            from modelpress.errors import ConfigError
+
+            raise ConfigError(
+                "--tensor-parallel is not supported with --backend ray (Ray schedules replicas, not their worker processes).",
+                hint="Example: modelpress serve DIR --tensor-parallel 2 (the local backend)",
+            )
         if tensor_parallel is not None and (runtime not in (None, "torch") or engine not in (None, "torch")):
             from modelpress.errors import ConfigError
 

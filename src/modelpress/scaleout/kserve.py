@@ -146,7 +146,11 @@ def write_kserve_manifest(
     (``max_batch_size * instances`` requests in flight) for ``concurrency``; ``rollout=False``
     ignores an active rollout. The folder is written whole or not at all.
     """
-    batch = batching if isinstance(batching, BatchConfig) else BatchConfig.model_validate(batching or {})
+    batch = (
+        batching
+        if isinstance(batching, BatchConfig)
+        else validated(BatchConfig, batching or {}, "the batching options", what="batching settings", example="--max-batch-size 32")
+    )
     if scale_metric not in SCALE_METRICS:
         raise ConfigError(
             f"'{scale_metric}' is not a KServe scale metric.",

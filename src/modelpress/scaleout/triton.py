@@ -33,7 +33,7 @@ from modelpress._fs import atomic_folder
 from modelpress.errors import ConfigError, TaskMismatchError, UnsupportedModelError
 from modelpress.scaleout import triton_python_model
 from modelpress.scaleout.source import check_output, exported_form, resolve
-from modelpress.serving.config import BatchConfig
+from modelpress.serving.config import BatchConfig, validated
 
 TEXT_TASKS = ("embedding", "text-classification")
 # Triton's backend name and the files of the version folder, per runtime
@@ -300,7 +300,11 @@ def write_triton_repository(
             f"Triton has no backend here for the runtime '{runtime}'.",
             hint=f"Use onnxruntime or openvino, e.g. {EXAMPLE} --runtime openvino",
         )
-    batch = batching if isinstance(batching, BatchConfig) else BatchConfig.model_validate(batching or {})
+    batch = (
+        batching
+        if isinstance(batching, BatchConfig)
+        else validated(BatchConfig, batching or {}, "the batching options", what="batching settings", example="--max-batch-size 32")
+    )
     out = check_output(output, overwrite, EXAMPLE)
     resolved = resolve(source, name=name, registry=registry)
     if resolved.task not in TEXT_TASKS:
