@@ -179,6 +179,8 @@ def scenario(out: dict[str, Any], base: str, app: str, dep: str, mark: Any, *, r
             out["rollout"] = rollout(client)
             out["applications_after_rollout"] = applications()
             mark("rollout")
+            out["canary"] = canary(client)
+            mark("canary")
         if reload_too:  # run by hand (another replica load): a reload of the serving label keeps its application
             loaded = client.post("/v2/repository/models/minilm/load", json={}, headers={"X-API-Key": API_KEY})
             time.sleep(1.0)
@@ -212,6 +214,44 @@ def rollout(client: httpx.Client) -> dict[str, Any]:
     result["abort"] = aborted.status_code
     time.sleep(1.0)
     result["served_after_abort"] = sorted(m["version"] for m in client.get("/v2/models").json())
+    return result
+
+
+FINAL = ("succeeded", "rolled_back", "aborted", "failed")
+CANARY_LIMIT_S = 120.0  # a shadow window and two canary windows of 2 s each, with replicas loading on 2 shared cores
+
+
+def canary(client: httpx.Client) -> dict[str, Any]:
+    """Shadow, then a canary at 50% and 100%, decided by the controller on live numbers (shadow
+    agreement, error rate), ending with the candidate serving everything: the rollout controller
+    running in the Ray ingress exactly as in the local server."""
+    keys = {"X-API-Key": API_KEY}
+    spec = {
+        "candidate": "2",
+        "source": "minilm",
+        "strategy": "shadow-then-canary",
+        "steps": [50, 100],
+        "window_s": 2,
+        "min_requests": 5,
+        "max_p99_ratio": None,  # two shared cores: latency ratios are noise here; agreement and errors decide
+        "promote": False,
+    }
+    started = client.post("/rollouts/minilm/start", json=spec, headers=keys)
+    result: dict[str, Any] = {"start": [started.status_code, started.text[:300]]}
+    status: dict[str, Any] = {}
+    deadline, i = time.monotonic() + CANARY_LIMIT_S, 0
+    while time.monotonic() < deadline:
+        for _ in range(8):
+            client.post("/v2/models/minilm/infer", json=kserve(TEXTS[i % len(TEXTS) : i % len(TEXTS) + 1]), headers={"x-user-id": f"u{i}"})
+            i += 1
+        status = client.get("/rollouts/minilm", headers=keys).json()
+        if status.get("status") in FINAL:
+            break
+    result["status"] = status.get("status")
+    result["requests"] = i
+    answered = {client.post("/v2/models/minilm/infer", json=kserve(TEXTS[:1])).json().get("model_version") for _ in range(5)}
+    result["answered_after"] = sorted(str(v) for v in answered)
+    result["events"] = [e.get("action") or e.get("kind") for e in status.get("events", [])][-8:]
     return result
 
 

@@ -71,6 +71,11 @@ def test_serve_backend_ray_two_nodes_one_endpoint_scale_up_and_down_with_a_rollo
     assert set(ro["versions_answered"]) == {"1", "2"}, ro
     assert ro["abort"] == 200 and ro["served_after_abort"] == ["1"], ro
     assert out["applications_after_rollout"] == ["modelpress", "modelpress.minilm.v1"]
+    # shadow, then canary 50% -> 100%, decided by the controller in the Ray ingress: the candidate ends serving all
+    can = out["canary"]
+    assert can["start"][0] == 201, can
+    assert can["status"] == "succeeded", can
+    assert can["answered_after"] == ["2"], can
 
     # SIGTERM (Ctrl-C) ends `modelpress serve --backend ray` cleanly and deletes its applications
     assert out["serve_exit"] == 0, out["serve_log"]
