@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from modelpress.optimize.search.report import _fig_bytes, _fmt
+from modelpress.optimize.search.report import _fig_bytes, _fmt, latency_bars
 
 
 def _short(label: str) -> str:
@@ -71,26 +71,8 @@ def quality_cost_plot(result: Any) -> bytes:
 
 def latency_plot(result: Any) -> bytes:
     """p50 and p99 latency at batch 1 of every model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = sorted([e for e in result.entries if e.p50_ms], key=lambda e: e.p50_ms)
-    fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(pts) + 1.5))
-    ys = range(len(pts))
-    ax.barh([y + 0.2 for y in ys], [e.p99_ms for e in pts], height=0.4, color="#f4a261", label="p99")
-    ax.barh([y - 0.2 for y in ys], [e.p50_ms for e in pts], height=0.4, color="#2a9d8f", label="p50")
-    if result.goal.max_p99_ms is not None:
-        ax.axvline(result.goal.max_p99_ms, color="#9d0208", ls=":", label=f"goal: p99 <= {result.goal.max_p99_ms:g} ms")
-    ax.set_yticks(list(ys), [_short(e.label) for e in pts], fontsize=8)
-    ax.set_xlabel("latency at batch 1 (ms)")
-    ax.set_title("latency percentiles")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8)
-    data = _fig_bytes(fig)
-    plt.close(fig)
-    return data
+    rows = [(_short(e.label), e.p50_ms, e.p99_ms) for e in result.entries if e.p50_ms]
+    return latency_bars(rows, goal_ms=result.goal.max_p99_ms)
 
 
 def _speedup(e: Any) -> str:
