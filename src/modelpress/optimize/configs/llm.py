@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from modelpress.optimize.configs.base import RuntimeName, StrictModel, TechniqueConfig, register_config
-from modelpress.optimize.configs.quantize import DECODER_RUNTIME, PrecisionHint, _check_precision_hint
+from modelpress.optimize.configs.quantize import DECODER_RUNTIME, PrecisionHint, _check_precision_hint, check_group_size
 
 DecoderRuntime = Literal["openvino-decoder"]
 
@@ -46,14 +46,7 @@ class DecoderWeights(TechniqueConfig):
     calibration: DecoderCalibration = Field(default_factory=DecoderCalibration)
     precision_hint: PrecisionHint | None = None
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int | None) -> int | None:
-        if value is None or value == -1:
-            return value
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"group_size must be -1 (per channel) or a power of two >= 16, e.g. 32, 64, 128; got {value}")
-        return value
+    _group = field_validator("group_size")(classmethod(lambda cls, value: check_group_size(value)))
 
     def check(self) -> None:
         if self.bits == 8:

@@ -72,6 +72,15 @@ class StaticInt8(TechniqueConfig):
         _check_precision_hint(self)
 
 
+def check_group_size(value: int | None) -> int | None:
+    """A weight-quantization group: -1 (per output channel) or a power of two >= 16 (None: the default)."""
+    if value is None or value == -1:
+        return value
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"group_size must be -1 (per channel) or a power of two >= 16, e.g. 32, 64, 128; got {value}")
+    return value
+
+
 class WeightOnly(TechniqueConfig):
     """Weights stored in int8 or int4 (per group of ``group_size`` input channels), float math.
 
@@ -98,14 +107,7 @@ class WeightOnly(TechniqueConfig):
     compile: bool = True
     precision_hint: PrecisionHint | None = None  # openvino: the inference precision of the float math
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int | None) -> int | None:
-        if value is None or value == -1:
-            return value
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"group_size must be -1 (per channel) or a power of two >= 16, e.g. 32, 64, 128; got {value}")
-        return value
+    _group = field_validator("group_size")(classmethod(lambda cls, value: check_group_size(value)))
 
     def check(self) -> None:
         if self.bits == 8 and self.group_size not in (None, -1) and self.runtime in ("openvino", DECODER_RUNTIME):
