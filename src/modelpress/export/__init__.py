@@ -24,6 +24,7 @@ from modelpress.artifacts import Artifact
 from modelpress.errors import ConfigError
 from modelpress.export.executorch import as_executorch, export_executorch
 from modelpress.export.onnx import as_onnx, export_onnx
+from modelpress.export.onnx_compressed import export_compressed, is_compressed_decoder
 from modelpress.export.openvino import as_openvino, export_openvino
 from modelpress.export.torch_export import as_aoti, export_aoti
 from modelpress.export.torchscript import as_torchscript, export_torchscript
@@ -60,4 +61,6 @@ def export(source: Artifact, fmt: str, output: str | os.PathLike, *, overwrite: 
     """Export ``source`` to ``fmt`` (one of ``FORMATS``) in the folder ``output``, checked for parity on its runner."""
     if fmt not in _EXPORTERS:
         raise _unknown(fmt, "--format onnx")
+    if fmt == "onnx" and is_compressed_decoder(source):  # an LLM technique's decoder folder: its codes as MatMulNBits
+        return export_compressed(source, output, overwrite=overwrite, **options)
     return _EXPORTERS[fmt][0](source, output, overwrite=overwrite, **options)

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,14 +287,26 @@ def _compare(name: str, ref_tokens: list[int], ref_logits: list[np.ndarray], got
     return worst, tol
 
 
+Greedy = Callable[[Sequence[int], int], tuple[list[int], list[np.ndarray]]]
+
+
 def check_decoder(
-    hf_model: Any, dec: DecoderSession, prompts: Sequence[Sequence[int]], *, new_tokens: int = PARITY_NEW_TOKENS, rtol: float = PARITY_RTOL
+    hf_model: Any,
+    dec: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    *,
+    new_tokens: int = PARITY_NEW_TOKENS,
+    rtol: float = PARITY_RTOL,
+    greedy: Greedy | None = None,
 ) -> dict[str, Any]:
     """Greedy tokens of ``dec`` equal the torch model's for each prompt alone and for all in one
-    left-padded batch, logits within ``rtol``; raises :class:`ParityError` otherwise."""
+    left-padded batch, logits within ``rtol``; raises :class:`ParityError` otherwise.
+
+    ``greedy(prompt, new_tokens) -> (tokens, logits per step)``: another reference than ``hf_model``'s
+    :func:`reference_greedy` (the OpenVINO decoder a compressed export comes from, :mod:`.onnx_nbits`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("The KV-cache parity check needs non-empty prompts.", hint="Example: prompts=[[1, 403, 407]]")
-    refs = [reference_greedy(hf_model, p, new_tokens) for p in prompts]
+    refs = [greedy(p, new_tokens) if greedy else reference_greedy(hf_model, p, new_tokens) for p in prompts]
     worst, tol = 0.0, 0.0
     runs = [([i], f"prompt {i} alone") for i in range(len(prompts))]
     if len(prompts) > 1:
@@ -325,6 +337,17 @@ def write_checked(hf_model: Any, folder: str | Path, prompts: Sequence[Sequence[
     meta["parity"] = {k: v for k, v in report.items() if k != "reference_tokens"}
     (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2))
     return {"exporter": how, **report}
+
+
+def unpadded_rows(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row of each batch alone, without its padding: what a padding position outputs is no
+    contract (the KV graph lets a padding query see itself, PyTorch masks it), the real ones are."""
+    out = []
+    for batch in batches:
+        for row in range(len(batch["input_ids"])):
+            keep = batch["attention_mask"][row].astype(bool)
+            out.append({k: v[row : row + 1][:, keep] for k, v in batch.items()})
+    return out
 
 
 class _DropAdvice(logging.Filter):
@@ -399,5 +422,6 @@ __all__ = [
     "quantize_decoder",
     "read_meta",
     "supported",
+    "unpadded_rows",
     "write_checked",
 ]

@@ -5,7 +5,9 @@ are :mod:`modelpress.generation._core`'s).
 Sources:
 
 - a folder written by ``modelpress export MODEL --format onnx`` (or its :class:`Artifact`): its
-  ``decoder.onnx``, checked on generated tokens when it was exported;
+  ``decoder.onnx``, checked on generated tokens when it was exported; exported from a GPTQ or
+  round-to-nearest decoder variant (:mod:`modelpress.export.onnx_compressed`), its weights are that
+  variant's integer codes as ``MatMulNBits`` (``quantize`` is then refused: they are quantized already);
 - a Hugging Face folder (or an Artifact of one): the decoder is exported once into the cache
   (``cache_dir``, default ``$MODELPRESS_HOME/cache/generation``) and checked the same way.
 
@@ -86,7 +88,13 @@ class OnnxRuntimeEngine(ExplicitKVEngine):
         exported = onnx_folder(source)
         if exported is not None:
             name, tokenizer_dir, f32 = Artifact.open(exported).name, exported, exported
-            onnx_decoder.read_meta(exported)  # a clear error when the export has no KV-cache decoder
+            carried = onnx_decoder.read_meta(exported).get("quantize")  # a clear error when the export has no KV-cache decoder
+            if quantize and carried:
+                raise ConfigError(
+                    f"'{exported}' already holds {carried} weights (MatMulNBits carried over from its variant): "
+                    f"quantize='{quantize}' would quantize them again.",
+                    hint="Load it without quantize: create_engine(folder, 'onnxruntime') or modelpress serve FOLDER --engine onnxruntime",
+                )
             key_files = list(exported.glob(onnx_decoder.DECODER_FILE + "*"))
         else:
             src = resolve(source)

@@ -73,6 +73,7 @@ def float_decoder(source: Artifact) -> Artifact:
 
 def _export(source: Artifact, target: Path) -> Artifact:
     from modelpress.export.onnx import check_served, export_manifest
+    from modelpress.export.onnx_decoder import unpadded_rows
     from modelpress.export.parity import parity_batches
     from modelpress.generation.openvino_engine import export_decoder, supported
     from modelpress.locations import find_data_dir
@@ -98,7 +99,7 @@ def _export(source: Artifact, target: Path) -> Artifact:
         else:
             hf.config.save_pretrained(str(tmp))
         report = check_served(
-            reference, manifest, tmp, task, _unpadded(parity_batches(task, find_data_dir())), DECODER_RUNTIME, precision="f32"
+            reference, manifest, tmp, task, unpadded_rows(parity_batches(task, find_data_dir())), DECODER_RUNTIME, precision="f32"
         )
         return {"metrics": {"parity_max_abs_diff": report}, "step": {"export": DECODER_RUNTIME, "all_logits": True}}
 
@@ -106,17 +107,6 @@ def _export(source: Artifact, target: Path) -> Artifact:
         return Artifact.write(target, manifest, fill, overwrite=True)
     finally:
         reference.close()
-
-
-def _unpadded(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row of each batch alone, without its padding: what a padding position outputs is no
-    contract (the KV graph lets a padding query see itself, PyTorch masks it), the real ones are."""
-    out = []
-    for batch in batches:
-        for row in range(len(batch["input_ids"])):
-            keep = batch["attention_mask"][row].astype(bool)
-            out.append({k: v[row : row + 1][:, keep] for k, v in batch.items()})
-    return out
 
 
 register_converter(DECODER_RUNTIME, float_decoder)
