@@ -90,16 +90,17 @@ def export_compressed(
     with ``kv_cache`` ``decoder.onnx``), the compressed weights as ``MatMulNBits``, checked against the IR."""
     import torch
 
-    if not is_compressed_decoder(source) or source.path is None:
+    folder = source.path
+    if not is_compressed_decoder(source) or folder is None:
         raise UnsupportedModelError(f"'{source.name}' is not a decoder folder an LLM technique wrote ({IR_FILE} and {IR_META}).")
-    meta = json.loads((source.path / IR_META).read_text())
+    meta = json.loads((folder / IR_META).read_text())
     _refuse(source, meta)
     if not meta.get("all_logits"):
         raise UnsupportedModelError(
             f"The decoder in '{source.path}' returns the last position's logits only: its model.onnx needs every position's.",
             hint="Make the variant with an LLM technique (they write all_logits decoders).",
         )
-    hf, weights = rebuild(source.path)
+    hf, weights = rebuild(folder)
     task = task_for(source)
     signature = task.signature(hf.config)
     module = task.wrap_module(hf).eval()
@@ -119,8 +120,8 @@ def export_compressed(
         from modelpress.export.onnx import torch_to_onnx
 
         for name in _COPIED:
-            if (source.path / name).is_file():
-                shutil.copy(source.path / name, tmp / name)
+            if (folder / name).is_file():
+                shutil.copy(folder / name, tmp / name)
         if task.tokenizer is not None:
             task.tokenizer.save_pretrained(str(tmp))
         args = tuple(torch.from_numpy(rows[0][n]) for n in signature.input_names)

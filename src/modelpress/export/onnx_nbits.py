@@ -308,11 +308,10 @@ def to_nbits(model: Any, weights: dict[str, Quantized]) -> dict[str, int]:
                 numpy_helper.from_array(scales, f"{stem}_scales"),
                 numpy_helper.from_array(zp, f"{stem}_zero_points"),
             ]
-            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
+            attrs: dict[str, Any] = {"K": k, "N": n, "bits": q.bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL}
             inputs = [node.input[0], *(i.name for i in new_inits[-3:])]
-            new_nodes.append(
-                helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{stem}_MatMulNBits", domain="com.microsoft", **attrs)
-            )
+            out = list(node.output)
+            new_nodes.append(helper.make_node("MatMulNBits", inputs, out, f"{stem}_MatMulNBits", None, "com.microsoft", **attrs))
             counts["MatMulNBits"] += 1
             continue
         nodes, extra = _dequantize_nodes(helper, numpy_helper, q, stem, f"{stem}_weight")

@@ -158,17 +158,18 @@ def _write(source: Artifact, config: TechniqueConfig, ctx: StepContext, make: An
     """Export (cached), ``make(model) -> (model, metrics)``, compile once, write the decoder folder."""
     t0 = time.perf_counter()
     decoder = float_decoder(source)
-    if decoder.path is None:  # pragma: no cover - the cache always returns a folder
+    folder = decoder.path
+    if folder is None:  # pragma: no cover - the cache always returns a folder
         raise OptimizationError(f"The decoder export of '{source.name}' has no folder.")
     hint = getattr(config, "precision_hint", None)
     precision = vb.PRECISION_HINTS[hint] if hint else "f32"
 
     def fill(tmp: Path) -> dict[str, Any]:
-        model, found = make(vb.read_model(decoder.path / MODEL_FILE))
+        model, found = make(vb.read_model(folder / MODEL_FILE))
         vb.check_compiles(model, precision)
         vb.save_model(model, tmp / MODEL_FILE)
-        copy_model_files(decoder.path, tmp, skip=MODEL_FILES)
-        meta = json.loads((decoder.path / "engine.json").read_text())
+        copy_model_files(folder, tmp, skip=MODEL_FILES)
+        meta = json.loads((folder / "engine.json").read_text())
         meta.update(quantize=lb.describe(config), precision=precision)
         (tmp / "engine.json").write_text(json.dumps(meta))
         return {"metrics": {**found, "ops": vb.op_counts(model), "seconds": round(time.perf_counter() - t0, 3)}}

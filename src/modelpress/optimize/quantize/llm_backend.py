@@ -32,7 +32,7 @@ def cache_shape(model: Any) -> tuple[int, int]:
 def decoder_items(windows: list[np.ndarray], model: Any) -> list[dict[str, np.ndarray]]:
     """The decoder's inputs for each token window (``[1, seq]`` int64)."""
     heads, head_dim = cache_shape(model)
-    items = []
+    items: list[dict[str, np.ndarray]] = []
     for ids in windows:
         x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         empty = np.zeros((1, heads, 0, head_dim), dtype=np.float32)
