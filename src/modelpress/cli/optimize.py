@@ -218,6 +218,16 @@ def tune(
     exhaustive: Annotated[
         bool, typer.Option("--exhaustive", help="Score every candidate in full (no screening, none dropped as slower): the reference run.")
     ] = False,
+    compound: Annotated[
+        bool | None,
+        typer.Option(
+            "--compound/--no-compound",
+            help="Add the compound candidates (a distilled or pruned model, then quantized); default: when --budget covers their training.",
+        ),
+    ] = None,
+    train_time: Annotated[
+        str | None, typer.Option("--train-time", help="Training time of each compound candidate's first step: 5m (the default), 90s.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the fastest variant that keeps quality: every candidate built and timed, the fastest scored, the pick re-timed."""
@@ -260,6 +270,8 @@ def tune(
             use_cache=not no_cache,
             screen_rows=screen_rows,
             exhaustive=exhaustive,
+            compound_candidates=compound,
+            compound_train_s=parse_duration(train_time) if train_time else None,
             progress=prog,
             on_point=show,
         )

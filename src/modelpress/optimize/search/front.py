@@ -14,6 +14,16 @@ from modelpress.tasks import TASKS
 # How far a candidate got in the tuner's search (each stage includes the ones before it).
 STAGES = ("planned", "built", "timed", "screened", "scored")
 
+# Why a candidate went no further (Point.stop); None: it was scored in full and passed the gate.
+STOP_SLOWER = "slower than a passing candidate"
+STOP_SCREEN = "failed screening"
+STOP_GATE = "failed the gate"
+STOP_BUDGET = "budget spent"
+STOP_ERROR = "error"
+# A compound candidate (:mod:`.compound`) is not built under a budget shorter than its training needs.
+STOP_NEEDS_BUDGET = "needs a longer budget"
+FACT_STOPS = (STOP_SCREEN, STOP_GATE, STOP_ERROR)  # facts about the candidate itself, kept in the cache
+
 
 @dataclass
 class Point:
@@ -23,7 +33,9 @@ class Point:
     fully scored: see ``stop``), ``failed`` (an error), ``skipped`` (not tried).
     ``stage``: how far it got (:data:`STAGES`); ``stop``: why it went no further (one of the
     ``STOP_*`` texts of :mod:`modelpress.optimize.search.tune`; None when it passed the gate),
-    ``reason``: the details.
+    ``reason``: the details. A compound candidate (two steps chained, :mod:`.compound`) has
+    ``steps`` (both configs, in order), ``intermediate`` (the first step's artifact, the parent of
+    ``artifact`` in the lineage) and ``training`` (what its first step's training did).
     """
 
     label: str
@@ -53,6 +65,9 @@ class Point:
     first_speedup: float | None = None  # the speed-up of its own timing (stage 2), before the final re-timing
     first_throughput: float | None = None
     retimed: bool = False  # its figures come from the final interleaved re-timing
+    steps: list[dict[str, Any]] | None = None  # a compound candidate's steps (first, then quantization)
+    intermediate: str | None = None  # a compound candidate's first-step artifact (student / pruned model)
+    training: dict[str, Any] | None = None  # a compound candidate's training: seconds, steps, why it stopped, layers
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

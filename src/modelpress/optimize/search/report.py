@@ -119,6 +119,37 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
+def compound_section(result: Any) -> str:
+    """The compound candidates (two steps chained): each step, what the first one's training did, how far the search took it."""
+    comps = [p for p in result.points if getattr(p, "steps", None)]
+    if not comps:
+        return ""
+    rows = []
+    for p in comps:
+        first, second = [*p.steps, {}, {}][:2]
+        tr = p.training or {}
+        size = ""
+        if tr.get("student_layers") is not None:
+            size = f"student layers {tr['student_layers']} of {tr.get('teacher_layers')}"
+        elif tr.get("parameters_after") is not None:
+            size = f"parameters {tr.get('parameters_before'):,} -> {tr['parameters_after']:,}"
+        training = "" if not tr else f"{tr.get('steps')} steps in {tr.get('seconds') or 0:.0f} s ({tr.get('stopped')})"
+        stopped = "picked" if result.chosen is p else (p.stop or ("passed" if p.passed else ""))
+        rows.append(
+            f"<tr data-stage='{_fmt(p.stage)}'><td>{_fmt(p.label)}</td><td>{_fmt(first.get('technique'))}</td>"
+            f"<td>{_fmt(second.get('technique'))}@{_fmt(second.get('runtime'))}</td><td>{html.escape(size)}</td>"
+            f"<td>{html.escape(training)}{' (cached)' if tr.get('cached') else ''}</td><td>{_fmt(p.stage)}</td>"
+            f"<td>{_fmt(stopped)}</td><td>{_fmt(p.reason or p.error)}</td></tr>"
+        )
+    return (
+        "<h2>Compound candidates</h2><p>A smaller model (a distilled student, or structured pruning with recovery training), "
+        "then quantized: built after every other candidate was timed, only under a budget that covers the training; "
+        "lineage: original -> first step -> quantized.</p>"
+        "<table id='compound'><tr><th>candidate</th><th>step 1</th><th>step 2</th><th>model</th><th>training</th>"
+        f"<th>stage reached</th><th>stopped</th><th>notes</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def tune_report(result: Any, out_dir: Path) -> Path:
     """Write ``pareto.png``, ``latency.png`` and ``report.html`` to ``out_dir``; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +217,7 @@ primary metric <b>{html.escape(result.primary_metric)}</b>
 <h2>Quality vs throughput</h2><img alt="pareto" src="data:image/png;base64,{b64["pareto"]}">
 <h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
 {search_html}
+{compound_section(result)}
 <h2>Every candidate</h2>
 <table id="candidates"><tr><th>candidate</th><th>peer recipe</th><th>stage reached</th><th>stopped</th><th>recovery</th>
 <th>items/s</th><th>speed-up (own timing)</th><th>speed-up (re-timed)</th>

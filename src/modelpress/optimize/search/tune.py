@@ -18,6 +18,11 @@ in stages, spending the budget where the answer is (docs/tune.md):
 
 Every candidate's point says how far it got (``stage``) and why it stopped (``stop``).
 
+Compound candidates (:mod:`.compound`: a distilled student or a pruned model, then quantized)
+train for minutes: they are built after every cheap candidate is built and timed, only under a
+budget long enough for their training (else they stop with ``needs a longer budget``), and then
+timed, screened and scored like the rest.
+
 Nothing is done twice: each candidate's result, stage by stage, is cached under
 ``MODELPRESS_HOME/cache/tune`` by (artifact hash, config, runtime, machine, dataset, gate,
 measurement settings), so a tune that is interrupted resumes where it stopped, and a second tune
@@ -32,29 +37,38 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpress._fs import atomic_write_text, crash_point
+from modelpress._fs import crash_point
 from modelpress.artifacts import Artifact
-from modelpress.errors import ArtifactError, ConfigError, GateFailedError, ModelpressError
-from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
+from modelpress.errors import ConfigError, GateFailedError, ModelpressError
 from modelpress.optimize.gate import GateConfig, check, flat_metrics, recovery
-from modelpress.optimize.search.front import (  # noqa: F401  (FIDELITY and fidelity named here too)
+from modelpress.optimize.search import compound
+from modelpress.optimize.search.candidates import (  # noqa: F401  (named here too: the tuner's API)
+    BASELINE_RUNTIME,
+    Candidate,
+    default_candidates,
+    parse_candidates,
+    peer_candidates,
+)
+from modelpress.optimize.search.front import (  # noqa: F401  (FIDELITY, fidelity and the stops named here too)
     FIDELITY,
     STAGES,
+    STOP_BUDGET,
+    STOP_ERROR,
+    STOP_GATE,
+    STOP_NEEDS_BUDGET,
+    STOP_SCREEN,
+    STOP_SLOWER,
     Point,
     TuneResult,
     fidelity,
     pareto_front,
 )
+from modelpress.optimize.search.tune_cache import CACHE_VERSION, _cached_point, _machine_key, _resume, _save, _write_json
 from modelpress.progress import ProgressFactory, no_progress
 
-BASELINE_RUNTIME = "torch"
-# bump when what a cached result means changes (2: speed-ups timed side by side with the baseline;
-# 3: an entry holds a candidate's stage, its own timing and its screening verdict, written stage by stage)
-CACHE_VERSION = 3
 SPEED_ROUNDS = 3  # interleaved rounds of each candidate and the baseline
 # A candidate is not scored when its speed-up is more than this fraction below the best passing
 # one's: its own timing and the best one's were taken at different moments, and on a loaded
@@ -64,151 +78,6 @@ SPEED_TIE = 0.10
 # side by side with this many of the next candidates: enough to catch a lucky first timing of the
 # best, few enough that the runners loaded together stay cheap.
 CONFIRM_RIVALS = 3
-
-# Why a candidate went no further (Point.stop); None: it was scored in full and passed the gate.
-STOP_SLOWER = "slower than a passing candidate"
-STOP_SCREEN = "failed screening"
-STOP_GATE = "failed the gate"
-STOP_BUDGET = "budget spent"
-STOP_ERROR = "error"
-FACT_STOPS = (STOP_SCREEN, STOP_GATE, STOP_ERROR)  # facts about the candidate itself, kept in the cache
-
-
-@dataclass
-class Candidate:
-    """One point to try: a technique config, or (config None) the model as it is on a runtime."""
-
-    runtime: str
-    config: TechniqueConfig | None = None
-    peer: str | None = None  # the peer recipe this reproduces ("Optimum's default", ...)
-
-    @property
-    def label(self) -> str:
-        return self.config.label() if self.config is not None else f"fp32@{self.runtime}"
-
-    def key_data(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "step": self.config.to_step() if self.config is not None else None}
-
-
-# The peers' default recipes (PEERS.md), as modelpress configs, so they are measured in the same run.
-def peer_candidates(task: str) -> list[Candidate]:
-    text = task in ("embedding", "text-classification")
-    peers = [
-        Candidate(
-            "onnxruntime",
-            DynamicInt8(runtime="onnxruntime", per_channel=False, fuse=False),
-            "Optimum/ORT dynamic int8 (default, per-tensor)",
-        ),
-        Candidate("torch", Precision(runtime="torch", dtype="bf16", compile=True), "torch.compile bf16 + freezing"),
-        Candidate("openvino", Precision(runtime="openvino", dtype="bf16"), "OpenVINO bf16"),
-        # OpenVINO runs bf16 by default on this kind of CPU; our runner asks for f32 unless told, so
-        # the peers' OpenVINO recipes carry the bf16 hint they get implicitly.
-        Candidate("openvino", StaticInt8(runtime="openvino", precision_hint="bf16"), "OpenVINO + NNCF static int8"),
-        Candidate("openvino", WeightOnly(runtime="openvino", bits=8, precision_hint="bf16"), "OpenVINO NNCF int8 weight-only"),
-        Candidate("torch", DynamicInt8(runtime="torch", compile=True), "torchao int8 dynamic + compile"),
-    ]
-    if text:
-        peers.insert(
-            1,
-            Candidate(
-                "onnxruntime", DynamicInt8(runtime="onnxruntime", per_channel=True, fuse=True), "ORT dynamic int8 per-channel, fused"
-            ),
-        )
-    return peers
-
-
-def default_candidates(task: str, preset: str | None = None, runtimes: list[str] | None = None) -> list[Candidate]:
-    """The baseline, the preset's configs (its best guesses first), the peers' recipes, then the
-    other runtimes unoptimized (duplicates removed): the likeliest winners are tried first, so a
-    short budget still finds them."""
-    from modelpress.optimize.search.presets import detect_preset, expand_preset
-
-    cands = [Candidate(BASELINE_RUNTIME)]
-    cands += [Candidate(cfg.runtime, cfg) for cfg in expand_preset(preset or detect_preset(), task)]
-    if task == "causal-lm":  # every candidate must run on a generation engine (timed decoding): the float decoder too
-        return [c for c in [*cands, Candidate("openvino-decoder")] if not runtimes or c.runtime in runtimes]
-    peers = peer_candidates(task)
-    for c in cands:  # a preset config that is also a peer's recipe is marked as that peer
-        for peer in peers:
-            if c.config is not None and peer.key_data() == c.key_data():
-                c.peer = peer.peer
-    cands += [*peers, Candidate("openvino"), Candidate("onnxruntime")]
-    seen: set[str] = set()
-    unique = []
-    for c in cands:
-        key = json.dumps(c.key_data(), sort_keys=True)
-        if key in seen or (runtimes and c.runtime not in runtimes):
-            continue
-        seen.add(key)
-        unique.append(c)
-    return unique
-
-
-def parse_candidates(items: list[Any]) -> list[Candidate]:
-    """Candidates from data: a runtime name (the model as it is) or a technique step."""
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, Candidate):
-            out.append(item)
-        elif isinstance(item, str) and item in ("torch", "onnxruntime", "openvino", "openvino-decoder"):
-            out.append(Candidate(item))
-        else:
-            cfg = parse_step(item, where=f"candidate {i + 1}")
-            out.append(Candidate(cfg.runtime, cfg))
-    return out
-
-
-def _machine_key(machine: dict[str, Any]) -> dict[str, Any]:
-    return {k: machine.get(k) for k in ("cpu", "flags", "machine")}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def _cached_point(entry: Path) -> dict[str, Any] | None:
-    """A cache entry's result, when complete: ``point.json`` (written last, atomically) and, for a
-    variant, its artifact folder intact. Anything less (a run killed midway) is measured again."""
-    try:
-        data = json.loads((entry / "point.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    if data.get("artifact"):
-        try:
-            if Artifact.open(data["artifact"]).verify():
-                return None
-        except (ArtifactError, OSError):
-            return None
-    return data
-
-
-def _save(entry: Path, point: Point) -> None:
-    """Cache what is known of ``point`` now (its stage, figures and verdicts; not this run's decisions' bookkeeping)."""
-    skip = ("cached", "on_front", "registered", "retimed")
-    _write_json(entry / "point.json", {k: v for k, v in point.to_json().items() if k not in skip})
-    crash_point("tune-point")
-
-
-def _resume(data: dict[str, Any], cand: Candidate, screen_rows: int, margin: float) -> Point:
-    """A cached point, keeping its facts (figures, verdicts, errors), not the last run's reasons to stop
-    (slower, budget), which depend on the other candidates and the budget."""
-    known = set(Point.__dataclass_fields__)
-    point = Point(**{k: v for k, v in data.items() if k in known})
-    point.peer, point.cached, point.on_front, point.retimed = cand.peer, True, False, False
-    if point.first_speedup is not None:  # the figures of its own timing (the last run's re-timing is not kept)
-        point.speedup, point.throughput = point.first_speedup, point.first_throughput
-    screen = point.screen or {}
-    if screen and (screen.get("rows") != screen_rows or screen.get("margin") != margin):  # screened another way: screen again
-        point.screen = None
-        if point.stage == "screened":
-            point.stage = "timed"
-        if point.stop == STOP_SCREEN:
-            point.stop = point.reason = None
-    if point.stop not in FACT_STOPS:
-        point.stop = point.reason = None
-    return point
 
 
 def _set_speed(point: Point, speed: dict[str, Any] | None) -> None:
@@ -257,6 +126,8 @@ def tune(
     bench_seconds: float = 1.0,
     screen_rows: int | None = None,
     exhaustive: bool = False,
+    compound_candidates: bool | None = None,
+    compound_train_s: float | None = None,
     output: str | os.PathLike | None = None,
     register: bool = False,
     registry: Any = None,
@@ -291,6 +162,10 @@ def tune(
         raise ConfigError(f"The budget must be positive, got {budget_s} s.", hint="Example: --budget 5m")
     if screen_rows is not None and screen_rows < 0:
         raise ConfigError(f"screen_rows must be 0 (no screening) or more, got {screen_rows}.", hint="Example: --screen-rows 300")
+    if compound_train_s is not None and compound_train_s <= 0:
+        raise ConfigError(
+            f"The compound candidates' training time must be positive, got {compound_train_s} s.", hint="Example: --train-time 5m"
+        )
     t_start = time.perf_counter()
     original = as_artifact(model, task)
     gate = gate or GateConfig.for_task(original.task, max_drop=max_drop, min_agreement=min_agreement)
@@ -337,6 +212,7 @@ def tune(
         "dataset": evaluator.dataset_name,
         "exhaustive": exhaustive,
         "screen_rows": n_screen,
+        "compound_train_s": compound_train_s or compound.TRAIN_S,
     }
     root = cache_dir("tune")
     src_hash = original.content_hash()
@@ -364,8 +240,9 @@ def tune(
     entries: dict[int, Path] = {}
     baseline: Point | None = None
     bar = progress(f"building and timing {len(cands)} candidates of {original.name}", len(cands))
-    for cand in cands:
-        is_baseline = cand.config is None and cand.runtime == BASELINE_RUNTIME
+
+    def build_and_time(cand: Candidate) -> tuple[Point, Path]:
+        """Stages 1 and 2 for one candidate (from the cache when it is there); a compound one only when the budget allows."""
         key_data = {
             "v": CACHE_VERSION,
             "source": src_hash,
@@ -382,49 +259,67 @@ def tune(
         entry = root / key
         data_ = _cached_point(entry) if use_cache else None
         if data_ is not None:
-            point = _resume(data_, cand, n_screen, margin)
-        else:
-            step = cand.config.to_step() if cand.config else None
-            point = Point(label=cand.label, runtime=cand.runtime, step=step, peer=cand.peer, status="skipped")
-            t0 = time.perf_counter()
-            try:
-                art = original
-                if cand.config is not None:
-                    art_dir = entry / "artifact"
-                    if art_dir.exists():
-                        shutil.rmtree(art_dir)  # left by an interrupted run
+            return _resume(data_, cand, n_screen, margin), entry
+        step = cand.config.to_step() if cand.config else None
+        point = Point(label=cand.label, runtime=cand.runtime, step=step, peer=cand.peer, status="skipped")
+        if isinstance(cand, compound.Compound):
+            point.steps = cand.steps()
+            skip = compound.why_not(cand, budget_s, budget_s - elapsed())
+            if skip is not None:  # not built: nothing to cache
+                point.stop, point.reason = skip
+                return point, entry
+        t0 = time.perf_counter()
+        try:
+            art = original
+            if cand.config is not None:
+                art_dir = entry / "artifact"
+                if art_dir.exists():
+                    shutil.rmtree(art_dir)  # left by an interrupted run
+                if isinstance(cand, compound.Compound):
+                    art, first = compound.build(pipe, original, cand, art_dir, root)
+                    point.intermediate, point.training = str(first.path), compound.training_summary(first)
+                else:
                     art = pipe.apply(original, cand.config, art_dir, overwrite=True)
-                    crash_point("tune-artifact")
-                    point.artifact = str(art.path)
-                point.stage = "built"
-                speed = _first_timing(pipe, art, cand.runtime)
-                if art is not original:
-                    record(art, None, None, speed)
-                _set_speed(point, speed)
-                point.first_speedup, point.first_throughput = point.speedup, point.throughput
-                point.stage, point.status = "timed", "timed"
-            except ModelpressError as exc:
-                point.status, point.stop, point.error = "failed", STOP_ERROR, exc.message
-                point.reason = f"while {'timing' if point.stage == 'built' else 'building'} it: {exc.message}"
-            point.seconds = time.perf_counter() - t0
-            _save(entry, point)
-        if is_baseline and point.status != "failed" and point.stage != "scored":
-            # The baseline is the reference itself: its full score is the original's evaluation, and
-            # its agreement with the original is computed from the reference's remembered outputs.
-            agreement = evaluator.task.agreement(evaluator.reference, evaluator.reference, evaluator.dataset, **evaluator.kwargs)
-            evaluation = {**base, "agreement": agreement}
-            verdict = check(base_flat, flat_metrics(evaluation), gate)
-            point.quality, point.recovery = flat_metrics(evaluation), 1.0 if primary in base_flat else None
-            point.gate, point.passed, point.stage, point.status = verdict.to_json(), verdict.passed, "scored", "measured"
-            if not verdict.passed:
-                point.stop, point.reason = STOP_GATE, verdict.summary()
-            _save(entry, point)
-        if is_baseline:
-            baseline = point
-        if point.status == "failed":
+                crash_point("tune-artifact")
+                point.artifact = str(art.path)
+            point.stage = "built"
+            speed = _first_timing(pipe, art, cand.runtime)
+            if art is not original:
+                record(art, None, None, speed)
+            _set_speed(point, speed)
+            point.first_speedup, point.first_throughput = point.speedup, point.throughput
+            point.stage, point.status = "timed", "timed"
+        except ModelpressError as exc:
+            point.status, point.stop, point.error = "failed", STOP_ERROR, exc.message
+            point.reason = f"while {'timing' if point.stage == 'built' else 'building'} it: {exc.message}"
+        point.seconds = time.perf_counter() - t0
+        _save(entry, point)
+        return point, entry
+
+    def add(point: Point, entry: Path) -> None:
+        if point.status == "failed" or point.stop == STOP_NEEDS_BUDGET:
             report_point(point)
         points.append(point)
         entries[id(point)] = entry
+
+    compounds = [c for c in cands if isinstance(c, compound.Compound)]  # built last: they train
+    cands = [c for c in cands if not isinstance(c, compound.Compound)]
+    for cand in cands:
+        point, entry = build_and_time(cand)
+        if cand.config is None and cand.runtime == BASELINE_RUNTIME:
+            baseline = point
+            if point.status != "failed" and point.stage != "scored":
+                # The baseline is the reference itself: its full score is the original's evaluation, and
+                # its agreement with the original is computed from the reference's remembered outputs.
+                agreement = evaluator.task.agreement(evaluator.reference, evaluator.reference, evaluator.dataset, **evaluator.kwargs)
+                evaluation = {**base, "agreement": agreement}
+                verdict = check(base_flat, flat_metrics(evaluation), gate)
+                point.quality, point.recovery = flat_metrics(evaluation), 1.0 if primary in base_flat else None
+                point.gate, point.passed, point.stage, point.status = verdict.to_json(), verdict.passed, "scored", "measured"
+                if not verdict.passed:
+                    point.stop, point.reason = STOP_GATE, verdict.summary()
+                _save(entry, point)
+        add(point, entry)
         bar(1)
     seconds["build_and_time"] = elapsed() - seconds["original"]
     if elapsed() > budget_s:
@@ -433,6 +328,22 @@ def tune(
             f"the budget of {budget_s:.3g} s: every candidate is still built and timed, but no time was left to score them "
             "(those not scored say 'budget spent'); give a longer --budget."
         )
+
+    # -- compound candidates: trained, so built after every cheap one is timed, and only when the budget allows ----
+    if compound_candidates if compound_candidates is not None else not candidates:
+        compounds += compound.default_compounds(original, points, compound_train_s or compound.TRAIN_S)
+    if compounds:
+        bar = progress(f"building and timing {len(compounds)} compound candidates (trained first)", len(compounds))
+        for cand in compounds:
+            add(*build_and_time(cand))
+            bar(1)
+        seconds["compound_build_and_time"] = elapsed() - seconds["original"] - seconds["build_and_time"]
+        short = [p for p in points if p.stop == STOP_NEEDS_BUDGET]
+        if short:
+            notes.append(
+                f"{len(short)} compound candidates (a distilled or pruned model, then quantized) were not built: they train for "
+                f"minutes and the budget of {budget_s:.0f} s is too short ({short[0].reason.split(' (')[0] if short[0].reason else ''})."
+            )
 
     # -- stages 3 and 4: screen on the subsample, then score in full, fastest first ---------------------
     screen_eval = None
@@ -625,7 +536,10 @@ def tune(
                     "speedup": p.speedup,
                 }
                 rows = metric_rows(p.quality, speed, dataset=evaluator.dataset_name, runtime=p.runtime)
-                p.registered = pipe.register(Artifact.open(p.artifact), reg_ref, rows)
+                if p.steps:  # a compound candidate: original -> student / pruned model -> quantized
+                    p.registered = compound.register(pipe, p, reg_ref, rows)
+                else:
+                    p.registered = pipe.register(Artifact.open(p.artifact), reg_ref, rows)
     if output is not None:
         out = Path(output).resolve()
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,106 @@
+"""The tuner's candidates: the baseline, the hardware preset's configs, the peers' recipes, the runtimes.
+
+A :class:`Candidate` is one point to try: a technique config on its runtime, or the model as it is
+on a runtime. :func:`default_candidates` lists them best bet first; :func:`parse_candidates` reads
+them from data (a runtime name, a technique step, or ``{steps: [first, second]}`` for a compound
+candidate, :mod:`modelpress.optimize.search.compound`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
+
+BASELINE_RUNTIME = "torch"
+
+
+@dataclass
+class Candidate:
+    """One point to try: a technique config, or (config None) the model as it is on a runtime."""
+
+    runtime: str
+    config: TechniqueConfig | None = None
+    peer: str | None = None  # the peer recipe this reproduces ("Optimum's default", ...)
+
+    @property
+    def label(self) -> str:
+        return self.config.label() if self.config is not None else f"fp32@{self.runtime}"
+
+    def key_data(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "step": self.config.to_step() if self.config is not None else None}
+
+
+# The peers' default recipes (PEERS.md), as modelpress configs, so they are measured in the same run.
+def peer_candidates(task: str) -> list[Candidate]:
+    text = task in ("embedding", "text-classification")
+    peers = [
+        Candidate(
+            "onnxruntime",
+            DynamicInt8(runtime="onnxruntime", per_channel=False, fuse=False),
+            "Optimum/ORT dynamic int8 (default, per-tensor)",
+        ),
+        Candidate("torch", Precision(runtime="torch", dtype="bf16", compile=True), "torch.compile bf16 + freezing"),
+        Candidate("openvino", Precision(runtime="openvino", dtype="bf16"), "OpenVINO bf16"),
+        # OpenVINO runs bf16 by default on this kind of CPU; our runner asks for f32 unless told, so
+        # the peers' OpenVINO recipes carry the bf16 hint they get implicitly.
+        Candidate("openvino", StaticInt8(runtime="openvino", precision_hint="bf16"), "OpenVINO + NNCF static int8"),
+        Candidate("openvino", WeightOnly(runtime="openvino", bits=8, precision_hint="bf16"), "OpenVINO NNCF int8 weight-only"),
+        Candidate("torch", DynamicInt8(runtime="torch", compile=True), "torchao int8 dynamic + compile"),
+    ]
+    if text:
+        peers.insert(
+            1,
+            Candidate(
+                "onnxruntime", DynamicInt8(runtime="onnxruntime", per_channel=True, fuse=True), "ORT dynamic int8 per-channel, fused"
+            ),
+        )
+    return peers
+
+
+def default_candidates(task: str, preset: str | None = None, runtimes: list[str] | None = None) -> list[Candidate]:
+    """The baseline, the preset's configs (its best guesses first), the peers' recipes, then the
+    other runtimes unoptimized (duplicates removed): the likeliest winners are tried first, so a
+    short budget still finds them."""
+    from modelpress.optimize.search.presets import detect_preset, expand_preset
+
+    cands = [Candidate(BASELINE_RUNTIME)]
+    cands += [Candidate(cfg.runtime, cfg) for cfg in expand_preset(preset or detect_preset(), task)]
+    if task == "causal-lm":  # every candidate must run on a generation engine (timed decoding): the float decoder too
+        return [c for c in [*cands, Candidate("openvino-decoder")] if not runtimes or c.runtime in runtimes]
+    peers = peer_candidates(task)
+    for c in cands:  # a preset config that is also a peer's recipe is marked as that peer
+        for peer in peers:
+            if c.config is not None and peer.key_data() == c.key_data():
+                c.peer = peer.peer
+    cands += [*peers, Candidate("openvino"), Candidate("onnxruntime")]
+    seen: set[str] = set()
+    unique = []
+    for c in cands:
+        key = json.dumps(c.key_data(), sort_keys=True)
+        if key in seen or (runtimes and c.runtime not in runtimes):
+            continue
+        seen.add(key)
+        unique.append(c)
+    return unique
+
+
+def parse_candidates(items: list[Any]) -> list[Candidate]:
+    """Candidates from data: a runtime name (the model as it is), a technique step, or a compound
+    candidate ``{"steps": [first, second]}`` (:func:`modelpress.optimize.search.compound.parse_compound`)."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Candidate):
+            out.append(item)
+        elif isinstance(item, dict) and "steps" in item:
+            from modelpress.optimize.search.compound import parse_compound
+
+            out.append(parse_compound(item, where=f"candidate {i + 1}"))
+        elif isinstance(item, str) and item in ("torch", "onnxruntime", "openvino", "openvino-decoder"):
+            out.append(Candidate(item))
+        else:
+            cfg = parse_step(item, where=f"candidate {i + 1}")
+            out.append(Candidate(cfg.runtime, cfg))
+    return out

@@ -1,0 +1,237 @@
+"""Compound candidates: two steps the project already has, chained, as one tuner candidate.
+
+A single recipe can at best equal the best peer recipe; a smaller model that is *then* quantized
+goes past it. The tuner (:mod:`.tune`) adds, for a model it can train:
+
+* **a distilled student, then quantized**: students of a few layer counts (half, two thirds and
+  five sixths of the teacher's layers, distinct, fewer than the teacher's: 3, 4 and 5 for a
+  6-layer MiniLM), each trained within :data:`TRAIN_S` seconds (:mod:`modelpress.optimize.distill`);
+  the search's evaluation picks the layer count (the fastest one that passes the gate);
+* **structured FFN pruning with recovery fine-tuning, then quantized** (half the FFN neurons of
+  every layer, :mod:`modelpress.optimize.prune.structured`; a CNN: half its channels);
+* **for causal LMs, structured pruning, then weight-only quantization** on the decoder the
+  generation engine runs (a quarter of the FFN neurons, int8 weights).
+
+The quantization step is decided by the cheap stages: the :data:`QUANT_PICKS` fastest
+quantization candidates of this very run, by their own timing (for a causal LM, its weight-only
+candidates), so the compound candidates use the quantization this machine runs fastest.
+
+Cost and budget: the first step trains for minutes, so a compound candidate is built only when the
+budget allows it. It *needs* a budget of at least its training seconds plus
+:data:`COMPOUND_OVERHEAD_S` (quantizing, timing and scoring it), rounded up to whole minutes
+(``needs --budget >= 8m``: the table says so under a shorter budget); and it is built only once
+every cheap candidate is built and timed, and only while the budget left still covers its training
+(else ``budget spent``). Built, it is timed, screened and scored like any candidate.
+
+Caching: the first step's artifact is kept in the tune cache by (source, first step, data folder),
+so the compound candidates that share a student train it once (the distillation and
+structured-pruning caches keep the trained weights too); each compound candidate is cached like
+any candidate, and one found in the cache is used whatever the budget (it costs nothing to build).
+
+Lineage: the variant's manifest names the student (or pruned model) as its parent, whose manifest
+names the original; with registration on, a passing compound candidate is registered as
+original -> student/pruned -> quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelpress.artifacts import Artifact
+from modelpress.errors import ArtifactError, ConfigError
+from modelpress.optimize.configs import DynamicInt8, StaticInt8, TechniqueConfig, WeightOnly, parse_step
+from modelpress.optimize.configs.distill import Distill, DistillTraining
+from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune
+from modelpress.optimize.search.candidates import Candidate
+from modelpress.optimize.search.front import STOP_BUDGET, STOP_NEEDS_BUDGET, Point
+
+# Training seconds of each compound candidate's first step (a student, a recovery fine-tuning). On the
+# 2-core machine at one training thread a MiniLM distillation step takes about 0.85 s, so 300 s is
+# about 350 steps: docs/tune.md has what that buys.
+TRAIN_S = 300.0
+# Quantizing a trained model, timing it and scoring it: what a compound candidate costs beyond its training.
+COMPOUND_OVERHEAD_S = 180.0
+# Students as fractions of the teacher's layers (distinct counts, fewer than the teacher's, at least one).
+STUDENT_FRACTIONS = (1 / 2, 2 / 3, 5 / 6)
+PRUNE_RATIO = 0.5  # structured pruning of encoders and CNNs: half the FFN neurons / channels
+LLM_PRUNE_RATIO = 0.25  # causal LMs: a quarter of the FFN neurons (perplexity degrades faster than an encoder's agreement)
+# How many of the run's quantization candidates (its fastest, by their own timing) each first step is combined with:
+# two, so that one lucky first timing does not decide alone (issue 16: one printed 2.49x and re-timed at 1.55x).
+QUANT_PICKS = 2
+QUANT_TYPES = (DynamicInt8, StaticInt8, WeightOnly)
+
+
+@dataclass
+class Compound(Candidate):
+    """Two steps chained: ``first`` (distill or structured-prune, trained) then ``config`` (a quantization)."""
+
+    first: TechniqueConfig | None = None
+    family: str = ""  # "distill", "prune", "llm-prune": which of the module docstring's kinds
+
+    @property
+    def label(self) -> str:
+        first = self.first.label() if self.first is not None else "?"
+        second = self.config.label() if self.config is not None else f"fp32@{self.runtime}"
+        return f"{first} -> {second}"
+
+    def key_data(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "steps": self.steps()}
+
+    def steps(self) -> list[dict[str, Any]]:
+        return [c.to_step() for c in (self.first, self.config) if c is not None]
+
+    @property
+    def train_s(self) -> float:
+        """The first step's training budget (seconds): what makes a compound candidate expensive."""
+        spec = getattr(self.first, "training", None) or getattr(self.first, "finetune", None)
+        if spec is None:
+            return 0.0
+        return float(spec.max_seconds if spec.max_seconds is not None else spec.max_steps)  # no time bound: about a second a step
+
+    @property
+    def needs_s(self) -> float:
+        """The shortest ``--budget`` under which it is built: its training plus quantizing, timing and scoring, in whole minutes."""
+        return 60.0 * math.ceil((self.train_s + COMPOUND_OVERHEAD_S) / 60.0)
+
+
+def parse_compound(item: dict[str, Any], where: str = "candidate") -> Compound:
+    """``{"steps": [first, second]}``: a first step that makes a smaller model, then a quantization."""
+    steps = item.get("steps")
+    extra = set(item) - {"steps"}
+    if not isinstance(steps, list) or len(steps) != 2 or extra:
+        raise ConfigError(
+            f"{where}: a compound candidate has exactly two steps and nothing else, got {item!r}.",
+            hint="Example: {steps: [{technique: distill, layers: 4}, {technique: dynamic-int8, runtime: onnxruntime}]}",
+        )
+    first, second = (parse_step(s, where=f"{where}, step {n}") for n, s in ((1, steps[0]), (2, steps[1])))
+    if not isinstance(first, (Distill, StructuredPrune)):
+        raise ConfigError(
+            f"{where}: a compound candidate's first step makes a smaller model (distill or structured-prune), got {first.label()}.",
+            hint="Example: {steps: [{technique: structured-prune, ratio: 0.5, finetune: {max_seconds: 300}}, {technique: static-int8}]}",
+        )
+    family = "distill" if isinstance(first, Distill) else "prune"
+    return Compound(second.runtime, second, first=first, family=family)
+
+
+def _layers(original: Artifact) -> int | None:
+    cfg = original.path / "config.json" if original.path is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    n = json.loads(cfg.read_text()).get("num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
+def student_layers(n: int) -> list[int]:
+    """The layer counts of the students tried for an ``n``-layer teacher (:data:`STUDENT_FRACTIONS`)."""
+    return sorted({max(1, round(f * n)) for f in STUDENT_FRACTIONS} - {n})
+
+
+def first_steps(original: Artifact, train_s: float = TRAIN_S) -> list[tuple[str, TechniqueConfig]]:
+    """The first steps worth chaining for ``original`` (family, config); none for a model that cannot be trained here."""
+    task = original.task
+    if task == "causal-lm":
+        if original.format != "hf":
+            return []
+        ft = RecoveryTraining(max_seconds=train_s, max_steps=1000)
+        return [("llm-prune", StructuredPrune(ratio=LLM_PRUNE_RATIO, targets=["ffn"], finetune=ft))]
+    if task == "image-classification":
+        return [("prune", StructuredPrune(ratio=PRUNE_RATIO, finetune=RecoveryTraining(max_seconds=train_s, max_steps=1000)))]
+    if task not in ("embedding", "text-classification") or original.format != "hf":
+        return []
+    out: list[tuple[str, TechniqueConfig]] = []
+    n = _layers(original)
+    for k in student_layers(n) if n else []:
+        out.append(("distill", Distill(layers=k, training=DistillTraining(max_seconds=train_s))))
+    ft = RecoveryTraining(max_seconds=train_s, max_steps=1000)
+    out.append(("prune", StructuredPrune(ratio=PRUNE_RATIO, targets=["ffn"], finetune=ft)))
+    return out
+
+
+def quant_picks(points: list[Point], task: str, n: int = QUANT_PICKS) -> list[TechniqueConfig]:
+    """The ``n`` fastest quantization configs of this run's timed candidates (weight-only for a causal LM)."""
+    kinds: tuple[type, ...] = (WeightOnly,) if task == "causal-lm" else QUANT_TYPES
+    timed = [p for p in points if p.step and not p.steps and p.first_speedup is not None and p.status != "failed"]
+    out: list[TechniqueConfig] = []
+    for p in sorted(timed, key=lambda p: -(p.first_speedup or 0.0)):
+        cfg = parse_step(p.step)
+        if isinstance(cfg, kinds) and all(cfg.to_step() != c.to_step() for c in out):
+            out.append(cfg)
+    return out[:n]
+
+
+def default_compounds(original: Artifact, points: list[Point], train_s: float = TRAIN_S) -> list[Compound]:
+    """Every first step of :func:`first_steps` with each of the run's :func:`quant_picks`, smallest model first."""
+    quants = quant_picks(points, original.task)
+    return [Compound(q.runtime, q, first=f, family=fam) for fam, f in first_steps(original, train_s) for q in quants]
+
+
+def why_not(cand: Compound, budget_s: float, left_s: float) -> tuple[str, str] | None:
+    """(stop, reason) when ``cand`` is not to be built under ``budget_s`` with ``left_s`` seconds of it left; None: build it."""
+    if budget_s < cand.needs_s:
+        return STOP_NEEDS_BUDGET, (
+            f"needs --budget >= {cand.needs_s / 60:.0f}m (training {cand.train_s:.0f} s, then quantizing, timing and scoring); "
+            f"the budget is {budget_s:.0f} s"
+        )
+    if left_s < cand.train_s + COMPOUND_OVERHEAD_S:
+        left = max(left_s, 0.0)
+        return STOP_BUDGET, f"{left:.0f} s of the budget were left, less than its training and scoring need ({cand.needs_s:.0f} s)"
+    return None
+
+
+def first_key(original: Artifact, first: TechniqueConfig, data_dir: Path | None) -> str:
+    data = {"source": original.content_hash(), "step": first.to_step(), "data_dir": str(data_dir) if data_dir else None}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def build(pipe: Any, original: Artifact, cand: Compound, target: Path, cache_root: Path) -> tuple[Artifact, Artifact]:
+    """Make ``cand``'s variant in ``target``: its first step (from the tune cache when another compound
+    candidate already made it), then its quantization; returns (variant, first-step artifact)."""
+    import torch
+
+    if cand.first is None or cand.config is None:  # pragma: no cover - parse_compound and default_compounds set both
+        raise ConfigError("A compound candidate needs two steps.", hint="Example: {steps: [{technique: distill, layers: 4}, {...}]}")
+    folder = cache_root / f"first-{first_key(original, cand.first, pipe.data_dir)}"
+    first = None
+    if folder.is_dir():
+        try:
+            first = Artifact.open(folder)
+            if first.verify():
+                first = None
+        except (ArtifactError, OSError):
+            first = None
+    if first is None:
+        if folder.exists():
+            shutil.rmtree(folder)  # left by an interrupted run
+        threads = torch.get_num_threads()
+        try:
+            first = pipe.apply(original, cand.first, folder, overwrite=True)  # trains on its own threads (training_threads)
+        finally:
+            torch.set_num_threads(threads)  # the runners that time candidates set theirs; keep the process as it was
+    return pipe.apply(first, cand.config, target, overwrite=True), first
+
+
+def training_summary(first: Artifact) -> dict[str, Any]:
+    """What the first step's training did, from its manifest: seconds, steps, why it stopped, layers / parameters."""
+    m = first.manifest.metrics or {}
+    tech = m.get("technique") or {}
+    tr = tech.get("training") or (tech.get("finetune") or {}).get("training") or {}  # distill's, or structured-prune's recovery
+    out = {k: tr.get(k) for k in ("steps", "seconds", "stopped", "best_metric", "first_metric") if tr.get(k) is not None}
+    for k in ("student_layers", "teacher_layers", "student_parameters", "teacher_parameters", "parameters_before", "parameters_after"):
+        if tech.get(k) is not None:
+            out[k] = tech[k]
+    out["cached"] = bool(tech.get("cached"))
+    return out
+
+
+def register(pipe: Any, point: Point, original_ref: str | None, rows: dict[str, Any]) -> str | None:
+    """Register a passing compound candidate as original -> first step -> variant; returns the variant's ref."""
+    if point.intermediate is None or point.artifact is None:
+        return None
+    first_ref = pipe.register(Artifact.open(point.intermediate), original_ref, {})
+    return pipe.register(Artifact.open(point.artifact), first_ref, rows)
