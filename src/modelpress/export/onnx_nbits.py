@@ -354,10 +354,15 @@ def _live(nodes: list[Any], graph: Any) -> list[Any]:
 
 
 def write_nbits(path: Path, weights: dict[str, Quantized]) -> dict[str, int]:
-    """:func:`to_nbits` on the ONNX file at ``path`` (rewritten in place)."""
+    """:func:`to_nbits` on the ONNX file at ``path`` (rewritten in place), without the exporter's per-node metadata.
+
+    The dynamo exporter stores each node's Python stack trace (about 1.8 kB a node: 730 kB of stories260k's
+    987 kB ``model.onnx``, four times its int4 weights); ONNX Runtime never reads it."""
     onnx = require("onnx", "onnx")
     model = onnx.load(str(path))
     counts = to_nbits(model, weights)
+    for node in model.graph.node:
+        del node.metadata_props[:]
     onnx.save(model, str(path))
     return counts
 
