@@ -21,7 +21,7 @@ from modelpress.generation import SamplingParams, create_engine
 
 from .._gptq import gptq_stories260k
 
-pytestmark = pytest.mark.needs_data  # stories260k and TinyStories from the shared data folder
+pytestmark = [pytest.mark.needs_data, pytest.mark.slow]  # stories260k and TinyStories from the shared data folder; a GPTQ build
 pytest.importorskip("onnxruntime")
 pytest.importorskip("nncf")
 

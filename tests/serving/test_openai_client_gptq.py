@@ -14,7 +14,7 @@ import pytest
 from .._gptq import gptq_stories260k
 from .._processes import popen_group, wait_ready
 
-pytestmark = pytest.mark.needs_data  # stories260k and TinyStories (GPTQ's calibration) from the shared data folder
+pytestmark = [pytest.mark.needs_data, pytest.mark.slow]  # stories260k and TinyStories (GPTQ calibration); a server process
 openai = pytest.importorskip("openai")
 pytest.importorskip("nncf")
 
