@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_VERSIONS = {"litserve": "litserve==0.2.19", "ray": "ray[serve]==2.60.0"}
 PEER_DIR = Path(os.environ.get("MODELPRESS_BENCH_CACHE", Path.home() / ".cache/modelpress-bench")) / "peers"
 READY_TIMEOUT_S = float(os.environ.get("BENCH_PEER_TIMEOUT", "600"))
+# Set to the server's name in the environment of each server the serving benchmark starts: its processes
+# inherit it (Ray's daemons and workers too), so its CPU is read off every process it runs (_cpu.ProcessTree).
+SERVER_ENV = "MODELPRESS_BENCH_SERVER"
 
 LITSERVE_APP = """
 import sys, litserve as ls, numpy as np, modelpress as mp
@@ -105,10 +108,14 @@ def start_peer(peer: str, py: Path, settings: dict, tmp: Path, procs: Procs) -> 
     if peer == "ray":
         (tmp / "ray").mkdir(exist_ok=True)
         cmd.append(str(tmp / "ray"))
-        on_stop = procs.ray_stopper(str(py.parent / "ray"))
+        # the `ray` command of the venv that has Ray: the peers' own, or the project's (read through the .pth file)
+        ray_cli = next((c for c in (py.parent / "ray", Path(sys.executable).parent / "ray") if c.exists()), py.parent / "ray")
+        on_stop = procs.ray_stopper(str(ray_cli))
     log_path = tmp / f"{peer}.log"
     with open(log_path, "wb") as log:
-        proc = procs.popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={"RAY_USAGE_STATS_ENABLED": "0"}, on_stop=on_stop)
+        proc = procs.popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={"RAY_USAGE_STATS_ENABLED": "0", SERVER_ENV: peer}, on_stop=on_stop
+        )
     body = json.dumps({"input": "warm up"}).encode()
     deadline = time.time() + READY_TIMEOUT_S
     while True:

@@ -1,30 +1,38 @@
-"""The model server against the same runner in process, and against LitServe and Ray Serve.
+"""The model server against the same runner in process, a plain FastAPI batcher, LitServe and Ray Serve.
 
 Workload: real STS-B dev sentences (the built-in list without the data folder), one sentence per
 request, MiniLM on PyTorch fp32 eager, 2 threads, max batch 32, 5 ms batch wait. Loopback only,
 bounded request counts. Measured here, not quoted:
 
 1. in process: ``runner.run`` on batches of real sentences padded to each batch's longest
-   (tokenization not timed), throughput at batch 1/8/32/64 and p50 latency at batch 1;
-2. served (``modelpress serve`` in its own process, OpenAI ``/v1/embeddings``, a lean
-   keep-alive HTTP/1.1 load generator in this one): p50/p99 and throughput at concurrency 1
-   and 64, with length bucketing and with every batch padded to 128 tokens;
-3. ``--load-requests N``: N requests at concurrency 256 against a model whose queue holds 128
-   rows: status counts (429 expected, no 5xx) and the server's resident memory after warm-up
-   and at the end;
-4. ``--peers litserve,ray``: LitServe and Ray Serve, installed into the benchmark's own
-   environment (``$MODELPRESS_BENCH_CACHE`` or ``~/.cache/modelpress-bench/peers``, never the
-   project's), running the same runner with the same batch settings, at concurrency 64.
+   (tokenization not timed), rows/s and CPU ms per row at batch 1/8/32/64, p50 at batch 1;
+2. served, at concurrency 1, 8, 32 and 64 (``--concurrency``), OpenAI ``/v1/embeddings``:
+   ``modelpress serve`` with length bucketing, the same with batches padded to their longest row
+   in arrival order (``bucketing: false``), and at the top concurrency with every batch padded to
+   128 tokens; the floor (``_floor_server.py``: plain FastAPI, a small asyncio batcher, the same
+   runner and tokenization); ``--peers litserve,ray``: LitServe and Ray Serve running the same
+   runner with the same batch settings, installed into the benchmark's own environment
+   (``$MODELPRESS_BENCH_CACHE`` or ``~/.cache/modelpress-bench/peers``, never the project's);
+3. for every served figure: req/s, p50/p99 and the CPU milliseconds per request of the server's
+   whole process tree (every Ray process included), read from /proc before and after the window
+   (``_cpu.py``), and the load generator's own CPU ms per request, to subtract;
+4. ``--instances 1,2``: our server with 1 and 2 model instances (``threads`` each, default 1:
+   one core per instance), at the top concurrency: how throughput grows with cores;
+5. ``--load-requests N``: N requests at concurrency 256 against a model whose queue holds 128
+   rows: status counts (429 expected, no 5xx) and the server's resident memory.
 
-Every server is started first; then the figures are measured in ``--rounds`` interleaved
-rounds and each is the median of its rounds, because on a shared machine the load changes
-over minutes. For served runs the server's own metrics add the mean batch size, the rows per
-second inside batches (the model's speed under the same load) and the fraction of the wall
-time the model was busy (near 100%: nothing but the model limits the server).
+The load generator is ``_loadgen.py``'s asyncio client (why that one: its docstring), in this
+process; its CPU is this thread's CPU time while it runs. Every server is started first; then
+every (server, concurrency) is measured once per round, in ``--rounds`` interleaved rounds, and
+each figure is the median of its rounds, because on a shared machine the load changes over
+minutes. The CPU flags and the load average are printed
+first; the table is printed as markdown (for docs/serving.md) and written with the JSON results
+under ``$BENCH_OUT`` (default ``out/bench``).
 
-    python benchmarks/serving_bench.py                       # 1-2 (a few minutes)
-    python benchmarks/serving_bench.py --peers litserve,ray  # + peers (first run installs them)
-    python benchmarks/serving_bench.py --load-requests 100000
+    python benchmarks/serving_bench.py --quick                  # one short round: an A/B check in a minute or two
+    python benchmarks/serving_bench.py --quick --servers ours,floor --concurrency 1,64
+    python benchmarks/serving_bench.py --peers litserve,ray     # + peers (the first run installs them)
+    python benchmarks/serving_bench.py --instances 1,2          # + scaling with model instances
 """
 
 from __future__ import annotations
@@ -32,22 +40,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _cpu import ProcessTree, seconds_between
 from _loadgen import free_port, percentiles, run_load
-from _peers import PEER_VERSIONS, peer_python, start_peer
-from _procs import LOAD_LOG, Procs, busy_sections, load_section, main_guard, wait_ready
+from _peers import PEER_VERSIONS, SERVER_ENV, peer_python, start_peer
+from _procs import LOAD_LOG, Procs, load1, load_section, main_guard, wait_ready
+from _serving_report import summarize, write_results
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 MAX_BATCH = 32
 DELAY_MS = 5.0
+CONCURRENCIES = (1, 8, 32, 64)
+IN_PROCESS_BATCHES = (1, 8, 32, 64)
+QUICK = {"requests": 192, "latency_requests": 24, "rounds": 1}  # --quick: a short A/B check (figures within ~10%, not for docs)
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("ours", "longest", "pad128", "floor")  # --servers: ours (bucketing), ours padded to each batch's longest / to 128, the floor
 
 
 # -- workload ------------------------------------------------------------------------------
@@ -59,7 +75,7 @@ def sentences(n: int) -> list[str]:
 
 
 class InProcess:
-    """The same runner in this process: batch-1 latency and throughput at batch 1/8/32/64."""
+    """The same runner in this process: batch-1 latency, and rows/s and CPU per row at batch 1/8/32/64."""
 
     def __init__(self, texts: list[str], runtime: str) -> None:
         import modelpress as mp
@@ -80,16 +96,43 @@ class InProcess:
             lat.append(time.perf_counter() - t0)
         return lat
 
-    def throughput(self, bs: int, n: int) -> float:
+    def throughput(self, bs: int, n: int) -> dict[str, float]:
+        """Rows/s and CPU ms per row (every thread of this process: torch's intra-op threads too)."""
         batches = [self.task.preprocess(self.texts[i : i + bs]) for i in range(0, max(n, bs), bs)]  # padded to each batch's longest
         self.runner.run(batches[0])
-        t0 = time.perf_counter()
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        cpu0, t0 = _process_cpu(), time.perf_counter()
         for b in batches:
             self.runner.run(b)
-        return sum(b["input_ids"].shape[0] for b in batches) / (time.perf_counter() - t0)
+        wall, cpu = time.perf_counter() - t0, _process_cpu() - cpu0
+        return {"rows_per_s": rows / wall, "cpu_ms_per_row": 1000 * cpu / rows}
+
+
+def _process_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def in_process_items(bs: int, requests: int) -> int:
+    """Items per in-process throughput figure: 128 below batch 32, 256 from it (fewer only for runs of fewer requests)."""
+    return min(128 if bs < 32 else 256, max(bs, requests))
 
 
 # -- servers ---------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One thing to measure: a server (its process tree), the route and bodies it takes, at which concurrencies."""
+
+    name: str
+    port: int
+    path: str
+    bodies: list[bytes]
+    tree: ProcessTree
+    concurrencies: tuple[int, ...]
+    metrics_model: str | None = None  # our server: the model whose /metrics batch histograms to read
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def rss_mb(pid: int) -> float:
     import psutil
 
@@ -97,34 +140,36 @@ def rss_mb(pid: int) -> float:
     return sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20
 
 
-def start_ours(runtime: str, tmp: Path, procs: Procs, load_test: bool) -> tuple[subprocess.Popen, int]:
-    batching = {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS}
-    models = [
-        {"source": "minilm", "name": "minilm", "runtime": runtime, "threads": THREADS, "batching": batching},
-        {
-            "source": "minilm",
-            "name": "minilm-pad128",
-            "runtime": runtime,
-            "threads": THREADS,
-            "batching": {**batching, "bucketing": False, "pad_to_length": 128},
-        },
-    ]
-    if load_test:  # the overload test's model: a queue of 128 rows
-        models.append(
-            {
-                "source": "minilm",
-                "name": "minilm-q128",
-                "runtime": runtime,
-                "threads": THREADS,
-                "batching": {**batching, "max_queue_size": 128},
-            }
-        )
+def our_model(name: str, runtime: str, threads: int, **batching: Any) -> dict[str, Any]:
+    return {
+        "source": "minilm",
+        "name": name,
+        "runtime": runtime,
+        "threads": threads,
+        "batching": {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS, **batching},
+    }
+
+
+def start_ours(models: list[dict[str, Any]], tmp: Path, procs: Procs, mark: str) -> tuple[subprocess.Popen, int]:
+    """``modelpress serve`` with ``models``, in its own process (marked ``SERVER_ENV=mark``)."""
     port = free_port()
-    cfg = tmp / "serve.json"
+    cfg = tmp / f"serve-{mark}.json"
     cfg.write_text(json.dumps({"models": models, "access_log": False, "log_level": "warning"}))
     serve = "from modelpress.cli import main; main()"  # the `modelpress` command of this environment
-    proc = procs.popen([sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"])
+    cmd = [sys.executable, "-c", serve, "serve", "--config", str(cfg), "--port", str(port), "--log-level", "warning"]
+    proc = procs.popen(cmd, env={SERVER_ENV: mark})
     wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+    return proc, port
+
+
+def start_floor(runtime: str, tmp: Path, procs: Procs) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    log = tmp / "floor.log"
+    cmd = [sys.executable, str(Path(__file__).with_name("_floor_server.py")), str(port), "--runtime", runtime]
+    cmd += ["--threads", str(THREADS), "--max-batch", str(MAX_BATCH), "--delay-ms", str(DELAY_MS)]
+    with open(log, "wb") as out:
+        proc = procs.popen(cmd, env={SERVER_ENV: "floor"}, stdout=out, stderr=subprocess.STDOUT)
+    wait_ready(f"http://127.0.0.1:{port}/health", proc, log=log)
     return proc, port
 
 
@@ -146,53 +191,92 @@ def batch_stats(port: int, model: str) -> dict[str, float]:
     return out
 
 
-def served(port: int, model: str, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
-    """A load run plus what the server's metrics say about it: batch sizes, and how busy the model was."""
-    before = batch_stats(port, model)
-    result = run_load(port, "/v1/embeddings", bodies, concurrency)
-    after = batch_stats(port, model)
-    d = {k: after[k] - before[k] for k in after}
-    if d["batches"] and d["seconds"]:
-        # rows per second while a batch ran: the model's own speed under the same machine load,
-        # and the fraction of the wall time the model was busy (1.0: nothing but the model limits)
-        result.update(
-            avg_batch=d["rows"] / d["batches"],
-            model_rows_per_s=d["rows"] / d["seconds"],
-            model_busy=d["seconds"] * result["rps"] / d["rows"],
-        )
+def measure(t: Target, bodies: list[bytes], concurrency: int) -> dict[str, Any]:
+    """One load run: req/s, p50/p99, statuses, the server tree's and the load generator's CPU ms per request,
+    and for our server what its metrics say about the batches (mean size, the model's rows/s, how busy it was)."""
+    before = t.tree.settle()  # the server is quiet (what a previous run set off is done)
+    stats0 = batch_stats(t.port, t.metrics_model) if t.metrics_model else None
+    result = run_load(t.port, t.path, bodies, concurrency)
+    after = t.tree.settle()
+    sent = max(result["sent"], 1)
+    result["server_cpu_ms"] = 1000 * seconds_between(before, after) / sent
+    result["loadgen_cpu_ms"] = 1000 * result.pop("cpu_s") / sent
+    result["server_processes"] = len(after)
+    if stats0 is not None and t.metrics_model:
+        stats1 = batch_stats(t.port, t.metrics_model)
+        d = {k: stats1[k] - stats0[k] for k in stats1}
+        if d["batches"] and d["seconds"]:
+            # rows per second while a batch ran: the model's own speed under the same machine load,
+            # and the fraction of the wall time the model was busy (1.0: nothing but the model limits)
+            result.update(
+                avg_batch=d["rows"] / d["batches"],
+                model_rows_per_s=d["rows"] / d["seconds"],
+                model_busy=min(1.0, d["seconds"] * result["rps"] / d["rows"]),
+            )
     return result
 
 
-def in_process_items(bs: int, requests: int) -> int:
-    """Items per in-process throughput figure: 128 below batch 32, 256 from it (fewer only for runs of fewer requests)."""
-    return min(128 if bs < 32 else 256, max(bs, requests))
+def cell_requests(concurrency: int, args: argparse.Namespace) -> int:
+    if concurrency == 1:
+        return max(10, args.latency_requests // args.rounds)
+    return max(2 * concurrency, args.requests // args.rounds)
 
 
-def our_bodies(texts: list[str], model: str) -> list[bytes]:
-    return [json.dumps({"model": model, "input": t, "encoding_format": "float"}).encode() for t in texts]
+def lscpu() -> dict[str, Any]:
+    """The CPU and the flags that matter for inference, from lscpu (``/proc/cpuinfo`` where lscpu is missing)."""
+    from modelpress.bench.measure import machine_info
+
+    info = machine_info()
+    if shutil.which("lscpu"):
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if v}
+        simd = ("avx", "fma", "f16c", "amx", "vnni", "bf16", "fp16", "sse4")
+        info["flags"] = [f for f in fields.get("Flags", "").split() if f.startswith(simd) or any(s in f for s in ("vnni", "bf16", "amx"))]
+        info["cpu"] = fields.get("Model name", info.get("cpu"))
+    return info
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=None, help="requests per figure at concurrency > 1, over all rounds (default 1000)")
     ap.add_argument(
-        "--requests", type=int, default=int(os.environ.get("BENCH_REQUESTS", "1000")), help="requests per concurrency-64 figure"
+        "--latency-requests", type=int, default=None, help="requests per figure at concurrency 1, over all rounds (default 200)"
     )
-    ap.add_argument("--latency-requests", type=int, default=200, help="requests for the concurrency-1 figure")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds; each figure is the median (default 3)")
+    ap.add_argument("--quick", action="store_true", help=f"a short development run: {QUICK} unless given")
+    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated client concurrencies")
+    ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)} (peers: --peers)")
+    ap.add_argument("--peers", default=os.environ.get("BENCH_PEERS", ""), help="comma-separated: litserve, ray (their own venv)")
+    ap.add_argument(
+        "--instances", default="", help="comma-separated model instance counts for our server, e.g. 1,2 (at the top concurrency)"
+    )
+    ap.add_argument("--instance-threads", type=int, default=1, help="torch threads per instance in the --instances runs (default 1)")
     ap.add_argument("--load-requests", type=int, default=0, help="requests at concurrency 256 for the overload / memory test (0: skip)")
-    ap.add_argument(
-        "--peers",
-        default=os.environ.get("BENCH_PEERS", ""),
-        help="comma-separated: litserve, ray (installed into the benchmark's own venv)",
-    )
     ap.add_argument("--runtime", default="torch")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (each figure: the median)")
     args = ap.parse_args()
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEER_VERSIONS]
-    if unknown:
-        sys.exit(f"unknown peer(s) {unknown}; known: {', '.join(PEER_VERSIONS)}")
+    defaults = QUICK if args.quick else {"requests": int(os.environ.get("BENCH_REQUESTS", "1000")), "latency_requests": 200, "rounds": 3}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.instances = sorted({int(n) for n in args.instances.split(",") if n.strip()})
+    for what, got, known in (("server", args.servers, SERVERS), ("peer", args.peers, tuple(PEER_VERSIONS))):
+        if unknown := [x for x in got if x not in known]:
+            sys.exit(f"unknown {what}(s) {unknown}; known: {', '.join(known)}. Example: --servers ours,floor --peers litserve")
+    if not args.concurrency or min(args.concurrency) < 1 or (args.instances and min(args.instances) < 1):
+        sys.exit("--concurrency and --instances take positive integers, e.g. --concurrency 1,8,32,64 --instances 1,2")
+    return args
 
+
+def main() -> int:
+    args = parse_args()
+    machine = lscpu()
+    print(f"CPU: {machine.get('cpu')}, {machine.get('cores')} cores; flags: {' '.join(machine.get('flags', []))}")
+    print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    top = max(args.concurrency)
     texts = sentences(max(args.requests, args.latency_requests, 512))
     report: dict[str, Any] = {
         "settings": {
@@ -201,11 +285,15 @@ def main() -> int:
             "max_queue_delay_ms": DELAY_MS,
             "runtime": args.runtime,
             "requests": args.requests,
+            "latency_requests": args.latency_requests,
             "rounds": args.rounds,
-        }
+            "concurrency": args.concurrency,
+            "quick": args.quick,
+            "command": " ".join(["python", "benchmarks/serving_bench.py", *sys.argv[1:]]),
+        },
+        "machine": machine,
+        "load_average_before": os.getloadavg(),
     }
-    per_round_c64 = max(64, args.requests // args.rounds)
-    per_round_c1 = max(10, args.latency_requests // args.rounds)
     settings = {"runtime": args.runtime, "threads": THREADS, "max_batch": MAX_BATCH, "delay_ms": DELAY_MS}
     # every server runs in a session of its own and is ended as a group however this run ends
     with tempfile.TemporaryDirectory() as tmpdir, Procs() as procs:
@@ -214,118 +302,96 @@ def main() -> int:
         # machine the load changes over minutes, and each figure is the median of its rounds
         print("in process ...", flush=True)
         local = InProcess(texts, args.runtime)
-        print("modelpress serve ...", flush=True)
-        proc, port = start_ours(args.runtime, tmp, procs, load_test=bool(args.load_requests))
-        peer_ports = {}
-        if peers:
-            py = peer_python(peers)
-            for peer in peers:
-                print(f"{peer} ...", flush=True)
-                _, peer_ports[peer] = start_peer(peer, py, settings, tmp, procs)
-        ours_bodies = {m: our_bodies(texts, m) for m in ("minilm", "minilm-pad128")}
-        peer_bodies = [json.dumps({"input": t}).encode() for t in texts]
-        run_load(port, "/v1/embeddings", ours_bodies["minilm"][:64], 8)  # warm the connections and the model
-        run_load(port, "/v1/embeddings", ours_bodies["minilm-pad128"][:64], 8)
-        for pport in peer_ports.values():
-            run_load(pport, "/predict", peer_bodies[:64], 8)
+        targets = start_all(args, settings, texts, tmp, procs)
+        for t in targets:  # warm the connections and the model
+            run_load(t.port, t.path, t.bodies[:64], 8)
         rounds: list[dict[str, Any]] = []
         with load_section(f"{args.rounds} measurement rounds"):
             for r in range(args.rounds):
-                print(f"round {r + 1}/{args.rounds}", flush=True)
-                one: dict[str, Any] = {"in_process": {"latency_ms": percentiles(local.latency(per_round_c1))}}
-                one["in_process"]["throughput"] = {bs: local.throughput(bs, in_process_items(bs, args.requests)) for bs in (1, 8, 32, 64)}
-                one["c1"] = served(port, "minilm", ours_bodies["minilm"][:per_round_c1], 1)
-                one["c64"] = served(port, "minilm", ours_bodies["minilm"][:per_round_c64], 64)
-                one["c64_pad128"] = served(port, "minilm-pad128", ours_bodies["minilm-pad128"][:per_round_c64], 64)
-                for peer, pport in peer_ports.items():
-                    one[peer] = run_load(pport, "/predict", peer_bodies[:per_round_c64], 64)
+                print(f"round {r + 1}/{args.rounds} (1-min load average {load1():.2f})", flush=True)
+                one: dict[str, Any] = {"in_process": {"latency_ms": percentiles(local.latency(cell_requests(1, args)))}}
+                one["in_process"]["throughput"] = {
+                    bs: local.throughput(bs, in_process_items(bs, args.requests)) for bs in IN_PROCESS_BATCHES
+                }
+                for t in targets:
+                    for c in t.concurrencies:
+                        n = cell_requests(c, args)
+                        one[f"{t.name}@{c}"] = measure(t, [t.bodies[i % len(t.bodies)] for i in range(n)], c)
                 rounds.append(one)
         report["rounds"] = rounds
+        report["targets"] = {t.name: {"concurrency": list(t.concurrencies), **t.info} for t in targets}
         if args.load_requests:
+            ours = next(t for t in targets if t.name == "ours")
             with load_section(f"load test ({args.load_requests} requests at concurrency 256)"):
-                run_load(port, "/v1/embeddings", our_bodies(texts[:256], "minilm-q128"), 64)
-                before = rss_mb(proc.pid)
+                run_load(ours.port, "/v1/embeddings", our_bodies(texts[:256], "minilm-q128"), 64)
+                pid = ours.tree.root
+                before = rss_mb(pid)
                 many = [texts[i % len(texts)] for i in range(args.load_requests)]
-                report["load_c256"] = run_load(port, "/v1/embeddings", our_bodies(many, "minilm-q128"), 256)
-                report["load_c256"].update(rss_after_warmup_mb=before, rss_end_mb=rss_mb(proc.pid))
+                report["load_c256"] = run_load(ours.port, "/v1/embeddings", our_bodies(many, "minilm-q128"), 256)
+                report["load_c256"].update(rss_after_warmup_mb=before, rss_end_mb=rss_mb(pid))
     report["load_average"] = LOAD_LOG
-    summarize(report)
+    markdown = summarize(report, top)
     out = Path(os.environ.get("BENCH_OUT", "out/bench"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(report, indent=2, default=str))
+    write_results(out, report, markdown)
+    print(f"results: {out / 'serving.json'}, {out / 'serving.md'}")
     return 0
 
 
-def _median(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """A figure's median over the rounds (rps, p50, p99), with the status counts summed."""
-    runs = [r[key] for r in rounds]
-    statuses: Counter = Counter()
-    for run in runs:
-        statuses.update(run["statuses"])
-    keys = [k for k in ("rps", "p50_ms", "p99_ms", "avg_batch", "model_rows_per_s", "model_busy") if all(k in run for run in runs)]
-    return {k: float(np.median([run[k] for run in runs])) for k in keys} | {
-        "statuses": dict(statuses),
-        "requests": sum(run["requests"] for run in runs),
-    }
+def our_bodies(texts: list[str], model: str) -> list[bytes]:
+    return [json.dumps({"model": model, "input": t, "encoding_format": "float"}).encode() for t in texts]
 
 
-def summarize(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def start_all(args: argparse.Namespace, settings: dict[str, Any], texts: list[str], tmp: Path, procs: Procs) -> list[Target]:
+    """Start every server to measure; one Target per (server, model)."""
+    top = max(args.concurrency)
+    conc = tuple(args.concurrency)
+    targets: list[Target] = []
+    ours_wanted = [s for s in args.servers if s != "floor"] or (["ours"] if args.load_requests or args.instances else [])
+    if ours_wanted or args.load_requests:
+        print("modelpress serve ...", flush=True)
+        models = [our_model("minilm", args.runtime, THREADS)]
+        if "longest" in ours_wanted:
+            models.append(our_model("minilm-longest", args.runtime, THREADS, bucketing=False))
+        if "pad128" in ours_wanted:
+            models.append(our_model("minilm-pad128", args.runtime, THREADS, bucketing=False, pad_to_length=128))
+        if args.load_requests:  # the overload test's model: a queue of 128 rows
+            models.append(our_model("minilm-q128", args.runtime, THREADS, max_queue_size=128))
+        proc, port = start_ours(models, tmp, procs, "ours")
+        tree = ProcessTree(proc.pid, (SERVER_ENV, "ours"))
+        for name, model, cs in (("ours", "minilm", conc), ("longest", "minilm-longest", conc), ("pad128", "minilm-pad128", (top,))):
+            if name in ours_wanted or name == "ours":  # ours: the figure every other one is compared with
+                targets.append(Target(name, port, "/v1/embeddings", our_bodies(texts, model), tree, cs, metrics_model=model))
+    if "floor" in args.servers:
+        print("floor (plain FastAPI batcher) ...", flush=True)
+        proc, port = start_floor(args.runtime, tmp, procs)
+        bodies = our_bodies(texts, "minilm")
+        targets.append(Target("floor", port, "/v1/embeddings", bodies, ProcessTree(proc.pid, (SERVER_ENV, "floor")), conc))
+    if args.peers:
+        py = peer_python(args.peers)
+        peer_bodies = [json.dumps({"input": t}).encode() for t in texts]
+        for peer in args.peers:
+            print(f"{peer} ...", flush=True)
+            proc, port = start_peer(peer, py, settings, tmp, procs)
+            targets.append(Target(peer, port, "/predict", peer_bodies, ProcessTree(proc.pid, (SERVER_ENV, peer)), conc))
+    for n in args.instances:
+        # each count in a server of its own: torch's thread settings are per process
+        print(f"modelpress serve, {n} instance(s) x {args.instance_threads} thread(s) ...", flush=True)
+        model = our_model("minilm", args.runtime, args.instance_threads, **instances_setting(n))
+        proc, port = start_ours([model], tmp, procs, f"instances-{n}")
+        name = f"instances-{n}"
+        tree = ProcessTree(proc.pid, (SERVER_ENV, name))
+        info = {"instances": n, "threads_per_instance": args.instance_threads}
+        targets.append(Target(name, port, "/v1/embeddings", our_bodies(texts, "minilm"), tree, (top,), metrics_model="minilm", info=info))
+    return targets
 
-    rounds = report["rounds"]
-    lat_p50 = float(np.median([r["in_process"]["latency_ms"]["p50_ms"] for r in rounds]))
-    lat_p99 = float(np.median([r["in_process"]["latency_ms"]["p99_ms"] for r in rounds]))
-    thr = {bs: float(np.median([r["in_process"]["throughput"][bs] for r in rounds])) for bs in rounds[0]["in_process"]["throughput"]}
-    best_bs = max(thr, key=thr.get)
-    ours = {k: _median(rounds, k) for k in ("c1", "c64", "c64_pad128")}
-    report["summary"] = {
-        "in_process": {"latency_p50_ms": lat_p50, "latency_p99_ms": lat_p99, "throughput": thr, "best_batch": best_bs},
-        **ours,
-    }
-    s = report["settings"]
-    busy = busy_sections()
-    marked = f"; MEASURED BESIDE OTHER LOAD, 1-min load average above 1 before: {', '.join(busy)}" if busy else ""
-    table = Table(
-        title=f"modelpress serve vs in process (MiniLM, {s['runtime']}, {THREADS} threads, STS-B sentences, "
-        f"median of {len(rounds)} rounds){marked}",
-        title_justify="left",
-    )
-    for col in ("what", "req/s", "p50 ms", "p99 ms", "statuses", "batch / model busy", "target"):
-        table.add_column(col)
-    table.add_row(f"in process, batch {best_bs} (best of 1/8/32/64)", f"{thr[best_bs]:.0f}", "", "", "", "", "")
-    table.add_row("in process, batch 1", f"{thr[1]:.0f}", f"{lat_p50:.2f}", f"{lat_p99:.2f}", "", "", "")
 
-    def row(name: str, r: dict[str, Any], target: str) -> None:
-        busy = (
-            f"{r['avg_batch']:.1f} rows, {r['model_busy']:.0%} ({r['model_rows_per_s']:.0f} rows/s in batches)" if "avg_batch" in r else ""
-        )
-        table.add_row(name, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", json.dumps(r["statuses"]), busy, target)
+def instances_setting(n: int) -> dict[str, Any]:
+    """The batching key that sets how many model instances run batches at once (``BatchConfig.instances``)."""
+    from modelpress.serving.config import BatchConfig
 
-    row("served, concurrency 1", ours["c1"], f"p50 <= {lat_p50 + 1:.2f} ms: {'ok' if ours['c1']['p50_ms'] <= lat_p50 + 1 else 'MISSED'}")
-    ratio = ours["c64"]["rps"] / thr[best_bs]
-    row("served, concurrency 64", ours["c64"], f"{ratio:.2f}x in process (>= 0.9): {'ok' if ratio >= 0.9 else 'MISSED'}")
-    bucket = ours["c64"]["rps"] / ours["c64_pad128"]["rps"]
-    row(
-        "served, c64, every batch padded to 128", ours["c64_pad128"], f"bucketing {bucket:.2f}x (>= 3): {'ok' if bucket >= 3 else 'MISSED'}"
-    )
-    for peer, need in (("litserve", 1.5), ("ray", 2.5)):
-        if peer in rounds[0]:
-            r = report["summary"][peer] = _median(rounds, peer)
-            x = ours["c64"]["rps"] / r["rps"]
-            p99 = "p99 ok" if ours["c64"]["p99_ms"] <= r["p99_ms"] else "p99 HIGHER"
-            row(f"{peer}, concurrency 64", r, f"ours {x:.2f}x (>= {need}): {'ok' if x >= need else 'MISSED'}; {p99}")
-    if "load_c256" in report:
-        lt = report["load_c256"]
-        grow = lt["rss_end_mb"] / lt["rss_after_warmup_mb"] - 1
-        bad = sum(v for k, v in lt["statuses"].items() if int(k) >= 500)
-        row(
-            f"load, c256, {lt['requests']} requests, queue 128",
-            lt,
-            f"5xx: {bad}; RSS {lt['rss_after_warmup_mb']:.0f} -> {lt['rss_end_mb']:.0f} MB "
-            f"({grow:+.1%}, within 5%: {'ok' if abs(grow) <= 0.05 else 'MISSED'})",
-        )
-    Console(width=260).print(table)
+    if "instances" not in BatchConfig.model_fields:
+        sys.exit("--instances needs server support: modelpress.serving.config.BatchConfig has no 'instances' setting in this version")
+    return {"instances": n}
 
 
 if __name__ == "__main__":
