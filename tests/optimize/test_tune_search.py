@@ -186,9 +186,10 @@ def test_the_report_in_headless_chromium_shows_the_plots_the_stages_and_the_pick
     if chromium is None:
         pytest.skip(why)
     out = tmp_path / "o"
-    res = tune(
-        str(tiny_encoder), candidates=["torch", noise(0.0), noise(3.0)], gate=GATE, budget_s=600, use_cache=False, output=out, **FAST
-    )
+    # a compound candidate whose training (10 minutes) the 600 s budget does not cover: in the report, not built
+    compound = {"steps": [{"technique": "distill", "layers": 1, "training": {"max_seconds": 600}}, {"technique": "dynamic-int8"}]}
+    cands = ["torch", noise(0.0), noise(3.0), compound]
+    res = tune(str(tiny_encoder), candidates=cands, gate=GATE, budget_s=600, use_cache=False, output=out, **FAST)
     # a copy of the report with a probe: once the page has loaded, how many of its images decoded (and how big they are)
     probe = (
         "<script>window.addEventListener('load', () => document.body.setAttribute('data-plots', "
@@ -225,3 +226,4 @@ def test_the_report_in_headless_chromium_shows_the_plots_the_stages_and_the_pick
     text = " ".join(dom.text)
     assert f"Chosen: {res.chosen.label}" in text and "stage reached" in text and "picked" in text
     assert all(p.label in text for p in res.points) and "scored" in text
+    assert "Compound candidates" in text and "needs --budget >= 13m" in text  # the compound stage: not built, and why

@@ -9,12 +9,18 @@ candidate, :mod:`modelpress.optimize.search.compound`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from modelpress.errors import ConfigError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
+from modelpress.optimize.configs.distill import Distill
+from modelpress.optimize.configs.prune import StructuredPrune
 
 BASELINE_RUNTIME = "torch"
+# Quantizing a trained model, timing it and scoring it: what a compound candidate costs beyond its training.
+COMPOUND_OVERHEAD_S = 180.0
 
 
 @dataclass
@@ -89,14 +95,12 @@ def default_candidates(task: str, preset: str | None = None, runtimes: list[str]
 
 def parse_candidates(items: list[Any]) -> list[Candidate]:
     """Candidates from data: a runtime name (the model as it is), a technique step, or a compound
-    candidate ``{"steps": [first, second]}`` (:func:`modelpress.optimize.search.compound.parse_compound`)."""
+    candidate ``{"steps": [first, second]}`` (:func:`parse_compound`)."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, Candidate):
             out.append(item)
         elif isinstance(item, dict) and "steps" in item:
-            from modelpress.optimize.search.compound import parse_compound
-
             out.append(parse_compound(item, where=f"candidate {i + 1}"))
         elif isinstance(item, str) and item in ("torch", "onnxruntime", "openvino", "openvino-decoder"):
             out.append(Candidate(item))
@@ -104,3 +108,55 @@ def parse_candidates(items: list[Any]) -> list[Candidate]:
             cfg = parse_step(item, where=f"candidate {i + 1}")
             out.append(Candidate(cfg.runtime, cfg))
     return out
+
+
+@dataclass
+class Compound(Candidate):
+    """Two steps chained: ``first`` (distill or structured-prune, trained) then ``config`` (a quantization)."""
+
+    first: TechniqueConfig | None = None
+    family: str = ""  # "distill", "prune", "llm-prune": which of the module docstring's kinds
+
+    @property
+    def label(self) -> str:
+        first = self.first.label() if self.first is not None else "?"
+        second = self.config.label() if self.config is not None else f"fp32@{self.runtime}"
+        return f"{first} -> {second}"
+
+    def key_data(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "steps": self.steps()}
+
+    def steps(self) -> list[dict[str, Any]]:
+        return [c.to_step() for c in (self.first, self.config) if c is not None]
+
+    @property
+    def train_s(self) -> float:
+        """The first step's training budget (seconds): what makes a compound candidate expensive."""
+        spec = getattr(self.first, "training", None) or getattr(self.first, "finetune", None)
+        if spec is None:
+            return 0.0
+        return float(spec.max_seconds if spec.max_seconds is not None else spec.max_steps)  # no time bound: about a second a step
+
+    @property
+    def needs_s(self) -> float:
+        """The shortest ``--budget`` under which it is built: its training plus quantizing, timing and scoring, in whole minutes."""
+        return 60.0 * math.ceil((self.train_s + COMPOUND_OVERHEAD_S) / 60.0)
+
+
+def parse_compound(item: dict[str, Any], where: str = "candidate") -> Compound:
+    """``{"steps": [first, second]}``: a first step that makes a smaller model, then a quantization."""
+    steps = item.get("steps")
+    extra = set(item) - {"steps"}
+    if not isinstance(steps, list) or len(steps) != 2 or extra:
+        raise ConfigError(
+            f"{where}: a compound candidate has exactly two steps and nothing else, got {item!r}.",
+            hint="Example: {steps: [{technique: distill, layers: 4}, {technique: dynamic-int8, runtime: onnxruntime}]}",
+        )
+    first, second = (parse_step(s, where=f"{where}, step {n}") for n, s in ((1, steps[0]), (2, steps[1])))
+    if not isinstance(first, (Distill, StructuredPrune)):
+        raise ConfigError(
+            f"{where}: a compound candidate's first step makes a smaller model (distill or structured-prune), got {first.label()}.",
+            hint="Example: {steps: [{technique: structured-prune, ratio: 0.5, finetune: {max_seconds: 300}}, {technique: static-int8}]}",
+        )
+    family = "distill" if isinstance(first, Distill) else "prune"
+    return Compound(second.runtime, second, first=first, family=family)

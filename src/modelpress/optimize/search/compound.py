@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +46,13 @@ from modelpress.errors import ArtifactError, ConfigError
 from modelpress.optimize.configs import DynamicInt8, StaticInt8, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.configs.distill import Distill, DistillTraining
 from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune
-from modelpress.optimize.search.candidates import Candidate
+from modelpress.optimize.search.candidates import COMPOUND_OVERHEAD_S, Compound, parse_compound  # noqa: F401  (named here too)
 from modelpress.optimize.search.front import STOP_BUDGET, STOP_NEEDS_BUDGET, Point
 
 # Training seconds of each compound candidate's first step (a student, a recovery fine-tuning). On the
 # 2-core machine at one training thread a MiniLM distillation step takes about 0.85 s, so 300 s is
 # about 350 steps: docs/tune.md has what that buys.
 TRAIN_S = 300.0
-# Quantizing a trained model, timing it and scoring it: what a compound candidate costs beyond its training.
-COMPOUND_OVERHEAD_S = 180.0
 # Students as fractions of the teacher's layers (distinct counts, fewer than the teacher's, at least one).
 STUDENT_FRACTIONS = (1 / 2, 2 / 3, 5 / 6)
 PRUNE_RATIO = 0.5  # structured pruning of encoders and CNNs: half the FFN neurons / channels
@@ -65,58 +61,6 @@ LLM_PRUNE_RATIO = 0.25  # causal LMs: a quarter of the FFN neurons (perplexity d
 # two, so that one lucky first timing does not decide alone (issue 16: one printed 2.49x and re-timed at 1.55x).
 QUANT_PICKS = 2
 QUANT_TYPES = (DynamicInt8, StaticInt8, WeightOnly)
-
-
-@dataclass
-class Compound(Candidate):
-    """Two steps chained: ``first`` (distill or structured-prune, trained) then ``config`` (a quantization)."""
-
-    first: TechniqueConfig | None = None
-    family: str = ""  # "distill", "prune", "llm-prune": which of the module docstring's kinds
-
-    @property
-    def label(self) -> str:
-        first = self.first.label() if self.first is not None else "?"
-        second = self.config.label() if self.config is not None else f"fp32@{self.runtime}"
-        return f"{first} -> {second}"
-
-    def key_data(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "steps": self.steps()}
-
-    def steps(self) -> list[dict[str, Any]]:
-        return [c.to_step() for c in (self.first, self.config) if c is not None]
-
-    @property
-    def train_s(self) -> float:
-        """The first step's training budget (seconds): what makes a compound candidate expensive."""
-        spec = getattr(self.first, "training", None) or getattr(self.first, "finetune", None)
-        if spec is None:
-            return 0.0
-        return float(spec.max_seconds if spec.max_seconds is not None else spec.max_steps)  # no time bound: about a second a step
-
-    @property
-    def needs_s(self) -> float:
-        """The shortest ``--budget`` under which it is built: its training plus quantizing, timing and scoring, in whole minutes."""
-        return 60.0 * math.ceil((self.train_s + COMPOUND_OVERHEAD_S) / 60.0)
-
-
-def parse_compound(item: dict[str, Any], where: str = "candidate") -> Compound:
-    """``{"steps": [first, second]}``: a first step that makes a smaller model, then a quantization."""
-    steps = item.get("steps")
-    extra = set(item) - {"steps"}
-    if not isinstance(steps, list) or len(steps) != 2 or extra:
-        raise ConfigError(
-            f"{where}: a compound candidate has exactly two steps and nothing else, got {item!r}.",
-            hint="Example: {steps: [{technique: distill, layers: 4}, {technique: dynamic-int8, runtime: onnxruntime}]}",
-        )
-    first, second = (parse_step(s, where=f"{where}, step {n}") for n, s in ((1, steps[0]), (2, steps[1])))
-    if not isinstance(first, (Distill, StructuredPrune)):
-        raise ConfigError(
-            f"{where}: a compound candidate's first step makes a smaller model (distill or structured-prune), got {first.label()}.",
-            hint="Example: {steps: [{technique: structured-prune, ratio: 0.5, finetune: {max_seconds: 300}}, {technique: static-int8}]}",
-        )
-    family = "distill" if isinstance(first, Distill) else "prune"
-    return Compound(second.runtime, second, first=first, family=family)
 
 
 def _layers(original: Artifact) -> int | None:
@@ -235,3 +179,15 @@ def register(pipe: Any, point: Point, original_ref: str | None, rows: dict[str, 
         return None
     first_ref = pipe.register(Artifact.open(point.intermediate), original_ref, {})
     return pipe.register(Artifact.open(point.artifact), first_ref, rows)
+
+
+def budget_notes(cands: list[Compound], points: list[Point], budget_s: float) -> list[str]:
+    """The note under the table when compound candidates were not built for want of budget."""
+    short = {p.label for p in points if p.stop == STOP_NEEDS_BUDGET}
+    needs = [c.needs_s for c in cands if c.label in short]
+    if not needs:
+        return []
+    return [
+        f"{len(needs)} compound candidates (a distilled or pruned model, then quantized) were not built: they train for "
+        f"minutes and need --budget >= {max(needs) / 60:.0f}m (the budget was {budget_s:.0f} s)."
+    ]

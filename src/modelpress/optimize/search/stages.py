@@ -111,3 +111,57 @@ def retime(
         rec.update({"baseline_runtime": "torch", "original_size_bytes": sizes[0], "variant_size_bytes": size})
         out.append(rec)
     return out
+
+
+def _set_speed(point: Any, speed: dict[str, Any] | None) -> None:
+    """A point's throughput, latency, speed-up and size from a speed record."""
+    from modelpress.optimize.step import speed_figures
+
+    figures = speed_figures(speed)
+    point.throughput = figures.get("throughput_items_per_s")
+    point.latency_p50_ms = figures.get("latency_p50_ms")
+    point.latency_p99_ms = figures.get("latency_p99_ms")
+    point.speedup = figures.get("speedup")
+    point.size_bytes = (speed or {}).get("variant_size_bytes")
+
+
+def retime_points(
+    retime_fn: Any, original: Any, again: list[Any], baseline: Any, points: list[Any], *, config: Any, threads: int | None,
+    data_dir: Any, progress: Any,
+) -> str | None:  # fmt: skip
+    """Stage 5: re-time ``again`` with the baseline in one interleaved run (``retime_fn``: :func:`retime`, or
+    decode tokens/s for causal LMs), update their figures and the front; returns the error message when it failed."""
+    from modelpress.artifacts import Artifact
+    from modelpress.errors import ModelpressError
+    from modelpress.optimize.search.front import pareto_front
+
+    try:
+        advance = progress(f"re-timing {len(again)} candidates and the original together, in interleaved rounds", None)
+        recs = retime_fn(
+            original,
+            [(Artifact.open(p.artifact) if p.artifact else original, p.runtime) for p in again],
+            config=config,
+            threads=threads,
+            data_dir=data_dir,
+        )
+        advance(1)
+    except ModelpressError as exc:
+        return exc.message
+    for p, rec in zip(again, recs, strict=True):
+        _set_speed(p, rec)
+        p.retimed = True
+    if baseline is not None and baseline.status == "measured":
+        first = recs[0]
+        baseline.throughput, baseline.speedup = first.get("original_items_per_s"), 1.0
+        baseline.latency_p50_ms, baseline.latency_p99_ms = first.get("original_p50_ms"), first.get("original_p99_ms")
+        baseline.retimed = True
+    for p in points:
+        p.on_front = False
+    for p in pareto_front(points, original.task):
+        p.on_front = True
+    return None
+
+
+def _x(v: float) -> str:
+    """A speed-up as people read it: 1.87x, 58x, 1800x."""
+    return f"{v:.3g}x" if v < 100 else f"{v:.0f}x"

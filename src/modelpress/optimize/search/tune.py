@@ -66,7 +66,9 @@ from modelpress.optimize.search.front import (  # noqa: F401  (FIDELITY, fidelit
     fidelity,
     pareto_front,
 )
-from modelpress.optimize.search.tune_cache import CACHE_VERSION, _cached_point, _machine_key, _resume, _save, _write_json
+from modelpress.optimize.search.outputs import register_passing, write_outputs
+from modelpress.optimize.search.stages import _set_speed, _x, retime_points
+from modelpress.optimize.search.tune_cache import CACHE_VERSION, _cached_point, _machine_key, _resume, _save
 from modelpress.progress import ProgressFactory, no_progress
 
 SPEED_ROUNDS = 3  # interleaved rounds of each candidate and the baseline
@@ -78,22 +80,6 @@ SPEED_TIE = 0.10
 # side by side with this many of the next candidates: enough to catch a lucky first timing of the
 # best, few enough that the runners loaded together stay cheap.
 CONFIRM_RIVALS = 3
-
-
-def _set_speed(point: Point, speed: dict[str, Any] | None) -> None:
-    from modelpress.optimize.step import speed_figures
-
-    figures = speed_figures(speed)
-    point.throughput = figures.get("throughput_items_per_s")
-    point.latency_p50_ms = figures.get("latency_p50_ms")
-    point.latency_p99_ms = figures.get("latency_p99_ms")
-    point.speedup = figures.get("speedup")
-    point.size_bytes = (speed or {}).get("variant_size_bytes")
-
-
-def _x(v: float) -> str:
-    """A speed-up as people read it: 1.87x, 58x, 1800x."""
-    return f"{v:.3g}x" if v < 100 else f"{v:.0f}x"
 
 
 def _first_timing(pipe: Any, art: Artifact, runtime: str) -> dict[str, Any] | None:
@@ -338,12 +324,7 @@ def tune(
             add(*build_and_time(cand))
             bar(1)
         seconds["compound_build_and_time"] = elapsed() - seconds["original"] - seconds["build_and_time"]
-        short = [p for p in points if p.stop == STOP_NEEDS_BUDGET]
-        if short:
-            notes.append(
-                f"{len(short)} compound candidates (a distilled or pruned model, then quantized) were not built: they train for "
-                f"minutes and the budget of {budget_s:.0f} s is too short ({short[0].reason.split(' (')[0] if short[0].reason else ''})."
-            )
+        notes.extend(compound.budget_notes(compounds, points, budget_s))
 
     # -- stages 3 and 4: screen on the subsample, then score in full, fastest first ---------------------
     screen_eval = None
@@ -467,30 +448,9 @@ def tune(
     again = [p for p in points if p.status == "measured" and (p.passed or p.on_front) and p is not baseline]
     t_retime = time.perf_counter()
     if again:
-        try:
-            advance = progress(f"re-timing {len(again)} candidates and the original together, in interleaved rounds", None)
-            recs = retime(
-                original,
-                [(Artifact.open(p.artifact) if p.artifact else original, p.runtime) for p in again],
-                config=bcfg,
-                threads=threads,
-                data_dir=ddir,
-            )
-            advance(1)
-            for p, rec in zip(again, recs, strict=True):
-                _set_speed(p, rec)
-                p.retimed = True
-            if baseline is not None and baseline.status == "measured":
-                first = recs[0]
-                baseline.throughput, baseline.speedup = first.get("original_items_per_s"), 1.0
-                baseline.latency_p50_ms, baseline.latency_p99_ms = first.get("original_p50_ms"), first.get("original_p99_ms")
-                baseline.retimed = True
-            for p in points:
-                p.on_front = False
-            for p in pareto_front(points, original.task):
-                p.on_front = True
-        except ModelpressError as exc:
-            notes.append(f"The final re-timing failed ({exc.message}); the pick rests on each candidate's own timing.")
+        failed = retime_points(retime, original, again, baseline, points, config=bcfg, threads=threads, data_dir=ddir, progress=progress)
+        if failed:
+            notes.append(f"The final re-timing failed ({failed}); the pick rests on each candidate's own timing.")
     seconds["retime"] = time.perf_counter() - t_retime
     # The speed-up (against the baseline timed in the same rounds) ranks candidates timed at different
     # moments fairly; after the re-timing, every passing candidate's comes from the same rounds.
@@ -525,35 +485,9 @@ def tune(
         search=search,
     )
     if reg is not None:
-        from modelpress.optimize.registering import metric_rows
-
-        for p in passing:  # cached points too: registering the same files again returns their version
-            if p.artifact:
-                speed = {
-                    "throughput_items_per_s": p.throughput,
-                    "latency_p50_ms": p.latency_p50_ms,
-                    "latency_p99_ms": p.latency_p99_ms,
-                    "speedup": p.speedup,
-                }
-                rows = metric_rows(p.quality, speed, dataset=evaluator.dataset_name, runtime=p.runtime)
-                if p.steps:  # a compound candidate: original -> student / pruned model -> quantized
-                    p.registered = compound.register(pipe, p, reg_ref, rows)
-                else:
-                    p.registered = pipe.register(Artifact.open(p.artifact), reg_ref, rows)
+        register_passing(pipe, passing, reg_ref, evaluator.dataset_name)
     if output is not None:
-        out = Path(output).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        result.output = str(out)
-        if chosen is not None and chosen.artifact:
-            target = out / "chosen"
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(chosen.artifact, target)
-        if report:
-            from modelpress.optimize.search.report import tune_report
-
-            result.report = str(tune_report(result, out))
-        _write_json(out / "tune.json", result.to_json())
+        write_outputs(result, output, report=report)
     if chosen is None and output is None:
         raise GateFailedError(
             f"No candidate kept the quality gate ({len([p for p in points if p.status == 'measured'])} scored in full).",
