@@ -103,7 +103,8 @@ def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
     (out / "compound-summary.json").write_text(json.dumps(summary, indent=2))
     if summary["ratio"] is not None:
         verdict = "met" if summary["ratio"] >= TARGET_RATIO else "MISSED"
-        console.print(f"{key}: pick {summary['pick']} / best peer {summary['best_peer']}: {summary['ratio']:.2f}x (target {TARGET_RATIO}x: {verdict})")
+        ratio = f"{summary['ratio']:.2f}x (target {TARGET_RATIO}x: {verdict})"
+        console.print(f"{key}: pick {summary['pick']} / best peer {summary['best_peer']}: {ratio}")
     return summary
 
 
