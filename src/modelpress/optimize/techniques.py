@@ -9,7 +9,7 @@ Heavy libraries (torch, ONNX Runtime, OpenVINO, NNCF) are imported inside the ha
 from __future__ import annotations
 
 # Each import registers that backend's handlers (distill; SparseGPT and Wanda; magnitude and N:M;
-# structured; ONNX Runtime, OpenVINO and torch quantization).
+# structured; ONNX Runtime, OpenVINO and torch quantization; quantization-aware training).
 import modelpress.optimize.distill.distill
 import modelpress.optimize.prune.llm
 import modelpress.optimize.prune.magnitude
@@ -17,6 +17,7 @@ import modelpress.optimize.prune.structured
 import modelpress.optimize.quantize.llm
 import modelpress.optimize.quantize.onnxruntime
 import modelpress.optimize.quantize.openvino
+import modelpress.optimize.quantize.qat
 import modelpress.optimize.quantize.torch  # noqa: F401
 from modelpress.optimize.configs import TechniqueConfig
 from modelpress.optimize.handlers import HANDLERS, Handler, StepContext, apply_technique, register_handler

@@ -1,15 +1,17 @@
-"""The quantization configs: ``dynamic-int8``, ``static-int8``, ``weight-only``, ``precision``.
+"""The quantization configs: ``dynamic-int8``, ``static-int8``, ``weight-only``, ``precision``, and ``qat``.
 
 Their handlers live in :mod:`modelpress.optimize.quantize` (one module per backend).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from modelpress.errors import ConfigError
 from modelpress.optimize.configs.base import RUNTIME_NAMES, Calibration, RuntimeName, TechniqueConfig, register_config
+from modelpress.optimize.configs.training import TrainingSpec, check_budget, short_label
 
 PrecisionHint = Literal["bf16", "fp16", "fp32"]
 # The runtime of a causal LM's KV-cache decoder IR (modelpress.runtimes.openvino_decoder): the
@@ -156,3 +158,74 @@ STEP_TYPES: tuple[type[TechniqueConfig], ...] = (DynamicInt8, StaticInt8, Weight
 for _cls in STEP_TYPES:
     register_config(_cls)
 Step = Annotated[DynamicInt8 | StaticInt8 | WeightOnly | Precision, Field(discriminator="technique")]
+
+
+# -- quantization-aware training ---------------------------------------------------------------
+class QATTraining(TrainingSpec):
+    """Training settings with QAT's defaults: a short run at a low learning rate from the trained model."""
+
+    max_steps: int = Field(300, ge=1, le=10_000_000)
+    max_seconds: float | None = Field(900.0, gt=0)
+    lr: float = Field(2e-5, gt=0, le=1.0)
+    warmup: float = Field(0.1, ge=0, lt=1.0)
+    eval_every: int | None = Field(100, ge=1)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)  # mostly the float model's soft labels: QAT keeps its function, not a new one
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+
+
+class QAT(TechniqueConfig):
+    """Quantization-aware training: fine-tune with the quantization simulated, then quantize for real.
+
+    ``quantize`` is the post-training step the result is converted with (``static-int8``, the
+    default, or ``weight-only``), on this config's ``runtime``: the QAT artifact is the same kind of
+    artifact that step makes from the original. ``training`` bounds the fine-tuning (the shared
+    loop; the loss is distillation from the float model plus the labels where the data has them).
+    Handler: :mod:`modelpress.optimize.quantize.qat`.
+    """
+
+    technique_name: ClassVar[str] = "qat"
+    technique: Literal["qat"] = "qat"
+    runtime: RuntimeName = "torch"
+    quantize: dict[str, Any] = Field(default_factory=lambda: {"technique": "static-int8"})
+    training: QATTraining = Field(default_factory=lambda: QATTraining())
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_step(cls, value: Any) -> Any:
+        if isinstance(value, TechniqueConfig):
+            value = value.to_step()
+        if isinstance(value, str):
+            value = {"technique": value}
+        if not isinstance(value, dict) or value.get("technique") not in QAT_TARGETS:
+            raise ValueError(
+                f"quantize must be a {' or '.join(QAT_TARGETS)} step, got {value!r}; "
+                "e.g. quantize: {technique: static-int8, per_channel: true} or quantize: {technique: weight-only, bits: 4, group_size: 32}"
+            )
+        return value
+
+    def target(self) -> StaticInt8 | WeightOnly:
+        """The post-training step the fine-tuned model is converted with (on this config's runtime and exclusions)."""
+        step = {**self.quantize}
+        if step.get("runtime", self.runtime) != self.runtime:
+            raise ValueError(f"quantize.runtime ({step['runtime']}) differs from the step's runtime ({self.runtime}): give runtime once")
+        step["runtime"] = self.runtime
+        step.setdefault("exclude", list(self.exclude))
+        return QAT_TARGETS[step["technique"]](**step)
+
+    def label(self) -> str:
+        return short_label(self)
+
+    def check(self) -> None:
+        if self.auto_exclude:
+            raise ValueError(
+                "auto_exclude retries a post-training step; QAT trains instead (drop auto_exclude, or keep layers with exclude)"
+            )
+        try:
+            self.target()
+        except ConfigError as exc:
+            raise ValueError(f"quantize: {exc.message}") from None
+        check_budget(self.training, "quantization-aware training")
+
+
+QAT_TARGETS: dict[str, type[StaticInt8] | type[WeightOnly]] = {"static-int8": StaticInt8, "weight-only": WeightOnly}
+register_config(QAT)
