@@ -3,6 +3,7 @@
     python benchmarks/compound_bench.py                       # MiniLM on STS-B dev, then the SST-2 classifier
     python benchmarks/compound_bench.py --model minilm --limit 500 --train-time 5m
     python benchmarks/compound_bench.py --model sst2
+    python benchmarks/compound_bench.py --model minilm --students 4,5   # a shorter run: two students, the preset's quantization
 
 For each model, one exhaustive tune (every candidate built, scored in full and gated; the passing
 ones and the front re-timed together at the end, in one process and interleaved rounds) over the
@@ -36,7 +37,10 @@ from rich.table import Table
 import modelpress as mp
 from modelpress.cli.optimize import tune_table
 from modelpress.optimize.gate import GateConfig
-from modelpress.optimize.search.candidates import BASELINE_RUNTIME, Candidate, peer_candidates
+from modelpress.optimize.configs.distill import Distill, DistillTraining
+from modelpress.optimize.search.candidates import BASELINE_RUNTIME, Candidate, Compound, peer_candidates
+from modelpress.optimize.search.compound import TRAIN_S
+from modelpress.optimize.search.presets import detect_preset, expand_preset
 
 MIN_RECOVERY = 0.99  # the bar: >= 99% of the original's primary metric
 MIN_TOP10 = 0.95  # ... and, for embeddings, top-10 nearest-neighbour agreement with the original
@@ -55,7 +59,11 @@ MODELS = {  # name -> (model, task, dataset, the gate's thresholds)
 def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
     model, task, data, rules = MODELS[key]
     out = Path(args.out or tempfile.mkdtemp(prefix="compound-bench-")) / key
-    cands = [Candidate(BASELINE_RUNTIME), *peer_candidates(task)]
+    cands: list = [Candidate(BASELINE_RUNTIME), *peer_candidates(task)]
+    if args.students:  # only these students, quantized with the hardware preset's best bet (a shorter run than the tuner's plan)
+        quant = expand_preset(detect_preset(), task)[0]
+        first = [Distill(layers=k, training=DistillTraining(max_seconds=args.train_time or TRAIN_S)) for k in args.students]
+        cands += [Compound(quant.runtime, quant, first=f, family="distill") for f in first]
     with load_section(f"{key}: an exhaustive tune with the compound candidates", out=console.print):
         res = mp.tune(
             model,
@@ -63,7 +71,7 @@ def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
             data=data,
             gate=GateConfig(thresholds=rules),
             candidates=cands,
-            compound_candidates=True,
+            compound_candidates=not args.students,
             compound_train_s=args.train_time,
             exhaustive=True,
             budget_s=args.budget,
@@ -117,6 +125,12 @@ def main() -> int:
     ap.add_argument("--train-time", type=lambda s: parse_duration(s, "--train-time"), default=None, help="each first step's training")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N rows only (default: the whole dev split)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--students",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="only distilled students of these layer counts (4,5), quantized with the preset's first config; default: the tuner's plan",
+    )
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per throughput figure")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
