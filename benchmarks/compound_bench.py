@@ -36,8 +36,8 @@ from rich.table import Table
 
 import modelpress as mp
 from modelpress.cli.optimize import tune_table
-from modelpress.optimize.gate import GateConfig
 from modelpress.optimize.configs.distill import Distill, DistillTraining
+from modelpress.optimize.gate import GateConfig
 from modelpress.optimize.search.candidates import BASELINE_RUNTIME, Candidate, Compound, peer_candidates
 from modelpress.optimize.search.compound import TRAIN_S
 from modelpress.optimize.search.presets import detect_preset, expand_preset
