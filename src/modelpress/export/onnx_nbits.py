@@ -177,14 +177,15 @@ def rebuild(folder: Path) -> tuple[Any, dict[str, Quantized]]:
     from modelpress.export.kv_decoder import KVDecoder
 
     compressed, model = read_ir(folder / IR_FILE)
-    config = AutoConfig.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)  # the folder's code never runs
     if not onnx_decoder.supported(config):
         raise UnsupportedModelError(
             f"The KV-cache ONNX export spells out the attention of {', '.join(onnx_decoder.SUPPORTED_TYPES)} decoders; "
             f"'{folder}' holds a '{getattr(config, 'model_type', None)}'.",
             hint="Serve the decoder folder with the OpenVINO engine instead: modelpress serve FOLDER --engine openvino",
         )
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # every weight is overwritten below
+    # random weights, every one overwritten below
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     dec = KVDecoder(hf)
     missing, by_hf = [], {}
     hf_names = {id(p): n for n, p in hf.named_parameters(remove_duplicate=False)}
