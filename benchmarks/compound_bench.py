@@ -4,6 +4,7 @@
     python benchmarks/compound_bench.py --model minilm --limit 500 --train-time 5m
     python benchmarks/compound_bench.py --model sst2
     python benchmarks/compound_bench.py --model minilm --students 4,5   # a shorter run: two students, the preset's quantization
+    python benchmarks/compound_bench.py --model minilm --students 4,5 --peers ORT --limit 500   # shorter still (see docs/tune.md)
 
 For each model, one exhaustive tune (every candidate built, scored in full and gated; the passing
 ones and the front re-timed together at the end, in one process and interleaved rounds) over the
@@ -59,7 +60,8 @@ MODELS = {  # name -> (model, task, dataset, the gate's thresholds)
 def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
     model, task, data, rules = MODELS[key]
     out = Path(args.out or tempfile.mkdtemp(prefix="compound-bench-")) / key
-    cands: list = [Candidate(BASELINE_RUNTIME), *peer_candidates(task)]
+    peers = [c for c in peer_candidates(task) if not args.peers or any(w.lower() in (c.peer or "").lower() for w in args.peers)]
+    cands: list = [Candidate(BASELINE_RUNTIME), *peers]
     if args.students:  # only these students, quantized with the hardware preset's best bet (a shorter run than the tuner's plan)
         quant = expand_preset(detect_preset(), task)[0]
         first = [Distill(layers=k, training=DistillTraining(max_seconds=args.train_time or TRAIN_S)) for k in args.students]
@@ -125,6 +127,12 @@ def main() -> int:
     ap.add_argument("--train-time", type=lambda s: parse_duration(s, "--train-time"), default=None, help="each first step's training")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N rows only (default: the whole dev split)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--peers",
+        type=lambda s: s.split(","),
+        default=None,
+        help="only the peer recipes whose name contains one of these words (ORT,torchao); default: every peer recipe",
+    )
     ap.add_argument(
         "--students",
         type=lambda s: [int(x) for x in s.split(",")],
