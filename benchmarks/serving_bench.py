@@ -63,7 +63,10 @@ CONCURRENCIES = (1, 8, 32, 64)
 IN_PROCESS_BATCHES = (1, 8, 32, 64)
 QUICK = {"requests": 192, "latency_requests": 24, "rounds": 1}  # --quick: a short A/B check (figures within ~10%, not for docs)
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("ours", "longest", "pad128", "floor")  # --servers: ours (bucketing), ours padded to each batch's longest / to 128, the floor
+# --servers: ours (bucketing), ours padded to each batch's longest / to 128 tokens, the floor; pad128 only when asked
+# (no peer pads to 128, and it is the slowest figure)
+SERVERS = ("ours", "longest", "pad128", "floor")
+DEFAULT_SERVERS = ("ours", "longest", "floor")
 
 
 # -- workload ------------------------------------------------------------------------------
@@ -77,16 +80,19 @@ def sentences(n: int) -> list[str]:
 class InProcess:
     """The same runner in this process: batch-1 latency, and rows/s and CPU per row at batch 1/8/32/64."""
 
-    def __init__(self, texts: list[str], runtime: str) -> None:
+    def __init__(self, texts: list[str], runtime: str, singles: int) -> None:
         import modelpress as mp
 
         art = mp.load("minilm")
         self.task = mp.task_for(art)
         self.runner = mp.create_runner(art, runtime, threads=THREADS).load()
         self.texts = texts
-        self.singles = [self.task.preprocess([t]) for t in texts[:200]]
-        for b in self.singles[:10]:
+        self.singles = [self.task.preprocess([t]) for t in texts[:singles]]
+        # every shape measured is run once first: the first run at a new sequence length is several times
+        # slower (the kernels' first-time setup), and the servers are warmed before their rounds too
+        for b in self.singles:
             self.runner.run(b)
+        self.warm: set[tuple[int, int]] = set()
 
     def latency(self, n: int) -> list[float]:
         lat = []
@@ -99,7 +105,10 @@ class InProcess:
     def throughput(self, bs: int, n: int) -> dict[str, float]:
         """Rows/s and CPU ms per row (every thread of this process: torch's intra-op threads too)."""
         batches = [self.task.preprocess(self.texts[i : i + bs]) for i in range(0, max(n, bs), bs)]  # padded to each batch's longest
-        self.runner.run(batches[0])
+        if (bs, n) not in self.warm:
+            self.warm.add((bs, n))
+            for b in batches:
+                self.runner.run(b)
         rows = sum(b["input_ids"].shape[0] for b in batches)
         cpu0, t0 = _process_cpu(), time.perf_counter()
         for b in batches:
@@ -141,13 +150,12 @@ def rss_mb(pid: int) -> float:
 
 
 def our_model(name: str, runtime: str, threads: int, **batching: Any) -> dict[str, Any]:
-    return {
-        "source": "minilm",
-        "name": name,
-        "runtime": runtime,
-        "threads": threads,
-        "batching": {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS, **batching},
-    }
+    """One model of our server's config; ``threads`` 0: the server's default (its cores divided among the instances)."""
+    model: dict[str, Any] = {"source": "minilm", "name": name, "runtime": runtime}
+    model["batching"] = {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": DELAY_MS, **batching}
+    if threads:
+        model["threads"] = threads
+    return model
 
 
 def start_ours(models: list[dict[str, Any]], tmp: Path, procs: Procs, mark: str) -> tuple[subprocess.Popen, int]:
@@ -246,12 +254,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds; each figure is the median (default 3)")
     ap.add_argument("--quick", action="store_true", help=f"a short development run: {QUICK} unless given")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated client concurrencies")
-    ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)} (peers: --peers)")
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)} (peers: --peers)")
     ap.add_argument("--peers", default=os.environ.get("BENCH_PEERS", ""), help="comma-separated: litserve, ray (their own venv)")
     ap.add_argument(
         "--instances", default="", help="comma-separated model instance counts for our server, e.g. 1,2 (at the top concurrency)"
     )
-    ap.add_argument("--instance-threads", type=int, default=1, help="torch threads per instance in the --instances runs (default 1)")
+    ap.add_argument(
+        "--instance-threads",
+        type=int,
+        default=1,
+        help="torch threads per instance in the --instances runs (default 1: N instances use N cores; 0: the server's default)",
+    )
     ap.add_argument("--load-requests", type=int, default=0, help="requests at concurrency 256 for the overload / memory test (0: skip)")
     ap.add_argument("--runtime", default="torch")
     args = ap.parse_args()
@@ -301,10 +314,12 @@ def main() -> int:
         # everything is started first, then measured in interleaved rounds: on a shared
         # machine the load changes over minutes, and each figure is the median of its rounds
         print("in process ...", flush=True)
-        local = InProcess(texts, args.runtime)
+        local = InProcess(texts, args.runtime, cell_requests(1, args))
         targets = start_all(args, settings, texts, tmp, procs)
-        for t in targets:  # warm the connections and the model
-            run_load(t.port, t.path, t.bodies[:64], 8)
+        print("warming every server with the requests of a round ...", flush=True)
+        for t in targets:  # a new batch shape runs several times slower the first time: every server sees a round's first
+            for c in sorted({1, max(t.concurrencies)}):
+                run_load(t.port, t.path, [t.bodies[i % len(t.bodies)] for i in range(cell_requests(c, args))], c)
         rounds: list[dict[str, Any]] = []
         with load_section(f"{args.rounds} measurement rounds"):
             for r in range(args.rounds):
