@@ -73,7 +73,7 @@ def _torch() -> Any:
     return torch
 
 
-def _student_class() -> type:
+def student_class() -> type:
     """The module the training loop trains: the prepared graph behind a ``train``/``eval`` that PT2E allows."""
     torch = _torch()
 
@@ -129,18 +129,23 @@ def x86_config(*, qat: bool = True, per_channel: bool = True, weight_bits: int =
     return dataclasses.replace(base, weight=weight)
 
 
+def dynamic_shapes(example: tuple[Any, ...]) -> tuple[dict[int, Any], ...]:
+    """Batch dynamic for every input; the sequence too for token inputs (integer, 2-D+)."""
+    from torch.export import Dim
+
+    return tuple({0: Dim.AUTO, **({1: Dim.AUTO} if a.ndim >= 2 and not a.is_floating_point() else {})} for a in example)
+
+
 def prepare_static(
     module: Any, example: tuple[Any, ...], *, per_channel: bool, weight_bits: int = 8, excluded: list[str] | None = None
 ) -> Any:
     """PT2E QAT: export ``module`` (batch and token dimensions dynamic) and insert fake quantizers."""
     torch = _torch()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torch.export import Dim
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    dims = tuple({0: Dim.AUTO, **({1: Dim.AUTO} if a.ndim >= 2 and not a.is_floating_point() else {})} for a in example)
     try:
-        graph = torch.export.export(module.eval(), example, dynamic_shapes=dims).module()
+        graph = torch.export.export(module.eval(), example, dynamic_shapes=dynamic_shapes(example)).module()
     except Exception as exc:  # torch.export raises many types; all mean "cannot trace this model"
         raise OptimizationError(
             f"torch.export could not trace this model for QAT ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}).",
@@ -322,7 +327,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
             example = objective.batch(0)
             per_channel = target.per_channel or target.runtime != "onnxruntime"
             graph = prepare_static(module, tuple(example[n] for n in names if n in example), per_channel=per_channel, excluded=excluded)
-            student = _student_class()(graph, exported=True)
+            student = student_class()(graph, exported=True)
             warm_up_observers(student, [objective.batch(i) for i in range(OBSERVER_BATCHES)], names)
             scheme = {
                 "weights": f"int8 per {'channel' if per_channel else 'tensor'}, symmetric",
@@ -330,7 +335,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
             }
         else:
             graph = prepare_weight_only(module, target, excluded)
-            student = _student_class()(graph, exported=False)
+            student = student_class()(graph, exported=False)
             group = target.effective_group_size
             per = "channel" if group == -1 else f"group of {group}"
             scheme = {"weights": f"int{target.bits} per {per}, {'symmetric' if target.symmetric else 'asymmetric'}"}
