@@ -51,7 +51,7 @@ from typing import Any
 from modelpress._fs import replace_folder
 from modelpress.artifacts import MANIFEST_NAME, Artifact
 from modelpress.errors import DataNotFoundError, DatasetError, OptimizationError
-from modelpress.optimize.configs import StaticInt8, WeightOnly
+from modelpress.optimize.configs import StaticInt8, WeightOnly, parse_step
 from modelpress.optimize.configs.quantize import QAT, QATTraining
 from modelpress.optimize.handlers import StepContext, register_handler, write_variant
 
@@ -75,7 +75,7 @@ def _torch() -> Any:
 
 def student_class() -> type:
     """The module the training loop trains: the prepared graph behind a ``train``/``eval`` that PT2E allows."""
-    torch = _torch()
+    import torch
 
     class Student(torch.nn.Module):
         def __init__(self, graph: Any, exported: bool) -> None:
@@ -176,7 +176,7 @@ def weight_fake_quant_config(target: WeightOnly) -> Any:
     torch = _torch()
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
-    dtype = torch.int4 if target.bits == 4 else torch.int8  # type: ignore[attr-defined]  # torch >= 2.6 has int4
+    dtype = torch.int4 if target.bits == 4 else torch.int8  # torch >= 2.6 has int4
     group = target.effective_group_size
     granularity: dict[str, Any] = {"granularity": "per_channel"} if group == -1 else {"group_size": group}
     return IntxFakeQuantizeConfig(dtype, is_symmetric=target.symmetric, **granularity)
@@ -360,7 +360,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
                 hint="Use quantize: {technique: weight-only} for this model (eager QAT), or post-training static-int8.",
             )
         module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-    else:
+    elif isinstance(target, WeightOnly):
         convert_weight_only(module, target)
     for p in module.parameters():
         p.requires_grad_(True)
@@ -417,7 +417,7 @@ def _write_float(source: Artifact, config: QAT, module: Any, hf: Any, folder: Pa
 @register_handler(QAT, "openvino")
 def qat_handler(source: Artifact, config: QAT, ctx: StepContext) -> Artifact:
     """Fine-tune with fake quantization, then convert with the ``quantize`` step on ``config.runtime``."""
-    from modelpress.optimize.techniques import handler_for
+    from modelpress.optimize.handlers import handler_for  # the lookup: the step runs through techniques, every backend is loaded
 
     if ctx.output.exists() and not ctx.overwrite:
         from modelpress.errors import ArtifactError
@@ -472,4 +472,4 @@ def qat_candidate(
     training: dict[str, Any] = {"max_steps": max_steps, "max_seconds": max_seconds, "eval_every": max(1, max_steps // 3)}
     if data is not None:
         training["data"] = data
-    return QAT(runtime=runtime, quantize=quantize or {"technique": "static-int8"}, training=training)  # type: ignore[arg-type]
+    return parse_step({"technique": "qat", "runtime": runtime, "quantize": quantize or {"technique": "static-int8"}, "training": training})  # type: ignore[return-value]
