@@ -210,7 +210,7 @@ def convert_weight_only(module: Any, target: WeightOnly) -> Any:
 
     quantize_(
         module,
-        QATConfig(weight_config=weight_fake_quant_config(target), step="convert"),
+        QATConfig(step="convert"),
         filter_fn=lambda m, _: isinstance(m, FakeQuantizedLinear),
     )
     return module
