@@ -35,7 +35,7 @@ MIN_LOSS = 0.002  # a PTQ loss below 0.2 points is within the noise of one calib
 EVAL = {"mnist-cnn": "mnist-test", "minilm-sst2": "sst2-dev"}
 
 
-def int8_rows(art: Any, runtime: str, steps: int, limit: int | None, threads: int, progress: Any) -> dict[str, Any]:
+def int8_rows(art: Any, runtime: str, steps: int, lr: float, limit: int | None, threads: int, progress: Any) -> dict[str, Any]:
     from modelpress.optimize.recipe import run_recipe
 
     extra = {"compile": False} if runtime == "torch" else {}
@@ -44,7 +44,7 @@ def int8_rows(art: Any, runtime: str, steps: int, limit: int | None, threads: in
         "technique": "qat",
         "runtime": runtime,
         "quantize": {k: v for k, v in ptq.items() if k not in ("technique", "runtime")} | {"technique": "static-int8"},
-        "training": {"max_steps": steps, "eval_every": max(1, steps // 3)},
+        "training": {"max_steps": steps, "lr": lr},
     }
     # the gate only records: both variants are kept and scored whatever they lose
     recipe = {"mode": "branch", "on_failure": "skip", "gate": {"accuracy": {"min_recovery": 0.01}}, "steps": [ptq, qat]}
@@ -62,7 +62,7 @@ def int8_rows(art: Any, runtime: str, steps: int, limit: int | None, threads: in
     return out
 
 
-def w4a8_rows(art: Any, steps: int, limit: int | None, threads: int, progress: Any) -> dict[str, Any]:
+def w4a8_rows(art: Any, steps: int, lr: float, limit: int | None, threads: int, progress: Any) -> dict[str, Any]:
     """PTQ and QAT at 4-bit per-tensor weights, 8-bit activations, scored in process on the converted graph."""
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -80,7 +80,7 @@ def w4a8_rows(art: Any, steps: int, limit: int | None, threads: int, progress: A
     test = load_dataset(EVAL[art.name], limit=limit)
     module, _hf, sig = q._float_module(art)
     names, outs = list(sig.input_names), list(sig.output_names)
-    spec = QATTraining(max_steps=steps, eval_every=max(1, steps // 3))
+    spec = QATTraining(max_steps=steps, lr=lr)
     data = q.training_data(task, spec, None)
     teacher = copy.deepcopy(module).eval()
     objective = Objective(task, teacher, data, spec, wrap=lambda m: m.graph if hasattr(m, "graph") else m)
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino", "torch"])
     ap.add_argument("--setting", choices=["int8", "w4a8"], action="append", help="default both")
     ap.add_argument("--steps", type=int, default=300, help="QAT fine-tuning steps")
+    ap.add_argument("--lr", type=float, default=2e-5, help="QAT learning rate (the qat step's default: 2e-5)")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N test examples (default all)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path, default=None, help="write the rows here too")
@@ -156,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             with rich_bars() as bars:
                 if setting == "int8":
-                    row = int8_rows(art, opts.runtime, opts.steps, opts.limit, opts.threads, bars)
+                    row = int8_rows(art, opts.runtime, opts.steps, opts.lr, opts.limit, opts.threads, bars)
                 else:
-                    row = w4a8_rows(art, opts.steps, opts.limit, opts.threads, bars)
+                    row = w4a8_rows(art, opts.steps, opts.lr, opts.limit, opts.threads, bars)
             where = f"static-int8 on {opts.runtime} (artifacts)" if setting == "int8" else "W4A8 per tensor, PT2E in process"
             rows.append(
                 {"model": name, "setting": where, **row, "recovered": recovered(row), "seconds": round(time.perf_counter() - t0, 1)}
