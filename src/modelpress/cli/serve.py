@@ -66,7 +66,15 @@ def register_commands(app: typer.Typer) -> None:
                 "and the torch engine; N divides the model's attention heads). docs/tensor-parallel.md.",
             ),
         ] = None,
-        instances: Annotated[int, typer.Option("--instances", help="Runner instances (worker threads) per model.")] = 1,
+        instances: Annotated[
+            int | None,
+            typer.Option(
+                "--instances",
+                min=1,
+                help="Runner instances (worker threads, each with --threads threads) per model "
+                "(default: one per 4 cores, at least 1; docs/serving-performance.md).",
+            ),
+        ] = None,
         max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Largest batch the batcher forms.")] = 32,
         max_queue_delay_ms: Annotated[
             float, typer.Option("--max-queue-delay-ms", help="How long a batch may wait for more requests when others are queued.")

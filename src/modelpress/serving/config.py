@@ -7,7 +7,7 @@ the server object holds only what is shared: address, limits, keys, drain deadli
       - source: minilm                  # a folder, a short name, or a registry ref (NAME@production, NAME:3)
         name: minilm
         runtime: onnxruntime
-        batching: {max_batch_size: 32, max_queue_delay_ms: 5, instances: 1}
+        batching: {max_batch_size: 32, max_queue_delay_ms: 5, instances: 1}   # instances: default from the cores
     max_body_bytes: 8388608
     api_key: change-me
 """
@@ -25,9 +25,26 @@ from modelpress.errors import ConfigError
 
 MiB = 1 << 20
 MAX_THREADS = 1024  # threads per runner instance: beyond any machine's cores; bounds what a load request may ask
+MAX_INSTANCES = 64
+# Cores each model instance gets when ``instances`` is not set: one instance per this many cores (at least one). A lone
+# request then runs on all of an instance's cores (batch-1 latency stays that of the runner with those threads), and a
+# machine with more cores runs more batches at once instead of spreading one small batch over threads that wait at each
+# operator's barrier. Measured on 2 cores (docs/serving-performance.md); the value for larger machines is the usual
+# rule for eager CPU encoders (small GEMMs stop scaling past ~4 threads), not a figure measured here.
+CORES_PER_INSTANCE = 4
 # A client must send its whole request body within this many seconds of the first read (else 408): a client that sends
 # half a body and stalls holds one of the max_concurrent_requests slots; 30 s lets a slow link (~300 KB/s) send 8 MiB.
 BODY_READ_TIMEOUT_S = 30.0
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the CPU count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def default_instances(cores: int | None = None) -> int:
+    """Model instances per loaded version when the config does not say: one per :data:`CORES_PER_INSTANCE` cores."""
+    return max(1, min(MAX_INSTANCES, (cores or machine_cores()) // CORES_PER_INSTANCE))
 
 
 class BatchConfig(BaseModel):
@@ -43,7 +60,9 @@ class BatchConfig(BaseModel):
     max_queue_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(1024, ge=1, le=1_000_000)  # rows waiting; beyond it: 429
     timeout_s: float = Field(30.0, gt=0.0, le=3600.0)  # per request; beyond it: 504
-    instances: int = Field(1, ge=1, le=64)  # worker threads running batches of this version at once
+    # runner instances (worker threads) running batches of this version at once; default: from this machine's cores
+    # (default_instances), each instance with its share of the cores as threads (ModelConfig.threads)
+    instances: int = Field(default_factory=lambda: default_instances(), ge=1, le=MAX_INSTANCES)
     bucketing: bool = True  # text: group queued rows of similar token length into one batch
     pad_to_length: int | None = Field(None, ge=1)  # text: pad every batch to this length (naive servers do; for comparisons)
 
