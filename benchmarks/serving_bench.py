@@ -4,8 +4,9 @@ Workload: real STS-B dev sentences (the built-in list without the data folder), 
 request, MiniLM on PyTorch fp32 eager, 2 threads, max batch 32, 5 ms batch wait. Loopback only,
 bounded request counts. Measured here, not quoted:
 
-1. in process: ``runner.run`` on batches of real sentences padded to each batch's longest
-   (tokenization not timed), rows/s and CPU ms per row at batch 1/8/32/64, p50 at batch 1;
+1. in process (``_inprocess.py``, in a process and session of its own, as the servers are):
+   ``runner.run`` on batches of real sentences padded to each batch's longest (tokenization not
+   timed), rows/s and CPU ms per row at batch 1/8/32/64, p50 at batch 1;
 2. served, at concurrency 1, 8, 32 and 64 (``--concurrency``), OpenAI ``/v1/embeddings``:
    ``modelpress serve`` with length bucketing, the same with batches padded to their longest row
    in arrival order (``bucketing: false``), and at the top concurrency with every batch padded to
@@ -40,17 +41,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _cpu import ProcessTree, seconds_between
+from _inprocess import InProcessClient
 from _loadgen import free_port, percentiles, run_load
 from _peers import PEER_VERSIONS, SERVER_ENV, peer_python, start_peer
 from _procs import LOAD_LOG, Procs, load1, load_section, main_guard, wait_ready
@@ -75,51 +75,6 @@ def sentences(n: int) -> list[str]:
     from modelpress.tasks.text import real_sentences
 
     return real_sentences(n, find_data_dir())
-
-
-class InProcess:
-    """The same runner in this process: batch-1 latency, and rows/s and CPU per row at batch 1/8/32/64."""
-
-    def __init__(self, texts: list[str], runtime: str, singles: int) -> None:
-        import modelpress as mp
-
-        art = mp.load("minilm")
-        self.task = mp.task_for(art)
-        self.runner = mp.create_runner(art, runtime, threads=THREADS).load()
-        self.texts = texts
-        self.singles = [self.task.preprocess([t]) for t in texts[:singles]]
-        # every shape measured is run once first: the first run at a new sequence length is several times
-        # slower (the kernels' first-time setup), and the servers are warmed before their rounds too
-        for b in self.singles:
-            self.runner.run(b)
-        self.warm: set[tuple[int, int]] = set()
-
-    def latency(self, n: int) -> list[float]:
-        lat = []
-        for b in self.singles[:n]:
-            t0 = time.perf_counter()
-            self.runner.run(b)
-            lat.append(time.perf_counter() - t0)
-        return lat
-
-    def throughput(self, bs: int, n: int) -> dict[str, float]:
-        """Rows/s and CPU ms per row (every thread of this process: torch's intra-op threads too)."""
-        batches = [self.task.preprocess(self.texts[i : i + bs]) for i in range(0, max(n, bs), bs)]  # padded to each batch's longest
-        if (bs, n) not in self.warm:
-            self.warm.add((bs, n))
-            for b in batches:
-                self.runner.run(b)
-        rows = sum(b["input_ids"].shape[0] for b in batches)
-        cpu0, t0 = _process_cpu(), time.perf_counter()
-        for b in batches:
-            self.runner.run(b)
-        wall, cpu = time.perf_counter() - t0, _process_cpu() - cpu0
-        return {"rows_per_s": rows / wall, "cpu_ms_per_row": 1000 * cpu / rows}
-
-
-def _process_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def in_process_items(bs: int, requests: int) -> int:
@@ -314,7 +269,8 @@ def main() -> int:
         # everything is started first, then measured in interleaved rounds: on a shared
         # machine the load changes over minutes, and each figure is the median of its rounds
         print("in process ...", flush=True)
-        local = InProcess(texts, args.runtime, cell_requests(1, args))
+        local = InProcessClient(procs, args.runtime, THREADS, cell_requests(1, args), len(texts), {SERVER_ENV: "in-process"})
+        local.ready()
         targets = start_all(args, settings, texts, tmp, procs)
         print("warming every server with the requests of a round ...", flush=True)
         for t in targets:  # a new batch shape runs several times slower the first time: every server sees a round's first
