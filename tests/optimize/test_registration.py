@@ -26,6 +26,7 @@ EVERY_TECHNIQUE = [
     {"technique": "gptq"},
     {"technique": "awq"},
     {"technique": "smoothquant"},
+    {"technique": "qat", "runtime": "onnxruntime"},
 ]
 HEAVY = ("torch", "onnxruntime", "openvino", "nncf", "transformers", "onnx", "torchao")
 
