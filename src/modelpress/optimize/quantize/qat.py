@@ -425,7 +425,8 @@ def qat_handler(source: Artifact, config: QAT, ctx: StepContext) -> Artifact:
         raise ArtifactError(f"'{ctx.output}' already exists.", hint="Choose another output folder or pass overwrite=True (--force).")
     target = config.target()
     module, hf, report = finetune(source, config, ctx)
-    work = Path(tempfile.mkdtemp(prefix=f".{ctx.output.name}.qat-", dir=ctx.output.parent if ctx.output.parent.exists() else None))
+    ctx.output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{ctx.output.name}.qat-", dir=ctx.output.parent))  # beside the output: renamed into place
     try:
         tuned = _write_float(source, config, module, hf, work / "float")
         advance = (ctx.progress or (lambda *_: lambda n: None))(f"converting with {target.label()}", None)
@@ -440,7 +441,6 @@ def qat_handler(source: Artifact, config: QAT, ctx: StepContext) -> Artifact:
             }
         )
         (work / "variant" / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
-        ctx.output.parent.mkdir(parents=True, exist_ok=True)
         replace_folder(work / "variant", ctx.output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
