@@ -93,7 +93,9 @@ def installed(py: Path, peer: str) -> bool:
     return py.exists() and subprocess.call([str(py), "-c", f"import {peer}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
 
 
-def start_peer(peer: str, py: Path, settings: dict, tmp: Path, procs: Procs) -> tuple[subprocess.Popen, int]:
+def start_peer(
+    peer: str, py: Path, settings: dict, tmp: Path, procs: Procs, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int]:
     """Start ``peer`` serving the runner on a free port (owned by ``procs``); returns once it answers a request."""
     port = free_port()
     template = LITSERVE_APP if peer == "litserve" else RAY_APP
@@ -114,7 +116,11 @@ def start_peer(peer: str, py: Path, settings: dict, tmp: Path, procs: Procs) -> 
     log_path = tmp / f"{peer}.log"
     with open(log_path, "wb") as log:
         proc = procs.popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={"RAY_USAGE_STATS_ENABLED": "0", SERVER_ENV: peer}, on_stop=on_stop
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**(extra_env or {}), "RAY_USAGE_STATS_ENABLED": "0", SERVER_ENV: peer},
+            on_stop=on_stop,
         )
     body = json.dumps({"input": "warm up"}).encode()
     deadline = time.time() + READY_TIMEOUT_S

@@ -125,13 +125,13 @@ def start_ours(models: list[dict[str, Any]], tmp: Path, procs: Procs, mark: str)
     return proc, port
 
 
-def start_floor(runtime: str, tmp: Path, procs: Procs) -> tuple[subprocess.Popen, int]:
+def start_floor(runtime: str, tmp: Path, procs: Procs, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
     log = tmp / "floor.log"
     cmd = [sys.executable, str(Path(__file__).with_name("_floor_server.py")), str(port), "--runtime", runtime]
     cmd += ["--threads", str(THREADS), "--max-batch", str(MAX_BATCH), "--delay-ms", str(DELAY_MS)]
     with open(log, "wb") as out:
-        proc = procs.popen(cmd, env={SERVER_ENV: "floor"}, stdout=out, stderr=subprocess.STDOUT)
+        proc = procs.popen(cmd, env={**extra_env, SERVER_ENV: "floor"}, stdout=out, stderr=subprocess.STDOUT)
     wait_ready(f"http://127.0.0.1:{port}/health", proc, log=log)
     return proc, port
 
@@ -220,6 +220,14 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch threads per instance in the --instances runs (default 1: N instances use N cores; 0: the server's default)",
     )
+    ap.add_argument(
+        "--others-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="environment for the floor, the peers and the in-process reference, e.g. OMP_WAIT_POLICY=PASSIVE as our server "
+        "sets for itself (default: each as its users run it)",
+    )
     ap.add_argument("--load-requests", type=int, default=0, help="requests at concurrency 256 for the overload / memory test (0: skip)")
     ap.add_argument("--runtime", default="torch")
     args = ap.parse_args()
@@ -231,6 +239,9 @@ def parse_args() -> argparse.Namespace:
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     args.instances = sorted({int(n) for n in args.instances.split(",") if n.strip()})
+    if bad := [e for e in args.others_env if "=" not in e]:
+        sys.exit(f"--others-env takes VAR=VALUE, not {bad}; example: --others-env OMP_WAIT_POLICY=PASSIVE")
+    args.others_env = dict(e.split("=", 1) for e in args.others_env)
     for what, got, known in (("server", args.servers, SERVERS), ("peer", args.peers, tuple(PEER_VERSIONS))):
         if unknown := [x for x in got if x not in known]:
             sys.exit(f"unknown {what}(s) {unknown}; known: {', '.join(known)}. Example: --servers ours,floor --peers litserve")
@@ -257,6 +268,7 @@ def main() -> int:
             "rounds": args.rounds,
             "concurrency": args.concurrency,
             "quick": args.quick,
+            "others_env": args.others_env,
             "command": " ".join(["python", "benchmarks/serving_bench.py", *sys.argv[1:]]),
         },
         "machine": machine,
@@ -269,7 +281,8 @@ def main() -> int:
         # everything is started first, then measured in interleaved rounds: on a shared
         # machine the load changes over minutes, and each figure is the median of its rounds
         print("in process ...", flush=True)
-        local = InProcessClient(procs, args.runtime, THREADS, cell_requests(1, args), len(texts), {SERVER_ENV: "in-process"})
+        env = {**args.others_env, SERVER_ENV: "in-process"}
+        local = InProcessClient(procs, args.runtime, THREADS, cell_requests(1, args), len(texts), env)
         local.ready()
         targets = start_all(args, settings, texts, tmp, procs)
         print("warming every server with the requests of a round ...", flush=True)
@@ -334,7 +347,7 @@ def start_all(args: argparse.Namespace, settings: dict[str, Any], texts: list[st
                 targets.append(Target(name, port, "/v1/embeddings", our_bodies(texts, model), tree, cs, metrics_model=model))
     if "floor" in args.servers:
         print("floor (plain FastAPI batcher) ...", flush=True)
-        proc, port = start_floor(args.runtime, tmp, procs)
+        proc, port = start_floor(args.runtime, tmp, procs, args.others_env)
         bodies = our_bodies(texts, "minilm")
         targets.append(Target("floor", port, "/v1/embeddings", bodies, ProcessTree(proc.pid, (SERVER_ENV, "floor")), conc))
     if args.peers:
@@ -342,7 +355,7 @@ def start_all(args: argparse.Namespace, settings: dict[str, Any], texts: list[st
         peer_bodies = [json.dumps({"input": t}).encode() for t in texts]
         for peer in args.peers:
             print(f"{peer} ...", flush=True)
-            proc, port = start_peer(peer, py, settings, tmp, procs)
+            proc, port = start_peer(peer, py, settings, tmp, procs, args.others_env)
             targets.append(Target(peer, port, "/predict", peer_bodies, ProcessTree(proc.pid, (SERVER_ENV, peer)), conc))
     for n in args.instances:
         # each count in a server of its own: torch's thread settings are per process
