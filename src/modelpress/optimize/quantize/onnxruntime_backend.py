@@ -25,8 +25,11 @@ exporter's ``pkg.torch.onnx.name_scopes`` metadata or from the TorchScript expor
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +159,35 @@ def input_names(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+@contextlib.contextmanager
+def _private_view(src: Path) -> Iterator[Path]:
+    """``src`` seen from a folder of this call's own, through symlinks (the graph and its external data).
+
+    ONNX Runtime's ``quantize_static`` writes ``<model>-inferred.onnx`` beside its input and deletes
+    it after reading it back; two jobs quantizing the same cached export at once removed each
+    other's file (a FileNotFoundError seen when parallel runs calibrated one model). In a private
+    folder each job has its own.
+    """
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    locations = {
+        e.value
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    with tempfile.TemporaryDirectory(prefix="modelpress-ortq-") as tmp:
+        view = Path(tmp) / src.name
+        view.symlink_to(src.resolve())
+        for loc in locations:
+            target = Path(tmp) / loc
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((src.parent / loc).resolve())
+        yield view
+
+
 def static_int8(
     src: Path,
     dst: Path,
@@ -187,10 +219,10 @@ def static_int8(
         extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
     if method == "percentile":
         extra["CalibPercentile"] = CALIB_PERCENTILE
-    with _QuietQuantLogs():
+    with _QuietQuantLogs(), _private_view(src) as view:
         try:
             quantize_static(
-                str(src),
+                str(view),
                 str(dst),
                 reader,
                 quant_format=QuantFormat.QDQ,
