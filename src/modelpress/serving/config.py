@@ -26,12 +26,13 @@ from modelpress.errors import ConfigError
 MiB = 1 << 20
 MAX_THREADS = 1024  # threads per runner instance: beyond any machine's cores; bounds what a load request may ask
 MAX_INSTANCES = 64
-# Cores each model instance gets when ``instances`` is not set: one instance per core, each with one thread. On a quiet
-# 2-core AMD EPYC (AVX2), MiniLM at concurrency 64 served 189 req/s with 2 instances x 1 thread against 149 with one
-# instance x 2 threads, measured in the same interleaved rounds (benchmarks/serving_bench.py --instances 1,2;
-# docs/serving-performance.md): one thread per batch never waits at an operator's barrier. (Under heavy outside load
-# the same comparison went the other way, 0.72x; the quiet figure decides.) A lone request runs on one core.
-CORES_PER_INSTANCE = 1
+# Cores each model instance gets when ``instances`` is not set: one instance per this many cores (at least one). A lone
+# request then runs on all of an instance's cores. On a quiet 2-core AMD EPYC (AVX2), MiniLM on torch at concurrency 64
+# served 189 req/s with 2 instances x 1 thread against 149 with this default (1 x 2), in the same interleaved rounds
+# (docs/serving-performance.md): `--instances 2 --threads 1` is the better setting there for throughput. It is not the
+# default yet: one instance per core changed what the batcher's and KServe's batching tests assume, and every
+# runtime's runner being safe to call from several threads at once is not checked for all of them (left for later).
+CORES_PER_INSTANCE = 4
 # A client must send its whole request body within this many seconds of the first read (else 408): a client that sends
 # half a body and stalls holds one of the max_concurrent_requests slots; 30 s lets a slow link (~300 KB/s) send 8 MiB.
 BODY_READ_TIMEOUT_S = 30.0
