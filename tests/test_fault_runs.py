@@ -174,7 +174,8 @@ def test_tune_killed_midway_resumes_from_its_caches_and_never_reads_a_half_entry
     from modelpress.export import cache as export_cache
 
     args = ["tune", str(tiny_encoder), "--data", "stsb-dev", "--runtime", "onnxruntime", *FAST_EVAL, "--batch-size", "4"]
-    args += ["--seq-len", "16", "-o", str(tmp_path / "tuned"), "--budget", "10m"]
+    # --no-compound: no training candidates (10m would cover them); the resume of the cheap ones is what is killed here
+    args += ["--seq-len", "16", "-o", str(tmp_path / "tuned"), "--budget", "10m", "--no-compound"]
     onnx_entry = f"{export_cache.source_hash(mp.load(str(tiny_encoder)))[:20]}-onnx"
     exports, tunes = home / "cache" / "exports", home / "cache" / "tune"
     # 1. Killed with the model's ONNX export complete in the export cache's temporary folder, not yet in place.

@@ -125,3 +125,32 @@ def test_qat_on_mnist_makes_an_onnxruntime_int8_artifact_that_keeps_accuracy(mni
     report = variant.manifest.metrics["technique"]["qat"]
     assert report["training"]["steps"] >= 1 and report["train_examples"] == 512
     assert any("quantization-aware training" in s for s in stages)
+
+
+# Every (QAT, runtime) pair the technique registers has a run here (tests/optimize/test_ort_ov.py checks).
+COVERED = {("QAT", "onnxruntime"), ("QAT", "openvino"), ("QAT", "torch")}
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["openvino", "torch"])
+def test_qat_on_mnist_converts_through_the_post_training_step_of_each_runtime(mnist_build, tmp_path, runtime):
+    """A shorter run than the ONNX Runtime one: the same fine-tuning, converted by this runtime's static int8 step."""
+    from modelpress.artifacts import Artifact
+    from modelpress.optimize.recipe import run_recipe
+
+    art = mnist_build[0]
+    step = {
+        "technique": "qat",
+        "runtime": runtime,
+        "quantize": {"technique": "static-int8", "calibration": {"samples": 64}},
+        "training": {"max_steps": 10, "eval_every": 10, "samples": 256, "validation_samples": 64, "batch_size": 32},
+    }
+    recipe = {"gate": {"accuracy": {"min_recovery": 1 - MAX_DROP}}, "steps": [step]}
+    res = run_recipe(art, recipe, tmp_path / "out", data="mnist-test", limit=TEST_IMAGES, threads=2)
+    (result,) = res.steps
+    assert result.error is None, result.error
+    assert result.evaluation["metrics"]["accuracy"] >= res.original["metrics"]["accuracy"] - MAX_DROP, result.gate.summary()
+    variant = Artifact.open(result.path)
+    assert variant.manifest.step["technique"] == "qat" and variant.manifest.parent == art.content_hash()
+    assert variant.manifest.step["runtime"] == runtime

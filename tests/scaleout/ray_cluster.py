@@ -8,6 +8,7 @@ HTTP endpoint. Prints one JSON line of what it saw; every Ray process dies with 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +50,9 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"timings": {}}
     t0 = time.monotonic()
     mark = lambda what: out["timings"].__setitem__(what, round(time.monotonic() - t0, 1))  # noqa: E731
+    # Cluster() writes the head's address to <system temp>/ray/ray_current_cluster whatever temp_dir says, and never
+    # creates that folder: on a machine where no Ray ran before (or `ray stop` removed it) the head failed to start.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     temp = tempfile.mkdtemp(prefix="mpray", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
     # one logical CPU per node and one per replica: two replicas cannot share a node; the head's is the first replica's
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp})
