@@ -377,6 +377,10 @@ def tune(
         confirmations.append({"best": best_.label, **{q.label: confirmed[id(q)] for q in group}})
 
     confirmations: list[dict[str, Any]] = []
+
+    def spent() -> bool:  # the budget stops scoring once a non-baseline candidate passes (docs/tune.md, stage 4)
+        return elapsed() > budget_s and best is not None and best is not baseline
+
     for i, p in enumerate(order):
         bar(1)
         if p.stage == "scored" or p.stop in (STOP_SCREEN, STOP_GATE, STOP_ERROR):  # known from the cache
@@ -395,7 +399,7 @@ def tune(
                 p.reason = f"{_x(mine)} against {_x(theirs)} for {best.label}, which passes the gate ({how})"
                 report_point(p)
                 continue
-        if elapsed() > budget_s:
+        if spent():
             p.stop = STOP_BUDGET
             what = "screened" if n_screen and p.stage == "timed" else "scored"
             p.reason = f"the budget of {budget_s:.3g} s was spent before it was {what}"
@@ -419,7 +423,7 @@ def tune(
                 if not verdict.passed:
                     p.stop = STOP_SCREEN
                     p.reason = f"on {n_screen} rows, with a margin of {margin:.3f} below the gate: {verdict.summary()}"
-                elif elapsed() > budget_s:
+                elif spent():
                     p.stop, p.reason = STOP_BUDGET, f"passed screening; the budget of {budget_s:.3g} s was spent before it was scored"
             if p.stop is None:
                 evaluation, verdict = pipe.judge(art, p.runtime)
