@@ -35,7 +35,9 @@ MIN_LOSS = 0.002  # a PTQ loss below 0.2 points is within the noise of one calib
 EVAL = {"mnist-cnn": "mnist-test", "minilm-sst2": "sst2-dev"}
 
 
-def int8_rows(art: Any, runtime: str, steps: int, lr: float, limit: int | None, threads: int, progress: Any) -> dict[str, Any]:
+def int8_rows(
+    art: Any, runtime: str, steps: int, lr: float, limit: int | None, threads: int, progress: Any, max_seconds: float | None = None
+) -> dict[str, Any]:
     from modelpress.optimize.recipe import run_recipe
 
     extra = {"compile": False} if runtime == "torch" else {}
@@ -44,7 +46,7 @@ def int8_rows(art: Any, runtime: str, steps: int, lr: float, limit: int | None, 
         "technique": "qat",
         "runtime": runtime,
         "quantize": {k: v for k, v in ptq.items() if k not in ("technique", "runtime")} | {"technique": "static-int8"},
-        "training": {"max_steps": steps, "lr": lr},
+        "training": {"max_steps": steps, "lr": lr, **({"max_seconds": max_seconds} if max_seconds else {})},
     }
     # the gate only records: both variants are kept and scored whatever they lose
     recipe = {"mode": "branch", "on_failure": "skip", "gate": {"accuracy": {"min_recovery": 0.01}}, "steps": [ptq, qat]}
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting", choices=["int8", "w4a8"], action="append", help="default both")
     ap.add_argument("--steps", type=int, default=300, help="QAT fine-tuning steps")
     ap.add_argument("--lr", type=float, default=2e-5, help="QAT learning rate (the qat step's default: 2e-5)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="QAT training time bound (int8 setting; default: the step's, 900 s)")
     ap.add_argument("--limit", type=int, default=None, help="score on the first N test examples (default all)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path, default=None, help="write the rows here too")
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             with rich_bars() as bars:
                 if setting == "int8":
-                    row = int8_rows(art, opts.runtime, opts.steps, opts.lr, opts.limit, opts.threads, bars)
+                    row = int8_rows(art, opts.runtime, opts.steps, opts.lr, opts.limit, opts.threads, bars, opts.max_seconds)
                 else:
                     row = w4a8_rows(art, opts.steps, opts.lr, opts.limit, opts.threads, bars)
             where = f"static-int8 on {opts.runtime} (artifacts)" if setting == "int8" else "W4A8 per tensor, PT2E in process"

@@ -10,6 +10,7 @@ manifest records the qat step. What QAT buys over PTQ is measured by benchmarks/
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,11 @@ def test_qat_candidate_for_the_tuner_needs_a_training_objective():
     assert qat_candidate("object-detection") is None
     cfg = qat_candidate("image-classification", "onnxruntime", data=["mnist-train5k"], max_steps=90)
     assert isinstance(cfg, QAT) and cfg.training.max_steps == 90 and cfg.training.data == ["mnist-train5k"]
+    # the task's training (a CNN trained at lr 3e-3 needs more than a transformer's 2e-5); the final weights kept
+    assert cfg.training.lr == 5e-4 and cfg.training.eval_every is None
+    text = qat_candidate("text-classification", "openvino", max_seconds=120, data_dir=Path("/nonexistent/data"))
+    assert text is not None and text.training.lr == 2e-5 and text.training.max_steps == 300 and text.training.max_seconds == 120
+    assert qat_candidate("causal-lm", data=["tinyshakespeare"]) is not None
 
 
 @pytest.mark.needs_data

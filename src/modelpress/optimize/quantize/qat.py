@@ -451,25 +451,44 @@ def qat_handler(source: Artifact, config: QAT, ctx: StepContext) -> Artifact:
 
 
 # -- for the tuner --------------------------------------------------------------------------------
+# The tuner's QAT training per task (benchmarks/qat_bench.py, docs/qat.md's table): the CNN was trained at lr 3e-3,
+# so the step's 2e-5 (sized for fine-tuned transformers) barely moves it; 600 steps at 5e-4 won back 60% of static
+# int8's loss on mnist-cnn. The transformers keep the step's defaults. The tuner bounds each by its training time.
+TUNE_TRAINING: dict[str, dict[str, Any]] = {
+    "image-classification": {"max_steps": 600, "lr": 5e-4},
+    "text-classification": {"max_steps": 300, "lr": 2e-5},
+    "embedding": {"max_steps": 300, "lr": 2e-5},
+    "causal-lm": {"max_steps": 300, "lr": 2e-5},
+}
+
+
 def qat_candidate(
     task: str,
     runtime: str = "torch",
     *,
     quantize: dict[str, Any] | None = None,
-    max_steps: int = 300,
+    max_steps: int | None = None,
     max_seconds: float = 600.0,
     data: list[str] | None = None,
+    data_dir: Path | None = None,
 ) -> QAT | None:
     """A QAT step for a tuner candidate, or None when ``task`` has no training objective or no training data.
 
-    ``data``: the training splits (None: the task's default, which needs the shared data folder).
+    ``data``: the training splits (None: the task's default, which needs a data folder: ``data_dir``
+    or the shared one). Steps and learning rate: :data:`TUNE_TRAINING` for ``task`` (``max_steps``
+    overrides the steps); the final weights are kept (the step's default: no held-out selection).
     """
     from modelpress.locations import find_data_dir
     from modelpress.optimize.train.objectives import TRAIN_DEFAULTS
 
-    if task not in QAT_TASKS or (data is None and (task not in TRAIN_DEFAULTS or find_data_dir() is None)):
+    if task not in QAT_TASKS:
         return None
-    training: dict[str, Any] = {"max_steps": max_steps, "max_seconds": max_seconds, "eval_every": max(1, max_steps // 3)}
+    if data is None and (task not in TRAIN_DEFAULTS or (data_dir is None and find_data_dir() is None)):
+        return None
+    training: dict[str, Any] = {**TUNE_TRAINING[task], "max_seconds": max_seconds}
+    if max_steps is not None:
+        training["max_steps"] = max_steps
     if data is not None:
         training["data"] = data
-    return parse_step({"technique": "qat", "runtime": runtime, "quantize": quantize or {"technique": "static-int8"}, "training": training})  # type: ignore[return-value]
+    step = {"technique": "qat", "runtime": runtime, "quantize": quantize or {"technique": "static-int8"}, "training": training}
+    return parse_step(step)  # type: ignore[return-value]

@@ -3,7 +3,8 @@
 A :class:`Candidate` is one point to try: a technique config on its runtime, or the model as it is
 on a runtime. :func:`default_candidates` lists them best bet first; :func:`parse_candidates` reads
 them from data (a runtime name, a technique step, or ``{steps: [first, second]}`` for a compound
-candidate, :mod:`modelpress.optimize.search.compound`).
+candidate, :mod:`modelpress.optimize.search.compound`; a ``qat`` step is a compound candidate too:
+it trains).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from modelpress.errors import ConfigError
 from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.configs.distill import Distill
 from modelpress.optimize.configs.prune import StructuredPrune
+from modelpress.optimize.configs.quantize import QAT
 
 BASELINE_RUNTIME = "torch"
 # Quantizing a trained model, timing it and scoring it: what a compound candidate costs beyond its training.
@@ -106,19 +108,26 @@ def parse_candidates(items: list[Any]) -> list[Candidate]:
             out.append(Candidate(item))
         else:
             cfg = parse_step(item, where=f"candidate {i + 1}")
-            out.append(Candidate(cfg.runtime, cfg))
+            # QAT trains for minutes: built with the compound candidates, under the same budget rule
+            out.append(Compound(cfg.runtime, cfg, family="qat") if isinstance(cfg, QAT) else Candidate(cfg.runtime, cfg))
     return out
 
 
 @dataclass
 class Compound(Candidate):
-    """Two steps chained: ``first`` (distill or structured-prune, trained) then ``config`` (a quantization)."""
+    """Two steps chained: ``first`` (distill or structured-prune, trained) then ``config`` (a quantization).
+
+    Or (family ``qat``, ``first`` None) one trained step, ``config`` a :class:`QAT` step: fine-tuning with
+    the quantization simulated, then that quantization (its ``steps()``: the QAT step, then the
+    post-training step it converts with)."""
 
     first: TechniqueConfig | None = None
-    family: str = ""  # "distill", "prune", "llm-prune": which of the module docstring's kinds
+    family: str = ""  # "distill", "prune", "llm-prune", "qat": which of the compound module docstring's kinds
 
     @property
     def label(self) -> str:
+        if self.first is None and self.config is not None:  # QAT: one step that trains
+            return self.config.label()
         first = self.first.label() if self.first is not None else "?"
         second = self.config.label() if self.config is not None else f"fp32@{self.runtime}"
         return f"{first} -> {second}"
@@ -127,12 +136,15 @@ class Compound(Candidate):
         return {"runtime": self.runtime, "steps": self.steps()}
 
     def steps(self) -> list[dict[str, Any]]:
+        if self.first is None and isinstance(self.config, QAT):
+            return [self.config.to_step(), self.config.target().to_step()]  # the QAT step, then what it converts with
         return [c.to_step() for c in (self.first, self.config) if c is not None]
 
     @property
     def train_s(self) -> float:
-        """The first step's training budget (seconds): what makes a compound candidate expensive."""
-        spec = getattr(self.first, "training", None) or getattr(self.first, "finetune", None)
+        """The trained step's budget (seconds): what makes a compound candidate expensive."""
+        trained = self.first if self.first is not None else self.config  # a QAT candidate trains in its only step
+        spec = getattr(trained, "training", None) or getattr(trained, "finetune", None)
         if spec is None:
             return 0.0
         return float(spec.max_seconds if spec.max_seconds is not None else spec.max_steps)  # no time bound: about a second a step

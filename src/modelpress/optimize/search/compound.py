@@ -10,7 +10,12 @@ goes past it. The tuner (:mod:`.tune`) adds, for a model it can train:
 * **structured FFN pruning with recovery fine-tuning, then quantized** (half the FFN neurons of
   every layer, :mod:`modelpress.optimize.prune.structured`; a CNN: half its channels);
 * **for causal LMs, structured pruning, then weight-only quantization** on the decoder the
-  generation engine runs (a quarter of the FFN neurons, int8 weights).
+  generation engine runs (a quarter of the FFN neurons, int8 weights);
+* **quantization-aware training** (:mod:`modelpress.optimize.quantize.qat`), for a task with
+  training data: one ``qat`` step (fine-tuning with the quantization simulated, then converted by
+  the post-training step) whose conversion is :func:`qat_target`: the run's fastest timed static
+  int8 or weight-only candidate on a runtime QAT converts to, else ONNX Runtime static int8 per
+  channel. Its steps in the table and report: ``qat``, then the post-training step it converts with.
 
 The quantization step is decided by the cheap stages: the :data:`QUANT_PICKS` fastest
 quantization candidates of this very run, by their own timing (for a causal LM, its weight-only
@@ -30,7 +35,9 @@ any candidate, and one found in the cache is used whatever the budget (it costs 
 
 Lineage: the variant's manifest names the student (or pruned model) as its parent, whose manifest
 names the original; with registration on, a passing compound candidate is registered as
-original -> student/pruned -> quantized.
+original -> student/pruned -> quantized. A QAT candidate is one step: its artifact (cached by
+source, step and data folder like a first step) names the original as its parent and records the
+training and the conversion in ``metrics.technique``; registered as original -> QAT variant.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from modelpress.errors import ArtifactError, ConfigError
 from modelpress.optimize.configs import DynamicInt8, StaticInt8, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.configs.distill import Distill, DistillTraining
 from modelpress.optimize.configs.prune import RecoveryTraining, StructuredPrune
+from modelpress.optimize.configs.quantize import QAT
 from modelpress.optimize.search.candidates import COMPOUND_OVERHEAD_S, Compound, parse_compound  # noqa: F401  (named here too)
 from modelpress.optimize.search.front import STOP_BUDGET, STOP_NEEDS_BUDGET, Point
 
@@ -61,6 +69,10 @@ LLM_PRUNE_RATIO = 0.25  # causal LMs: a quarter of the FFN neurons (perplexity d
 # two, so that one lucky first timing does not decide alone (issue 16: one printed 2.49x and re-timed at 1.55x).
 QUANT_PICKS = 2
 QUANT_TYPES = (DynamicInt8, StaticInt8, WeightOnly)
+QAT_RUNTIMES = ("torch", "onnxruntime", "openvino")  # what the qat step converts to (its handlers)
+# QAT's conversion when the run timed no static int8 / weight-only candidate QAT can convert to: the
+# static int8 the QAT benchmark measured (docs/qat.md) and that runs everywhere.
+QAT_FALLBACK = StaticInt8(runtime="onnxruntime", per_channel=True)
 
 
 def _layers(original: Artifact) -> int | None:
@@ -109,10 +121,42 @@ def quant_picks(points: list[Point], task: str, n: int = QUANT_PICKS) -> list[Te
     return out[:n]
 
 
-def default_compounds(original: Artifact, points: list[Point], train_s: float = TRAIN_S) -> list[Compound]:
-    """Every first step of :func:`first_steps` with each of the run's :func:`quant_picks`, smallest model first."""
+def default_compounds(original: Artifact, points: list[Point], train_s: float = TRAIN_S, data_dir: Path | None = None) -> list[Compound]:
+    """Every first step of :func:`first_steps` with each of the run's :func:`quant_picks`, smallest model
+    first; then the QAT candidate (:func:`qat_compound`) where the task has training data."""
     quants = quant_picks(points, original.task)
-    return [Compound(q.runtime, q, first=f, family=fam) for fam, f in first_steps(original, train_s) for q in quants]
+    out = [Compound(q.runtime, q, first=f, family=fam) for fam, f in first_steps(original, train_s) for q in quants]
+    qat = qat_compound(original, points, train_s, data_dir)
+    return [*out, qat] if qat is not None else out
+
+
+def qat_target(points: list[Point], task: str) -> StaticInt8 | WeightOnly | None:
+    """What the QAT candidate converts with: the fastest timed static int8 (causal LM: weight-only) candidate
+    of this run on a runtime QAT converts to, else :data:`QAT_FALLBACK` (None for a causal LM: its
+    candidates run on generation engines QAT does not convert to)."""
+    kinds: tuple[type, ...] = (WeightOnly,) if task == "causal-lm" else (StaticInt8,)
+    timed = [p for p in points if p.step and not p.steps and p.first_speedup is not None and p.status != "failed"]
+    for p in sorted(timed, key=lambda p: -(p.first_speedup or 0.0)):
+        cfg = parse_step(p.step)
+        if not isinstance(cfg, kinds) or cfg.runtime not in QAT_RUNTIMES:
+            continue
+        if task == "image-classification" and isinstance(cfg, StaticInt8) and cfg.runtime == "torch":
+            continue  # static int8 QAT converted on torch fails in inductor's quantized-conv lowering (docs/qat.md)
+        return cfg  # type: ignore[return-value]
+    return None if task == "causal-lm" else QAT_FALLBACK
+
+
+def qat_compound(original: Artifact, points: list[Point], train_s: float = TRAIN_S, data_dir: Path | None = None) -> Compound | None:
+    """The QAT candidate of ``original`` (trained for at most ``train_s`` seconds), or None: no training
+    objective or data for its task, not a trainable PyTorch model, or nothing to convert to."""
+    from modelpress.optimize.quantize.qat import qat_candidate
+
+    target = qat_target(points, original.task)
+    if original.format not in ("hf", "torch") or target is None:
+        return None
+    quantize = {k: v for k, v in target.to_step().items() if k not in ("runtime", "auto_exclude")}  # QAT retrains instead
+    cfg = qat_candidate(original.task, target.runtime, quantize=quantize, max_seconds=train_s, data_dir=data_dir)
+    return Compound(cfg.runtime, cfg, family="qat") if cfg is not None else None
 
 
 def why_not(cand: Compound, budget_s: float, left_s: float) -> tuple[str, str] | None:
@@ -135,12 +179,29 @@ def first_key(original: Artifact, first: TechniqueConfig, data_dir: Path | None)
 
 def build(pipe: Any, original: Artifact, cand: Compound, target: Path, cache_root: Path) -> tuple[Artifact, Artifact]:
     """Make ``cand``'s variant in ``target``: its first step (from the tune cache when another compound
-    candidate already made it), then its quantization; returns (variant, first-step artifact)."""
-    import torch
+    candidate already made it), then its quantization; returns (variant, first-step artifact).
 
+    A QAT candidate (one step): the QAT artifact, from the tune cache when an earlier run trained it
+    (whatever its gate or timing settings), copied to ``target``; returns (variant, variant)."""
+    if cand.first is None and isinstance(cand.config, QAT):
+        made = _first(pipe, original, cand.config, cache_root)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(made.path, target)  # type: ignore[arg-type]
+        variant = Artifact.open(target)
+        variant.module = made.module  # a torch module built in this process (None when loaded from disk)
+        return variant, variant
     if cand.first is None or cand.config is None:  # pragma: no cover - parse_compound and default_compounds set both
         raise ConfigError("A compound candidate needs two steps.", hint="Example: {steps: [{technique: distill, layers: 4}, {...}]}")
-    folder = cache_root / f"first-{first_key(original, cand.first, pipe.data_dir)}"
+    first = _first(pipe, original, cand.first, cache_root)
+    return pipe.apply(first, cand.config, target, overwrite=True), first
+
+
+def _first(pipe: Any, original: Artifact, step: TechniqueConfig, cache_root: Path) -> Artifact:
+    """``step`` applied to ``original``, from the tune cache (by source, step and data folder) when it is there."""
+    import torch
+
+    folder = cache_root / f"first-{first_key(original, step, pipe.data_dir)}"
     first = None
     if folder.is_dir():
         try:
@@ -154,17 +215,18 @@ def build(pipe: Any, original: Artifact, cand: Compound, target: Path, cache_roo
             shutil.rmtree(folder)  # left by an interrupted run
         threads = torch.get_num_threads()
         try:
-            first = pipe.apply(original, cand.first, folder, overwrite=True)  # trains on its own threads (training_threads)
+            first = pipe.apply(original, step, folder, overwrite=True)  # trains on its own threads (training_threads)
         finally:
             torch.set_num_threads(threads)  # the runners that time candidates set theirs; keep the process as it was
-    return pipe.apply(first, cand.config, target, overwrite=True), first
+    return first
 
 
 def training_summary(first: Artifact) -> dict[str, Any]:
     """What the first step's training did, from its manifest: seconds, steps, why it stopped, layers / parameters."""
     m = first.manifest.metrics or {}
     tech = m.get("technique") or {}
-    tr = tech.get("training") or (tech.get("finetune") or {}).get("training") or {}  # distill's, or structured-prune's recovery
+    # distill's, structured-prune's recovery, or QAT's (its report sits under "qat", beside the conversion's)
+    tr = tech.get("training") or (tech.get("finetune") or {}).get("training") or (tech.get("qat") or {}).get("training") or {}
     out = {k: tr.get(k) for k in ("steps", "seconds", "stopped", "best_metric", "first_metric") if tr.get(k) is not None}
     for k in ("student_layers", "teacher_layers", "student_parameters", "teacher_parameters", "parameters_before", "parameters_after"):
         if tech.get(k) is not None:
@@ -177,6 +239,8 @@ def register(pipe: Any, point: Point, original_ref: str | None, rows: dict[str, 
     """Register a passing compound candidate as original -> first step -> variant; returns the variant's ref."""
     if point.intermediate is None or point.artifact is None:
         return None
+    if point.intermediate == point.artifact:  # QAT: one step, original -> variant
+        return pipe.register(Artifact.open(point.artifact), original_ref, rows)
     first_ref = pipe.register(Artifact.open(point.intermediate), original_ref, {})
     return pipe.register(Artifact.open(point.artifact), first_ref, rows)
 
@@ -188,6 +252,6 @@ def budget_notes(cands: list[Compound], points: list[Point], budget_s: float) ->
     if not needs:
         return []
     return [
-        f"{len(needs)} compound candidates (a distilled or pruned model, then quantized) were not built: they train for "
+        f"{len(needs)} compound candidates (a distilled or pruned model then quantized, or QAT) were not built: they train for "
         f"minutes and need --budget >= {max(needs) / 60:.0f}m (the budget was {budget_s:.0f} s)."
     ]
