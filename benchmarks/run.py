@@ -1,8 +1,10 @@
-"""`make bench`: run every benchmark script in this folder (``*_bench.py``), one after another.
+"""`make bench`: run every benchmark script in this folder (``*_bench.py``), one after another, then
+the tests marked ``bench`` (benchmark runs kept out of `make test`: ``pytest -m bench``).
 
 Each script prints its own table with ratios measured side by side in one run; pass names to run
-only some: ``python benchmarks/run.py runtimes``. After each script, no process it started may
-still run: they are found by a mark in their environment, listed, ended, and the run fails.
+only some: ``python benchmarks/run.py runtimes`` (``tests``: only the bench-marked tests). After
+each, no process it started may still run: they are found by a mark in their environment, listed,
+ended, and the run fails.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ def _raise(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def run_script(script: Path, env: dict[str, str]) -> int:
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_TESTS = "tests marked bench"  # the name the run gives `pytest -m bench` in its output and its failures
+BENCH_TESTS_COMMAND = [sys.executable, "-m", "pytest", "-m", "bench", "-q", str(ROOT / "tests")]
+
+
+def run_script(command: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
     """Run one benchmark; on Ctrl-C or SIGTERM, let it end its own processes (passing the signal on) before returning."""
-    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    proc = subprocess.Popen(command, env=env, cwd=cwd)
     try:
         return proc.wait()
     except Interrupted as exc:
@@ -53,21 +60,24 @@ def main() -> int:
     here = Path(__file__).parent
     wanted = sys.argv[1:]
     scripts = sorted(p for p in here.glob("*_bench.py") if not wanted or any(w in p.stem for w in wanted))
+    runs: list[tuple[str, list[str], Path | None]] = [(p.name, [sys.executable, str(p)], None) for p in scripts]
+    if not wanted or "tests" in wanted:
+        runs.append((BENCH_TESTS, BENCH_TESTS_COMMAND, ROOT))  # from the root: pyproject's pytest settings apply
     failed, strays = [], []
-    for script in scripts:
+    for name, command, cwd in runs:
         # every process the script starts inherits this mark, whatever group or session it moves to
         mark = uuid.uuid4().hex
-        print(f"\n=== {script.name} === (1-min load average {load1():.2f})", flush=True)
+        print(f"\n=== {name} === (1-min load average {load1():.2f})", flush=True)
         try:
-            if run_script(script, {**os.environ, RUN_ENV: mark}) != 0:
-                failed.append(script.name)
+            if run_script(command, {**os.environ, RUN_ENV: mark}, cwd) != 0:
+                failed.append(name)
         finally:  # after an interruption too
             left = leftovers(RUN_ENV, mark)
             if left:
-                print(f"{script.name} left these processes running (now ended):\n{describe(left)}", file=sys.stderr, flush=True)
+                print(f"{name} left these processes running (now ended):\n{describe(left)}", file=sys.stderr, flush=True)
                 end_processes(left)
         if left:
-            strays.append(script.name)
+            strays.append(name)
     problems = [f"benchmarks failed: {', '.join(failed)}"] * bool(failed)
     problems += [f"benchmarks left processes running: {', '.join(strays)}"] * bool(strays)
     if problems:
