@@ -44,6 +44,13 @@ class FakeClock:
         return self.now
 
 
+def one_instance(**settings) -> BatchConfig:
+    """A batcher with one worker: these tests are about how batches form while a batch runs, and a second instance
+    would take the rows queued behind it as a batch of its own at once (the default is one instance per core;
+    two instances at once: test_instances.py)."""
+    return BatchConfig(instances=1, **settings)
+
+
 async def wait_until(cond, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -54,7 +61,7 @@ async def wait_until(cond, timeout: float = 5.0) -> None:
 
 async def test_lone_request_dispatches_at_once_without_the_queue_delay():
     work = Work()
-    b = Batcher(work, BatchConfig(max_queue_delay_ms=2000), clock=FakeClock()).start()
+    b = Batcher(work, one_instance(max_queue_delay_ms=2000), clock=FakeClock()).start()
     # the clock never moves: a batcher that waited for the 2 s delay would wait forever
     assert await asyncio.wait_for(b.infer([1, 2, 3]), HOLD_S) == [2, 4, 6]
     assert work.batches == [[1, 2, 3]]
@@ -63,7 +70,7 @@ async def test_lone_request_dispatches_at_once_without_the_queue_delay():
 
 async def test_requests_queued_behind_a_running_batch_go_together():
     work = Work()
-    b = Batcher(work, BatchConfig(max_batch_size=16, max_queue_delay_ms=0)).start()
+    b = Batcher(work, one_instance(max_batch_size=16, max_queue_delay_ms=0)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0]))
     await wait_until(work.entered.is_set)
@@ -78,7 +85,7 @@ async def test_requests_queued_behind_a_running_batch_go_together():
 
 async def test_max_batch_size_splits_a_long_queue():
     work = Work()
-    b = Batcher(work, BatchConfig(max_batch_size=4, bucketing=False)).start()
+    b = Batcher(work, one_instance(max_batch_size=4, bucketing=False)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([100]))
     await wait_until(work.entered.is_set)
@@ -92,7 +99,7 @@ async def test_max_batch_size_splits_a_long_queue():
 
 async def test_bucketing_groups_rows_of_similar_length_and_keeps_the_oldest_first():
     work = Work()
-    b = Batcher(work, BatchConfig(max_batch_size=3, bucketing=True)).start()
+    b = Batcher(work, one_instance(max_batch_size=3, bucketing=True)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([99], lengths=[5]))
     await wait_until(work.entered.is_set)
@@ -136,7 +143,7 @@ async def test_retry_after_is_the_queue_over_the_measured_throughput():
         clock.now += 0.5  # every batch takes 0.5 s on the batcher's clock
         return work(rows)
 
-    b = Batcher(half_a_second, BatchConfig(max_queue_size=50), clock=clock).start()
+    b = Batcher(half_a_second, one_instance(max_queue_size=50), clock=clock).start()
     assert b.retry_after() == 1  # nothing measured yet
     assert await b.infer(list(range(10))) == [2 * i for i in range(10)]  # 10 rows in 0.5 s: 20 rows/s
     work.gate.clear()
@@ -154,7 +161,7 @@ async def test_retry_after_is_the_queue_over_the_measured_throughput():
 
 async def test_full_queue_answers_overloaded_with_retry_after():
     work = Work()
-    b = Batcher(work, BatchConfig(max_queue_size=3)).start()
+    b = Batcher(work, one_instance(max_queue_size=3)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0]))
     await wait_until(work.entered.is_set)
@@ -170,7 +177,7 @@ async def test_full_queue_answers_overloaded_with_retry_after():
 
 async def test_timeout_answers_and_the_timed_out_rows_never_run():
     work = Work()
-    b = Batcher(work, BatchConfig(timeout_s=0.1)).start()
+    b = Batcher(work, one_instance(timeout_s=0.1)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0], timeout=5))
     await wait_until(work.entered.is_set)
@@ -185,7 +192,7 @@ async def test_timeout_answers_and_the_timed_out_rows_never_run():
 
 async def test_a_failing_row_fails_only_its_own_request():
     work = Work()
-    b = Batcher(work, BatchConfig()).start()
+    b = Batcher(work, one_instance()).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0]))
     await wait_until(work.entered.is_set)
@@ -202,7 +209,7 @@ async def test_a_failing_row_fails_only_its_own_request():
 
 async def test_drain_finishes_running_and_queued_rows_then_refuses_new_ones():
     work = Work()
-    b = Batcher(work, BatchConfig()).start()
+    b = Batcher(work, one_instance()).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([1]))
     await wait_until(work.entered.is_set)
@@ -219,7 +226,7 @@ async def test_drain_finishes_running_and_queued_rows_then_refuses_new_ones():
 
 async def test_close_answers_queued_rows_instead_of_leaving_them_hanging():
     work = Work()
-    b = Batcher(work, BatchConfig()).start()
+    b = Batcher(work, one_instance()).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([1]))
     await wait_until(work.entered.is_set)
@@ -234,7 +241,7 @@ async def test_close_answers_queued_rows_instead_of_leaving_them_hanging():
 
 async def test_timed_out_rows_free_their_queue_slots():
     work = Work()
-    b = Batcher(work, BatchConfig(max_queue_size=4, timeout_s=0.05)).start()
+    b = Batcher(work, one_instance(max_queue_size=4, timeout_s=0.05)).start()
     work.gate.clear()
     first = asyncio.ensure_future(b.infer([0], timeout=5))
     await wait_until(work.entered.is_set)

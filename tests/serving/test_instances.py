@@ -30,6 +30,7 @@ def test_default_instances_follow_the_cores():
         2,
         64 // CORES_PER_INSTANCE,
     ]
+    assert [default_instances(c) for c in (1, 2, 16, 1000)] == [1, 2, 16, 64]  # one per core, at most MAX_INSTANCES
     assert BatchConfig().instances == default_instances(machine_cores())
     assert ServerConfig.from_models(["minilm"], instances=None).models[0].batching.instances == default_instances()
     assert ServerConfig.from_models(["minilm"], instances=3).models[0].batching.instances == 3

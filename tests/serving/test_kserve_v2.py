@@ -145,7 +145,8 @@ async def test_every_bad_input_gets_its_4xx_and_the_server_still_serves(tiny_enc
 async def test_concurrent_requests_are_batched_together(tiny_encoder):
     server = make_server()
     async with client_for(server) as c:
-        runner = await add_model(server, str(tiny_encoder), "enc", record=True, max_batch_size=16)
+        # one instance: the rows queued behind the held batch must wait for it (a second instance would run them at once)
+        runner = await add_model(server, str(tiny_encoder), "enc", record=True, max_batch_size=16, instances=1)
         runner.gate.clear()
         lv = server.repository.get("enc")
         first = asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request(["first"])))
@@ -164,7 +165,8 @@ async def test_concurrent_requests_are_batched_together(tiny_encoder):
 async def test_full_queue_is_429_with_retry_after_and_timeout_is_504(tiny_encoder):
     server = make_server()
     async with client_for(server) as c:
-        runner = await add_model(server, str(tiny_encoder), "enc", record=True, max_queue_size=2, timeout_s=0.3)
+        # one instance: the queue fills behind the held batch (a second instance would take the queued rows)
+        runner = await add_model(server, str(tiny_encoder), "enc", record=True, max_queue_size=2, timeout_s=0.3, instances=1)
         runner.gate.clear()
         first = asyncio.ensure_future(c.post("/v2/models/enc/infer", json=text_request(["a"])))
         await wait_for(runner.entered.is_set, WAIT_S, "the first batch to run")

@@ -13,6 +13,7 @@ modelpress`` imports it, so every runner can load every artifact.
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -91,6 +92,7 @@ class Runner(ABC):
         self.options = options
         self.signature: Signature | None = artifact.manifest.signature
         self._loaded = False
+        self._load_lock = threading.Lock()  # worker threads calling run() on a runner not loaded yet load it once
 
     @abstractmethod
     def _load(self) -> None:
@@ -102,8 +104,10 @@ class Runner(ABC):
 
     def load(self) -> Runner:
         if not self._loaded:
-            self._load()
-            self._loaded = True
+            with self._load_lock:
+                if not self._loaded:
+                    self._load()
+                    self._loaded = True
         return self
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -29,7 +29,10 @@ and again for each new shape class (batch of 1, or every shape with ``dynamic=Fa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +192,38 @@ def load_torch_module(
     return module, signature
 
 
+def _config_patch_is_per_thread() -> bool:
+    """Whether ``torch._inductor.config.patch`` changes the flag for the calling thread only (a ContextVar per setting,
+    as in torch 2.13); when it does not (older torch: one module-wide value), compiled calls must not overlap."""
+    from contextvars import ContextVar
+
+    import torch._inductor.config as inductor_config
+
+    entry = getattr(inductor_config, "_config", {}).get("freezing")
+    return isinstance(getattr(entry, "user_override", None), ContextVar)
+
+
+class _Serial:
+    """Compiled calls one at a time, where torch's config is one value for the whole process (see below)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._per_thread: bool | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self._per_thread is None:
+            self._per_thread = _config_patch_is_per_thread()
+        if self._per_thread:
+            yield
+            return
+        with self._lock:
+            yield
+
+
+_COMPILED_CALLS = _Serial()
+
+
 @register_runtime
 class TorchRunner(Runner):
     """Options: ``compile``, ``freezing``, ``dynamic``, ``dtype``, ``transform``, ``calibration``, ``attn_implementation``,
@@ -342,7 +377,10 @@ class TorchRunner(Runner):
                 # recompile) to decide whether weights become constants, so the flag must be set
                 # around the call; torch.compile(options={"freezing": True}) alone does not freeze,
                 # and PT2E's int8 weights then fail to compile (onednn.qlinear_prepack on fake tensors).
-                with torch._inductor.config.patch(freezing=self.freezing):
+                # The server calls a runner from several worker threads at once: torch 2.13 keeps a patch to the
+                # thread that made it; where torch keeps one value for the process, the first call to leave would
+                # restore the flag while another thread traces, so there compiled calls run one at a time.
+                with _COMPILED_CALLS.held(), torch._inductor.config.patch(freezing=self.freezing):
                     out = self._call(*args)
             else:
                 out = self._call(*args)

@@ -26,13 +26,15 @@ from modelpress.errors import ConfigError
 MiB = 1 << 20
 MAX_THREADS = 1024  # threads per runner instance: beyond any machine's cores; bounds what a load request may ask
 MAX_INSTANCES = 64
-# Cores each model instance gets when ``instances`` is not set: one instance per this many cores (at least one). A lone
-# request then runs on all of an instance's cores. On a quiet 2-core AMD EPYC (AVX2), MiniLM on torch at concurrency 64
-# served 189 req/s with 2 instances x 1 thread against 149 with this default (1 x 2), in the same interleaved rounds
-# (docs/serving-performance.md): `--instances 2 --threads 1` is the better setting there for throughput. It is not the
-# default yet: one instance per core changed what the batcher's and KServe's batching tests assume, and every
-# runtime's runner being safe to call from several threads at once is not checked for all of them (left for later).
-CORES_PER_INSTANCE = 4
+# Cores each model instance gets when ``instances`` is not set: one instance (worker thread) per this many cores, each
+# with that many intra-op threads. On a quiet 2-core AMD EPYC (AVX2), MiniLM on torch at concurrency 64 served 189 req/s
+# with 2 instances x 1 thread against 149 with 1 x 2, in the same interleaved rounds (1.27x; docs/serving-performance.md):
+# a batch on one thread never waits at an operator's barrier for a thread the event loop or the tokenizer took the core
+# from. Several instances call one runner at once: every runtime's runner is safe for that (torch eager and compiled,
+# TorchScript, AOTInductor's model pool, ONNX Runtime sessions, OpenVINO with one infer request per thread, ExecuTorch
+# and tensor-parallel runners behind a lock; tests/runtimes/test_concurrent_runs.py). A lone request then runs on one
+# core: set ``instances: 1`` (threads: all cores) where the latency of single requests matters more than throughput.
+CORES_PER_INSTANCE = 1
 # A client must send its whole request body within this many seconds of the first read (else 408): a client that sends
 # half a body and stalls holds one of the max_concurrent_requests slots; 30 s lets a slow link (~300 KB/s) send 8 MiB.
 BODY_READ_TIMEOUT_S = 30.0
