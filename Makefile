@@ -53,6 +53,8 @@ test: $(TEST_STAMP)
 	@$(MAKE) --no-print-directory lint || { [ "$(LINT_STRICT)" = 0 ] && echo "make test: the lint step failed (going on: LINT_STRICT=0)" >&2; }
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# `make bench`: every benchmarks/*_bench.py, then the tests marked `bench` (benchmark runs that `make
+# test` leaves out: pyproject's addopts deselect them); benchmarks/run.py runs both.
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/run.py
 
