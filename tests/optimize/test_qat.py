@@ -166,3 +166,29 @@ def test_qat_on_mnist_converts_through_the_post_training_step_of_each_runtime(mn
     variant = Artifact.open(result.path)
     assert variant.manifest.step["technique"] == "qat" and variant.manifest.parent == art.content_hash()
     assert variant.manifest.step["runtime"] == runtime
+
+
+def test_static_qat_keeps_weights_the_outputs_never_use_out_of_the_lost_weights_check():
+    """An embedding model's BertModel has a pooler its last-hidden-state module never uses: the export drops it
+    with the dead code, so the prepared graph has no pooler weights; they are listed as unused, not lost."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from modelpress.optimize.quantize.qat import prepare_static
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    bert = BertModel(cfg).eval()
+
+    class Hidden(torch.nn.Module):  # the positional module of an embedding model: token states only
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(1, 64, (2, 8))
+    graph = prepare_static(Hidden(), (ids, torch.ones_like(ids)), per_channel=True)
+    assert graph.unused_weights == ["model.pooler.dense.bias", "model.pooler.dense.weight"]
+    assert "model.encoder.layer.0.output.dense.weight" in graph.state_dict()  # the used weights are there to train

@@ -151,12 +151,17 @@ def prepare_static(
             f"torch.export could not trace this model for QAT ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}).",
             hint="Use quantize: {technique: weight-only} (QAT in eager mode), or post-training static-int8.",
         ) from exc
+    traced = set(graph.state_dict())
     graph.graph.eliminate_dead_code()  # an unused pooler leaves partitions the quantizer cannot annotate
     graph.recompile()
     quantizer = xiq.X86InductorQuantizer().set_global(x86_config(per_channel=per_channel, weight_bits=weight_bits))
     for name in excluded or []:
         quantizer.set_module_name_qconfig(name, None)
-    return prepare_qat_pt2e(graph, quantizer)
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    # weights the module's outputs never use (BertModel's pooler under a last-hidden-state module): dropped with the
+    # dead code, not trained, kept as they are in the converted model
+    prepared.unused_weights = sorted(traced - set(prepared.state_dict()))
+    return prepared
 
 
 def warm_up_observers(student: Any, batches: list[dict[str, Any]], names: list[str]) -> None:
@@ -353,7 +358,9 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
     if kind == "static":
         state = student.graph.state_dict()
         own = module.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # a counter, not a weight
+        unused = set(getattr(student.graph, "unused_weights", []))
+        # num_batches_tracked: a counter, not a weight
+        missing = [k for k in own if k not in state and k not in unused and not k.endswith("num_batches_tracked")]
         if missing:
             raise OptimizationError(
                 f"The trained graph lost {len(missing)} of the model's weights ({', '.join(missing[:3])}).",
