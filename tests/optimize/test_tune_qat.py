@@ -139,3 +139,22 @@ def test_the_qat_candidate_is_built_last_converted_like_the_runs_static_int8_cac
     third = tune(art, exhaustive=True, report=False, **{**kw, "gate": loose}, **FAST)
     q3 = next(p for p in third.points if p.steps)
     assert applied == [] and q3.cached and q3.stage == "scored"
+
+
+@pytest.mark.needs_data
+def test_a_short_budget_does_not_train_the_qat_candidate_and_the_table_says_what_it_needs(mnist_build, tmp_path, monkeypatch, data_dir):
+    import io
+
+    from rich.console import Console
+
+    from modelpress.cli.optimize import tune_table
+
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))
+    step = {"technique": "qat", "runtime": "onnxruntime", "training": {**TINY, "max_seconds": 600}}  # 10 + 3 minutes
+    res = tune(mnist_build[0], candidates=["torch", step], gate=GATE, budget_s=120, output=tmp_path / "o", **FAST)
+    (q,) = [p for p in res.points if p.steps]
+    assert (q.stage, q.stop, q.status, q.artifact) == ("planned", STOP_NEEDS_BUDGET, "skipped", None)
+    assert "needs --budget >= 13m" in q.reason and any("QAT" in n for n in res.notes)
+    buf = io.StringIO()
+    Console(file=buf, width=400).print(tune_table(res))
+    assert "qat" in buf.getvalue() and "needs --budget >= 13m" in buf.getvalue()
