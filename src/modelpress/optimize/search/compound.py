@@ -14,8 +14,9 @@ goes past it. The tuner (:mod:`.tune`) adds, for a model it can train:
 * **quantization-aware training** (:mod:`modelpress.optimize.quantize.qat`), for a task with
   training data: one ``qat`` step (fine-tuning with the quantization simulated, then converted by
   the post-training step) whose conversion is :func:`qat_target`: the run's fastest timed static
-  int8 or weight-only candidate on a runtime QAT converts to, else ONNX Runtime static int8 per
-  channel. Its steps in the table and report: ``qat``, then the post-training step it converts with.
+  int8 candidate on a runtime QAT converts to, else ONNX Runtime static int8 per channel (a causal
+  LM: its fastest weight-only candidate on such a runtime, torch under the nvidia preset, else no
+  QAT candidate). Its steps in the table and report: ``qat``, then the post-training step it converts with.
 
 The quantization step is decided by the cheap stages: the :data:`QUANT_PICKS` fastest
 quantization candidates of this very run, by their own timing (for a causal LM, its weight-only
