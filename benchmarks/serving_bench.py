@@ -1,7 +1,8 @@
 """The model server against the same runner in process, a plain FastAPI batcher, LitServe and Ray Serve.
 
 Workload: real STS-B dev sentences (the built-in list without the data folder), one sentence per
-request, MiniLM on PyTorch fp32 eager, 2 threads, max batch 32, 5 ms batch wait. Loopback only,
+request, MiniLM on PyTorch fp32 eager, 2 threads (our server: its default layout on the same cores, one model
+instance per core with one thread each; ``BENCH_OUR_THREADS``), max batch 32, 5 ms batch wait. Loopback only,
 bounded request counts. Measured here, not quoted:
 
 1. in process (``_inprocess.py``, in a process and session of its own, as the servers are):
@@ -56,7 +57,10 @@ from _peers import PEER_VERSIONS, SERVER_ENV, peer_python, start_peer
 from _procs import LOAD_LOG, Procs, load1, load_section, main_guard, wait_ready
 from _serving_report import summarize, write_results
 
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # the floor's, the peers' and the in-process runner's threads
+# our server's threads per model instance; 0: its default layout (one instance per core, one thread each: on 2 cores
+# 2 x 1, the same 2 cores as the others' one worker x 2 threads); --instances 1,2 measures other layouts beside it
+OUR_THREADS = int(os.environ.get("BENCH_OUR_THREADS", "0"))
 MAX_BATCH = 32
 DELAY_MS = 5.0
 CONCURRENCIES = (1, 8, 32, 64)
@@ -260,6 +264,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "settings": {
             "threads": THREADS,
+            "our_threads_per_instance": OUR_THREADS or "the server's default (one instance per core, one thread each)",
             "max_batch_size": MAX_BATCH,
             "max_queue_delay_ms": DELAY_MS,
             "runtime": args.runtime,
@@ -333,13 +338,13 @@ def start_all(args: argparse.Namespace, settings: dict[str, Any], texts: list[st
     ours_wanted = [s for s in args.servers if s != "floor"] or (["ours"] if args.load_requests or args.instances else [])
     if ours_wanted or args.load_requests:
         print("modelpress serve ...", flush=True)
-        models = [our_model("minilm", args.runtime, THREADS)]
+        models = [our_model("minilm", args.runtime, OUR_THREADS)]
         if "longest" in ours_wanted:
-            models.append(our_model("minilm-longest", args.runtime, THREADS, bucketing=False))
+            models.append(our_model("minilm-longest", args.runtime, OUR_THREADS, bucketing=False))
         if "pad128" in ours_wanted:
-            models.append(our_model("minilm-pad128", args.runtime, THREADS, bucketing=False, pad_to_length=128))
+            models.append(our_model("minilm-pad128", args.runtime, OUR_THREADS, bucketing=False, pad_to_length=128))
         if args.load_requests:  # the overload test's model: a queue of 128 rows
-            models.append(our_model("minilm-q128", args.runtime, THREADS, max_queue_size=128))
+            models.append(our_model("minilm-q128", args.runtime, OUR_THREADS, max_queue_size=128))
         proc, port = start_ours(models, tmp, procs, "ours")
         tree = ProcessTree(proc.pid, (SERVER_ENV, "ours"))
         for name, model, cs in (("ours", "minilm", conc), ("longest", "minilm-longest", conc), ("pad128", "minilm-pad128", (top,))):
