@@ -52,6 +52,23 @@ def test_default_gate_per_task():
     assert GateConfig.for_task("causal-lm").thresholds[0].metric == "perplexity"
 
 
+def test_the_default_gate_can_name_which_agreement_it_gates():
+    g = GateConfig.for_task("embedding", max_drop=0.01, min_agreement=0.95, agreement_metric="top10_agreement")
+    assert [(t.metric, t.min_recovery, t.min_value) for t in g.thresholds] == [("spearman", 0.99, None), ("top10_agreement", None, 0.95)]
+    # it gates what it names: 0.933 top-10 fails even with a near-perfect mean cosine
+    res = check({"spearman": 0.82}, {"spearman": 0.82, "mean_cosine": 0.995, "top10_agreement": 0.933}, g)
+    assert [r.metric for r in res.failures] == ["top10_agreement"]
+    assert GateConfig.for_task("text-classification", min_agreement=0.99, agreement_metric="label_agreement").thresholds[1].metric == (
+        "label_agreement"
+    )
+    # a name the task does not report: the error lists the ones it does
+    with pytest.raises(ConfigError, match="'top5_agreement' is not an agreement metric of the embedding task") as err:
+        GateConfig.for_task("embedding", min_agreement=0.95, agreement_metric="top5_agreement")
+    assert "mean_cosine, min_cosine, top10_agreement" in err.value.message and "--agreement-metric" in err.value.hint
+    with pytest.raises(ConfigError, match="without the value"):
+        GateConfig.for_task("embedding", agreement_metric="top10_agreement")
+
+
 def test_bad_gates_fail_loudly():
     with pytest.raises(ConfigError, match="sets no rule"):
         Threshold(metric="spearman")

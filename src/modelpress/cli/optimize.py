@@ -190,7 +190,15 @@ def tune(
         float | None,
         typer.Option(
             "--min-agreement",
-            help="Also require this agreement with the original (the task's: mean cosine for embeddings, labels for classifiers).",
+            help="Also require this agreement with the original (on --agreement-metric; default the task's: mean cosine for "
+            "embeddings, labels for classifiers, top-1 tokens for causal LMs).",
+        ),
+    ] = None,
+    agreement_metric: Annotated[
+        str | None,
+        typer.Option(
+            "--agreement-metric",
+            help="Which agreement --min-agreement gates: one the task reports (embedding: mean_cosine, min_cosine, top10_agreement).",
         ),
     ] = None,
     budget: Annotated[str, typer.Option("--budget", help="Time for the search: 90s, 5m, 1h.")] = "5m",
@@ -228,6 +236,14 @@ def tune(
     train_time: Annotated[
         str | None, typer.Option("--train-time", help="Training time of each compound candidate's first step: 5m (the default), 90s.")
     ] = None,
+    auto_exclude: Annotated[
+        int | None,
+        typer.Option(
+            "--auto-exclude",
+            help="A fast int8 candidate failing only on agreement is tried again with 1, 2, 4 ... up to N of its most "
+            "sensitive layers in float (mixed precision), each a candidate of its own (default 12); 0: never.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the fastest variant that keeps quality: every candidate built and timed, the fastest scored, the pick re-timed."""
@@ -256,6 +272,7 @@ def tune(
             data=data,
             max_drop=parse_fraction(max_drop),
             min_agreement=min_agreement,
+            agreement_metric=agreement_metric,
             budget_s=parse_duration(budget),
             preset=preset,
             runtimes=runtime,
@@ -272,6 +289,7 @@ def tune(
             exhaustive=exhaustive,
             compound_candidates=compound,
             compound_train_s=parse_duration(train_time) if train_time else None,
+            **({} if auto_exclude is None else {"auto_exclude": auto_exclude}),
             progress=prog,
             on_point=show,
         )

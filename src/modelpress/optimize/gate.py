@@ -71,19 +71,33 @@ class GateConfig(StrictModel):
     thresholds: list[Threshold] = Field(default_factory=list)
 
     @classmethod
-    def for_task(cls, task: str, *, max_drop: float = 0.01, min_agreement: float | None = None) -> GateConfig:
+    def for_task(
+        cls, task: str, *, max_drop: float = 0.01, min_agreement: float | None = None, agreement_metric: str | None = None
+    ) -> GateConfig:
         """The default gate: the task's primary metric keeps ``1 - max_drop`` of its value.
 
-        ``min_agreement``: also require this much of the task's agreement with the original
-        (``Task.agreement_metric``: mean cosine for embeddings, label agreement for classifiers,
-        top-1 token agreement for language models).
+        ``min_agreement``: also require this much agreement with the original, on
+        ``agreement_metric`` (one of the task's ``agreement_metrics``, e.g. ``top10_agreement``
+        for embeddings); default the task's ``agreement_metric`` (mean cosine for embeddings,
+        label agreement for classifiers, top-1 token agreement for language models).
         """
         from modelpress.tasks import get_task_class
 
         cls_ = get_task_class(task)
+        if agreement_metric is not None and agreement_metric not in cls_.agreement_metrics:
+            raise ConfigError(
+                f"'{agreement_metric}' is not an agreement metric of the {task} task; "
+                f"it reports {', '.join(cls_.agreement_metrics)} (default: {cls_.agreement_metric}).",
+                hint=f"Example: --min-agreement 0.95 --agreement-metric {cls_.agreement_metrics[-1]}",
+            )
+        if agreement_metric is not None and min_agreement is None:
+            raise ConfigError(
+                f"An agreement metric ('{agreement_metric}') was named without the value to require of it.",
+                hint=f"Example: --min-agreement 0.95 --agreement-metric {agreement_metric}",
+            )
         rules = [Threshold(metric=cls_.primary_metric, min_recovery=round(1.0 - max_drop, 10))]
         if min_agreement is not None:
-            rules.append(Threshold(metric=cls_.agreement_metric, min_value=min_agreement))
+            rules.append(Threshold(metric=agreement_metric or cls_.agreement_metric, min_value=min_agreement))
         return cls(thresholds=rules)
 
 

@@ -35,7 +35,8 @@ class Point:
     ``STOP_*`` texts of :mod:`modelpress.optimize.search.tune`; None when it passed the gate),
     ``reason``: the details. A compound candidate (two steps chained, :mod:`.compound`) has
     ``steps`` (both configs, in order), ``intermediate`` (the first step's artifact, the parent of
-    ``artifact`` in the lineage) and ``training`` (what its first step's training did).
+    ``artifact`` in the lineage) and ``training`` (what its first step's training did). A mixed-precision
+    candidate (:mod:`.mixed`) has ``float_layers``: the layers it keeps in float.
     """
 
     label: str
@@ -68,6 +69,7 @@ class Point:
     steps: list[dict[str, Any]] | None = None  # a compound candidate's steps (first, then quantization)
     intermediate: str | None = None  # a compound candidate's first-step artifact (student / pruned model)
     training: dict[str, Any] | None = None  # a compound candidate's training: seconds, steps, why it stopped, layers
+    float_layers: list[str] | None = None  # a mixed-precision candidate's layers kept in float, most sensitive first (:mod:`.mixed`)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -3,7 +3,8 @@
 * :func:`register_passing`: every passing candidate registered with its quality and speed rows, as
   a child of the original (a compound candidate: original -> first step -> quantized,
   :func:`modelpress.optimize.search.compound.register`);
-* :func:`write_outputs`: ``chosen/`` (the picked artifact), ``tune.json`` and the HTML report.
+* :func:`write_outputs`: ``chosen/`` (the picked artifact), ``tune.json`` and the HTML report;
+* :func:`search_summary`: the search's own record in ``tune.json`` (mode, stage counts, seconds).
 """
 
 from __future__ import annotations
@@ -50,3 +51,19 @@ def write_outputs(result: TuneResult, output: str | os.PathLike, *, report: bool
 
         result.report = str(tune_report(result, out))
     _write_json(out / "tune.json", result.to_json())
+
+
+def search_summary(points: list[Point], *, exhaustive: bool, screen_rows: int, margin: float, **more: Any) -> dict[str, Any]:
+    """``TuneResult.search``: the mode, screening rows and margin, how many candidates reached each stage, the
+    re-timed ones, and ``more`` (seconds per stage, confirmations, mixed-precision candidates)."""
+    from modelpress.optimize.search.front import STAGES
+
+    return {
+        "mode": "exhaustive" if exhaustive else "multi-fidelity",
+        "screen_rows": screen_rows,
+        "screen_margin": margin,
+        "stages": {s: sum(1 for p in points if STAGES.index(p.stage) >= STAGES.index(s)) for s in STAGES[1:]},
+        "retimed": [p.label for p in points if p.retimed],
+        "mixed_precision": [p.label for p in points if p.float_layers is not None],
+        **more,
+    }

@@ -150,6 +150,31 @@ def compound_section(result: Any) -> str:
     )
 
 
+def mixed_section(result: Any) -> str:
+    """The mixed-precision candidates: an int8 candidate that failed only on agreement, with its most sensitive layers in float."""
+    from modelpress.tasks import TASKS
+
+    mixed = [p for p in result.points if getattr(p, "float_layers", None) is not None]
+    if not mixed:
+        return ""
+    metrics = [m for m in getattr(TASKS.get(result.task), "agreement_metrics", ()) if any(m in p.quality for p in mixed)]
+    rows = []
+    for p in mixed:
+        stopped = "picked" if result.chosen is p else (p.stop or ("passed" if p.passed else ""))
+        rows.append(
+            f"<tr data-stage='{_fmt(p.stage)}'><td>{_fmt(p.label)}</td><td>{len(p.float_layers)}: "
+            f"{html.escape(', '.join(p.float_layers))}</td>{''.join(f'<td>{_fmt(p.quality.get(m))}</td>' for m in metrics)}"
+            f"<td>{_fmt(p.speedup, 3)}</td><td>{_fmt(p.stage)}</td><td>{_fmt(stopped)}</td></tr>"
+        )
+    heads = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    return (
+        "<h2>Mixed precision</h2><p>A fast int8 candidate that failed the gate only on agreement with the original, "
+        "again with its 1, 2, 4 ... most sensitive layers (ranked by a sensitivity scan) kept in float.</p>"
+        f"<table id='mixed'><tr><th>candidate</th><th>layers in float</th>{heads}<th>speed-up</th><th>stage reached</th>"
+        f"<th>stopped</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def tune_report(result: Any, out_dir: Path) -> Path:
     """Write ``pareto.png``, ``latency.png`` and ``report.html`` to ``out_dir``; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +243,7 @@ primary metric <b>{html.escape(result.primary_metric)}</b>
 <h2>Latency</h2><img alt="latency" src="data:image/png;base64,{b64["latency"]}">
 {search_html}
 {compound_section(result)}
+{mixed_section(result)}
 <h2>Every candidate</h2>
 <table id="candidates"><tr><th>candidate</th><th>peer recipe</th><th>stage reached</th><th>stopped</th><th>recovery</th>
 <th>items/s</th><th>speed-up (own timing)</th><th>speed-up (re-timed)</th>

@@ -37,6 +37,43 @@ SCREEN_MARGIN_SCALE = 0.5
 SCREEN_MARGIN_FLOOR = 0.01  # never screen tighter than 1 point, whatever the rows
 
 
+def check_settings(max_drop: float, budget_s: float, screen_rows: int | None, compound_train_s: float | None, auto_exclude: int) -> None:
+    """The tuner's settings, each checked with an example of a good value."""
+    from modelpress.errors import ConfigError
+
+    if not 0.0 <= max_drop < 1.0:
+        raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop}.", hint="Example: --max-drop 1% (or 0.01)")
+    if budget_s <= 0:
+        raise ConfigError(f"The budget must be positive, got {budget_s} s.", hint="Example: --budget 5m")
+    if screen_rows is not None and screen_rows < 0:
+        raise ConfigError(f"screen_rows must be 0 (no screening) or more, got {screen_rows}.", hint="Example: --screen-rows 300")
+    if compound_train_s is not None and compound_train_s <= 0:
+        raise ConfigError(
+            f"The compound candidates' training time must be positive, got {compound_train_s} s.", hint="Example: --train-time 5m"
+        )
+    if auto_exclude < 0:
+        raise ConfigError(
+            f"auto_exclude (layers a mixed-precision candidate may keep in float) must be 0 (none) or more, got {auto_exclude}.",
+            hint="Example: --auto-exclude 8",
+        )
+
+
+def score_baseline(evaluator: Any, base: dict[str, Any], gate: GateConfig, point: Any) -> None:
+    """The baseline candidate's full score: the original's evaluation (the reference itself), with its agreement
+    with the original computed from the reference's remembered outputs, gated like any candidate."""
+    from modelpress.optimize.gate import check, flat_metrics
+    from modelpress.optimize.search.front import STOP_GATE
+
+    agreement = evaluator.task.agreement(evaluator.reference, evaluator.reference, evaluator.dataset, **evaluator.kwargs)
+    evaluation = {**base, "agreement": agreement}
+    base_flat = flat_metrics(base)
+    verdict = check(base_flat, flat_metrics(evaluation), gate)
+    point.quality, point.recovery = flat_metrics(evaluation), 1.0 if evaluator.task.primary_metric in base_flat else None
+    point.gate, point.passed, point.stage, point.status = verdict.to_json(), verdict.passed, "scored", "measured"
+    if not verdict.passed:
+        point.stop, point.reason = STOP_GATE, verdict.summary()
+
+
 def screen_size(total: int, rows: int | None = None) -> int:
     """How many rows to screen on (0: no screening): ``rows`` when given, else a tenth of the split
     and at least :data:`SCREEN_MIN_ROWS`; 0 when that would be more than half the split."""

@@ -21,7 +21,9 @@ Every candidate's point says how far it got (``stage``) and why it stopped (``st
 Compound candidates (:mod:`.compound`: a distilled student or a pruned model, then quantized)
 train for minutes: they are built after every cheap candidate is built and timed, only under a
 budget long enough for their training (else they stop with ``needs a longer budget``), and then
-timed, screened and scored like the rest.
+timed, screened and scored like the rest. A fast quantized candidate that fails only on agreement
+is tried again with its most sensitive layers kept in float (:mod:`.mixed`): each such version is a
+candidate of its own, placed in the speed order and scored like the rest.
 
 Nothing is done twice: each candidate's result, stage by stage, is cached under
 ``MODELPRESS_HOME/cache/tune`` by (artifact hash, config, runtime, machine, dataset, gate,
@@ -42,9 +44,9 @@ from typing import Any
 
 from modelpress._fs import crash_point
 from modelpress.artifacts import Artifact
-from modelpress.errors import ConfigError, GateFailedError, ModelpressError
+from modelpress.errors import GateFailedError, ModelpressError
 from modelpress.optimize.gate import GateConfig, check, flat_metrics, recovery
-from modelpress.optimize.search import compound
+from modelpress.optimize.search import compound, mixed
 from modelpress.optimize.search.candidates import (  # noqa: F401  (named here too: the tuner's API)
     BASELINE_RUNTIME,
     Candidate,
@@ -66,8 +68,8 @@ from modelpress.optimize.search.front import (  # noqa: F401  (FIDELITY, fidelit
     fidelity,
     pareto_front,
 )
-from modelpress.optimize.search.outputs import register_passing, write_outputs
-from modelpress.optimize.search.stages import _set_speed, _x, retime_points
+from modelpress.optimize.search.outputs import register_passing, search_summary, write_outputs
+from modelpress.optimize.search.stages import _set_speed, _x, check_settings, retime_points, score_baseline
 from modelpress.optimize.search.tune_cache import CACHE_VERSION, _cached_point, _machine_key, _resume, _save
 from modelpress.progress import ProgressFactory, no_progress
 
@@ -83,8 +85,7 @@ CONFIRM_RIVALS = 3
 
 
 def _first_timing(pipe: Any, art: Artifact, runtime: str) -> dict[str, Any] | None:
-    """A candidate's own timing (stage 2): side by side with the baseline in interleaved rounds (a causal LM:
-    decode tokens/s on its generation engine, :mod:`.llm_speed`)."""
+    """A candidate's own timing (stage 2), side by side with the baseline (a causal LM: decode tokens/s, :mod:`.llm_speed`)."""
     if pipe.original.task == "causal-lm":
         from modelpress.optimize.search.llm_speed import time_decode
 
@@ -100,6 +101,7 @@ def tune(
     data_dir: str | os.PathLike | None = None,
     max_drop: float = 0.01,
     min_agreement: float | None = None,
+    agreement_metric: str | None = None,
     gate: GateConfig | None = None,
     budget_s: float = 300.0,
     candidates: list[Any] | None = None,
@@ -114,6 +116,7 @@ def tune(
     exhaustive: bool = False,
     compound_candidates: bool | None = None,
     compound_train_s: float | None = None,
+    auto_exclude: int = mixed.MAX_LAYERS,
     output: str | os.PathLike | None = None,
     register: bool = False,
     registry: Any = None,
@@ -126,7 +129,9 @@ def tune(
     """Search for the fastest variant of ``model`` that keeps quality; see the module docstring.
 
     ``max_drop``: the primary metric may lose at most this fraction (0.01 = 1%).
-    ``min_agreement``: also require this top-10 / label / top-1 agreement with the original.
+    ``min_agreement``: also require this agreement with the original, on ``agreement_metric`` (one of the task's
+    ``agreement_metrics``, e.g. ``top10_agreement``; default the task's: mean cosine / labels / top-1 tokens).
+    ``auto_exclude``: the most layers a mixed-precision candidate keeps in float (:mod:`.mixed`; 0: none).
     ``budget_s``: wall-clock seconds for the search's scoring stages; every candidate is built and
     timed whatever the budget (the table says when that alone took longer).
     ``screen_rows``: rows of the fixed screening subsample (None: a tenth of the split, at least
@@ -142,19 +147,10 @@ def tune(
     from modelpress.optimize.search.stages import retime, screen_margin, screen_size, screening_gate, subsample
     from modelpress.optimize.step import Pipeline, Speed, record
 
-    if not 0.0 <= max_drop < 1.0:
-        raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop}.", hint="Example: --max-drop 1% (or 0.01)")
-    if budget_s <= 0:
-        raise ConfigError(f"The budget must be positive, got {budget_s} s.", hint="Example: --budget 5m")
-    if screen_rows is not None and screen_rows < 0:
-        raise ConfigError(f"screen_rows must be 0 (no screening) or more, got {screen_rows}.", hint="Example: --screen-rows 300")
-    if compound_train_s is not None and compound_train_s <= 0:
-        raise ConfigError(
-            f"The compound candidates' training time must be positive, got {compound_train_s} s.", hint="Example: --train-time 5m"
-        )
+    check_settings(max_drop, budget_s, screen_rows, compound_train_s, auto_exclude)
     t_start = time.perf_counter()
     original = as_artifact(model, task)
-    gate = gate or GateConfig.for_task(original.task, max_drop=max_drop, min_agreement=min_agreement)
+    gate = gate or GateConfig.for_task(original.task, max_drop=max_drop, min_agreement=min_agreement, agreement_metric=agreement_metric)
     cands = parse_candidates(candidates) if candidates else default_candidates(original.task, preset, runtimes)
     if not any(c.config is None and c.runtime == BASELINE_RUNTIME for c in cands):
         cands.insert(0, Candidate(BASELINE_RUNTIME))
@@ -189,6 +185,8 @@ def tune(
     settings = {
         "max_drop": max_drop,
         "min_agreement": min_agreement,
+        "agreement_metric": agreement_metric or (evaluator.task.agreement_metric if min_agreement is not None else None),
+        "auto_exclude": auto_exclude,
         "budget_s": budget_s,
         "batch_size": batch_size,
         "seq_len": seq_len if text else None,
@@ -247,7 +245,7 @@ def tune(
         if data_ is not None:
             return _resume(data_, cand, n_screen, margin), entry
         step = cand.config.to_step() if cand.config else None
-        point = Point(label=cand.label, runtime=cand.runtime, step=step, peer=cand.peer, status="skipped")
+        point = Point(cand.label, cand.runtime, step, cand.peer, "skipped", float_layers=getattr(cand, "layers", None))
         if isinstance(cand, compound.Compound):
             point.steps = cand.steps()
             skip = compound.why_not(cand, budget_s, budget_s - elapsed())
@@ -295,15 +293,7 @@ def tune(
         if cand.config is None and cand.runtime == BASELINE_RUNTIME:
             baseline = point
             if point.status != "failed" and point.stage != "scored":
-                # The baseline is the reference itself: its full score is the original's evaluation, and
-                # its agreement with the original is computed from the reference's remembered outputs.
-                agreement = evaluator.task.agreement(evaluator.reference, evaluator.reference, evaluator.dataset, **evaluator.kwargs)
-                evaluation = {**base, "agreement": agreement}
-                verdict = check(base_flat, flat_metrics(evaluation), gate)
-                point.quality, point.recovery = flat_metrics(evaluation), 1.0 if primary in base_flat else None
-                point.gate, point.passed, point.stage, point.status = verdict.to_json(), verdict.passed, "scored", "measured"
-                if not verdict.passed:
-                    point.stop, point.reason = STOP_GATE, verdict.summary()
+                score_baseline(evaluator, base, gate, point)  # the reference itself: the original's evaluation
                 _save(entry, point)
         add(point, entry)
         bar(1)
@@ -378,6 +368,18 @@ def tune(
 
     confirmations: list[dict[str, Any]] = []
 
+    def expand(p: Point, i: int) -> None:
+        """A fast int8 candidate failing only on agreement: its mixed-precision versions (:mod:`.mixed`), timed, in the order."""
+        if spent():  # they could only stop for the budget
+            return
+        faster_than = speed_of(p, best)[1] if best is not None else None
+        for cand in mixed.candidates_for(p, pipe, root, max_layers=auto_exclude, faster_than=faster_than, notes=notes):
+            q, entry = build_and_time(cand)
+            add(q, entry)
+            if q.status != "failed" and q.first_speedup is not None:
+                after = [j for j in range(i + 1, len(order)) if (order[j].first_speedup or 0.0) < q.first_speedup]
+                order.insert(after[0] if after else len(order), q)
+
     def spent() -> bool:  # the budget stops scoring once a non-baseline candidate passes (docs/tune.md, stage 4)
         return elapsed() > budget_s and best is not None and best is not baseline
 
@@ -387,6 +389,7 @@ def tune(
             if p.passed and (best is None or speed_of(p, best)[0] > speed_of(p, best)[1]):
                 best = p
             report_point(p)
+            expand(p, i)
             continue
         if not exhaustive and best is not None:
             mine, theirs, together = speed_of(p, best)
@@ -443,6 +446,7 @@ def tune(
         p.seconds += time.perf_counter() - t0
         _save(entries[id(p)], p)
         report_point(p)
+        expand(p, i)
     seconds["scoring"] = time.perf_counter() - t_scoring
 
     # -- stage 5: re-time the front and the passing candidates together, then pick ---------------------
@@ -461,17 +465,11 @@ def tune(
     chosen = max(passing, key=lambda p: p.speedup or 0.0) if passing else None
     for p in points:
         report_point(p)
-    stages = {s: sum(1 for p in points if STAGES.index(p.stage) >= STAGES.index(s)) for s in STAGES[1:]}
-    search = {
-        "mode": "exhaustive" if exhaustive else "multi-fidelity",
-        "screen_rows": n_screen,
-        "screen_margin": margin,
-        "speed_tie": SPEED_TIE,
-        "seconds": seconds,
-        "stages": stages,
-        "retimed": [p.label for p in points if p.retimed],
-        "confirmations": confirmations,  # the best passing candidate timed side by side with its next rivals
-    }
+    # confirmations: the best passing candidate timed side by side with its next rivals
+    search = search_summary(
+        points, exhaustive=exhaustive, screen_rows=n_screen, margin=margin, seconds=seconds, confirmations=confirmations
+    )
+    search["speed_tie"] = SPEED_TIE
 
     result = TuneResult(
         original.name,
