@@ -35,6 +35,7 @@ from starlette.responses import Response
 
 from modelpress.errors import ConfigError, ModelNotReadyError, ModelpressError, ModelpressRuntimeError, UserInputError
 from modelpress.serving.auth import check_key, key_from_headers
+from modelpress.serving.batching import request_timing
 from modelpress.serving.config import ModelConfig, ServerConfig
 from modelpress.serving.extensions import RequestObserver, ServerExtension
 from modelpress.serving.http import ServingMiddleware, error_response, info_of, protocol_of
@@ -185,7 +186,13 @@ class ModelServer:
     async def run_decode(self, decode: Callable[[Any], Any], handler: Any) -> Any:
         """``decode(handler)`` (tokenizing, checking every input) in a worker thread, off the event loop (on the loop it
         measured 0.75x the throughput at concurrency 64: docs/serving-performance.md)."""
-        return await asyncio.to_thread(decode, handler)
+        timing = request_timing.get()
+        if timing is None:
+            return await asyncio.to_thread(decode, handler)
+        started = time.perf_counter()
+        decoded = await asyncio.to_thread(decode, handler)
+        timing["decode"] = time.perf_counter() - started
+        return decoded
 
     def _observe(self, lv: LoadedVersion, seconds: float, ok: bool, request_id: str | None) -> None:
         for observer in self.request_observers:
@@ -326,6 +333,7 @@ def create_app(server: ModelServer) -> Any:
         max_body_bytes=server.config.max_body_bytes,
         access_log_enabled=server.config.access_log,
         body_timeout_s=server.config.body_timeout_s,
+        server_timing=server.config.server_timing,
     )
     return app
 

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
 from modelpress.errors import InvalidInputError, ModelNotReadyError, PayloadTooLargeError, RequestTimeoutError, ServerOverloadedError
@@ -41,18 +42,24 @@ BatchObserver = Callable[[int, list[float], float], None]  # (rows, queue second
 _RATE_SMOOTHING = 0.2  # weight of the newest batch in the rows-per-second estimate behind Retry-After
 _MAX_RETRY_AFTER_S = 60
 WAIT_SLICE_S = 0.05  # a batch waiting for company looks at the clock at least this often (delays are usually shorter)
+# The stage times (seconds) of the request being answered, when the server reports them (``server_timing``): the
+# serving middleware sets a dict per request; the server adds "decode", the batcher "queue" (its first row queued to its
+# last batch starting) and "batch" (that batch's run: collate, model, split, and the hops to its worker thread and back).
+request_timing: ContextVar[dict[str, float] | None] = ContextVar("modelpress_request_timing", default=None)
 
 
 class _Pending:
     """One request's rows in flight: its future, the results so far, how many rows are left."""
 
-    __slots__ = ("future", "queued", "remaining", "results")
+    __slots__ = ("enqueued", "future", "queued", "remaining", "results", "run_end", "run_start")
 
-    def __init__(self, future: asyncio.Future, n: int) -> None:
+    def __init__(self, future: asyncio.Future, n: int, enqueued: float) -> None:
         self.future = future
         self.results: list[Any] = [None] * n
         self.remaining = n
         self.queued = n  # rows still in the queue (not yet in a batch)
+        self.enqueued = enqueued
+        self.run_start = self.run_end = enqueued  # of the batch that ran its last rows (what request_timing reports)
 
 
 class Batcher:
@@ -167,8 +174,8 @@ class Batcher:
                 retry_after_s=self.retry_after(),
                 hint="Retry after the time in the Retry-After header, or raise max_queue_size / instances in the model's serve config.",
             )
-        pending = _Pending(self._loop.create_future(), n)
         now = self.clock()
+        pending = _Pending(self._loop.create_future(), n, now)
         q = self._queue
         if lengths is None:
             for i, row in enumerate(rows):
@@ -186,13 +193,18 @@ class Batcher:
         limit = self.config.timeout_s if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                return await pending.future
+                results = await pending.future
         except TimeoutError:
             self._dead += pending.queued  # its queued rows no longer count
             raise RequestTimeoutError(
                 f"Model '{self.name}' did not answer within {limit:g} s ({self.depth} rows queued, {self._running} batches running).",
                 hint="Retry later, send fewer inputs per request, or raise timeout_s in the model's serve config.",
             ) from None
+        timing = request_timing.get()
+        if timing is not None and "batch" not in timing:  # the request's own batch (not a shadow copy's, run after it)
+            timing["queue"] = pending.run_start - pending.enqueued
+            timing["batch"] = pending.run_end - pending.run_start
+        return results
 
     def retry_after(self) -> int:
         """Seconds after which the queue is likely to have room again."""
@@ -280,6 +292,7 @@ class Batcher:
             pending.results[i] = result
             pending.remaining -= 1
             if pending.remaining == 0:
+                pending.run_start, pending.run_end = started, started + seconds
                 fut.set_result(pending.results)
         n = len(rows)
         self.batches += 1

@@ -120,6 +120,10 @@ class ServerConfig(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0.0)  # graceful shutdown: how long in-flight requests may finish
     body_timeout_s: float = Field(BODY_READ_TIMEOUT_S, gt=0.0, le=3600.0)  # a request body must arrive within this (else 408)
     access_log: bool = True
+    # answer each inference request's stage times in a Server-Timing header (decode, queue, batch; ms): where the time
+    # of a slow request went, in a browser's network panel or curl -i; off by default (it tells a client how busy the
+    # queue is)
+    server_timing: bool = False
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("allowed_hosts")
