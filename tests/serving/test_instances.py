@@ -98,3 +98,16 @@ def test_the_server_process_lets_openmp_threads_sleep_unless_told_otherwise(env,
     out = subprocess.run([sys.executable, "-c", PROBE, order], env={**clean, **env}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_runtimes_that_run_one_call_at_a_time_get_one_instance_with_every_core():
+    from modelpress.runtimes import RUNTIMES
+    from modelpress.serving.config import SERIAL_RUNTIMES
+
+    assert sorted(SERIAL_RUNTIMES) == sorted(name for name, cls in RUNTIMES.items() if not cls.parallel_calls)
+    for runtime in SERIAL_RUNTIMES:
+        assert ModelConfig(source="minilm", runtime=runtime).batching.instances == 1
+    assert ModelConfig(source="minilm", runtime_options={"tensor_parallel": 2}).batching.instances == 1
+    assert ModelConfig(source="minilm", runtime="openvino", batching={"instances": 3}).batching.instances == 3  # set: kept
+    for runtime in ("torch", "onnxruntime", None):
+        assert ModelConfig(source="minilm", runtime=runtime).batching.instances == default_instances()

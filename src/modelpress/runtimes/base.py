@@ -83,6 +83,9 @@ class Runner(ABC):
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]  # the artifact formats it loads as they are; others are converted
     target_format: ClassVar[str | None] = None  # what it converts the others to (see :func:`convert`); None: it cannot
+    # whether calls from several threads run at the same time (else one at a time: a lock, or OpenVINO's one stream per
+    # compiled model); the server runs one instance of a runtime without (serving.config.SERIAL_RUNTIMES)
+    parallel_calls: ClassVar[bool] = True
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None, **options: Any) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):

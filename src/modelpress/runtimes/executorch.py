@@ -33,6 +33,7 @@ class ExecuTorchRunner(TorchProgramRunner):
     formats = ("executorch",)
     target_format = "executorch"
     splits_batch = True
+    parallel_calls = False  # calls take a lock
 
     def _open(self, artifact: Any) -> Any:
         with warnings.catch_warnings():

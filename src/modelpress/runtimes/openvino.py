@@ -55,6 +55,7 @@ class OpenVINORunner(Runner):
     name = "openvino"
     formats = ("openvino", "onnx")
     target_format = "openvino"
+    parallel_calls = False  # one stream (LATENCY): the CPU plugin runs one request at a time per compiled model
 
     def _load(self) -> None:
         precision = self.options.get("precision") or "f32"

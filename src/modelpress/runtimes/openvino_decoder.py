@@ -41,6 +41,7 @@ class OpenVINODecoderRunner(Runner):
     name = NAME
     formats = ("openvino",)
     target_format = NAME
+    parallel_calls = False  # one stream (LATENCY): the CPU plugin runs one request at a time per compiled model
 
     def loadable(self) -> Artifact:
         art = self.artifact

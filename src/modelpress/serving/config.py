@@ -35,6 +35,11 @@ MAX_INSTANCES = 64
 # and tensor-parallel runners behind a lock; tests/runtimes/test_concurrent_runs.py). A lone request then runs on one
 # core: set ``instances: 1`` (threads: all cores) where the latency of single requests matters more than throughput.
 CORES_PER_INSTANCE = 1
+# Runtimes whose runner runs one call at a time however many threads call it (Runner.parallel_calls False: OpenVINO's
+# one stream per compiled model, ExecuTorch's lock): a model on one of these gets one instance with every core when the
+# config does not set ``instances`` (several instances of 1 thread each would share one thread). A test checks this
+# list against the runners.
+SERIAL_RUNTIMES = ("openvino", "openvino-decoder", "executorch")
 # A client must send its whole request body within this many seconds of the first read (else 408): a client that sends
 # half a body and stalls holds one of the max_concurrent_requests slots; 30 s lets a slow link (~300 KB/s) send 8 MiB.
 BODY_READ_TIMEOUT_S = 30.0
@@ -93,6 +98,14 @@ class ModelConfig(BaseModel):
         if not v.strip():
             raise ValueError("source is empty; give a folder, a short name (minilm) or a registry ref (NAME@production)")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _one_instance_for_serial_runtimes(self) -> ModelConfig:
+        ranks = self.runtime_options.get("tensor_parallel")
+        serial = self.runtime in SERIAL_RUNTIMES or (isinstance(ranks, int) and ranks > 1)  # tensor-parallel: a lock
+        if serial and "instances" not in self.batching.model_fields_set:
+            self.batching = self.batching.model_copy(update={"instances": 1})
+        return self
 
 
 class ServerConfig(BaseModel):
