@@ -307,7 +307,7 @@ def tune(
 
     # -- compound candidates: trained, so built after every cheap one is timed, and only when the budget allows ----
     if compound_candidates if compound_candidates is not None else not candidates:
-        compounds += compound.default_compounds(original, points, compound_train_s or compound.TRAIN_S)
+        compounds += compound.default_compounds(original, points, compound_train_s or compound.TRAIN_S, ddir)
     if compounds:
         bar = progress(f"building and timing {len(compounds)} compound candidates (trained first)", len(compounds))
         for cand in compounds:
