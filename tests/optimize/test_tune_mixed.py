@@ -149,3 +149,37 @@ def test_tune_gates_the_named_agreement_metric(tiny_encoder, monkeypatch, tmp_pa
     assert [r["metric"] for r in res.chosen.gate["rows"]] == ["spearman", "top10_agreement"]
     with pytest.raises(ConfigError, match="mean_cosine, min_cosine, top10_agreement"):
         tune(str(tiny_encoder), candidates=["torch"], min_agreement=0.95, agreement_metric="top5", **FAST)
+
+
+def test_the_cli_passes_the_agreement_metric_and_auto_exclude(monkeypatch):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+    from modelpress.optimize import api
+
+    seen = {}
+
+    def fake_tune(model, **options):
+        seen.update(options)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(api, "tune", fake_tune)
+    args = ["tune", "minilm", "--min-agreement", "0.95", "--agreement-metric", "top10_agreement", "--no-register"]
+    res = CliRunner().invoke(app, [*args, "--auto-exclude", "4"])
+    assert res.exit_code != 0 and "stop here" in res.output
+    assert (seen["min_agreement"], seen["agreement_metric"], seen["auto_exclude"]) == (0.95, "top10_agreement", 4)
+    seen.clear()
+    CliRunner().invoke(app, args)
+    assert "auto_exclude" not in seen  # the tuner's own default (mixed.MAX_LAYERS)
+
+
+@pytest.mark.needs_data
+def test_the_cli_refuses_an_unknown_agreement_metric_with_the_valid_names(tiny_encoder, tmp_path, monkeypatch, data_dir):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))
+    args = ["tune", str(tiny_encoder), "--data", "stsb-dev", "--no-register", "--min-agreement", "0.9", "--agreement-metric", "top5"]
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "mean_cosine, min_cosine, top10_agreement" in bad.output and "Traceback" not in bad.output
