@@ -111,3 +111,28 @@ def test_runtimes_that_run_one_call_at_a_time_get_one_instance_with_every_core()
     assert ModelConfig(source="minilm", runtime="openvino", batching={"instances": 3}).batching.instances == 3  # set: kept
     for runtime in ("torch", "onnxruntime", None):
         assert ModelConfig(source="minilm", runtime=runtime).batching.instances == default_instances()
+
+
+def test_an_openvino_artifact_served_without_a_runtime_gets_one_instance(tiny_encoder, tmp_path, monkeypatch):
+    """The runtime comes from the artifact's manifest, which the config's check cannot see: the loaded version still gets
+    one instance with every core, unless the config sets instances."""
+    import modelpress as mp
+    from modelpress.runtimes import default_threads
+    from modelpress.serving import config as config_mod
+    from modelpress.serving.repository import build_version
+
+    monkeypatch.setattr(config_mod, "default_instances", lambda cores=None: 4)  # a 4-core machine's default
+    ov = mp.export(tiny_encoder, "openvino", tmp_path / "ov")
+    server = ServerConfig()
+    loaded = build_version(ModelConfig(source=str(ov.path), warmup=False), server)
+    try:
+        assert loaded.config.batching.instances == 1
+        assert loaded.batcher.config.instances == 1
+        assert loaded.handler.runner.threads == default_threads()
+    finally:
+        loaded.handler.runner.close()
+    kept = build_version(ModelConfig(source=str(ov.path), warmup=False, batching={"instances": 3}), server)
+    try:
+        assert kept.batcher.config.instances == 3  # set by the config: kept
+    finally:
+        kept.handler.runner.close()

@@ -148,6 +148,11 @@ def build_version(
     if runner is None:
         threads = cfg.threads or max(1, default_threads() // cfg.batching.instances)
         runner = create_runner(artifact, cfg.runtime, threads=threads, **cfg.runtime_options)
+        if not runner.parallel_calls and cfg.batching.instances > 1 and "instances" not in cfg.batching.model_fields_set:
+            # the artifact's manifest named a runtime that runs one call at a time (a tuned OpenVINO variant): the
+            # config's check (SERIAL_RUNTIMES) could not see it, so one instance with every core, as for runtime: openvino
+            cfg = cfg.model_copy(update={"batching": cfg.batching.model_copy(update={"instances": 1})})
+            runner = create_runner(artifact, cfg.runtime, threads=cfg.threads or default_threads(), **cfg.runtime_options)
     runner.load()
     handler = handler_for(task, runner, cfg)
     if cfg.warmup:
