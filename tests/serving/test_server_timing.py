@@ -46,3 +46,19 @@ async def test_server_timing_is_off_by_default(tiny_encoder):
         await add_model(server, str(tiny_encoder), "enc")
         r = await c.post("/v2/models/enc/infer", json=text_request(["a sentence"]))
         assert r.status_code == 200 and "server-timing" not in r.headers
+
+
+def test_the_serve_command_turns_server_timing_on(monkeypatch):
+    from typer.testing import CliRunner
+
+    from modelpress.cli import app
+    from modelpress.serving.config import ServerConfig
+
+    served: list[ServerConfig] = []
+    monkeypatch.setattr("modelpress.rollout.serve", served.append)  # what the CLI would run: capture its config instead
+    result = CliRunner().invoke(app, ["serve", "minilm", "--server-timing"])
+    assert result.exit_code == 0, result.output
+    assert served[-1].server_timing
+    result = CliRunner().invoke(app, ["serve", "minilm"])
+    assert result.exit_code == 0, result.output
+    assert not served[-1].server_timing

@@ -97,6 +97,9 @@ def register_commands(app: typer.Typer) -> None:
         protect_metrics: Annotated[bool, typer.Option("--protect-metrics", help="Require the API key on /metrics.")] = False,
         protect_dashboard: Annotated[bool, typer.Option("--protect-dashboard", help="Require the API key on /dashboard.")] = False,
         protect_docs: Annotated[bool, typer.Option("--protect-docs", help="Require the API key on /docs and /openapi.json.")] = False,
+        server_timing: Annotated[
+            bool, typer.Option("--server-timing", help="Answer inference with a Server-Timing header: decode, queue, batch (ms).")
+        ] = False,
         protect_all: Annotated[
             bool, typer.Option("--protect-all", help="Require the API key on every route (all of the --protect-* options).")
         ] = False,
@@ -232,6 +235,8 @@ def register_commands(app: typer.Typer) -> None:
         update: dict[str, object] = {k: v for k, v in settings.items() if v is not None}
         if not management:
             update["management"] = False
+        if server_timing:
+            update["server_timing"] = True
         flags = {
             "inference": protect_inference,
             "health": protect_health,
