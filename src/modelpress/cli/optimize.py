@@ -230,7 +230,7 @@ def tune(
         bool | None,
         typer.Option(
             "--compound/--no-compound",
-            help="Add the compound candidates (a distilled or pruned model, then quantized); default: when --budget covers their training.",
+            help="Add the trained candidates (distilled or pruned, then quantized; QAT); default: when --budget covers their training.",
         ),
     ] = None,
     train_time: Annotated[

@@ -18,7 +18,7 @@ in stages, spending the budget where the answer is (docs/tune.md):
 
 Every candidate's point says how far it got (``stage``) and why it stopped (``stop``).
 
-Compound candidates (:mod:`.compound`: a distilled student or a pruned model, then quantized)
+Compound candidates (:mod:`.compound`: a distilled student or a pruned model, then quantized; QAT)
 train for minutes: they are built after every cheap candidate is built and timed, only under a
 budget long enough for their training (else they stop with ``needs a longer budget``), and then
 timed, screened and scored like the rest. A fast quantized candidate that fails only on agreement
