@@ -37,6 +37,9 @@ BENCH_TIMEOUT_S = 600  # one benchmark run with tiny counts; a cold Ray start on
 # fewest requests it takes: two concurrencies (1 and one above it) and 16 requests per figure. What the test checks
 # is the process table, not the figures; `make bench` measures them.
 TINY_RUN = ("--requests", "16", "--latency-requests", "10", "--rounds", "1", "--concurrency", "1,8")
+# the run a Ctrl-C interrupts: its rounds last long enough that the signal lands while it measures (a tiny run
+# could finish between seeing "round 1/" and the signal; it is interrupted, so its length costs nothing)
+INTERRUPTED_RUN = ("--requests", "4000", "--latency-requests", "400", "--rounds", "2", "--concurrency", "1,8")
 
 # A child that starts two grandchildren: one in its own process group, one that leaves for a session
 # of its own (as a daemon does), writes their pids, then waits.
@@ -183,11 +186,11 @@ def _peer_installed(peer: str) -> bool:
 class BenchRun:
     """One run of serving_bench.py with tiny counts, its processes marked; watches the process table while it runs."""
 
-    def __init__(self, peers: str, out: Path) -> None:
+    def __init__(self, peers: str, out: Path, args: tuple[str, ...] = TINY_RUN) -> None:
         self.mark = uuid.uuid4().hex
         self.lines: list[str] = []
         self.seen: dict[int, str] = {}  # every marked process seen while it ran: pid -> command line
-        cmd = [sys.executable, str(BENCH / "serving_bench.py"), *TINY_RUN]
+        cmd = [sys.executable, str(BENCH / "serving_bench.py"), *args]
         env = {**os.environ, RUN_ENV: self.mark, "BENCH_OUT": str(out), "BENCH_PEERS": ""}
         if peers:
             cmd += ["--peers", peers]
@@ -282,7 +285,7 @@ def test_serving_bench_twice_and_interrupted_leaves_no_process_behind(tmp_path, 
             run.kill()
 
     # Ctrl-C while it measures: every server is up (the first round has begun)
-    run = BenchRun(peers, tmp_path / "interrupted")
+    run = BenchRun(peers, tmp_path / "interrupted", INTERRUPTED_RUN)
     try:
         run.watch_until(lambda: run.proc.poll() is not None or any(line.startswith("round 1/") for line in run.lines))
         assert run.proc.poll() is None, run.output()
