@@ -369,8 +369,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
         module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
     elif isinstance(target, WeightOnly):
         convert_weight_only(module, target)
-    for p in module.parameters():
-        p.requires_grad_(True)
+    module.requires_grad_(True)
     module.eval()
     report = {
         "scheme": scheme,
