@@ -141,7 +141,9 @@ def test_benchmark_procs_end_their_groups_and_what_escaped_them_on_a_signal(tmp_
     family.write_text(FAMILY)
     user.write_text(PROCS_USER)
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
-    bench = subprocess.Popen([sys.executable, str(user), str(family), str(pids)], env=env, stdout=subprocess.PIPE, text=True)
+    bench = subprocess.Popen(
+        [sys.executable, str(user), str(family), str(pids)], env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     try:
         assert bench.stdout.readline().strip() == "started"
         family_pids = _pids(pids)
@@ -183,6 +185,12 @@ def _peer_installed(peer: str) -> bool:
     return py.exists() and subprocess.call([str(py), "-c", f"import {peer}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal program gets it. A child inherits an ignored SIGINT, and Python then installs
+    no KeyboardInterrupt handler: some test earlier in a full run leaves SIGINT ignored in pytest's process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class BenchRun:
     """One run of serving_bench.py with tiny counts, its processes marked; watches the process table while it runs."""
 
@@ -195,7 +203,9 @@ class BenchRun:
         if peers:
             cmd += ["--peers", peers]
         # its own session, like a program started from a shell: a Ctrl-C goes to its whole foreground group
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_default_sigint
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
