@@ -192,3 +192,36 @@ def test_static_qat_keeps_weights_the_outputs_never_use_out_of_the_lost_weights_
     graph = prepare_static(Hidden(), (ids, torch.ones_like(ids)), per_channel=True)
     assert graph.unused_weights == ["model.pooler.dense.bias", "model.pooler.dense.weight"]
     assert "model.encoder.layer.0.output.dense.weight" in graph.state_dict()  # the used weights are there to train
+
+
+@pytest.mark.parametrize(("runtime", "kernel"), [("onnxruntime", "eager"), ("openvino", "eager"), ("torch", None)])
+def test_static_qat_simulates_the_attention_matmuls_where_the_conversion_quantizes_them(runtime, kernel):
+    """ONNX Runtime's and OpenVINO's static int8 quantize attention's Q K^T and P V; QAT trains with eager attention
+    there, whose two matmuls per layer get fake quantizers on both inputs (sdpa's fused kernel gets none)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from modelpress.optimize.quantize.qat import attention_kernel, prepare_static
+
+    target = QAT(runtime=runtime, quantize={"technique": "static-int8"}).target()
+    assert attention_kernel(target) == kernel
+    assert attention_kernel(QAT(runtime=runtime, quantize={"technique": "weight-only"}).target()) is None
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg._attn_implementation = kernel or "sdpa"
+    bert = BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(1, 64, (2, 8))
+    graph = prepare_static(Hidden(), (ids, torch.ones_like(ids)), per_channel=True, matmuls=kernel == "eager")
+    matmuls = [n for n in graph.graph.nodes if n.target is torch.ops.aten.matmul.default]
+    assert len(matmuls) == (2 if kernel == "eager" else 0)
+    for node in matmuls:  # each input comes through a fake quantizer (a call_module of the prepared graph)
+        assert all(arg.op == "call_module" and "activation_post_process" in str(arg.target) for arg in node.args), node.args

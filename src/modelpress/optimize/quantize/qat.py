@@ -137,9 +137,16 @@ def dynamic_shapes(example: tuple[Any, ...]) -> tuple[dict[int, Any], ...]:
 
 
 def prepare_static(
-    module: Any, example: tuple[Any, ...], *, per_channel: bool, weight_bits: int = 8, excluded: list[str] | None = None
+    module: Any,
+    example: tuple[Any, ...],
+    *,
+    per_channel: bool,
+    weight_bits: int = 8,
+    excluded: list[str] | None = None,
+    matmuls: bool = False,
 ) -> Any:
-    """PT2E QAT: export ``module`` (batch and token dimensions dynamic) and insert fake quantizers."""
+    """PT2E QAT: export ``module`` (batch and token dimensions dynamic) and insert fake quantizers; ``matmuls``: on both
+    inputs of every activation x activation ``matmul`` too (the X86 quantizer's default leaves them float)."""
     torch = _torch()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -154,7 +161,10 @@ def prepare_static(
     traced = set(graph.state_dict())
     graph.graph.eliminate_dead_code()  # an unused pooler leaves partitions the quantizer cannot annotate
     graph.recompile()
-    quantizer = xiq.X86InductorQuantizer().set_global(x86_config(per_channel=per_channel, weight_bits=weight_bits))
+    config = x86_config(per_channel=per_channel, weight_bits=weight_bits)
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
+    if matmuls:
+        quantizer.set_function_type_qconfig(torch.matmul, config)
     for name in excluded or []:
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_qat_pt2e(graph, quantizer)
@@ -261,8 +271,11 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _float_module(source: Artifact) -> tuple[Any, Any, Any]:
-    """(the task's positional module, its Hugging Face model or None, the signature) of ``source``, in fp32."""
+def _float_module(source: Artifact, attn_implementation: str | None = None) -> tuple[Any, Any, Any]:
+    """(the task's positional module, its Hugging Face model or None, the signature) of ``source``, in fp32.
+
+    ``attn_implementation`` (a Hugging Face folder only): the attention kernel of the loaded model.
+    """
     from modelpress.runtimes.torch import load_torch_module
 
     if source.format not in ("hf", "torch"):
@@ -277,7 +290,7 @@ def _float_module(source: Artifact) -> tuple[Any, Any, Any]:
         )
     import copy
 
-    module, signature = load_torch_module(source)
+    module, signature = load_torch_module(source, attn_implementation=attn_implementation if source.format == "hf" else None)
     module = copy.deepcopy(module).float()  # the source's module (a torch artifact's own) stays as it is
     hf = getattr(module, "model", None) if source.format == "hf" else None
     return module, hf, signature
@@ -299,6 +312,14 @@ def training_data(task: Any, spec: QATTraining, data_dir: Path | None) -> Any:
         ) from exc
 
 
+def attention_kernel(target: Any) -> str | None:
+    """``eager`` where the conversion quantizes attention's matmuls (ONNX Runtime's and OpenVINO's static int8
+    quantize every MatMul, Q K^T and P V too): the X86 quantizer fake-quantizes eager attention's two
+    ``matmul`` but not a fused ``scaled_dot_product_attention``, so with the default kernel QAT trained
+    around the Linear layers only (docs/qat.md). Torch's static int8 keeps sdpa attention float: no change."""
+    return "eager" if isinstance(target, StaticInt8) and target.runtime in ("onnxruntime", "openvino") else None
+
+
 def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any, dict[str, Any]]:
     """Fine-tune ``source`` with ``config``'s quantization simulated; (float module, HF model or None, report)."""
     torch = _torch()
@@ -312,7 +333,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
     target = config.target()
     spec = config.training
     data = training_data(task, spec, ctx.data_dir)
-    module, hf, signature = _float_module(source)
+    module, hf, signature = _float_module(source, attention_kernel(target))
     names = list(signature.input_names)
     teacher = _float_module(source)[0].eval()
     for p in teacher.parameters():
@@ -331,13 +352,17 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
         if isinstance(target, StaticInt8):
             example = objective.batch(0)
             per_channel = target.per_channel or target.runtime != "onnxruntime"
-            graph = prepare_static(module, tuple(example[n] for n in names if n in example), per_channel=per_channel, excluded=excluded)
+            args = tuple(example[n] for n in names if n in example)
+            kernel = attention_kernel(target) if hf is not None else None
+            graph = prepare_static(module, args, per_channel=per_channel, excluded=excluded, matmuls=kernel == "eager")
             student = student_class()(graph, exported=True)
             warm_up_observers(student, [objective.batch(i) for i in range(OBSERVER_BATCHES)], names)
             scheme = {
                 "weights": f"int8 per {'channel' if per_channel else 'tensor'}, symmetric",
                 "activations": "uint8 per tensor (PT2E, X86)",
             }
+            if hf is not None:
+                scheme["attention"] = "eager, matmuls fake-quantized" if kernel == "eager" else "default kernel, float"
         else:
             graph = prepare_weight_only(module, target, excluded)
             student = student_class()(graph, exported=False)
