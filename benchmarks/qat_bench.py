@@ -73,6 +73,7 @@ def w4a8_rows(art: Any, steps: int, lr: float, limit: int | None, threads: int, 
     from modelpress.datasets import load_dataset
     from modelpress.optimize.configs.quantize import QATTraining
     from modelpress.optimize.quantize import qat as q
+    from modelpress.optimize.quantize import qat_prepare as qp
     from modelpress.optimize.train.loop import train
     from modelpress.optimize.train.objectives import ModuleRunner, Objective
     from modelpress.tasks import task_for
@@ -93,12 +94,12 @@ def w4a8_rows(art: Any, steps: int, lr: float, limit: int | None, threads: int, 
     # post-training: calibrate on 256 training examples (the same count as the int8 rows)
     example = objective.batch(0)
     args = tuple(example[n] for n in names if n in example)
-    graph = torch.export.export(copy.deepcopy(module).eval(), args, dynamic_shapes=q.dynamic_shapes(args)).module()
+    graph = torch.export.export(copy.deepcopy(module).eval(), args, dynamic_shapes=qp.dynamic_shapes(args)).module()
     graph.graph.eliminate_dead_code()
     graph.recompile()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
-    prepared = prepare_pt2e(graph, xiq.X86InductorQuantizer().set_global(q.x86_config(qat=False, per_channel=False, weight_bits=4)))
+    prepared = prepare_pt2e(graph, xiq.X86InductorQuantizer().set_global(qp.x86_config(qat=False, per_channel=False, weight_bits=4)))
     with torch.no_grad():
         for i in range(max(1, 256 // spec.batch_size)):
             b = objective.batch(i)

@@ -174,7 +174,7 @@ def test_static_qat_keeps_weights_the_outputs_never_use_out_of_the_lost_weights_
     import torch
     from transformers import BertConfig, BertModel
 
-    from modelpress.optimize.quantize.qat import prepare_static
+    from modelpress.optimize.quantize.qat_prepare import prepare_static
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
@@ -201,7 +201,7 @@ def test_static_qat_simulates_the_attention_matmuls_where_the_conversion_quantiz
     import torch
     from transformers import BertConfig, BertModel
 
-    from modelpress.optimize.quantize.qat import attention_kernel, prepare_static
+    from modelpress.optimize.quantize.qat_prepare import attention_kernel, prepare_static
 
     target = QAT(runtime=runtime, quantize={"technique": "static-int8"}).target()
     assert attention_kernel(target) == kernel
