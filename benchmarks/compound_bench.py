@@ -64,7 +64,8 @@ def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
     cands: list = [Candidate(BASELINE_RUNTIME), *peers]
     if args.students:  # only these students, quantized with the hardware preset's best bet (a shorter run than the tuner's plan)
         quant = expand_preset(detect_preset(), task)[0]
-        first = [Distill(layers=k, training=DistillTraining(max_seconds=args.train_time or TRAIN_S)) for k in args.students]
+        steps = {"max_steps": args.student_steps} if args.student_steps else {}
+        first = [Distill(layers=k, training=DistillTraining(max_seconds=args.train_time or TRAIN_S, **steps)) for k in args.students]
         cands += [Compound(quant.runtime, quant, first=f, family="distill") for f in first]
     with load_section(f"{key}: an exhaustive tune with the compound candidates", out=console.print):
         res = mp.tune(
@@ -139,6 +140,7 @@ def main() -> int:
         default=None,
         help="only distilled students of these layer counts (4,5), quantized with the preset's first config; default: the tuner's plan",
     )
+    ap.add_argument("--student-steps", type=int, default=None, help="with --students: their training steps (default: distill's 2000)")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per throughput figure")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
