@@ -37,6 +37,7 @@ from rich.table import Table
 
 import modelpress as mp
 from modelpress.cli.optimize import tune_table
+from modelpress.optimize.configs import parse_step
 from modelpress.optimize.configs.distill import Distill, DistillTraining
 from modelpress.optimize.gate import GateConfig
 from modelpress.optimize.search.candidates import BASELINE_RUNTIME, Candidate, Compound, peer_candidates
@@ -63,7 +64,7 @@ def bench(key: str, args: argparse.Namespace, console: Console) -> dict:
     peers = [c for c in peer_candidates(task) if not args.peers or any(w.lower() in (c.peer or "").lower() for w in args.peers)]
     cands: list = [Candidate(BASELINE_RUNTIME), *peers]
     if args.students:  # only these students, quantized with the hardware preset's best bet (a shorter run than the tuner's plan)
-        quant = expand_preset(detect_preset(), task)[0]
+        quant = parse_step(json.loads(args.student_quant)) if args.student_quant else expand_preset(detect_preset(), task)[0]
         steps = {"max_steps": args.student_steps} if args.student_steps else {}
         first = [Distill(layers=k, training=DistillTraining(max_seconds=args.train_time or TRAIN_S, **steps)) for k in args.students]
         cands += [Compound(quant.runtime, quant, first=f, family="distill") for f in first]
@@ -141,6 +142,12 @@ def main() -> int:
         help="only distilled students of these layer counts (4,5), quantized with the preset's first config; default: the tuner's plan",
     )
     ap.add_argument("--student-steps", type=int, default=None, help="with --students: their training steps (default: distill's 2000)")
+    ap.add_argument(
+        "--student-quant",
+        default=None,
+        help="with --students: the step that quantizes them, as JSON (default: the preset's first config), e.g. "
+        '\'{"technique": "dynamic-int8", "runtime": "onnxruntime", "per_channel": true, "fuse": true}\'',
+    )
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per throughput figure")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
