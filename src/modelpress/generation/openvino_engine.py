@@ -37,6 +37,7 @@ from modelpress.generation._core import KV
 from modelpress.generation._explicit_kv import ExplicitKVEngine
 from modelpress.generation._load import ModelSource, load_tokenizer, resolve, stop_ids_of
 from modelpress.locations import cache_dir as cache_root
+from modelpress.runtimes.openvino import exact_f32
 from modelpress.runtimes.torch import hf_load_kwargs
 
 FORMAT_VERSION = 5  # bump when the exported graph changes meaning (5: grouped-query attention without repeating K/V)
@@ -185,7 +186,7 @@ class OpenVINOEngine(ExplicitKVEngine):
         self.export_seconds = time.perf_counter() - t0
         self.ir_path = target / "decoder.xml"
         core = ov.Core()
-        props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", **exact_f32(precision)}
         if threads:
             props["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(self.ir_path)), "CPU", props)

@@ -13,7 +13,8 @@ It loads a folder holding ``decoder.xml`` and ``engine.json`` (what the LLM tech
 Any other artifact (a Hugging Face folder) goes through the ``openvino-decoder`` converter, the
 float decoder exported once per content hash (registered by :mod:`modelpress.optimize.quantize.llm`).
 Options: ``precision`` (f32 by default: OpenVINO's bf16 default moves stories260k's perplexity
-from 3.55 to 4.53 with no quantization at all), ``performance_hint``.
+from 3.55 to 4.53 with no quantization at all; f32 also turns off the CPU plugin's int8 activations for
+compressed weights on VNNI/AMX CPUs, :func:`modelpress.runtimes.openvino.exact_f32`), ``performance_hint``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from modelpress.artifacts import Artifact
 from modelpress.errors import ConfigError, UnsupportedModelError
 from modelpress.runtimes.base import Runner, register_runtime
-from modelpress.runtimes.openvino import compile_config, compile_model
+from modelpress.runtimes.openvino import compile_config, compile_model, exact_f32
 
 NAME = "openvino-decoder"
 MODEL_FILE = "decoder.xml"
@@ -73,7 +74,9 @@ class OpenVINODecoderRunner(Runner):
                 hint="Export it with all_logits=True (what the LLM techniques write), e.g. modelpress optimize MODEL "
                 "--recipe recipes/llm-int8.yaml.",
             )
-        self.compiled = compile_model(art.path / MODEL_FILE, self.threads, precision=precision, performance_hint=hint)
+        self.compiled = compile_model(
+            art.path / MODEL_FILE, self.threads, precision=precision, performance_hint=hint, extra=exact_f32(precision)
+        )
         past = next(p for p in self.compiled.inputs if "past_k" in p.get_names()).get_partial_shape()
         self._cache_heads, self._head_dim = int(past[1].get_length()), int(past[3].get_length())
         self.signature = self.signature or art.manifest.signature
