@@ -169,7 +169,7 @@ def mixed_section(result: Any) -> str:
     heads = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     return (
         "<h2>Mixed precision</h2><p>A fast int8 candidate that failed the gate only on agreement with the original, "
-        "again with its 1, 2, 4 ... most sensitive layers (ranked by a sensitivity scan) kept in float.</p>"
+        "again with its 1, 2, 3, 4, 6 ... most sensitive layers (ranked by a sensitivity scan) kept in float.</p>"
         f"<table id='mixed'><tr><th>candidate</th><th>layers in float</th>{heads}<th>speed-up</th><th>stage reached</th>"
         f"<th>stopped</th></tr>{''.join(rows)}</table>"
     )
