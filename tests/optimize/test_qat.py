@@ -168,48 +168,15 @@ def test_qat_on_mnist_converts_through_the_post_training_step_of_each_runtime(mn
     assert variant.manifest.step["runtime"] == runtime
 
 
-def test_static_qat_keeps_weights_the_outputs_never_use_out_of_the_lost_weights_check():
-    """An embedding model's BertModel has a pooler its last-hidden-state module never uses: the export drops it
-    with the dead code, so the prepared graph has no pooler weights; they are listed as unused, not lost."""
+def _tiny_bert_hidden_states(kernel: str = "sdpa", *, pooler: bool = True):
+    """A one-layer BertModel behind an embedding model's positional module (token states only), and an example input."""
     import torch
     from transformers import BertConfig, BertModel
 
-    from modelpress.optimize.quantize.qat_prepare import prepare_static
-
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    bert = BertModel(cfg).eval()
-
-    class Hidden(torch.nn.Module):  # the positional module of an embedding model: token states only
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    ids = torch.randint(1, 64, (2, 8))
-    graph = prepare_static(Hidden(), (ids, torch.ones_like(ids)), per_channel=True)
-    assert graph.unused_weights == ["model.pooler.dense.bias", "model.pooler.dense.weight"]
-    assert "model.encoder.layer.0.output.dense.weight" in graph.state_dict()  # the used weights are there to train
-
-
-@pytest.mark.parametrize(("runtime", "kernel"), [("onnxruntime", "eager"), ("openvino", "eager"), ("torch", None)])
-def test_static_qat_simulates_the_attention_matmuls_where_the_conversion_quantizes_them(runtime, kernel):
-    """ONNX Runtime's and OpenVINO's static int8 quantize attention's Q K^T and P V; QAT trains with eager attention
-    there, whose two matmuls per layer get fake quantizers on both inputs (sdpa's fused kernel gets none)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from modelpress.optimize.quantize.qat_prepare import attention_kernel, prepare_static
-
-    target = QAT(runtime=runtime, quantize={"technique": "static-int8"}).target()
-    assert attention_kernel(target) == kernel
-    assert attention_kernel(QAT(runtime=runtime, quantize={"technique": "weight-only"}).target()) is None
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    cfg._attn_implementation = kernel or "sdpa"
-    bert = BertModel(cfg, add_pooling_layer=False).eval()
+    cfg._attn_implementation = kernel
+    bert = BertModel(cfg, add_pooling_layer=pooler).eval()
 
     class Hidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -220,7 +187,34 @@ def test_static_qat_simulates_the_attention_matmuls_where_the_conversion_quantiz
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     ids = torch.randint(1, 64, (2, 8))
-    graph = prepare_static(Hidden(), (ids, torch.ones_like(ids)), per_channel=True, matmuls=kernel == "eager")
+    return Hidden(), (ids, torch.ones_like(ids))
+
+
+def test_static_qat_keeps_weights_the_outputs_never_use_out_of_the_lost_weights_check():
+    """An embedding model's BertModel has a pooler its last-hidden-state module never uses: the export drops it
+    with the dead code, so the prepared graph has no pooler weights; they are listed as unused, not lost."""
+
+    from modelpress.optimize.quantize.qat_prepare import prepare_static
+
+    module, example = _tiny_bert_hidden_states()
+    graph = prepare_static(module, example, per_channel=True)
+    assert graph.unused_weights == ["model.pooler.dense.bias", "model.pooler.dense.weight"]
+    assert "model.encoder.layer.0.output.dense.weight" in graph.state_dict()  # the used weights are there to train
+
+
+@pytest.mark.parametrize(("runtime", "kernel"), [("onnxruntime", "eager"), ("openvino", "eager"), ("torch", None)])
+def test_static_qat_simulates_the_attention_matmuls_where_the_conversion_quantizes_them(runtime, kernel):
+    """ONNX Runtime's and OpenVINO's static int8 quantize attention's Q K^T and P V; QAT trains with eager attention
+    there, whose two matmuls per layer get fake quantizers on both inputs (sdpa's fused kernel gets none)."""
+    import torch
+
+    from modelpress.optimize.quantize.qat_prepare import attention_kernel, prepare_static
+
+    target = QAT(runtime=runtime, quantize={"technique": "static-int8"}).target()
+    assert attention_kernel(target) == kernel
+    assert attention_kernel(QAT(runtime=runtime, quantize={"technique": "weight-only"}).target()) is None
+    module, example = _tiny_bert_hidden_states(kernel or "sdpa", pooler=False)
+    graph = prepare_static(module, example, per_channel=True, matmuls=kernel == "eager")
     matmuls = [n for n in graph.graph.nodes if n.target is torch.ops.aten.matmul.default]
     assert len(matmuls) == (2 if kernel == "eager" else 0)
     for node in matmuls:  # each input comes through a fake quantizer (a call_module of the prepared graph)
