@@ -173,7 +173,8 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
     target = config.target()
     spec = config.training
     data = training_data(task, spec, ctx.data_dir)
-    module, hf, signature = _float_module(source, attention_kernel(target))
+    kernel = attention_kernel(target)  # None unless static int8 converted on ONNX Runtime / OpenVINO
+    module, hf, signature = _float_module(source, kernel)
     names = list(signature.input_names)
     teacher = _float_module(source)[0].eval()
     for p in teacher.parameters():
@@ -193,8 +194,8 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
             example = objective.batch(0)
             per_channel = target.per_channel or target.runtime != "onnxruntime"
             args = tuple(example[n] for n in names if n in example)
-            kernel = attention_kernel(target) if hf is not None else None
-            graph = prepare_static(module, args, per_channel=per_channel, excluded=excluded, matmuls=kernel == "eager")
+            eager = hf is not None and kernel == "eager"  # a torch module (no Hugging Face attention) trains as it is
+            graph = prepare_static(module, args, per_channel=per_channel, excluded=excluded, matmuls=eager)
             student = student_class()(graph, exported=True)
             warm_up_observers(student, [objective.batch(i) for i in range(OBSERVER_BATCHES)], names)
             scheme = {
@@ -202,7 +203,7 @@ def finetune(source: Artifact, config: QAT, ctx: StepContext) -> tuple[Any, Any,
                 "activations": "uint8 per tensor (PT2E, X86)",
             }
             if hf is not None:
-                scheme["attention"] = "eager, matmuls fake-quantized" if kernel == "eager" else "default kernel, float"
+                scheme["attention"] = "eager, matmuls fake-quantized" if eager else "default kernel, float"
         else:
             graph = prepare_weight_only(module, target, excluded)
             student = student_class()(graph, exported=False)
