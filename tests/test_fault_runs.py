@@ -234,13 +234,13 @@ def _traffic(base: str, stop, codes: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def _server_under_traffic(url: str, port: int, home: Path, log: Path, crash: str | None = None, mark: Path | None = None):
-    """A ``modelpress serve`` (with the kill point ``crash``, self-kill, or only marked with ``mark``) that must come
-    up ready, with traffic from a thread from then on; afterwards every request it answered was a 200 (none failed
+def _server_under_traffic(url: str, port: int, home: Path, log: Path, crash: str | None = None, pause: Path | None = None):
+    """A ``modelpress serve`` (with the kill point ``crash``: self-kill there, or, with ``pause``, the thread that
+    reaches it writes ``pause`` and sleeps until the test kills the server) that must come up ready, with traffic from a thread from then on; afterwards every request it answered was a 200 (none failed
     but those cut off by the kill)."""
     import threading
 
-    extra = {CRASH_ENV: crash, **({CRASH_MARK_ENV: str(mark)} if mark else {})} if crash else {}
+    extra = {CRASH_ENV: crash, **({CRASH_PAUSE_ENV: str(pause)} if pause else {})} if crash else {}
     cmd = [*CLI, "serve", "tiny-enc@production", "--registry", url, "--port", str(port), "--api-key", KEY, "--threads", "1"]
     with open(log, "ab") as fh:
         proc = popen_group([*cmd, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT, env=_env(home, **extra))
@@ -303,16 +303,17 @@ def test_a_canary_and_hot_swaps_killed_at_four_points_each_restart_resumes_as_th
         assert res.status_code == 200, res.text
         return res.json()
 
-    # 1. The canary starts with version 2 not loaded: it loads in the background, killed 0.1 s into that load.
+    # 1. The canary starts with version 2 not loaded: it loads in the background, killed with that load under way
+    #    (the loading thread held at its point: a kill "0.1 s into the load" raced a tiny model's load on fast hosts).
     marker = tmp_path / "reached"
     with _server_under_traffic(url, port, home, log, "version-loading:tiny-enc:2", marker) as proc:
         with httpx.Client(base_url=base, headers=AUTH, timeout=60) as c:
             assert c.post("/rollouts/tiny-enc/start", json=spec).json()["status"] == "loading"
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
-        time.sleep(0.1)
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.02)
+            assert rollout(c)["status"] == "loading"  # held there; version 1 answers the traffic meanwhile
         proc.send_signal(signal.SIGKILL)
         _killed(proc, log)
     state, production, events = recorded()

@@ -155,6 +155,33 @@ async def test_the_lease_holder_decides_the_other_server_follows_and_takes_over_
         await b.close()
 
 
+async def test_a_sync_that_read_the_registry_before_the_promotion_was_recorded_does_not_resume_the_rollout(registry_file, monkeypatch):
+    """The background sync reads the deployments in a worker thread; the rollout may end (promotion recorded) before it
+    goes on with what it read. That stale "running" must not resume the finished rollout (it did: the resumed copy was
+    refused by the registry's seq fence, and the server then reported the rollout as driven by some other server)."""
+    clock = FakeClock()
+    a, repo = _server(registry_file, "server-a", clock)
+    try:
+        await a.start("m", SPEC)
+        _stop_watching(a)
+        ro = a.get("m")
+        before = a.registry().rollouts.list()  # what a sync read while the rollout still ran
+        assert before[0]["rollout_state"]["status"] == "running"
+        for _ in range(3):
+            _requests(a, "1", 40)
+            _requests(a, "2", 40)
+            clock.now += WINDOW_S
+            await ro.check()
+        assert ro.status == "succeeded" and _recorded(registry_file)[1][-1] == "promote"
+        monkeypatch.setattr(Rollouts, "list", lambda self: before)  # the stale read, handed to the sync after the promotion
+        assert await a.sync_once() == []
+        assert a.get("m") is ro and ro.status == "succeeded" and ro.driving
+        assert _recorded(registry_file)[1][-1] == "promote"  # nothing resumed, nothing refused
+        assert repo.routers["m"].policy.describe() == {"policy": "single", "version": "2"}
+    finally:
+        await a.close()
+
+
 async def test_an_unrecorded_rollback_keeps_the_baseline_is_retried_and_a_restart_never_puts_the_split_back(
     registry_file, monkeypatch, capsys
 ):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -80,7 +81,7 @@ class RolloutManager:
         self.journal = journal_for(self.owner)
         self._tasks: set[asyncio.Task] = set()
         self._sync_task: asyncio.Task | None = None
-        self._seen_updates: dict[str, Any] = {}  # model -> the deployment's updated_at this server last saw
+        self._seen_updates: dict[str, str] = {}  # model -> the deployment as this server last saw it (_deployment_mark)
         self._sync_lock = asyncio.Lock()  # one sync at a time (the background one and a test's or resume_all's)
 
     # the registry -------------------------------------------------------------------------------
@@ -612,6 +613,9 @@ class RolloutManager:
             if name not in self.repository.routers or name in self.pending:
                 continue  # not served here; or this server's own decision is still to be recorded (safe state meanwhile)
             ro = self.rollouts.get(name)
+            if ro is not None and ro.driving and ro.status not in ACTIVE and state.get("status") in ACTIVE:
+                if state.get("seq", 0) < ro.state.get("seq", 0):
+                    continue  # read before this server recorded the rollout's end: never resumed from that stale read
             if ro is not None and ro.driving and ro.status in ACTIVE:
                 lease = self.leases.get(name)
                 renewed = await asyncio.to_thread(reg.leases.renew, lease, self.lease_s) if lease is not None else None
@@ -652,10 +656,10 @@ class RolloutManager:
         """Route ``name`` the way the registry says another server's rollout of it routes now."""
         state = dep.get("rollout_state") or {}
         ro = self.rollouts.get(name)
-        seen, self._seen_updates[name] = self._seen_updates.get(name), dep.get("updated_at")
+        seen, self._seen_updates[name] = self._seen_updates.get(name), _deployment_mark(dep)
         fresh = ro is None or ro.driving or ro.state.get("started_at") != state.get("started_at")
         if fresh and state.get("status") not in ACTIVE:
-            if ro is not None and seen is not None and seen != dep.get("updated_at"):
+            if ro is not None and seen is not None and seen != self._seen_updates[name]:
                 await self._follow_change(name, dep, ro)  # e.g. a rollback by hand on another server
             return  # a rollout that ended before this server saw it: what it serves came from the registry already
         if "spec" not in state or "baseline" not in state:
@@ -783,6 +787,13 @@ def _int_or_none(ref: str | None) -> int | None:
         return None
     tail = ref.rsplit(":", 1)[1]
     return int(tail) if tail.isdigit() else None
+
+
+def _deployment_mark(dep: dict[str, Any]) -> str:
+    """What a deployment records now, to tell whether it changed since a server last looked: its ``updated_at`` alone
+    is kept to the second, and a rollback by hand within the same second as the last change went unseen."""
+    keys = ("version", "traffic_policy", "rollout_state", "updated_at")
+    return json.dumps({k: dep.get(k) for k in keys}, sort_keys=True, default=str)
 
 
 __all__ = ["ROLLOUT_USER", "RolloutManager", "RolloutSpec", "parse_spec", "phases_of"]
