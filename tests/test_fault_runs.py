@@ -235,9 +235,9 @@ def _traffic(base: str, stop, codes: list[int]) -> None:
 
 @contextlib.contextmanager
 def _server_under_traffic(url: str, port: int, home: Path, log: Path, crash: str | None = None, pause: Path | None = None):
-    """A ``modelpress serve`` (with the kill point ``crash``: self-kill there, or, with ``pause``, the thread that
-    reaches it writes ``pause`` and sleeps until the test kills the server) that must come up ready, with traffic from a thread from then on; afterwards every request it answered was a 200 (none failed
-    but those cut off by the kill)."""
+    """A ``modelpress serve`` that must come up ready, with traffic from a thread from then on; ``crash``: its kill
+    point (it kills itself there, or, with ``pause``, the thread that reaches it writes ``pause`` and sleeps until the
+    test kills the server). Afterwards every request it answered was a 200 (none failed but those cut off by the kill)."""
     import threading
 
     extra = {CRASH_ENV: crash, **({CRASH_PAUSE_ENV: str(pause)} if pause else {})} if crash else {}

@@ -613,9 +613,9 @@ class RolloutManager:
             if name not in self.repository.routers or name in self.pending:
                 continue  # not served here; or this server's own decision is still to be recorded (safe state meanwhile)
             ro = self.rollouts.get(name)
-            if ro is not None and ro.driving and ro.status not in ACTIVE and state.get("status") in ACTIVE:
-                if state.get("seq", 0) < ro.state.get("seq", 0):
-                    continue  # read before this server recorded the rollout's end: never resumed from that stale read
+            ended_here = ro is not None and ro.driving and ro.status not in ACTIVE
+            if ended_here and state.get("status") in ACTIVE and state.get("seq", 0) < ro.state.get("seq", 0):
+                continue  # read before this server recorded the rollout's end: never resumed from that stale read
             if ro is not None and ro.driving and ro.status in ACTIVE:
                 lease = self.leases.get(name)
                 renewed = await asyncio.to_thread(reg.leases.renew, lease, self.lease_s) if lease is not None else None
