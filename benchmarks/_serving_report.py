@@ -26,7 +26,6 @@ def label(name: str, info: dict[str, Any]) -> str:
         "ours": "modelpress serve (bucketing)",
         "longest": "modelpress serve, padded to each batch's longest",
         "pad128": "modelpress serve, padded to 128",
-        "narrow": "modelpress serve, a lone batch not widened",
         "floor": "floor: FastAPI + asyncio batcher",
         "litserve": f"LitServe {peer.split()[-1] if peer else ''}".strip(),
         "ray": f"Ray Serve {peer.split()[-1] if peer else ''}".strip(),
@@ -145,11 +144,6 @@ def targets(report: dict[str, Any], top: int, served: dict[str, Any], in_process
         pairs = [(c, o["rps"] / p["rps"]) for c, o, p in pairs if o and p]
         if pairs:
             add(f"bucketing vs {what}: {', '.join(f'{x:.2f}x at {c}' for c, x in pairs)}", None)
-    pairs = [(c, _fig(served, "ours", c), _fig(served, "narrow", c)) for c in concs]
-    pairs = [(c, o, n) for c, o, n in pairs if o and n]
-    if pairs:
-        said = ", ".join(f"{o['rps'] / n['rps']:.2f}x req/s, p50 {o['p50_ms']:.2f} vs {n['p50_ms']:.2f} ms at {c}" for c, o, n in pairs)
-        add(f"a lone batch on every instance's threads (widen_lone) vs not: {said}", None)
     inst = sorted((info["instances"], _fig(served, name, top)) for name, info in report["targets"].items() if "instances" in info)
     inst = [(n, r) for n, r in inst if r]
     if inst:

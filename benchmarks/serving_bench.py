@@ -69,7 +69,7 @@ QUICK = {"requests": 192, "latency_requests": 24, "rounds": 1}  # --quick: a sho
 ROOT = Path(__file__).resolve().parent.parent
 # --servers: ours (bucketing), ours padded to each batch's longest / to 128 tokens, the floor; pad128 only when asked
 # (no peer pads to 128, and it is the slowest figure)
-SERVERS = ("ours", "longest", "pad128", "narrow", "floor")
+SERVERS = ("ours", "longest", "pad128", "floor")
 DEFAULT_SERVERS = ("ours", "longest", "floor")
 
 
@@ -341,16 +341,13 @@ def start_all(args: argparse.Namespace, settings: dict[str, Any], texts: list[st
         models = [our_model("minilm", args.runtime, OUR_THREADS)]
         if "longest" in ours_wanted:
             models.append(our_model("minilm-longest", args.runtime, OUR_THREADS, bucketing=False))
-        if "narrow" in ours_wanted:  # a lone batch on its own instance's threads only (the default before widen_lone)
-            models.append(our_model("minilm-narrow", args.runtime, OUR_THREADS, widen_lone=False))
         if "pad128" in ours_wanted:
             models.append(our_model("minilm-pad128", args.runtime, OUR_THREADS, bucketing=False, pad_to_length=128))
         if args.load_requests:  # the overload test's model: a queue of 128 rows
             models.append(our_model("minilm-q128", args.runtime, OUR_THREADS, max_queue_size=128))
         proc, port = start_ours(models, tmp, procs, "ours")
         tree = ProcessTree(proc.pid, (SERVER_ENV, "ours"))
-        variants = (("ours", "minilm", conc), ("longest", "minilm-longest", conc), ("narrow", "minilm-narrow", conc))
-        for name, model, cs in (*variants, ("pad128", "minilm-pad128", (top,))):
+        for name, model, cs in (("ours", "minilm", conc), ("longest", "minilm-longest", conc), ("pad128", "minilm-pad128", (top,))):
             if name in ours_wanted or name == "ours":  # ours: the figure every other one is compared with
                 targets.append(Target(name, port, "/v1/embeddings", our_bodies(texts, model), tree, cs, metrics_model=model))
     if "floor" in args.servers:

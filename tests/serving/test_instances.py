@@ -45,8 +45,7 @@ async def test_two_instances_run_batches_at_once_and_answer_as_one_instance():
     server = make_server()
     async with client_for(server) as c:
         for name, instances in (("one", 1), ("two", 2)):
-            # widen_lone off: a lone first row would otherwise hold both instances, and the barrier below never meet
-            batching = BatchConfig(max_batch_size=4, max_queue_delay_ms=5, instances=instances, widen_lone=False)
+            batching = BatchConfig(max_batch_size=4, max_queue_delay_ms=5, instances=instances)
             await server.repository.load(ModelConfig(source="minilm", name=name, threads=1, batching=batching))
         two = server.repository.get("two")
         barrier = threading.Barrier(2, timeout=BARRIER_TIMEOUT_S)
@@ -137,61 +136,3 @@ def test_an_openvino_artifact_served_without_a_runtime_gets_one_instance(tiny_en
         assert kept.batcher.config.instances == 3  # set by the config: kept
     finally:
         kept.handler.runner.close()
-
-
-@pytest.mark.anyio
-async def test_a_lone_batch_runs_on_every_instance_and_the_next_one_waits_for_it():
-    """Fewer rows than instances, nothing else running: the batch runs inside ``widen`` and holds both instances, so
-    the rows that come meanwhile wait and then go as an ordinary batch (two rows: not widened)."""
-    from modelpress.serving.batching import Batcher
-
-    entered, gate, batches, wide = threading.Event(), threading.Event(), [], []
-    in_wide = threading.local()
-
-    class Widen:
-        def __enter__(self) -> bool:
-            in_wide.on = True
-            return True
-
-        def __exit__(self, *exc: object) -> None:
-            in_wide.on = False
-
-    def work(rows: list[int]) -> list[int]:
-        batches.append(list(rows))
-        wide.append(getattr(in_wide, "on", False))
-        entered.set()
-        assert gate.wait(BARRIER_TIMEOUT_S)
-        return [2 * r for r in rows]
-
-    for widen_lone, expected in ((True, [True, False]), (False, [False, False])):
-        entered.clear(), gate.clear(), batches.clear(), wide.clear()
-        b = Batcher(work, BatchConfig(instances=2, max_queue_delay_ms=0, widen_lone=widen_lone), widen=Widen).start()
-        first = b.submit([1])
-        await asyncio.to_thread(entered.wait, BARRIER_TIMEOUT_S)
-        rest = b.submit([2, 3])
-        await asyncio.sleep(0.05)  # time enough for a free instance to take the two rows
-        assert batches == ([[1]] if widen_lone else [[1], [2, 3]]), batches
-        assert b.running == 2  # the wide batch holds both instances; or two ordinary batches run
-        gate.set()
-        assert await first == [2] and await rest == [4, 6]
-        assert wide == expected and batches == [[1], [2, 3]]
-        await b.close()
-
-
-def test_the_torch_runner_widens_for_the_calls_inside_then_goes_back(tiny_encoder):
-    import torch
-
-    import modelpress as mp
-    from modelpress.runtimes import create_runner
-
-    before = torch.get_num_threads()
-    try:
-        runner = create_runner(mp.load(str(tiny_encoder)), "torch", threads=1).load()
-        assert runner.can_widen and torch.get_num_threads() == 1
-        with runner.widened(2) as widened:
-            assert widened and torch.get_num_threads() == 2
-        assert torch.get_num_threads() == 1
-        with runner.widened(1) as widened:  # not wider than it runs: nothing changes
-            assert not widened and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -12,7 +12,6 @@ modelpress`` imports it, so every runner can load every artifact.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -117,17 +116,6 @@ class Runner(ABC):
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.load()
         return self._run(self.check_batch(batch))
-
-    @property
-    def can_widen(self) -> bool:
-        """Whether :meth:`widened` changes anything (the thread count can change between calls)."""
-        return False
-
-    def widened(self, threads: int) -> contextlib.AbstractContextManager[bool]:
-        """The calls made inside (on this thread) run with ``threads`` threads rather than ``self.threads``, where the
-        runtime can change its thread count between calls; yields whether it did. The server widens a lone batch
-        while the model's other instances are idle (``BatchConfig.widen_lone``). Default: no change."""
-        return contextlib.nullcontext(False)
 
     def check_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keep the signature's inputs, check they are present, 2-D+ and of one batch size."""

@@ -353,26 +353,6 @@ class TorchRunner(Runner):
             path = self.artifact.path / path
         return path
 
-    @property
-    def can_widen(self) -> bool:
-        return self._group is None  # a tensor-parallel group's ranks keep their threads
-
-    @contextlib.contextmanager
-    def widened(self, threads: int) -> Iterator[bool]:
-        """``torch.set_num_threads(threads)`` around the calls inside, then back to ``self.threads``. Torch's setting
-        is the process's (OpenMP's for this thread, MKL's for all): the server widens only while no other batch of
-        the version runs; a second model served in the same process may briefly run with the wider setting."""
-        import torch
-
-        if self._group is not None or threads <= self.threads:
-            yield False
-            return
-        torch.set_num_threads(threads)
-        try:
-            yield True
-        finally:
-            torch.set_num_threads(self.threads)
-
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 

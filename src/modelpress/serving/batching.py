@@ -73,10 +73,8 @@ class Batcher:
         name: str = "model",
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
-        widen: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.work = work
-        self.widen = widen  # a lone batch runs inside it, with every instance's threads (BatchConfig.widen_lone)
         self.clock = clock
         self.config = config or BatchConfig()
         self.name = name
@@ -152,7 +150,7 @@ class Batcher:
 
     @property
     def running(self) -> int:
-        """Instances busy now: the batches running, a widened lone batch counting as every instance."""
+        """Batches running now."""
         return self._running
 
     def submit(self, rows: list[Any], lengths: list[int] | None = None) -> asyncio.Future:
@@ -199,7 +197,7 @@ class Batcher:
         except TimeoutError:
             self._dead += pending.queued  # its queued rows no longer count
             raise RequestTimeoutError(
-                f"Model '{self.name}' did not answer within {limit:g} s ({self.depth} rows queued, {self._running} instances busy).",
+                f"Model '{self.name}' did not answer within {limit:g} s ({self.depth} rows queued, {self._running} batches running).",
                 hint="Retry later, send fewer inputs per request, or raise timeout_s in the model's serve config.",
             ) from None
         timing = request_timing.get()
@@ -242,10 +240,8 @@ class Batcher:
                 if not q:
                     self._idle.set()
                 continue
-            wide = self._wide(rows)
-            slots = cfg.instances if wide else 1  # a wide batch holds every instance: the next one waits for it
-            self._running += slots
-            task = self._loop.create_task(self._run(rows, slots))
+            self._running += 1
+            task = self._loop.create_task(self._run(rows))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -271,27 +267,20 @@ class Batcher:
             r[0].queued -= 1
         return batch
 
-    def _wide(self, rows: list[Any]) -> bool:
-        """Whether this batch runs on every instance's threads: fewer rows than instances (they could not be split
-        over the instances) and nothing else of this version running, so the other instances' cores sit idle."""
-        cfg = self.config
-        return self.widen is not None and cfg.widen_lone and cfg.instances > 1 and self._running == 0 and len(rows) < cfg.instances
-
-    async def _run(self, rows: list[tuple[_Pending, int, Any, int, float]], slots: int = 1) -> None:
+    async def _run(self, rows: list[tuple[_Pending, int, Any, int, float]]) -> None:
         started = self.clock()
-        work = self._work_wide if slots > 1 else self._work_isolated
         try:
-            results = await self._loop.run_in_executor(self._pool, work, [r[2] for r in rows])
+            results = await self._loop.run_in_executor(self._pool, self._work_isolated, [r[2] for r in rows])
         except BaseException as exc:  # the pool was shut down, or the task was cancelled at close
             results = [ModelNotReadyError(f"Model '{self.name}' stopped before this request ran: {exc!r}")] * len(rows)
             if isinstance(exc, asyncio.CancelledError):
-                self._finish(rows, results, started, slots)
+                self._finish(rows, results, started)
                 raise
-        self._finish(rows, results, started, slots)
+        self._finish(rows, results, started)
 
-    def _finish(self, rows: list[tuple[_Pending, int, Any, int, float]], results: list[Any], started: float, slots: int = 1) -> None:
+    def _finish(self, rows: list[tuple[_Pending, int, Any, int, float]], results: list[Any], started: float) -> None:
         seconds = self.clock() - started
-        self._running -= slots
+        self._running -= 1
         self._freed.set()
         for (pending, i, _row, _len, _t), result in zip(rows, results, strict=True):
             fut = pending.future
@@ -314,10 +303,6 @@ class Batcher:
             self.observer(n, [started - r[4] for r in rows], seconds)
         if self._is_idle():
             self._idle.set()
-
-    def _work_wide(self, rows: list[Any]) -> list[Any]:
-        with self.widen() if self.widen is not None else contextlib.nullcontext():
-            return self._work_isolated(rows)
 
     def _work_isolated(self, rows: list[Any]) -> list[Any]:
         """Run one batch; when it raises, run its rows one by one so only the bad row fails."""

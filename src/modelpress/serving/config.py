@@ -72,9 +72,6 @@ class BatchConfig(BaseModel):
     # (default_instances), each instance with its share of the cores as threads (ModelConfig.threads)
     instances: int = Field(default_factory=lambda: default_instances(), ge=1, le=MAX_INSTANCES)
     bucketing: bool = True  # text: group queued rows of similar token length into one batch
-    # a batch of fewer rows than instances that starts while none of this version runs gets every instance's threads
-    # (runtimes whose thread count can change per call: torch); later rows wait for it. See docs/serving-performance.md
-    widen_lone: bool = True
     pad_to_length: int | None = Field(None, ge=1)  # text: pad every batch to this length (naive servers do; for comparisons)
 
 

@@ -160,10 +160,7 @@ def build_version(
             handler.work(handler.decode(handler.sample(min(n, cfg.batching.max_batch_size))).rows)
     seconds = time.perf_counter() - t0
     observer = metrics.batch_observer(name, version) if metrics is not None else None
-    # a lone batch with every instance's threads (BatchConfig.widen_lone), at most the machine's
-    wide = min(runner.threads * cfg.batching.instances, max(default_threads(), runner.threads))
-    widen = (lambda: runner.widened(wide)) if runner.can_widen and wide > runner.threads else None
-    batcher = Batcher(handler.work, cfg.batching, name=f"{name}:{version}", observer=observer, widen=widen)
+    batcher = Batcher(handler.work, cfg.batching, name=f"{name}:{version}", observer=observer)
     return LoadedVersion(
         name, version, handler, batcher, cfg.model_copy(update={"name": name, "version": version}), artifact, seconds, registry_ref=ref
     )
