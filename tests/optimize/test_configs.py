@@ -134,3 +134,12 @@ def test_yaml_is_readable_and_ordered():
     text = StaticInt8(runtime="openvino", precision_hint="bf16").to_yaml()
     data = yaml.safe_load(text)
     assert text.startswith("technique: static-int8") and data["calibration"]["samples"] == 64
+
+
+def test_uint8_weights_are_an_onnx_runtime_setting():
+    assert DynamicInt8(weight_type="uint8").label() == "dynamic-int8@onnxruntime(weight_type=uint8)"
+    assert DynamicInt8().label() == "dynamic-int8@onnxruntime"  # the default (int8) stays out of labels
+    with pytest.raises(ConfigError, match="weight_type uint8 is an onnxruntime setting"):
+        DynamicInt8(runtime="torch", weight_type="uint8")
+    with pytest.raises(ConfigError, match="weight_type"):
+        DynamicInt8(weight_type="int4")

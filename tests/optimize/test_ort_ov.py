@@ -38,6 +38,7 @@ COVERED = {
 CASES = [
     (DynamicInt8(per_channel=True), "QAttention", 25.0),  # fused; measured 41.7 dB
     (DynamicInt8(fuse=False), "MatMulInteger", 25.0),  # 41.7 dB
+    (DynamicInt8(fuse=False, per_channel=True, weight_type="uint8"), "MatMulInteger", 25.0),  # U8U8 kernels
     (StaticInt8(), "QuantizeLinear", 20.0),  # QDQ minmax, 37.3 dB
     (StaticInt8(method="entropy", calibration={"samples": 16}), "QuantizeLinear", 20.0),  # 37.4 dB
     (WeightOnly(bits=4, group_size=16), "MatMulNBits", 25.0),  # 55.6 dB

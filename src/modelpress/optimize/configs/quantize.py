@@ -42,6 +42,13 @@ class DynamicInt8(TechniqueConfig):
     fuse: bool = True
     reduce_range: bool = False
     compile: bool = True
+    # onnxruntime: the weights' type. uint8 runs ONNX Runtime's U8U8 kernels, which do not saturate on CPUs without
+    # VNNI (AVX2, AVX-512 without VNNI), so the weights keep their 8 bits where int8 (U8S8) needs reduce_range there
+    weight_type: Literal["int8", "uint8"] = "int8"
+
+    def check(self) -> None:
+        if self.weight_type != "int8" and self.runtime != "onnxruntime":
+            raise ValueError(f"weight_type {self.weight_type} is an onnxruntime setting; torchao's dynamic int8 has int8 weights")
 
 
 class StaticInt8(TechniqueConfig):

@@ -151,7 +151,15 @@ def ort_dynamic_int8(source: Artifact, config: DynamicInt8, ctx: StepContext) ->
     layers = layers_for(graph, config)
 
     def transform(src: Path, dst: Path, excluded: list[str]) -> None:
-        ob.dynamic_int8(src, dst, per_channel=config.per_channel, reduce_range=config.reduce_range, exclude=excluded, fused=graph.fused)
+        ob.dynamic_int8(
+            src,
+            dst,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            exclude=excluded,
+            fused=graph.fused,
+            weight_type=config.weight_type,
+        )
 
     return _write(source, config, ctx, graph, layers, transform, {"per_channel": config.per_channel})
 

@@ -117,8 +117,10 @@ def fuse_transformer(src: Path, dst: Path, *, num_heads: int, hidden_size: int, 
     return stats
 
 
-def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool, exclude: list[str], fused: bool) -> None:
-    """int8 weights, activations quantized at run time (``MatMulInteger``, ``QAttention``, ...)."""
+def dynamic_int8(
+    src: Path, dst: Path, *, per_channel: bool, reduce_range: bool, exclude: list[str], fused: bool, weight_type: str = "int8"
+) -> None:
+    """int8 (or uint8) weights, activations quantized at run time (``MatMulInteger``, ``QAttention``, ...)."""
     require("onnxruntime", "onnx")
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -130,7 +132,7 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool,
             str(dst),
             per_channel=per_channel,
             reduce_range=reduce_range,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
             op_types_to_quantize=list(DYNAMIC_OPS),
             nodes_to_exclude=exclude or None,
             extra_options=extra,

@@ -238,7 +238,13 @@ def _ort_scan(
             return scores
         if isinstance(config, DynamicInt8):
             ob.dynamic_int8(
-                graph.path, full, per_channel=config.per_channel, reduce_range=config.reduce_range, exclude=kept, fused=graph.fused
+                graph.path,
+                full,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                exclude=kept,
+                fused=graph.fused,
+                weight_type=config.weight_type,
             )
         elif isinstance(config, StaticInt8):
             ob.static_int8(
