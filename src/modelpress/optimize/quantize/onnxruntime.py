@@ -151,17 +151,22 @@ def ort_dynamic_int8(source: Artifact, config: DynamicInt8, ctx: StepContext) ->
     layers = layers_for(graph, config)
 
     def transform(src: Path, dst: Path, excluded: list[str]) -> None:
-        ob.dynamic_int8(
-            src,
-            dst,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            exclude=excluded,
-            fused=graph.fused,
-            weight_type=config.weight_type,
-        )
+        dynamic_int8(config, src, dst, excluded, fused=graph.fused)
 
     return _write(source, config, ctx, graph, layers, transform, {"per_channel": config.per_channel})
+
+
+def dynamic_int8(config: DynamicInt8, src: Path, dst: Path, excluded: list[str], *, fused: bool) -> None:
+    """ONNX Runtime's ``quantize_dynamic`` of ``src`` into ``dst`` with ``config``'s settings, ``excluded`` kept in float."""
+    ob.dynamic_int8(
+        src,
+        dst,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        exclude=excluded,
+        fused=fused,
+        weight_type=config.weight_type,
+    )
 
 
 @register_handler(StaticInt8, "onnxruntime")

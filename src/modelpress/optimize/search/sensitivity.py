@@ -208,7 +208,7 @@ def _ort_scan(
     import onnx
 
     from modelpress.optimize.quantize import onnxruntime_backend as ob
-    from modelpress.optimize.quantize.onnxruntime import layers_for
+    from modelpress.optimize.quantize.onnxruntime import dynamic_int8, layers_for
 
     graph = _ort_graph(artifact, config)
     touched = layers_for(graph, config)
@@ -237,15 +237,7 @@ def _ort_scan(
                 scores.append((name, damage(reference, outputs(full), batches, metric)))
             return scores
         if isinstance(config, DynamicInt8):
-            ob.dynamic_int8(
-                graph.path,
-                full,
-                per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
-                exclude=kept,
-                fused=graph.fused,
-                weight_type=config.weight_type,
-            )
+            dynamic_int8(config, graph.path, full, kept, fused=graph.fused)
         elif isinstance(config, StaticInt8):
             ob.static_int8(
                 graph.path,
