@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelpress.errors import ConfigError
-from modelpress.optimize.configs import DynamicInt8, Precision, StaticInt8, TechniqueConfig, WeightOnly, parse_step
+from modelpress.optimize.configs import DynamicInt8, Precision, TechniqueConfig, WeightOnly, parse_step
 from modelpress.optimize.configs.distill import Distill
 from modelpress.optimize.configs.prune import StructuredPrune
 from modelpress.optimize.configs.quantize import QAT
@@ -43,6 +43,8 @@ class Candidate:
 
 # The peers' default recipes (PEERS.md), as modelpress configs, so they are measured in the same run.
 def peer_candidates(task: str) -> list[Candidate]:
+    from modelpress.optimize.search.presets import nncf_static_int8
+
     text = task in ("embedding", "text-classification")
     peers = [
         Candidate(
@@ -54,7 +56,7 @@ def peer_candidates(task: str) -> list[Candidate]:
         Candidate("openvino", Precision(runtime="openvino", dtype="bf16"), "OpenVINO bf16"),
         # OpenVINO runs bf16 by default on this kind of CPU; our runner asks for f32 unless told, so
         # the peers' OpenVINO recipes carry the bf16 hint they get implicitly.
-        Candidate("openvino", StaticInt8(runtime="openvino", precision_hint="bf16"), "OpenVINO + NNCF static int8"),
+        Candidate("openvino", nncf_static_int8("bf16"), "OpenVINO + NNCF static int8"),
         Candidate("openvino", WeightOnly(runtime="openvino", bits=8, precision_hint="bf16"), "OpenVINO NNCF int8 weight-only"),
         Candidate("torch", DynamicInt8(runtime="torch", compile=True), "torchao int8 dynamic + compile"),
     ]
