@@ -17,8 +17,11 @@ load) to be read to within a percent or two.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +110,41 @@ class ProcessTree:
                 return now
             last = now
         return last
+
+    def send(self, sig: int) -> None:
+        """Send ``sig`` to every process of the tree (one that ended meanwhile is skipped)."""
+        for s in self.stats():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(s.pid, sig)
+
+
+class Pauser:
+    """Holds every server but the one being measured stopped (SIGSTOP), so that no idle server's background work
+    (Ray's daemons and health checks, LitServe's polling workers) runs beside another's figures.
+
+    ``only(tree)`` stops every other tree, then continues ``tree``; ``only(None)`` stops them all (the in-process
+    reference runs alone); leaving the ``with`` block continues every tree, so that the servers can be ended."""
+
+    def __init__(self, trees: Iterable[ProcessTree], *, enabled: bool = True) -> None:
+        self.trees = list({id(t): t for t in trees}.values())  # targets of one server share its tree
+        self.enabled = enabled
+
+    def only(self, running: ProcessTree | None) -> None:
+        if not self.enabled:
+            return
+        for t in self.trees:
+            if t is not running:
+                t.send(signal.SIGSTOP)
+        if running is not None:
+            running.send(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Pauser]:
+        try:
+            yield self
+        finally:
+            for t in self.trees:
+                t.send(signal.SIGCONT)
 
 
 def ticks_between(before: dict[Key, int], after: dict[Key, int]) -> int:

@@ -27,7 +27,8 @@ The load generator is ``_loadgen.py``'s asyncio client (why that one: its docstr
 process; its CPU is this thread's CPU time while it runs. Every server is started first; then
 every (server, concurrency) is measured once per round, in ``--rounds`` interleaved rounds, and
 each figure is the median of its rounds, because on a shared machine the load changes over
-minutes. The CPU flags and the load average are printed
+minutes. While one server (or the in-process reference) is measured, every other server's process
+tree is held stopped (SIGSTOP; ``--no-pause`` leaves them running): idle peers are not idle. The CPU flags and the load average are printed
 first; the table is printed as markdown (for docs/serving.md) and written with the JSON results
 under ``$BENCH_OUT`` (default ``out/bench``).
 
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _cpu import ProcessTree, seconds_between
+from _cpu import Pauser, ProcessTree, seconds_between
 from _inprocess import InProcessClient
 from _loadgen import free_port, percentiles, run_load
 from _peers import PEER_VERSIONS, SERVER_ENV, peer_python, start_peer
@@ -234,6 +235,12 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--load-requests", type=int, default=0, help="requests at concurrency 256 for the overload / memory test (0: skip)")
     ap.add_argument("--runtime", default="torch")
+    ap.add_argument(
+        "--no-pause",
+        dest="pause",
+        action="store_false",
+        help="leave every server running while another is measured (default: the others are held stopped with SIGSTOP)",
+    )
     args = ap.parse_args()
     defaults = QUICK if args.quick else {"requests": int(os.environ.get("BENCH_REQUESTS", "1000")), "latency_requests": 200, "rounds": 3}
     for k, v in defaults.items():
@@ -274,6 +281,7 @@ def main() -> int:
             "concurrency": args.concurrency,
             "quick": args.quick,
             "others_env": args.others_env,
+            "pause_others": args.pause,
             "command": " ".join(["python", "benchmarks/serving_bench.py", *sys.argv[1:]]),
         },
         "machine": machine,
@@ -295,14 +303,20 @@ def main() -> int:
             for c in sorted({1, max(t.concurrencies)}):
                 run_load(t.port, t.path, [t.bodies[i % len(t.bodies)] for i in range(cell_requests(c, args))], c)
         rounds: list[dict[str, Any]] = []
-        with load_section(f"{args.rounds} measurement rounds"):
+        # every server but the one measured is held stopped (SIGSTOP of its whole tree), the servers too while the
+        # in-process reference runs: an idle server is not idle (Ray Serve's daemons took the reference from 288 to
+        # 210 rows/s on 2 cores, docs/serving.md run 4); --no-pause measures with everything running
+        pauser = Pauser([t.tree for t in targets], enabled=args.pause)
+        with load_section(f"{args.rounds} measurement rounds"), pauser.holding():
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds} (1-min load average {load1():.2f})", flush=True)
+                pauser.only(None)
                 one: dict[str, Any] = {"in_process": {"latency_ms": percentiles(local.latency(cell_requests(1, args)))}}
                 one["in_process"]["throughput"] = {
                     bs: local.throughput(bs, in_process_items(bs, args.requests)) for bs in IN_PROCESS_BATCHES
                 }
                 for t in targets:
+                    pauser.only(t.tree)
                     for c in t.concurrencies:
                         n = cell_requests(c, args)
                         one[f"{t.name}@{c}"] = measure(t, [t.bodies[i % len(t.bodies)] for i in range(n)], c)

@@ -115,3 +115,56 @@ def test_read_stat_parses_a_command_name_with_spaces_and_parentheses(tmp_path):
         proc.stdin.close()
         proc.wait(10)
     assert cpu.read_stat(proc.pid) is None
+
+
+SPIN = """
+import subprocess, sys
+if sys.argv[1] == "0":
+    subprocess.Popen([sys.executable, "-c", sys.argv[2], "1", sys.argv[2]])
+while True:
+    pass
+"""
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def _wait_states(tree, want: set[str], timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [_state(s.pid) for s in tree.stats()]
+        if (len(states) == 2 and set(states) <= want) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.05)
+
+
+def test_the_pauser_holds_every_tree_but_the_measured_one_stopped_and_continues_them_all_at_the_end():
+    """Two servers, each a parent and a child spinning: ``only(a)`` stops b's whole tree and runs a's; ``only(None)``
+    stops both (the in-process reference alone); leaving ``holding()`` continues every tree, so it can be ended."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN, "0", SPIN], start_new_session=True) for _ in range(2)]
+    try:
+        a, b = (cpu.ProcessTree(p.pid) for p in procs)
+        _wait_states(a, {"R", "S"})  # both children started
+        _wait_states(b, {"R", "S"})
+        pauser = cpu.Pauser([a, b, a])  # targets of one server share its tree: listed once
+        assert len(pauser.trees) == 2
+        with pauser.holding():
+            pauser.only(a)
+            assert set(_wait_states(b, {"T"})) == {"T"}
+            assert "T" not in _wait_states(a, {"R", "S"})
+            pauser.only(None)
+            assert set(_wait_states(a, {"T"})) == {"T"} and set(_wait_states(b, {"T"})) == {"T"}
+            pauser.only(b)
+            assert "T" not in _wait_states(b, {"R", "S"}) and set(_wait_states(a, {"T"})) == {"T"}
+        assert "T" not in _wait_states(a, {"R", "S"}) and "T" not in _wait_states(b, {"R", "S"})
+        off = cpu.Pauser([a, b], enabled=False)
+        off.only(a)
+        assert "T" not in _wait_states(b, {"R", "S"})
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGCONT)
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
