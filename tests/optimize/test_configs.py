@@ -139,6 +139,8 @@ def test_yaml_is_readable_and_ordered():
 def test_uint8_weights_are_an_onnx_runtime_setting():
     assert DynamicInt8(weight_type="uint8").label() == "dynamic-int8@onnxruntime(weight_type=uint8)"
     assert DynamicInt8().label() == "dynamic-int8@onnxruntime"  # the default (int8) stays out of labels
+    # a nested setting shows only its keys that differ
+    assert StaticInt8(runtime="openvino", calibration={"samples": 300}).label() == "static-int8@openvino(calibration.samples=300)"
     with pytest.raises(ConfigError, match="weight_type uint8 is an onnxruntime setting"):
         DynamicInt8(runtime="torch", weight_type="uint8")
     with pytest.raises(ConfigError, match="weight_type"):

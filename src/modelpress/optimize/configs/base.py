@@ -146,7 +146,9 @@ class TechniqueConfig(StrictModel):
                 continue
             default = fields[key].get_default(call_default_factory=True)
             default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
-            if default != value:
+            if isinstance(default, dict) and isinstance(value, dict):  # a nested setting: only its keys that differ
+                diff += [f"{key}.{k}={v}" for k, v in value.items() if default.get(k) != v]
+            elif default != value:
                 diff.append(f"{key}={value}")
         return f"{self.technique_name}@{self.runtime}" + (f"({', '.join(diff)})" if diff else "")
 
