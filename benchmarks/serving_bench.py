@@ -28,8 +28,8 @@ process; its CPU is this thread's CPU time while it runs. Every server is starte
 every (server, concurrency) is measured once per round, in ``--rounds`` interleaved rounds, and
 each figure is the median of its rounds, because on a shared machine the load changes over
 minutes. While one server (or the in-process reference) is measured, every other server's process
-tree is held stopped (SIGSTOP; ``--no-pause`` leaves them running): idle peers are not idle. The CPU flags and the load average are printed
-first; the table is printed as markdown (for docs/serving.md) and written with the JSON results
+tree is held stopped (SIGSTOP; ``--no-pause`` leaves them running): idle peers are not idle. The CPU
+flags and the load average are printed first; the table is printed as markdown (for docs/serving.md) and written with the JSON results
 under ``$BENCH_OUT`` (default ``out/bench``).
 
     python benchmarks/serving_bench.py --quick                  # one short round: an A/B check in a minute or two
