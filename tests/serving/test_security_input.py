@@ -197,7 +197,7 @@ async def test_nan_is_named_without_parsing_the_body_twice():
 def test_chat_parts_and_token_prompts_are_bounded():
     from pydantic import ValidationError
 
-    from modelpress.serving.protocols.openai_llm import (
+    from modelpress.serving.protocols.openai_llm_schema import (
         MAX_PARTS,
         MAX_PARTS_PER_MESSAGE,
         MAX_PROMPT_IDS,
